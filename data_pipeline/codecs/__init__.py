@@ -1,0 +1,34 @@
+"""Codecs turn a source's samples into shard members and back; the manifest records which one wrote a dataset."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from data_pipeline.codecs.image import ImageCodec, ImageCodecConfig
+
+
+class Codec(Protocol):
+    name: str
+
+    def settings(self) -> dict[str, Any]: ...
+
+    def encode(self, sample: Any) -> dict[str, bytes]: ...
+
+    def decode(self, fields: dict[str, Any]) -> dict[str, Any]: ...
+
+
+CODECS: dict[str, tuple[type, type]] = {
+    "image": (ImageCodecConfig, ImageCodec),
+}
+
+
+def build_codec(name: str, settings: dict[str, Any] | None = None) -> Codec:
+    """Build a codec from its registry name and settings (as stored in a manifest or a config)."""
+    if name not in CODECS:
+        raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
+    config_cls, codec_cls = CODECS[name]
+    try:
+        config = config_cls(**(settings or {}))
+    except TypeError as e:
+        raise ValueError(f"codec {name!r}: bad settings {settings!r} ({e})") from e
+    return codec_cls(config)

@@ -1,0 +1,109 @@
+"""The dataset manifest: the one file that says what a sharded dataset is and how to check it."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from data_pipeline import storage
+
+FORMAT_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+
+
+class DatasetError(ValueError):
+    """A dataset (manifest, shard or sample) that is missing, malformed or does not match its manifest."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    bytes: int
+    sha256: str
+    first_index: int
+
+
+@dataclass
+class Manifest:
+    """What `dgm prepare` wrote: shard list with counts, sizes and checksums, plus the source and codec settings."""
+
+    source: dict[str, Any]
+    codec: dict[str, Any]
+    shards: list[ShardInfo]
+    format_version: int = FORMAT_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+    url: str = ""
+
+    @property
+    def total(self) -> int:
+        return sum(s.count for s in self.shards)
+
+    @property
+    def shard_counts(self) -> list[int]:
+        return [s.count for s in self.shards]
+
+    def shard_url(self, i: int) -> str:
+        return storage.join(self.url, self.shards[i].name)
+
+    def to_json(self) -> str:
+        data = asdict(self)
+        data.pop("url")
+        return json.dumps(data, indent=1, sort_keys=True)
+
+
+def manifest_url(dataset_url: str) -> str:
+    return dataset_url if dataset_url.endswith(".json") else storage.join(dataset_url, MANIFEST_NAME)
+
+
+def _require(cond: bool, url: str, what: str) -> None:
+    if not cond:
+        raise DatasetError(f"{url}: {what}")
+
+
+def parse_manifest(text: str, url: str) -> Manifest:
+    """Parse and validate a manifest's JSON text; every problem names the manifest and the field."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DatasetError(f"{url}: not valid JSON ({e})") from e
+    _require(isinstance(data, dict), url, "manifest must be a JSON object")
+    version = data.get("format_version")
+    _require(
+        version == FORMAT_VERSION,
+        url,
+        f"unknown manifest format_version {version!r} (this dgm reads version {FORMAT_VERSION})",
+    )
+    for key in ("source", "codec", "shards"):
+        _require(key in data, url, f"missing field {key!r}")
+    _require(isinstance(data["shards"], list) and data["shards"], url, "field 'shards' must be a non-empty list")
+    shards = []
+    for i, raw in enumerate(data["shards"]):
+        _require(isinstance(raw, dict), url, f"shards[{i}] must be an object")
+        try:
+            info = ShardInfo(**raw)
+        except TypeError as e:
+            raise DatasetError(f"{url}: shards[{i}] has wrong fields ({e})") from e
+        _require(isinstance(info.count, int) and info.count > 0, url, f"shards[{i}].count must be a positive int")
+        _require(isinstance(info.sha256, str) and len(info.sha256) == 64, url, f"shards[{i}].sha256 is malformed")
+        _require("/" not in info.name and info.name.endswith(".tar"), url, f"shards[{i}].name {info.name!r} is bad")
+        shards.append(info)
+    base = url.rsplit("/", 1)[0] if "/" in url else "."
+    return Manifest(
+        source=data["source"], codec=data["codec"], shards=shards, extra=data.get("extra", {}), url=base
+    )
+
+
+def load_manifest(dataset_url: str) -> Manifest:
+    """Read the manifest of a dataset folder (local or s3://) or of an explicit manifest.json URL."""
+    url = manifest_url(dataset_url)
+    try:
+        text = storage.read_bytes(url).decode("utf-8")
+    except storage.StorageError as e:
+        raise DatasetError(f"dataset {dataset_url}: cannot read its manifest ({e})") from e
+    return parse_manifest(text, url)
+
+
+def save_manifest(dataset_url: str, manifest: Manifest) -> None:
+    storage.write_bytes(manifest_url(dataset_url), manifest.to_json().encode("utf-8"))
