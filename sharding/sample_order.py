@@ -124,6 +124,11 @@ class EpochOrder:
         i = int(np.searchsorted(self._shard_starts, e, side="right")) - 1
         return self.shard_order[i], int(e - self._shard_starts[i])
 
+    def shard_span(self, shard: int) -> tuple[int, int]:
+        """Epoch-sequence range ``[start, stop)`` that a shard occupies this epoch."""
+        i = self.shard_order.index(shard)
+        return int(self._shard_starts[i]), int(self._shard_starts[i + 1])
+
     def block_permutation(self, partition: int, block: int) -> np.ndarray:
         """Order of the samples inside one shuffle block of a partition."""
         n = min(self.shuffle_block, self.lengths[partition] - block * self.shuffle_block)

@@ -1,0 +1,273 @@
+"""Streaming reader: one rank's micro-batches, in the exact global order of sharding.sample_order.
+
+Each loader worker reads a few canonical partitions sequentially through their shards (webdataset's tar
+iterator), keeps one shuffle block per partition in memory, and yields its share of each global batch. The rank
+concatenates its workers' shares in worker order, so the result does not depend on how many workers there are.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import tarfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_pipeline import storage
+from data_pipeline.manifest import DatasetError, Manifest
+from sharding.sample_order import (
+    EpochOrder,
+    StreamState,
+    check_batch_split,
+    rank_partitions,
+    worker_partitions,
+)
+
+log = logging.getLogger(__name__)
+
+Decoder = Callable[[dict[str, Any]], dict[str, Any]]
+
+
+@dataclass
+class StreamConfig:
+    """How a dataset is streamed; everything that fixes the global order is here, and none of it is the world size."""
+
+    global_batch: int = 64
+    partitions: int = 12
+    shuffle_block: int = 256
+    shuffle_shards: bool = True
+    drop_last: bool = True
+    seed: int = 0
+    num_workers: int = 0
+    on_corrupt: str = "error"
+    verify_sha256: bool = True
+    cache_dir: str = ""
+    cache_max_bytes: int = 4 << 30
+
+    def __post_init__(self) -> None:
+        if self.on_corrupt not in ("error", "skip"):
+            raise ValueError(f"data.on_corrupt must be 'error' or 'skip', got {self.on_corrupt!r}")
+        if self.num_workers < 0:
+            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+
+
+class ShardOpener:
+    """Opens shards for reading: local files directly, remote ones through the shard cache; checks sha256 once."""
+
+    def __init__(self, manifest: Manifest, config: StreamConfig) -> None:
+        self.manifest = manifest
+        self.config = config
+        self.verified: set[int] = set()
+        self._cache: storage.ShardCache | None = None
+
+    def _local_path(self, i: int) -> str:
+        url = self.manifest.shard_url(i)
+        info = self.manifest.shards[i]
+        if storage.is_remote(url):
+            if self._cache is None:
+                cache_dir = self.config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dgm", "shards")
+                self._cache = storage.ShardCache(cache_dir, self.config.cache_max_bytes)
+            try:
+                path = self._cache.fetch(url, info.sha256 if self.config.verify_sha256 else None)
+            except storage.StorageError as e:
+                raise DatasetError(f"shard {url}: {e}") from e
+            self.verified.add(i)
+            return path
+        path = url[len("file://") :] if url.startswith("file://") else url
+        if not os.path.exists(path):
+            raise DatasetError(f"shard {url}: missing (listed in the manifest, not on disk)")
+        if self.config.verify_sha256 and i not in self.verified:
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+            if digest.hexdigest() != info.sha256:
+                raise DatasetError(
+                    f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {digest.hexdigest()[:12]}...)"
+                )
+            self.verified.add(i)
+        return path
+
+    def samples(self, i: int, offset: int) -> Iterator[dict[str, Any]]:
+        """Raw samples of shard ``i`` from member group ``offset`` on; a short or broken shard is a DatasetError."""
+        url = self.manifest.shard_url(i)
+        path = self._local_path(i)
+        expected = self.manifest.shards[i].count
+        seen = 0
+        try:
+            with open(path, "rb") as f:
+                for sample in group_by_keys(tar_file_iterator(f)):
+                    if seen >= offset:
+                        yield sample
+                    seen += 1
+        except (tarfile.TarError, OSError, ValueError) as e:
+            raise DatasetError(f"shard {url}: corrupt or truncated after {seen} samples ({e})") from e
+        if seen != expected:
+            raise DatasetError(f"shard {url}: holds {seen} samples, the manifest says {expected} (truncated?)")
+
+
+class PartitionReader:
+    """Reads one canonical partition of one epoch, block by block, in its shuffled order."""
+
+    def __init__(self, order: EpochOrder, partition: int, opener: ShardOpener, decode: Decoder, skip_bad: bool):
+        self.order, self.partition, self.opener = order, partition, opener
+        self.decode, self.skip_bad = decode, skip_bad
+        self.block = -1
+        self.buffer: dict[int, dict[str, Any] | None] = {}
+        self._cursor: Iterator[dict[str, Any]] | None = None
+        self._cursor_shard = -1
+        self._cursor_pos = -1
+        self._cursor_end = -1
+        self.skipped_shards = 0
+        self.bad_shards: set[int] = set()
+
+    def _open_at(self, e: int) -> None:
+        shard, offset = self.order.locate(e)
+        self._cursor_shard = shard
+        self._cursor_end = self.order.shard_span(shard)[1]
+        self._cursor_pos = e
+        self._cursor = self.opener.samples(shard, offset) if shard not in self.bad_shards else None
+
+    def _next_raw(self) -> tuple[int, dict[str, Any] | None]:
+        e = self._cursor_pos
+        if e >= self._cursor_end:
+            self._open_at(e)
+        shard = self._cursor_shard
+        self._cursor_pos += 1
+        if self._cursor is None:
+            return e, None
+        url = self.opener.manifest.shard_url(shard)
+        try:
+            raw = next(self._cursor, None)
+            if raw is None:
+                raise DatasetError(f"shard {url}: ended before its sample at position {e - self._cursor_start()}")
+            sample = self.decode(raw)
+            sample["key"] = raw["__key__"]
+            return e, sample
+        except (DatasetError, ValueError) as err:
+            if not self.skip_bad:
+                raise DatasetError(str(err) if str(err).startswith("shard ") else f"shard {url}: {err}") from err
+            log.warning("skipping corrupt shard %s: %s", url, err)
+            self.bad_shards.add(shard)
+            self.skipped_shards += 1
+            self._cursor = None
+            return e, None
+
+    def _cursor_start(self) -> int:
+        return self.order.shard_span(self._cursor_shard)[0]
+
+    def _load_block(self, block: int) -> None:
+        lo, hi = self.order.block_span(self.partition, block)
+        if self._cursor_pos != lo:
+            self._open_at(lo)
+        self.buffer = {}
+        while self._cursor_pos < hi:
+            e, sample = self._next_raw()
+            self.buffer[e] = sample
+        self.block = block
+
+    def items(self, start: int, stop: int) -> list[dict[str, Any]]:
+        """Decoded samples for stream items ``[start, stop)``, each with ``key`` and ``valid``."""
+        out = []
+        for i in range(start, stop):
+            e, valid = self.order.item_position(self.partition, i)
+            block = (e - self.order.starts[self.partition]) // self.order.shuffle_block
+            if block != self.block:
+                self._load_block(block)
+            sample = self.buffer[e]
+            if sample is not None:
+                out.append({**sample, "valid": valid})
+        return out
+
+
+class _WorkerShares(IterableDataset):
+    """One loader worker's share of each global batch of one epoch: yields (batch index, samples, skipped)."""
+
+    def __init__(self, manifest: Manifest, config: StreamConfig, decode: Decoder, epoch: int, start_batch: int,
+                 owned: range):
+        super().__init__()
+        self.manifest, self.config, self.decode = manifest, config, decode
+        self.epoch, self.start_batch, self.owned = epoch, start_batch, owned
+
+    def order(self) -> EpochOrder:
+        c = self.config
+        return EpochOrder(
+            self.manifest.shard_counts, seed=c.seed, epoch=self.epoch, global_batch=c.global_batch,
+            partitions=c.partitions, shuffle_block=c.shuffle_block, shuffle_shards=c.shuffle_shards,
+            drop_last=c.drop_last,
+        )
+
+    def __iter__(self) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+        info = torch.utils.data.get_worker_info()
+        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        order = self.order()
+        opener = ShardOpener(self.manifest, self.config)
+        readers = [
+            PartitionReader(order, p, opener, self.decode, self.config.on_corrupt == "skip")
+            for p in worker_partitions(self.owned, workers, worker)
+        ]
+        for b in range(self.start_batch, order.num_batches):
+            samples: list[dict[str, Any]] = []
+            before = sum(r.skipped_shards for r in readers)
+            for r in readers:
+                samples.extend(r.items(*order.batch_range(r.partition, b)))
+            yield b, samples, sum(r.skipped_shards for r in readers) - before
+
+
+class RankStream:
+    """The micro-batches (lists of decoded samples) of one rank, epoch after epoch, resumable from a StreamState."""
+
+    def __init__(self, manifest: Manifest, config: StreamConfig, decode: Decoder, rank: int = 0, world_size: int = 1,
+                 state: StreamState | None = None):
+        check_batch_split(config.global_batch, world_size)
+        self.owned = rank_partitions(config.partitions, world_size, rank)
+        self.manifest, self.config, self.decode = manifest, config, decode
+        self.state = state or StreamState()
+        self.skipped_shards = 0
+
+    def epoch_order(self, epoch: int) -> EpochOrder:
+        return _WorkerShares(self.manifest, self.config, self.decode, epoch, 0, self.owned).order()
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return self.epoch_order(self.state.epoch).num_batches
+
+    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+        shares = _WorkerShares(self.manifest, self.config, self.decode, epoch, start, self.owned)
+        workers = self.config.num_workers
+        if workers == 0:
+            yield from shares
+            return
+        loader = DataLoader(shares, batch_size=None, num_workers=workers, persistent_workers=False)
+        pending: list[tuple[int, list[dict[str, Any]], int]] = []
+        for item in loader:
+            pending.append(item)
+            if len(pending) == workers:
+                batch = pending[0][0]
+                if any(p[0] != batch for p in pending):
+                    raise RuntimeError(f"loader workers out of step: {[p[0] for p in pending]}")
+                yield batch, [s for p in pending for s in p[1]], sum(p[2] for p in pending)
+                pending = []
+
+    def __iter__(self) -> Iterator[list[dict[str, Any]]]:
+        return self.iterate()
+
+    def iterate(self, max_epochs: int | None = None) -> Iterator[list[dict[str, Any]]]:
+        """Micro-batches from the current state on; after each yield, ``state`` points at the next batch."""
+        first_epoch = self.state.epoch
+        while max_epochs is None or self.state.epoch < first_epoch + max_epochs:
+            epoch = self.state.epoch
+            total = self.epoch_order(epoch).num_batches
+            for b, samples, skipped in self._epoch_batches(epoch, self.state.batch):
+                self.skipped_shards += skipped
+                nxt = StreamState(epoch, b + 1) if b + 1 < total else StreamState(epoch + 1, 0)
+                self.state = nxt
+                yield samples
+            if self.state.epoch == epoch:
+                self.state = StreamState(epoch + 1, 0)

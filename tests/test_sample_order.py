@@ -1,0 +1,95 @@
+"""The global order: a pure function of the data and seed, never of the world size or worker count."""
+
+import pytest
+
+from sharding.sample_order import (
+    EpochOrder,
+    OrderError,
+    StreamState,
+    check_batch_split,
+    rank_partitions,
+    spread,
+    worker_partitions,
+)
+
+COUNTS = [37, 40, 40, 40, 40, 40, 23]  # 260 samples in 7 shards: no world size or worker count divides 7
+
+
+def order(epoch=0, drop_last=False, batch=24, partitions=12, block=16, counts=COUNTS):
+    return EpochOrder(counts, seed=3, epoch=epoch, global_batch=batch, partitions=partitions,
+                      shuffle_block=block, drop_last=drop_last)
+
+
+def epoch_positions(o: EpochOrder) -> list[tuple[int, bool]]:
+    return [pos for b in range(o.num_batches) for pos in o.global_batch_positions(b)]
+
+
+def test_spread_is_even_and_nests():
+    assert spread(10, 4) == [2, 3, 2, 3]
+    assert sum(spread(24, 12)) == 24
+    take = spread(30, 12)
+    for w in (1, 2, 3, 6):  # any W dividing both 12 and 30 gets 30/W per group of 12/W partitions
+        per = 12 // w
+        assert all(sum(take[r * per:(r + 1) * per]) == 30 // w for r in range(w))
+
+
+def test_every_sample_once_with_padding():
+    o = order(drop_last=False)
+    pos = epoch_positions(o)
+    real = [e for e, valid in pos if valid]
+    assert sorted(real) == list(range(sum(COUNTS)))
+    assert len(pos) == o.num_batches * 24
+    assert o.num_batches == -(-sum(COUNTS) // 24)
+
+
+def test_drop_last_keeps_full_batches_only():
+    o = order(drop_last=True)
+    pos = epoch_positions(o)
+    assert all(valid for _, valid in pos)
+    assert len(pos) == (sum(COUNTS) // 24) * 24
+    assert len(set(e for e, _ in pos)) == len(pos)
+
+
+def test_order_changes_with_epoch_and_seed_but_is_reproducible():
+    a, b = epoch_positions(order(epoch=0)), epoch_positions(order(epoch=1))
+    a, b = [e for e, v in a if v], [e for e, v in b if v]
+    assert a != b and sorted(a) == sorted(b)
+    assert a == [e for e, v in epoch_positions(order(epoch=0)) if v]
+
+
+def test_shuffle_is_bounded_by_the_block():
+    o = order(drop_last=True, block=8)
+    for p in range(o.partitions):
+        for i in range(o.real_lengths[p]):
+            e, _ = o.item_position(p, i)
+            assert abs((e - o.starts[p]) - i) < 8
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rank_slices_rebuild_the_global_batch(world, workers):
+    o = order(drop_last=False)
+    per_rank = check_batch_split(24, world)
+    for b in range(o.num_batches):
+        rebuilt = []
+        for r in range(world):
+            owned = rank_partitions(12, world, r)
+            mine = []
+            for w in range(workers):
+                for p in worker_partitions(owned, workers, w):
+                    mine.extend(o.partition_indices(p, *o.batch_range(p, b)))
+            assert len(mine) == per_rank
+            rebuilt.extend(mine)
+        assert rebuilt == o.global_batch_positions(b)
+
+
+def test_bad_requests_are_named():
+    with pytest.raises(OrderError, match="does not divide data.partitions"):
+        rank_partitions(12, 5, 0)
+    with pytest.raises(OrderError, match="not divisible by world size"):
+        check_batch_split(24, 5)
+    with pytest.raises(OrderError, match="fewer than one global batch"):
+        order(counts=[3, 4])
+    with pytest.raises(OrderError, match="stream state"):
+        StreamState.from_dict({"epoch": -1, "batch": 0})
+    assert StreamState.from_dict({"epoch": 2, "batch": 5}) == StreamState(2, 5)
