@@ -1,0 +1,16 @@
+"""The registry of model families: adding one is a new module plus one line here."""
+
+from __future__ import annotations
+
+from trainer.families.base import Family
+from trainer.families.image_gpt import ImageGPTFamily
+
+FAMILIES: dict[str, type[Family]] = {
+    ImageGPTFamily.name: ImageGPTFamily,
+}
+
+
+def family_class(name: str) -> type[Family]:
+    if name not in FAMILIES:
+        raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(FAMILIES)}")
+    return FAMILIES[name]

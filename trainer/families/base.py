@@ -1,0 +1,97 @@
+"""What a model family tells the shared training loop; the loop knows nothing else about it.
+
+A family owns named networks (one for a transformer or VAE, two for a GAN). The loop wraps each in its own
+DeepSpeed engine with the optimizer the family chose, and calls ``train_step`` with the engines: the family
+decides the order of forward, backward and step, so one-network and two-network families need no special case.
+Everything here must work with torch alone, so exported models load without DeepSpeed or Ray.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import nn
+
+
+class Engine(Protocol):
+    """The part of a DeepSpeed engine a family uses (a plain-torch stand-in satisfies it for export/eval)."""
+
+    module: nn.Module
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any: ...
+
+    def backward(self, loss: torch.Tensor) -> None: ...
+
+    def step(self) -> None: ...
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer settings shared by the families (AdamW; torch's, so no extension build is needed)."""
+
+    lr: float = 3e-4
+    weight_decay: float = 0.01
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+
+
+@dataclass
+class StepContext:
+    step: int
+    rank: int
+    world_size: int
+    device: torch.device
+    dtype: torch.dtype
+
+
+class Family(ABC):
+    """One model family: its config type, networks, batch layout, step, evaluation and sampling."""
+
+    name: ClassVar[str]
+    config_cls: ClassVar[type]
+
+    def __init__(self, config: Any, data_info: Mapping[str, Any]) -> None:
+        self.config = config
+        self.data_info = dict(data_info)
+
+    @abstractmethod
+    def build_modules(self) -> dict[str, nn.Module]:
+        """The named networks, freshly initialised (deterministic under torch.manual_seed)."""
+
+    def build_optimizers(self, modules: Mapping[str, nn.Module], optim: OptimConfig) -> dict[str, torch.optim.Optimizer]:
+        """One AdamW per network; no weight decay on biases, norms and embeddings' gains (1-D tensors)."""
+        out = {}
+        for name, module in modules.items():
+            decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
+            rest = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+            out[name] = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": optim.weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                lr=optim.lr, betas=(optim.beta1, optim.beta2), eps=optim.eps,
+            )
+        return out
+
+    @abstractmethod
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Decoded samples (dicts from the codec, with ``key`` and ``valid``) -> a batch of tensors."""
+
+    @abstractmethod
+    def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        """Forward, backward and step every engine; returns scalar metrics (loss first)."""
+
+    @abstractmethod
+    def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """Held-out metrics for one batch (averaged by the caller)."""
+
+    @abstractmethod
+    def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
+                      **options: Any) -> torch.Tensor:
+        """``n`` samples as images [n, C, H, W] with values in [0, 1]."""
+
+    def export_files(self) -> dict[str, bytes]:
+        """Extra files an export must carry (tokenizer, codec settings...)."""
+        return {}
