@@ -1,0 +1,202 @@
+"""Training checkpoints: DeepSpeed's own files per engine, plus step, data-stream state, config and RNG states.
+
+Layout under the run's checkpoint root (a folder or s3://bucket/prefix):
+
+    step-00000200/meta.json            step, stream state, world size, family, config
+    step-00000200/<engine>/ds/...      DeepSpeed's checkpoint of each engine
+    step-00000200/rng-rank<r>.safetensors
+    latest                             the name of the newest complete checkpoint
+
+A checkpoint is written into a staging folder first (``step-X.partial`` beside it for local roots, a local temp
+folder uploaded file by file for s3://); ``latest`` moves to it only after every rank has finished writing (and
+uploading), so a crash mid-save never leaves a broken latest. Older checkpoints beyond ``keep`` are deleted after.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from data_pipeline import storage
+
+LATEST = "latest"
+META = "meta.json"
+FORMAT = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that is missing, incomplete, of another model, or does not fit the engines it is loaded into."""
+
+
+@dataclass
+class CheckpointMeta:
+    step: int
+    stream_state: dict[str, int]
+    world_size: int
+    family: str
+    engines: list[str]
+    zero_stage: int
+    config: dict[str, Any]
+    format: int = FORMAT
+
+
+def _barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _local(url: str) -> str:
+    return url[len("file://"):] if url.startswith("file://") else url
+
+
+def tag_for(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+class CheckpointStore:
+    """Saves and finds checkpoints under one root, for one rank of a world."""
+
+    def __init__(self, root: str, *, rank: int = 0, world_size: int = 1, keep: int = 3, staging: str | None = None):
+        self.root, self.rank, self.world_size, self.keep = root, rank, world_size, keep
+        self.remote = storage.is_remote(root)
+        self.staging = staging or tempfile.gettempdir()
+
+    def latest(self) -> str | None:
+        """The newest complete checkpoint's tag, or None when there is none."""
+        url = storage.join(self.root, LATEST)
+        if not storage.exists(url):
+            return None
+        tag = storage.read_bytes(url).decode().strip()
+        if not tag.startswith("step-") or not storage.exists(storage.join(self.root, tag, META)):
+            raise CheckpointError(f"{url} points at {tag!r}, which is not a complete checkpoint")
+        return tag
+
+    def read_meta(self, tag: str) -> CheckpointMeta:
+        url = storage.join(self.root, tag, META)
+        try:
+            data = json.loads(storage.read_bytes(url))
+            meta = CheckpointMeta(**data)
+        except (storage.StorageError, ValueError, TypeError) as e:
+            raise CheckpointError(f"checkpoint {url}: unreadable metadata ({e})") from e
+        if meta.format != FORMAT:
+            raise CheckpointError(f"checkpoint {url}: format {meta.format}, this dgm reads {FORMAT}")
+        return meta
+
+    def _write_dir(self, tag: str) -> str:
+        if self.remote:
+            return os.path.join(self.staging, f"dgm-ckpt-save-rank{self.rank}", tag)
+        return os.path.join(_local(self.root), tag + ".partial")
+
+    def save(self, step: int, engines: Mapping[str, Any], meta: CheckpointMeta) -> str:
+        """Collective: every rank calls it. Returns the tag once ``latest`` points at the new checkpoint."""
+        tag = tag_for(step)
+        out = self._write_dir(tag)
+        if self.rank == 0 and os.path.exists(out):
+            shutil.rmtree(out)
+        _barrier()
+        os.makedirs(out, exist_ok=True)
+        for name, engine in engines.items():
+            engine.save_checkpoint(os.path.join(out, name), tag="ds", save_latest=False)
+        save_file(rng_state(), os.path.join(out, f"rng-rank{self.rank}.safetensors"))
+        if self.rank == 0:
+            with open(os.path.join(out, META), "w") as f:
+                json.dump(asdict(meta), f, indent=1)
+        if self.remote:
+            storage.upload_dir(out, storage.join(self.root, tag))
+            shutil.rmtree(out, ignore_errors=True)
+        _barrier()
+        if self.rank == 0:
+            if not self.remote:
+                final = os.path.join(_local(self.root), tag)
+                if os.path.exists(final):
+                    shutil.rmtree(final)
+                os.replace(out, final)
+            storage.write_bytes(storage.join(self.root, LATEST), tag.encode())
+            self._prune(tag)
+        _barrier()
+        return tag
+
+    def all_tags(self) -> list[str]:
+        if self.remote:
+            names = {u[len(self.root.rstrip("/")) + 1:].split("/")[0] for u in storage.list_prefix(self.root)}
+        else:
+            names = set(os.listdir(_local(self.root))) if os.path.isdir(_local(self.root)) else set()
+        return sorted(n for n in names if n.startswith("step-") and not n.endswith(".partial"))
+
+    def _prune(self, newest: str) -> None:
+        old = [t for t in self.all_tags() if t != newest]
+        for tag in old[: max(0, len(old) - (self.keep - 1))]:
+            if self.remote:
+                storage.delete_prefix(storage.join(self.root, tag) + "/")
+            else:
+                shutil.rmtree(os.path.join(_local(self.root), tag), ignore_errors=True)
+
+    def local_copy(self, tag: str) -> str:
+        """A local folder holding the checkpoint (the folder itself, or a download of an s3:// one)."""
+        if not self.remote:
+            path = os.path.join(_local(self.root), tag)
+            if not os.path.isdir(path):
+                raise CheckpointError(f"checkpoint {path} does not exist")
+            return path
+        path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", tag)
+        if not os.path.exists(os.path.join(path, META)):
+            storage.download_dir(storage.join(self.root, tag), path)
+        return path
+
+    def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:
+        """Load every engine's state and this rank's RNG state; check the checkpoint is of this model."""
+        meta = self.read_meta(tag)
+        where = storage.join(self.root, tag)
+        if meta.family != expect_family:
+            raise CheckpointError(f"checkpoint {where} is of family {meta.family!r}, this run trains {expect_family!r}")
+        if sorted(meta.engines) != sorted(engines):
+            raise CheckpointError(f"checkpoint {where} has networks {meta.engines}, this model has {sorted(engines)}")
+        path = self.local_copy(tag)
+        for name, engine in engines.items():
+            load_dir = os.path.join(path, name)
+            try:
+                loaded, _ = engine.load_checkpoint(load_dir, tag="ds_universal" if universal else "ds",
+                                                   load_module_strict=True)
+            except (RuntimeError, KeyError, ValueError, AssertionError) as e:
+                raise CheckpointError(f"checkpoint {where}: network {name!r} does not fit this model ({e})") from e
+            if loaded is None:
+                raise CheckpointError(f"checkpoint {where}: DeepSpeed found no state for network {name!r}")
+        rng_file = os.path.join(path, f"rng-rank{self.rank}.safetensors")
+        if meta.world_size == self.world_size and os.path.exists(rng_file):
+            set_rng_state(load_file(rng_file))
+        return meta
+
+
+def rng_state() -> dict[str, torch.Tensor]:
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor]) -> None:
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+def to_universal(checkpoint_dir: str, engine_name: str) -> None:
+    """Convert one engine's ZeRO checkpoint into DeepSpeed's universal format (loadable at any world size)."""
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    src = os.path.join(checkpoint_dir, engine_name, "ds")
+    dst = os.path.join(checkpoint_dir, engine_name, "ds_universal")
+    if os.path.exists(os.path.join(dst, "zero")):
+        return
+    args = type("Args", (), dict(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
+                                 keep_temp_folder=False, strict=True, inject_missing_state=False))()
+    ds_to_universal(args)
