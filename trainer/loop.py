@@ -1,0 +1,280 @@
+"""The training loop every family shares; it runs on each rank (inside a Ray Train worker, or under torchrun).
+
+Per rank: join the process group, build the family's networks with identical initial weights, wrap each in a
+DeepSpeed engine, resume from the latest complete checkpoint if there is one (converting to DeepSpeed's universal
+format when the world size changed), then stream this rank's micro-batches and let the family step its engines.
+Rank 0 writes progress lines, TensorBoard scalars, ``metrics.jsonl`` and sample grids.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from data_pipeline.codecs import build_codec
+from data_pipeline.manifest import Manifest, load_manifest
+from data_pipeline.stream import RankStream, StreamConfig
+from sharding.sample_order import StreamState
+from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory
+from trainer.checkpoint import CheckpointMeta, CheckpointStore, to_universal
+from trainer.families import family_class
+from trainer.families.base import Family, OptimConfig, StepContext
+from trainer.images import save_grid
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainerConfig:
+    """Loop cadence. Steps count optimizer steps of the whole world."""
+
+    steps: int = 500
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    sample_every: int = 250
+    num_samples: int = 16
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
+    seed: int = 0
+    deterministic: bool = True
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclass
+class RunSpec:
+    """Everything one rank needs, already validated; plain data so Ray can ship it to the workers."""
+
+    run_dir: str
+    checkpoint_root: str
+    family: str
+    model: Any
+    train_data: str
+    stream: StreamConfig
+    zero: ZeroConfig
+    trainer: TrainerConfig
+    eval_data: str = ""
+    config: dict[str, Any] = field(default_factory=dict)
+    stop_after: int = 0
+
+
+def data_info(manifest: Manifest) -> dict[str, Any]:
+    """What a family may know of its data set: the manifest's extra facts plus source and codec settings."""
+    return {**manifest.extra, "source": manifest.source, "codec": manifest.codec}
+
+
+def _init_distributed() -> tuple[int, int, torch.device]:
+    import deepspeed
+
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
+    return rank, world, device
+
+
+def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+    keys = sorted(values)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    dist.all_reduce(t)
+    t /= dist.get_world_size()
+    return dict(zip(keys, t.tolist(), strict=True))
+
+
+class Reporter:
+    """Rank 0's outputs: console progress with rate and ETA, TensorBoard, metrics.jsonl."""
+
+    def __init__(self, run_dir: str, total_steps: int, global_batch: int, enabled: bool) -> None:
+        self.enabled, self.total, self.global_batch = enabled, total_steps, global_batch
+        self.start = time.monotonic()
+        self.start_step: int | None = None
+        self.writer = None
+        if enabled:
+            from torch.utils.tensorboard import SummaryWriter
+
+            os.makedirs(run_dir, exist_ok=True)
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+
+    def scalars(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        for k, v in metrics.items():
+            self.writer.add_scalar(f"{prefix}/{k}", v, step)
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.jsonl.flush()
+
+    def progress(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        if self.start_step is None:
+            self.start_step, self.start = step - 1, time.monotonic()
+        elapsed = max(time.monotonic() - self.start, 1e-9)
+        rate = (step - self.start_step) / elapsed
+        eta = (self.total - step) / rate if rate > 0 else float("inf")
+        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
+        print(f"[train] step {step}/{self.total} {shown} | {rate * self.global_batch:.1f} samples/s "
+              f"{rate:.2f} steps/s | ETA {eta:.0f}s", flush=True)
+
+    def close(self) -> None:
+        if self.enabled:
+            self.writer.close()
+            self.jsonl.close()
+
+
+def build_engines(family: Family, spec: RunSpec, world: int, universal: bool) -> dict[str, Any]:
+    import deepspeed
+
+    modules = family.build_modules()
+    optimizers = family.build_optimizers(modules, spec.trainer.optim)
+    engines = {}
+    for name, module in modules.items():
+        ds_cfg = deepspeed_config(spec.zero, spec.trainer.schedule, global_batch=spec.stream.global_batch,
+                                  world_size=world, lr=spec.trainer.optim.lr)
+        if universal:
+            ds_cfg["checkpoint"] = {"load_universal": True}
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizers[name], config=ds_cfg)
+        engines[name] = engine
+    return engines
+
+
+def _resume_point(store: CheckpointStore, world: int, rank: int) -> tuple[str | None, bool]:
+    """The tag to resume from, and whether it needs the universal format (saved at another world size)."""
+    tag = store.latest()
+    if tag is None:
+        return None, False
+    meta = store.read_meta(tag)
+    universal = meta.world_size != world
+    if universal:
+        if meta.zero_stage == 0:
+            raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
+        if rank == 0:
+            path = store.local_copy(tag)
+            for name in meta.engines:
+                to_universal(path, name)
+        dist.barrier()
+    return tag, universal
+
+
+def _eval(family: Family, engines: dict[str, Any], manifest: Manifest, spec: RunSpec, rank: int, world: int,
+          decode) -> dict[str, float]:
+    cfg = StreamConfig(**{**asdict(spec.stream), "drop_last": False, "num_workers": 0, "shuffle_shards": False})
+    stream = RankStream(manifest, cfg, decode, rank, world, StreamState())
+    totals: dict[str, float] = {}
+    n = 0
+    modules = {k: e.module for k, e in engines.items()}
+    for m in modules.values():
+        m.eval()
+    with torch.no_grad():
+        for i, samples in enumerate(stream.iterate(max_epochs=1)):
+            if i >= spec.trainer.eval_batches:
+                break
+            for k, v in family.evaluate(modules, family.collate(samples)).items():
+                totals[k] = totals.get(k, 0.0) + v
+            n += 1
+    for m in modules.values():
+        m.train()
+    return _mean_across_ranks({k: v / max(n, 1) for k, v in totals.items()})
+
+
+def _samples(family: Family, engines: dict[str, Any], spec: RunSpec, step: int, rank: int) -> None:
+    modules = {k: e.module for k, e in engines.items()}
+    for m in modules.values():
+        m.eval()
+    gen = torch.Generator().manual_seed(spec.trainer.seed + step)
+    images = family.sample_images(modules, spec.trainer.num_samples, gen)
+    for m in modules.values():
+        m.train()
+    if rank == 0:
+        save_grid(images, os.path.join(spec.run_dir, "samples", f"step-{step:08d}.png"))
+
+
+def train_worker(spec: RunSpec) -> dict[str, Any]:
+    """Train on this rank until ``trainer.steps`` (or ``stop_after`` steps of this process); returns a summary."""
+    rank, world, device = _init_distributed()
+    cfg = spec.trainer
+    torch.manual_seed(cfg.seed)
+    if cfg.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    manifest = load_manifest(spec.train_data)
+    eval_manifest = load_manifest(spec.eval_data) if spec.eval_data else None
+    codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
+    family = family_class(spec.family)(spec.model, data_info(manifest))
+    store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,
+                            staging=os.path.join(spec.run_dir, ".staging"))
+    tag, universal = _resume_point(store, world, rank)
+    engines = build_engines(family, spec, world, universal)
+    if rank == 0:
+        for name, e in engines.items():
+            n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
+            print(estimate_memory(n_params, spec.zero, world).describe(f"{name} ({n_params:,} params, "
+                  f"ZeRO-{spec.zero.stage}, {spec.zero.precision}, {world} ranks)"), flush=True)
+    step, state = 0, StreamState()
+    if tag is not None:
+        meta = store.load(tag, engines, expect_family=spec.family, universal=universal)
+        step, state = meta.step, StreamState.from_dict(meta.stream_state)
+        if rank == 0:
+            print(f"[train] resumed from {store.root}/{tag} at step {step} (saved by {meta.world_size} ranks, "
+                  f"now {world})", flush=True)
+    stream = RankStream(manifest, spec.stream, codec.decode, rank, world, state)
+    if rank == 0 and step == 0:
+        print(f"[train] {manifest.total} samples, {stream.batches_per_epoch} global batches of "
+              f"{spec.stream.global_batch} per epoch, {world} ranks", flush=True)
+    reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0)
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.zero.precision]
+    first_step_at: float | None = None
+    started, done_here = time.monotonic(), 0
+    losses: list[float] = []
+    try:
+        for samples in stream:
+            if step >= cfg.steps or (spec.stop_after and done_here >= spec.stop_after):
+                break
+            batch = {k: v.to(device) for k, v in family.collate(samples).items()}
+            ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype)
+            metrics = _mean_across_ranks(family.train_step(engines, batch, ctx))
+            step += 1
+            done_here += 1
+            first_step_at = first_step_at or time.monotonic()
+            losses.append(metrics["loss"])
+            reporter.scalars(step, "train", metrics)
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                reporter.progress(step, metrics)
+            if eval_manifest is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode)
+                reporter.scalars(step, "eval", ev)
+                if rank == 0:
+                    print("[eval] step {} {}".format(step, " ".join(f"{k} {v:.4f}" for k, v in ev.items())),
+                          flush=True)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                _samples(family, engines, spec, step, rank)
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+                meta = CheckpointMeta(step=step, stream_state=stream.state.to_dict(), world_size=world,
+                                      family=spec.family, engines=sorted(engines), zero_stage=spec.zero.stage,
+                                      config=spec.config)
+                saved = store.save(step, engines, meta)
+                if rank == 0:
+                    print(f"[checkpoint] {store.root}/{saved}", flush=True)
+    finally:
+        reporter.close()
+    if stream.skipped_shards and rank == 0:
+        print(f"[data] skipped {stream.skipped_shards} corrupt shard(s) on rank 0", flush=True)
+    elapsed = time.monotonic() - (first_step_at or started)
+    return {"step": step, "losses": losses, "rank": rank, "world_size": world,
+            "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
+            "skipped_shards": stream.skipped_shards}
+
