@@ -46,6 +46,7 @@ class CheckpointMeta:
     engines: list[str]
     zero_stage: int
     config: dict[str, Any]
+    data_info: dict[str, Any]
     format: int = FORMAT
 
 

@@ -265,7 +265,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 meta = CheckpointMeta(step=step, stream_state=stream.state.to_dict(), world_size=world,
                                       family=spec.family, engines=sorted(engines), zero_stage=spec.zero.stage,
-                                      config=spec.config)
+                                      config=spec.config, data_info=family.data_info)
                 saved = store.save(step, engines, meta)
                 if rank == 0:
                     print(f"[checkpoint] {store.root}/{saved}", flush=True)

@@ -1,0 +1,116 @@
+"""Experiment configs: YAML files in configs/ loaded into typed, validated dataclasses, with dotted overrides.
+
+Every problem (an unknown key, a wrong type, a bad value) is reported with the key's full path, e.g.
+``trainer.optim.lr: expected float, got str 'fast'``, before anything starts.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from data_pipeline.stream import StreamConfig
+from sharding.zero import ZeroConfig
+from trainer.families import FAMILIES, family_class
+from trainer.loop import TrainerConfig
+from trainer.typed_config import ConfigError, from_dict
+
+
+@dataclass
+class PrepareSpec:
+    """How `dgm prepare` makes this experiment's data sets: one source, a codec, settings per split."""
+
+    source: str = "digits"
+    codec: str = "image"
+    codec_settings: dict[str, Any] = field(default_factory=dict)
+    samples_per_shard: int = 128
+    splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class DataConfig:
+    train: str = ""
+    eval: str = ""
+    prepare: PrepareSpec | None = None
+    stream: StreamConfig = field(default_factory=StreamConfig)
+
+
+@dataclass
+class ClusterConfig:
+    """Where the worker group runs: an embedded local Ray cluster (address empty) or an existing one."""
+
+    address: str = ""
+    workers: int = 2
+    use_gpu: bool = False
+    cpus_per_worker: float = 1.0
+    max_failures: int = 0
+    object_store_mb: int = 256
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"must be >= 1, got {self.workers}")
+
+
+@dataclass
+class ExperimentConfig:
+    name: str = "experiment"
+    run_dir: str = ""
+    checkpoint_root: str = ""
+    data: DataConfig = field(default_factory=DataConfig)
+    family: str = "image_gpt"
+    model: Any = None
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+
+    @property
+    def checkpoints(self) -> str:
+        return self.checkpoint_root or os.path.join(self.run_dir, "checkpoints")
+
+
+def set_dotted(raw: dict[str, Any], dotted: str) -> None:
+    """Apply one ``a.b.c=value`` override (value parsed as YAML) to the raw config mapping."""
+    if "=" not in dotted:
+        raise ConfigError(f"override {dotted!r}: expected key.path=value")
+    key, text = dotted.split("=", 1)
+    parts = key.strip().split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.setdefault(part, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
+        node = nxt
+    node[parts[-1]] = yaml.safe_load(text)
+
+
+def build_config(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw mapping (from YAML plus overrides) into an ExperimentConfig with a typed model config."""
+    raw = dict(raw)
+    family = raw.get("family", "image_gpt")
+    if family not in FAMILIES:
+        raise ConfigError(f"family: unknown family {family!r}; known: {sorted(FAMILIES)}")
+    model_raw = raw.pop("model", None)
+    cfg = from_dict(ExperimentConfig, raw)
+    cfg.model = from_dict(family_class(family).config_cls, model_raw, "model")
+    if not cfg.run_dir:
+        cfg.run_dir = os.path.join("runs", cfg.name)
+    return cfg
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Read a YAML experiment file, apply overrides, validate; returns the config and the raw mapping."""
+    try:
+        with open(path) as f:
+            raw = yaml.safe_load(f) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for o in overrides or []:
+        set_dotted(raw, o)
+    return build_config(raw), raw

@@ -1,0 +1,132 @@
+"""Exports: one safetensors file plus config.json (and a family's extra files) that torch alone can load.
+
+Writing streams tensors into the file one at a time (the safetensors layout is an 8-byte header length, a JSON
+header of dtypes, shapes and offsets, then raw little-endian bytes), so an export never holds two full copies of
+the weights. config.json records the sha256 of every file; loading checks them, so a tampered or truncated file
+is refused by name. This module imports neither DeepSpeed nor Ray.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import struct
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from trainer.families import family_class
+from trainer.families.base import Family
+from trainer.typed_config import ConfigError, from_dict
+
+EXPORT_FORMAT = 1
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
+           torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+class ExportError(RuntimeError):
+    """An export folder that is missing, incomplete or whose files do not match their recorded checksums."""
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple]) -> None:
+    """Stream named tensors into a safetensors file; ``shapes`` (name -> (dtype, shape)) fixes the header first."""
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, (dtype, shape) in shapes.items():
+        n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(header, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, t in tensors:
+            expect = header[name]
+            if list(t.shape) != expect["shape"] or _DTYPES[t.dtype] != expect["dtype"]:
+                raise ExportError(f"tensor {name}: got {t.dtype} {tuple(t.shape)}, header says {expect}")
+            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+
+
+def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
+                 extra: Mapping[str, Any] | None = None) -> str:
+    """Write an export folder atomically (``<out>.partial`` renamed at the end). Returns ``out_dir``."""
+    tmp = out_dir.rstrip("/") + ".partial"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    shapes = {f"{m}.{k}": (v.dtype, tuple(v.shape)) for m, sd in state_dicts.items() for k, v in sd.items()}
+    write_safetensors(os.path.join(tmp, WEIGHTS),
+                      ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes)
+    files = {WEIGHTS: _sha256(os.path.join(tmp, WEIGHTS))}
+    for name, data in family.export_files().items():
+        with open(os.path.join(tmp, name), "wb") as f:
+            f.write(data)
+        files[name] = _sha256(os.path.join(tmp, name))
+    config = {
+        "format": EXPORT_FORMAT,
+        "family": family.name,
+        "model": dataclasses.asdict(family.config),
+        "data_info": family.data_info,
+        "networks": sorted(state_dicts),
+        "files": files,
+        **(extra or {}),
+    }
+    with open(os.path.join(tmp, CONFIG), "w") as f:
+        json.dump(config, f, indent=1, sort_keys=True)
+    if os.path.exists(out_dir):
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
+    """Rebuild a family and its networks from an export folder, after checking every file's sha256."""
+    cfg_path = os.path.join(export_dir, CONFIG)
+    if not os.path.exists(cfg_path):
+        raise ExportError(f"{export_dir}: not an export folder (no {CONFIG})")
+    try:
+        with open(cfg_path) as f:
+            config = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ExportError(f"{cfg_path}: not valid JSON ({e})") from e
+    if config.get("format") != EXPORT_FORMAT:
+        raise ExportError(f"{cfg_path}: unknown export format {config.get('format')!r}")
+    for name, digest in config.get("files", {}).items():
+        path = os.path.join(export_dir, name)
+        if not os.path.exists(path):
+            raise ExportError(f"{path}: missing from the export")
+        if _sha256(path) != digest:
+            raise ExportError(f"{path}: sha256 does not match config.json (modified or truncated)")
+    try:
+        cls = family_class(config["family"])
+        family = cls(from_dict(cls.config_cls, config["model"], "model"), config.get("data_info", {}))
+    except (ConfigError, ValueError, KeyError) as e:
+        raise ExportError(f"{cfg_path}: cannot rebuild the model ({e})") from e
+    modules = family.build_modules()
+    with safe_open(os.path.join(export_dir, WEIGHTS), framework="pt", device=device) as f:
+        keys = set(f.keys())
+        for name, module in modules.items():
+            prefix = name + "."
+            state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
+            try:
+                module.load_state_dict(state, strict=True)
+            except RuntimeError as e:
+                raise ExportError(f"{export_dir}: weights of {name!r} do not fit the model ({e})") from e
+            module.to(device).eval()
+    return family, modules, config
