@@ -1,0 +1,35 @@
+# The two commands of the README: `make demo` and `make test`. Both create or reuse .venv themselves.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+DGM := $(VENV)/bin/dgm
+STAMP := $(VENV)/.dgm-installed
+DEMO_CONFIG ?= configs/demo.yaml
+export DS_ACCELERATOR ?= cpu
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
+export RAY_USAGE_STATS_ENABLED ?= 0
+
+.PHONY: setup demo test lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	# torch first and pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	$(PY) -m pip install -q -e ".[test]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(DGM) prepare $(DEMO_CONFIG)
+	$(DGM) train $(DEMO_CONFIG)
+	$(DGM) export $(DEMO_CONFIG)
+	$(DGM) sample runs/demo/export --out runs/demo/samples/export-samples.png --n 30
+	@echo "demo results: runs/demo (checkpoints/, export/model.safetensors, samples/*.png, tensorboard/)"
+
+test: setup
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs .cache

@@ -1,0 +1,150 @@
+"""The `dgm` command line: prepare data, train, export and sample; submit and manage jobs on Ray clusters."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+EPILOG = "Overrides: any config key as dotted.path=value (YAML value), e.g. trainer.optim.lr=3e-4 zero.stage=3"
+
+
+def _config(args: argparse.Namespace):
+    from launch.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Write every split of the config's data.prepare section as shards + manifest."""
+    from data_pipeline.prepare import PrepareConfig, prepare_dataset
+    from launch.train import ensure_ray
+
+    cfg, _ = _config(args)
+    spec = cfg.data.prepare
+    if spec is None or not spec.splits:
+        print(f"{args.config}: data.prepare.splits is empty: nothing to prepare", file=sys.stderr)
+        return 2
+    targets = {"train": cfg.data.train, "eval": cfg.data.eval}
+    for split, settings in spec.splits.items():
+        out = targets.get(split) or ""
+        if not out:
+            print(f"data.prepare.splits.{split}: no data.{split} URL to write it to", file=sys.stderr)
+            return 2
+        pc = PrepareConfig(output=out, source=spec.source, source_settings=settings, codec=spec.codec,
+                           codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
+                           parallel=not args.no_ray)
+        if pc.parallel:
+            ensure_ray(args.address)
+        prepare_dataset(pc)
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from launch.train import run_training
+
+    cfg, raw = _config(args)
+    if args.address:
+        cfg.cluster.address = args.address
+    metrics = run_training(cfg, raw, stop_after=args.stop_after)
+    print(f"[train] finished at step {metrics.get('step')} ({metrics.get('steps_per_s', 0):.2f} steps/s); "
+          f"checkpoints in {cfg.checkpoints}")
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from launch.export import export_checkpoint
+
+    cfg, _ = _config(args)
+    out = args.out or os.path.join(cfg.run_dir, "export")
+    export_checkpoint(cfg.checkpoints, out, args.tag)
+    print(f"[export] {out}")
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    """Torch only: load an export, draw samples, write a PNG grid."""
+    import torch
+
+    from trainer.export import load_export
+    from trainer.images import save_grid
+
+    family, modules, _ = load_export(args.export)
+    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.labels:
+        options["labels"] = [int(x) for x in args.labels.split(",")]
+        args.n = len(options["labels"])
+    gen = torch.Generator().manual_seed(args.seed)
+    images = family.sample_images(modules, args.n, gen, **options)
+    out = args.out or os.path.join(args.export, "samples.png")
+    save_grid(images, out)
+    print(f"[sample] {args.n} samples -> {out}")
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="experiment YAML file (see configs/)")
+    p.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dgm", description=__doc__, epilog=EPILOG)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, Callable[[argparse.Namespace], int]] = {}
+
+    p = sub.add_parser("prepare", help="write the config's data sets as WebDataset shards + manifest.json",
+                       description="Writes each split of data.prepare to data.<split> (a folder or s3:// URL), "
+                       "one Ray task per shard; re-running finishes only the missing shards.", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
+    p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
+    commands["prepare"] = cmd_prepare
+
+    p = sub.add_parser("train", help="train with DeepSpeed ZeRO on a Ray Train worker group",
+                       description="Starts an embedded local Ray cluster (or joins --address), runs "
+                       "cluster.workers ranks, resumes from the latest complete checkpoint of the run if any.",
+                       epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--address", default="", help="existing Ray cluster address, or 'auto'")
+    p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps of this invocation")
+    commands["train"] = cmd_train
+
+    p = sub.add_parser("export", help="checkpoint -> safetensors + config.json loadable with torch alone",
+                       description="Consolidates the ZeRO partitions of the latest (or --tag) checkpoint.",
+                       epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--out", default="", help="export folder (default: <run_dir>/export)")
+    p.add_argument("--tag", default=None, help="checkpoint tag such as step-00000200 (default: latest)")
+    commands["export"] = cmd_export
+
+    p = sub.add_parser("sample", help="draw samples from an export into a PNG grid (torch only)",
+                       description="Loads an export folder with torch alone and writes a grid of samples.")
+    p.add_argument("export", help="export folder written by `dgm export`")
+    p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png)")
+    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--labels", default="", help="comma-separated class labels (class-conditional models)")
+    commands["sample"] = cmd_sample
+
+    parser.set_defaults(_commands=commands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from launch.errors import USER_ERRORS
+
+    try:
+        return args._commands[args.command](args)
+    except USER_ERRORS as e:
+        print(f"dgm {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

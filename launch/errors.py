@@ -1,0 +1,14 @@
+"""The errors that are the user's to fix (bad config, data, checkpoint, export, storage): shown as one clear line."""
+
+from __future__ import annotations
+
+from data_pipeline.manifest import DatasetError
+from data_pipeline.storage import StorageError
+from sharding.sample_order import OrderError
+from trainer.checkpoint import CheckpointError
+from trainer.export import ExportError
+from trainer.typed_config import ConfigError
+
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, StorageError, OrderError, CheckpointError, ExportError, ValueError, FileNotFoundError,
+)
