@@ -1,0 +1,448 @@
+"""A thin, typed layer over Ray's Jobs API for `dgm submit / jobs / status / logs / stop`.
+
+Why not use `JobSubmissionClient` directly from the CLI:
+- its HTTP calls have no timeout (an address that drops packets hangs forever); here every call is bounded;
+- it silently prefers RAY_ADDRESS / RAY_API_SERVER_ADDRESS over the address it is given; here the given one wins;
+- Ray 2.60 heads enable token authentication, and the client only sends the token when RAY_AUTH_MODE=token is set
+  in the caller's environment; here the token is found the way Ray stores it (see `resolve_token`) and always sent;
+- a job asking for resources no node has stays PENDING forever and cannot even be stopped; here it is refused at
+  submission (`check_feasible`), against the live nodes plus any autoscaler node shapes the caller passes;
+- errors come back as `ClusterError` naming the address or job, and results as small dataclasses.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+import os
+import re
+import shlex
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import requests
+from ray.dashboard.modules.dashboard_sdk import SubmissionClient
+from ray.dashboard.utils import to_camel_case
+from ray.job_submission import JobSubmissionClient
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 120.0  # a large working_dir upload is acknowledged only once stored
+TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
+# Folders that never belong in a job's working_dir (Ray also honours the project's .gitignore and .rayignore).
+DEFAULT_EXCLUDES = (
+    "/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/", "/bench/results/",
+    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/",
+)
+INLINE_CONFIG_LIMIT = 256 * 1024
+_MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+                 "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
+
+
+class ClusterError(RuntimeError):
+    """A cluster operation failed; the message names the address or job and says what to do."""
+
+
+class JobNotFoundError(ClusterError):
+    """The cluster has no job with this id."""
+
+
+class InfeasibleJobError(ClusterError):
+    """The job asks for resources no node of the cluster can ever provide."""
+
+
+def parse_memory(text: str | int) -> int:
+    """'16GiB', '500M', '2g', 1024 -> bytes (binary units with 'i', decimal without)."""
+    if isinstance(text, int):
+        return text
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]i?)?b?\s*", text.lower())
+    if not m:
+        raise ValueError(f"memory {text!r}: expected a number with an optional unit such as 512MiB, 16GB, 2g")
+    return int(float(m.group(1)) * _MEMORY_UNITS[m.group(2) or ""])
+
+
+@dataclass(frozen=True)
+class JobResources:
+    """What a job reserves: CPUs and GPUs (fractions allowed), memory in bytes, custom resources."""
+
+    num_cpus: float = 0.0
+    num_gpus: float = 0.0
+    memory: int = 0
+    custom: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        amounts = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "memory": self.memory, **self.custom}
+        for name, value in amounts.items():
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"resource {name}={value!r}: must be a finite number >= 0")
+        if self.num_gpus > 1 and self.num_gpus != int(self.num_gpus):
+            raise ValueError(f"num_gpus={self.num_gpus}: Ray accepts fractions only below 1 GPU")
+        clash = {"CPU", "GPU", "memory"} & set(self.custom)
+        if clash:
+            raise ValueError(f"custom resources {sorted(clash)}: use num_cpus / num_gpus / memory instead")
+
+    def request(self) -> dict[str, float]:
+        """Ray resource names -> amounts, zero amounts left out."""
+        out = {"CPU": float(self.num_cpus), "GPU": float(self.num_gpus), "memory": float(self.memory)}
+        out.update({k: float(v) for k, v in self.custom.items()})
+        return {k: v for k, v in out.items() if v > 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus, "memory": self.memory,
+                "custom": dict(self.custom)}
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> JobResources:
+        return cls(float(d.get("num_cpus", 0)), float(d.get("num_gpus", 0)), int(d.get("memory", 0)),
+                   dict(d.get("custom", {})))
+
+    def __str__(self) -> str:
+        return describe(self.request()) or "no resources"
+
+
+def describe(amounts: Mapping[str, float]) -> str:
+    """'2 CPU, 0.5 GPU, 4.0 GiB memory' for messages."""
+    parts = []
+    for name, value in amounts.items():
+        if name in ("memory", "object_store_memory"):
+            parts.append(f"{value / 2**30:.1f} GiB {name}")
+        else:
+            parts.append(f"{value:g} {name}")
+    return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class JobInfo:
+    """One job as the cluster reports it (Ray's JobDetails reduced to what the CLI shows)."""
+
+    job_id: str
+    status: str
+    entrypoint: str
+    message: str = ""
+    start_time: float | None = None
+    end_time: float | None = None
+    exit_code: int | None = None
+    metadata: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def terminal(self) -> bool:
+        return self.status in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class NodeResources:
+    node_id: str
+    ip: str
+    is_head: bool
+    total: Mapping[str, float]
+
+
+@dataclass(frozen=True)
+class ClusterResources:
+    """Live nodes with their totals, and what is free cluster-wide (Ray refreshes usage every few seconds)."""
+
+    nodes: list[NodeResources]
+    total: dict[str, float]
+    available: dict[str, float]
+
+
+def resolve_address(address: str | None) -> str:
+    """The dashboard URL for an address given as http(s)://host:port, host:port or host (port 8265)."""
+    address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD).strip().rstrip("/")
+    if address in ("auto", "local") or address.startswith("ray://"):
+        raise ClusterError(f"address {address!r}: give the Ray dashboard's HTTP address, e.g. {DEFAULT_DASHBOARD} "
+                           "(for a cloud cluster, run `ray dashboard CLUSTER.yaml` and use the forwarded port)")
+    if "://" not in address:
+        address = "http://" + address
+    if not re.fullmatch(r"https?://[^/:\s]+(:\d+)?(/.*)?", address):
+        raise ClusterError(f"address {address!r} is not a valid http(s)://host:port URL")
+    if re.fullmatch(r"https?://[^/:]+", address):
+        address += ":8265"
+    return address
+
+
+def resolve_token(token: str | None = None) -> str | None:
+    """The cluster's auth token: explicit, else $RAY_AUTH_TOKEN, $RAY_AUTH_TOKEN_PATH, ~/.ray/auth_token.
+
+    Same lookup order as Ray itself. Sending a token to a cluster without auth is harmless, so it is always sent
+    when found, unless RAY_AUTH_MODE=disabled.
+    """
+    if token:
+        return token.strip()
+    if os.environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return None
+    if os.environ.get("RAY_AUTH_TOKEN"):
+        return os.environ["RAY_AUTH_TOKEN"].strip()
+    for path in (os.environ.get("RAY_AUTH_TOKEN_PATH"), Path.home() / ".ray" / "auth_token"):
+        if path and Path(path).is_file():
+            text = Path(path).read_text().strip()
+            if text:
+                return text
+    return None
+
+
+class _BoundedClient(JobSubmissionClient):
+    """JobSubmissionClient talking to exactly `url`, with a timeout on every HTTP request."""
+
+    def __init__(self, url: str, headers: dict[str, str], timeout: tuple[float, float]) -> None:
+        # Skips JobSubmissionClient.__init__ on purpose: it re-reads RAY_ADDRESS and re-checks the version
+        # without a timeout; JobsClient has already checked both.
+        self._timeout = timeout
+        SubmissionClient.__init__(self, address=url, headers=headers)
+
+    def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
+        kwargs.setdefault("timeout", self._timeout)
+        return super()._do_request(method, endpoint, **kwargs)
+
+
+class JobsClient:
+    """A connection to one cluster's Jobs API; raises ClusterError (never hangs) when it cannot be reached."""
+
+    def __init__(self, address: str | None, token: str | None = None,
+                 connect_timeout_s: float = CONNECT_TIMEOUT_S, read_timeout_s: float = READ_TIMEOUT_S) -> None:
+        self.address = resolve_address(address)
+        token = resolve_token(token)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._timeout = (connect_timeout_s, read_timeout_s)
+        version = self._get("/api/version", quick=True)
+        self.ray_version = str(version.get("ray_version", "?"))
+        self._client = _BoundedClient(self.address, dict(self._headers), self._timeout)
+
+    def _get(self, endpoint: str, quick: bool = False) -> dict[str, Any]:
+        timeout = (self._timeout[0], self._timeout[0]) if quick else self._timeout
+        try:
+            r = requests.get(self.address + endpoint, headers=self._headers, timeout=timeout)
+        except requests.RequestException as e:
+            raise ClusterError(
+                f"cannot reach the Ray dashboard at {self.address} ({type(e).__name__}): is the cluster up, and is "
+                "this the dashboard port (default 8265, not the GCS port 6379)? For a cloud cluster run "
+                "`ray dashboard CLUSTER.yaml` and use http://127.0.0.1:8265") from None
+        if r.status_code in (401, 403):
+            problem = "needs an auth token" if r.status_code == 401 else "rejected the auth token"
+            raise ClusterError(
+                f"the Ray cluster at {self.address} {problem} (token authentication is on by default since "
+                "Ray 2.5x). Put the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, or set "
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+        if r.status_code != 200:
+            raise ClusterError(f"{self.address}{endpoint} answered HTTP {r.status_code}: {r.text[:300]}")
+        try:
+            return r.json()
+        except ValueError:
+            raise ClusterError(f"{self.address}{endpoint} did not answer JSON: is it a Ray dashboard?") from None
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one SDK call, turning Ray's RuntimeError/ConnectionError into ClusterError."""
+        try:
+            return fn(*args, **kwargs)
+        except requests.RequestException as e:
+            raise ClusterError(f"{what}: lost the Ray dashboard at {self.address} ({type(e).__name__})") from None
+        except (RuntimeError, ValueError) as e:
+            text = str(e)
+            if "404" in text and "does not exist" in text:
+                raise JobNotFoundError(f"{what}: no such job on the cluster at {self.address}") from None
+            raise ClusterError(f"{what} on {self.address}: {text}") from None
+
+    def cluster_resources(self) -> ClusterResources:
+        """Live nodes (state API) and cluster-wide free resources (autoscaler load report)."""
+        listing = self._get("/api/v0/nodes?limit=10000")["data"]["result"]["result"]
+        nodes = [NodeResources(n["node_id"], n.get("node_ip", ""), bool(n.get("is_head_node")),
+                               {k: float(v) for k, v in n.get("resources_total", {}).items()})
+                 for n in listing if n.get("state") == "ALIVE"]
+        total: dict[str, float] = {}
+        for node in nodes:
+            for k, v in node.total.items():
+                total[k] = total.get(k, 0.0) + v
+        status = self._get("/api/cluster_status")["data"].get("clusterStatus") or {}
+        usage = (status.get("loadMetricsReport") or {}).get("usage") or {}
+        available = {}
+        for name, amount in total.items():
+            used = usage.get(to_camel_case(name), usage.get(name, [0.0, amount]))[0]  # the dashboard camelCases keys
+            available[name] = max(0.0, amount - float(used))
+        return ClusterResources(nodes=nodes, total=total, available=available)
+
+    def check_feasible(self, resources: JobResources,
+                       node_shapes: Iterable[Mapping[str, float]] = ()) -> None:
+        """Raise InfeasibleJobError unless one node (live, or a shape the autoscaler can add) holds `resources`."""
+        request = resources.request()
+        if not request:
+            return
+        shapes = [dict(n.total) for n in self.cluster_resources().nodes] + [dict(s) for s in node_shapes]
+        if any(all(shape.get(k, 0.0) >= v for k, v in request.items()) for shape in shapes):
+            return
+        problems = []
+        for name, amount in request.items():
+            best = max((shape.get(name, 0.0) for shape in shapes), default=0.0)
+            if best <= 0:
+                problems.append(f"no node has any {name}")
+            elif best < amount:
+                problems.append(f"it asks for {describe({name: amount})} but the largest node has "
+                                f"{describe({name: best})}")
+        if not problems:
+            problems.append("no single node has all of them at once")
+        raise InfeasibleJobError(f"job needs {describe(request)} on one node, which the cluster at {self.address} "
+                                 f"can never provide: {'; '.join(problems)}")
+
+    def submit(self, entrypoint: str, *, resources: JobResources = JobResources(), job_id: str | None = None,
+               runtime_env: Mapping[str, Any] | None = None, metadata: Mapping[str, str] | None = None,
+               check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = ()) -> str:
+        """Submit `entrypoint` (a shell command); returns the job id."""
+        if check_resources:
+            self.check_feasible(resources, node_shapes)
+        meta = {"dgm.resources": json.dumps(resources.to_dict()), **(metadata or {})}
+        return self._call(
+            f"submitting job {job_id or ''}".strip(), self._client.submit_job, entrypoint=entrypoint,
+            submission_id=job_id, runtime_env=dict(runtime_env or {}), metadata=meta,
+            entrypoint_num_cpus=resources.num_cpus or None, entrypoint_num_gpus=resources.num_gpus or None,
+            entrypoint_memory=int(resources.memory) or None, entrypoint_resources=dict(resources.custom) or None)
+
+    def info(self, job_id: str) -> JobInfo:
+        return _to_info(self._call(f"job {job_id}", self._client.get_job_info, job_id))
+
+    def jobs(self) -> list[JobInfo]:
+        """Submitted jobs (not drivers that connected with ray.init), oldest first."""
+        jobs = [_to_info(d) for d in self._call("listing jobs", self._client.list_jobs) if d.submission_id]
+        return sorted(jobs, key=lambda j: (j.start_time or 0.0, j.job_id))
+
+    def logs(self, job_id: str) -> str:
+        return self._call(f"logs of job {job_id}", self._client.get_job_logs, job_id)
+
+    def follow_logs(self, job_id: str, write: Callable[[str], Any] = sys.stdout.write) -> JobInfo:
+        """Stream the job's output to `write` as it comes until the job ends; returns its final state."""
+        self.info(job_id)
+
+        async def tail() -> None:
+            async for chunk in self._client.tail_job_logs(job_id):
+                write(chunk)
+
+        try:
+            asyncio.run(tail())
+        except Exception as e:  # aiohttp / websocket errors: the job may still have ended normally
+            info = self.info(job_id)
+            if not info.terminal:
+                raise ClusterError(f"following logs of job {job_id} on {self.address}: {e}") from None
+        deadline = time.monotonic() + 10.0
+        info = self.info(job_id)
+        while not info.terminal and time.monotonic() < deadline:  # the socket closes just before the status flips
+            time.sleep(0.2)
+            info = self.info(job_id)
+        return info
+
+    def stop(self, job_id: str, wait_s: float = 15.0) -> JobInfo:
+        """Ask the job to stop (SIGTERM, then SIGKILL from Ray) and wait up to `wait_s` for it to end."""
+        self._call(f"stopping job {job_id}", self._client.stop_job, job_id)
+        return self.wait(job_id, timeout_s=wait_s)
+
+    def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.3) -> JobInfo:
+        """Poll until the job is terminal or `timeout_s` passes; returns the last state seen."""
+        deadline = time.monotonic() + timeout_s
+        info = self.info(job_id)
+        while not info.terminal and time.monotonic() < deadline:
+            time.sleep(poll_s)
+            info = self.info(job_id)
+        return info
+
+
+def _to_info(d: Any) -> JobInfo:
+    def seconds(ms: int | None) -> float | None:
+        return ms / 1000.0 if ms else None
+
+    return JobInfo(job_id=d.submission_id or d.job_id or "", status=str(getattr(d.status, "value", d.status)),
+                   entrypoint=d.entrypoint or "", message=d.message or "", start_time=seconds(d.start_time),
+                   end_time=seconds(d.end_time), exit_code=d.driver_exit_code, metadata=dict(d.metadata or {}))
+
+
+def new_job_id(prefix: str = "dgm") -> str:
+    """Readable, unique, sortable by time: dgm-20250101-120000-1a2b3c."""
+    return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+
+
+def project_runtime_env(project_dir: str | Path, excludes: Iterable[str] = DEFAULT_EXCLUDES,
+                        env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """The runtime env that ships the project folder (minus venvs, runs, caches, .git) as the job's cwd."""
+    root = Path(project_dir).resolve()
+    if not root.is_dir():
+        raise ClusterError(f"project dir {root} does not exist")
+    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(excludes)}
+    if env_vars:
+        env["env_vars"] = dict(env_vars)
+    return env
+
+
+def training_entrypoint(config_in_job: str, overrides: Iterable[str]) -> str:
+    """The command the cluster runs: the same `train` as locally, attached to the cluster (`--address auto`)."""
+    return " ".join(["python", "-m", "launch.cli", "train", shlex.quote(config_in_job), "--address", "auto",
+                     *(shlex.quote(o) for o in overrides)])
+
+
+def _connect(address: str | None, token: str | None) -> JobsClient:
+    return JobsClient(address, token=token)
+
+
+def submit_entrypoint(address: str, entrypoint: str, *, resources: JobResources = JobResources(),
+                      job_id: str | None = None, runtime_env: Mapping[str, Any] | None = None,
+                      metadata: Mapping[str, str] | None = None, token: str | None = None,
+                      check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = ()) -> str:
+    """Submit any shell command as a job; returns its id."""
+    return _connect(address, token).submit(entrypoint, resources=resources, job_id=job_id or new_job_id(),
+                                           runtime_env=runtime_env, metadata=metadata,
+                                           check_resources=check_resources, node_shapes=node_shapes)
+
+
+def submit_training_job(address: str, config_path: str, overrides: list[str], project_dir: str,
+                        job_id: str | None, resources: JobResources, *, token: str | None = None,
+                        check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
+                        env_vars: Mapping[str, str] | None = None) -> str:
+    """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id.
+
+    A config inside the project travels with it; one outside is carried in the runtime env and written to
+    `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts.
+    """
+    root = Path(project_dir).resolve()
+    config = Path(config_path).resolve()
+    if not config.is_file():
+        raise ClusterError(f"config {config_path} does not exist")
+    job_id = job_id or new_job_id()
+    env = dict(env_vars or {})
+    if config.is_relative_to(root):
+        config_in_job = config.relative_to(root).as_posix()
+        prelude = ""
+    else:
+        text = config.read_text()
+        if len(text.encode()) > INLINE_CONFIG_LIMIT:
+            raise ClusterError(f"config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB: move it into "
+                               f"the project dir {root} so it travels with it")
+        config_in_job = f".dgm_submitted/{job_id}.yaml"
+        env["DGM_SUBMITTED_CONFIG"] = text
+        writer = ("import os,pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
+                  "p.write_text(os.environ['DGM_SUBMITTED_CONFIG'])")
+        prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
+    entrypoint = prelude + training_entrypoint(config_in_job, overrides)
+    return _connect(address, token).submit(
+        entrypoint, resources=resources, job_id=job_id, runtime_env=project_runtime_env(root, env_vars=env),
+        metadata={"dgm.config": str(config)}, check_resources=check_resources, node_shapes=node_shapes)
+
+
+def list_jobs(address: str, token: str | None = None) -> list[JobInfo]:
+    return _connect(address, token).jobs()
+
+
+def job_status(address: str, job_id: str, token: str | None = None) -> JobInfo:
+    return _connect(address, token).info(job_id)
+
+
+def job_logs(address: str, job_id: str, token: str | None = None) -> str:
+    return _connect(address, token).logs(job_id)
+
+
+def follow_job_logs(address: str, job_id: str, write: Callable[[str], Any] = sys.stdout.write,
+                    token: str | None = None) -> JobInfo:
+    return _connect(address, token).follow_logs(job_id, write)
+
+
+def stop_job(address: str, job_id: str, wait_s: float = 15.0, token: str | None = None) -> JobInfo:
+    return _connect(address, token).stop(job_id, wait_s)
