@@ -1,0 +1,337 @@
+"""storage.py against the real thing: local disk, moto's S3 server, and a proxy that injects 500s and cut connections."""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import pickle
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+
+import boto3
+import pytest
+
+from data_pipeline import s3, storage
+from data_pipeline.storage import ShardCache, StorageError, StorageNotFoundError, configure_s3
+from tests.fixtures_s3 import FlakyS3Proxy, free_port
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def s3_settings() -> Iterator[Callable[..., None]]:
+    """Change process-wide S3Settings fields for one test; the previous settings come back afterwards."""
+    before = s3.current_settings()
+    yield lambda **changes: configure_s3(dataclasses.replace(before, **changes))
+    configure_s3(before)
+
+
+@pytest.fixture(params=["path", "file", "s3"])
+def root(request: pytest.FixtureRequest, tmp_path) -> str:
+    """A folder URL of each kind: plain path, file:// URL, s3://bucket/prefix."""
+    if request.param == "path":
+        return str(tmp_path / "root")
+    if request.param == "file":
+        return f"file://{tmp_path}/root"
+    return request.getfixturevalue("s3_bucket") + "/root"
+
+
+def _raw(url: str) -> tuple[object, str, str]:
+    bucket, key = s3.split_url(url, need_key=False)
+    return boto3.client("s3", endpoint_url=os.environ["DGM_S3_ENDPOINT_URL"]), bucket, key
+
+
+def test_unknown_scheme_names_url() -> None:
+    for call in (
+        storage.read_bytes,
+        storage.exists,
+        storage.is_remote,
+        lambda u: storage.write_bytes(u, b"x"),
+    ):
+        with pytest.raises(StorageError, match=r"gs://bucket/key: unknown scheme 'gs'"):
+            call("gs://bucket/key")
+
+
+def test_join_and_kinds() -> None:
+    assert storage.join("s3://b", "run", "/ckpt/", "x.pt") == "s3://b/run/ckpt/x.pt"
+    assert storage.join("s3://b/run/", "x") == "s3://b/run/x"
+    assert storage.join("file:///tmp/a", "b") == "file:///tmp/a/b"
+    assert storage.join("/tmp/a", "b", "c") == "/tmp/a/b/c"
+    assert (
+        storage.is_remote("s3://b/k") and not storage.is_remote("/x") and not storage.is_remote("file:///x")
+    )
+    assert storage.local_path("file://localhost/tmp/x") == "/tmp/x"
+    with pytest.raises(StorageError, match="only local files"):
+        storage.local_path("file://otherhost/tmp/x")
+
+
+def test_storage_error_pickles() -> None:
+    err = pickle.loads(pickle.dumps(StorageNotFoundError("s3://b/k", "not found")))
+    assert (
+        isinstance(err, StorageNotFoundError) and str(err) == "s3://b/k: not found" and err.url == "s3://b/k"
+    )
+
+
+def test_round_trips(root: str, tmp_path) -> None:
+    data = os.urandom(100_000)
+    a = storage.join(root, "a.bin")
+    storage.write_bytes(a, data)
+    storage.write_bytes(storage.join(root, "sub", "b.txt"), b"hello")
+    assert storage.read_bytes(a) == data
+    assert storage.size(a) == len(data) and storage.exists(a) and storage.exists(root)
+    assert not storage.exists(storage.join(root, "nope")) and not storage.exists(root + "x")
+    with storage.open_read(a) as f:
+        assert f.read(10) == data[:10] and f.read() == data[10:]
+    assert storage.sha256_of(a) == hashlib.sha256(data).hexdigest()
+    assert storage.list_prefix(root) == [storage.join(root, "a.bin"), storage.join(root, "sub", "b.txt")]
+
+    local = tmp_path / "local"
+    storage.download_file(a, str(local / "a.bin"))
+    assert (local / "a.bin").read_bytes() == data
+    storage.upload_file(str(local / "a.bin"), storage.join(root, "copy.bin"))
+    assert storage.read_bytes(storage.join(root, "copy.bin")) == data
+
+    storage.download_dir(root, str(tmp_path / "dl"))
+    assert (tmp_path / "dl" / "sub" / "b.txt").read_bytes() == b"hello"
+    storage.upload_dir(str(tmp_path / "dl"), storage.join(root, "mirror"))
+    assert storage.list_prefix(storage.join(root, "mirror")) == [
+        storage.join(root, "mirror", name) for name in ("a.bin", "copy.bin", "sub/b.txt")
+    ]
+
+    storage.delete(a)
+    storage.delete(a)  # already gone: not an error
+    assert not storage.exists(a)
+    storage.delete_prefix(storage.join(root, "mirror"))
+    assert storage.list_prefix(root) == [storage.join(root, "copy.bin"), storage.join(root, "sub", "b.txt")]
+    storage.delete_prefix(root)
+    assert storage.list_prefix(root) == [] and not storage.exists(root)
+
+
+def test_missing_is_not_found(root: str, tmp_path) -> None:
+    url = storage.join(root, "missing.bin")
+    for call in (storage.read_bytes, storage.size, storage.sha256_of, lambda u: storage.open_read(u).read()):
+        with pytest.raises(StorageNotFoundError, match=rf"^{url}: not found"):
+            call(url)
+    target = tmp_path / "t.bin"
+    target.write_bytes(b"keep")
+    with pytest.raises(StorageNotFoundError, match="not found"):
+        storage.download_file(url, str(target))
+    assert target.read_bytes() == b"keep" and os.listdir(tmp_path) == ["t.bin"]
+    with pytest.raises(StorageNotFoundError, match="no files below"):
+        storage.download_dir(root, str(tmp_path / "d"))
+    with pytest.raises(StorageNotFoundError, match="not found"):
+        storage.upload_file(str(tmp_path / "absent"), url)
+
+
+def test_missing_bucket(s3_server: str) -> None:
+    with pytest.raises(StorageNotFoundError, match=r"s3://no-such-bucket-x/k: bucket not found"):
+        storage.write_bytes("s3://no-such-bucket-x/k", b"x")
+    with pytest.raises(StorageError, match="no object key"):
+        storage.read_bytes("s3://bucket-only")
+
+
+def test_local_write_is_atomic(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    target = tmp_path / "f.bin"
+    storage.write_bytes(str(target), b"old")
+
+    def broken_fsync(fd: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "fsync", broken_fsync)
+    with pytest.raises(StorageError, match=rf"{target}: Input/output error"):
+        storage.write_bytes(str(target), b"new" * 1000)
+    with pytest.raises(StorageError):
+        storage.download_file(str(target), str(tmp_path / "copy.bin"))
+    assert target.read_bytes() == b"old"
+    assert os.listdir(tmp_path) == ["f.bin"]  # no temporary file left behind
+
+
+def test_download_refuses_escaping_keys(s3_bucket: str, tmp_path) -> None:
+    client, bucket, _ = _raw(s3_bucket)
+    client.put_object(Bucket=bucket, Key="run/../../evil.txt", Body=b"x")
+    if not any(u.endswith("../evil.txt") for u in storage.list_prefix(s3_bucket + "/run")):
+        pytest.skip("this moto version normalizes '..' in keys")
+    with pytest.raises(StorageError, match=r"unsafe object name"):
+        storage.download_dir(s3_bucket + "/run", str(tmp_path / "d"))
+    assert not (tmp_path / "evil.txt").exists()
+
+
+def test_unreachable_endpoint_fails_fast(s3_settings) -> None:
+    endpoint = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    s3_settings(endpoint_url=endpoint, max_attempts=2, connect_timeout=1, read_timeout=1)
+    start = time.monotonic()
+    with pytest.raises(StorageError) as info:
+        storage.read_bytes("s3://bucket/key")
+    assert time.monotonic() - start < 5
+    assert "s3://bucket/key" in str(info.value) and f"cannot reach S3 endpoint {endpoint}" in str(info.value)
+
+
+def test_silent_endpoint_times_out(s3_settings) -> None:
+    with socket.socket() as listener:  # accepts connections (kernel backlog) but never answers
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(16)
+        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        s3_settings(endpoint_url=endpoint, max_attempts=1, connect_timeout=1, read_timeout=1)
+        start = time.monotonic()
+        with pytest.raises(StorageError, match=rf"s3://bucket/key: cannot reach S3 endpoint {endpoint}"):
+            storage.exists("s3://bucket/key")
+        assert time.monotonic() - start < 5
+
+
+def test_500s_are_retried_transparently(flaky_s3: FlakyS3Proxy, s3_bucket: str, tmp_path) -> None:
+    url = s3_bucket + "/data.bin"
+    data = os.urandom(300_000)
+    flaky_s3.fail_next(3)
+    storage.write_bytes(url, data)
+    assert flaky_s3.errors_injected == 3
+    flaky_s3.fail_next(3)
+    assert storage.read_bytes(url) == data
+    flaky_s3.fail_next(2)
+    assert storage.list_prefix(s3_bucket) == [url]
+    flaky_s3.fail_next(2)
+    storage.download_file(url, str(tmp_path / "d.bin"))
+    assert (tmp_path / "d.bin").read_bytes() == data
+    assert flaky_s3.errors_injected == 10
+    assert sum(r.outcome == "error" for r in flaky_s3.requests) == 10
+
+
+def test_persistent_500s_become_a_clear_error(flaky_s3: FlakyS3Proxy, s3_bucket: str, s3_settings) -> None:
+    s3_settings(max_attempts=2)
+    flaky_s3.fail_next(100)
+    with pytest.raises(
+        StorageError, match=rf"{s3_bucket}/k: S3 error InternalError at {flaky_s3.endpoint_url}"
+    ):
+        storage.write_bytes(s3_bucket + "/k", b"x")
+    assert flaky_s3.errors_injected == 2
+
+
+def test_dropped_connection_resumes_exactly(flaky_s3: FlakyS3Proxy, s3_bucket: str, tmp_path) -> None:
+    url = s3_bucket + "/big.bin"
+    data = os.urandom(3 << 20)
+    storage.write_bytes(url, data)
+    flaky_s3.drop_next_gets(3, after_bytes=700_000)
+    assert storage.read_bytes(url) == data
+    assert flaky_s3.drops_injected == 3
+    gets = [r for r in flaky_s3.requests if r.method == "GET" and r.path.endswith("/big.bin")]
+    offsets = [int(r.range.split("=")[1].rstrip("-")) for r in gets[1:]]
+    assert gets[0].range is None and len(offsets) == 3
+    assert (
+        0 < offsets[0] < offsets[1] < offsets[2] < len(data)
+    )  # each retry resumes where the last one stopped
+
+    for read in (
+        lambda: storage.open_read(url).read(),
+        lambda: (storage.download_file(url, str(tmp_path / "d.bin")), (tmp_path / "d.bin").read_bytes())[1],
+    ):
+        flaky_s3.drop_next_gets(2, after_bytes=500_000)
+        before = flaky_s3.drops_injected
+        assert read() == data
+        assert flaky_s3.drops_injected == before + 2
+    assert storage.sha256_of(url) == hashlib.sha256(data).hexdigest()
+
+
+def test_drops_without_progress_are_bounded(flaky_s3: FlakyS3Proxy, s3_bucket: str, s3_settings) -> None:
+    url = s3_bucket + "/x.bin"
+    storage.write_bytes(url, os.urandom(50_000))
+    s3_settings(max_attempts=3, backoff_base=0.01)
+    flaky_s3.drop_next_gets(100, after_bytes=0)
+    with pytest.raises(
+        StorageError, match=rf"{url}: reading from S3 endpoint .* failed 3 times in a row at byte 0"
+    ):
+        storage.read_bytes(url)
+    assert flaky_s3.drops_injected == 3
+
+
+def test_multipart_transfer(s3_bucket: str, s3_settings, tmp_path) -> None:
+    s3_settings(multipart_threshold=5 << 20, multipart_chunksize=5 << 20)
+    src = tmp_path / "big.bin"
+    data = os.urandom((11 << 20) + 123)
+    src.write_bytes(data)
+    url = s3_bucket + "/big.bin"
+    storage.upload_file(str(src), url)
+    client, bucket, key = _raw(url)
+    assert client.head_object(Bucket=bucket, Key=key)["ETag"].strip('"').endswith("-3")  # three parts
+    storage.download_file(url, str(tmp_path / "back.bin"))
+    assert (tmp_path / "back.bin").read_bytes() == data
+    assert sorted(os.listdir(tmp_path)) == ["back.bin", "big.bin"]  # no temporary file left behind
+
+
+def test_shard_cache_hit_and_miss(s3_bucket: str, tmp_path) -> None:
+    url = s3_bucket + "/shard-000.tar"
+    data = os.urandom(10_000)
+    storage.write_bytes(url, data)
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=1 << 20)
+    digest = hashlib.sha256(data).hexdigest()
+    path = cache.fetch(url, digest)
+    assert open(path, "rb").read() == data and (cache.hits, cache.misses) == (0, 1)
+    storage.delete(url)  # a hit must not touch S3 at all
+    assert cache.fetch(url, digest) == path and (cache.hits, cache.misses) == (1, 1)
+    with pytest.raises(StorageNotFoundError, match="not found"):
+        cache.fetch(url)  # a different entry (no digest): a miss, and the object is gone
+    local = tmp_path / "local.tar"
+    local.write_bytes(data)
+    assert cache.fetch(f"file://{local}", digest) == str(local)  # local shards are served in place
+
+
+def test_shard_cache_rejects_bad_sha256(s3_bucket: str, tmp_path) -> None:
+    url = s3_bucket + "/shard-bad.tar"
+    storage.write_bytes(url, b"corrupted bytes")
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=1 << 20)
+    expected = "0" * 64
+    actual = hashlib.sha256(b"corrupted bytes").hexdigest()
+    with pytest.raises(StorageError, match=rf"{url}: sha256 mismatch: expected {expected}, actual {actual}"):
+        cache.fetch(url, expected)
+    assert os.listdir(tmp_path / "cache" / "data") == []  # the bad download is not kept
+    with pytest.raises(StorageError, match="not 64 hex digits"):
+        cache.fetch(url, "abc")
+
+
+def test_shard_cache_evicts_least_recently_used(s3_bucket: str, tmp_path) -> None:
+    urls = [f"{s3_bucket}/s{i}.tar" for i in range(3)]
+    for url in urls:
+        storage.write_bytes(url, os.urandom(1000))
+    cache = ShardCache(str(tmp_path / "cache"), max_bytes=2500)
+    a = cache.fetch(urls[0])
+    b = cache.fetch(urls[1])
+    time.sleep(0.02)
+    cache.fetch(urls[0])  # a is now more recent than b
+    c = cache.fetch(urls[2])  # 3000 bytes > 2500: the least recently used (b) goes
+    assert os.path.exists(a) and os.path.exists(c) and not os.path.exists(b)
+    assert cache.total_bytes() == 2000
+    big = ShardCache(str(tmp_path / "cache"), max_bytes=10)
+    assert os.path.exists(big.fetch(urls[1]))  # an entry larger than the limit is still served
+    assert [os.path.basename(p) for _, _, p in big.entries()] == [os.path.basename(big.path_for(urls[1]))]
+
+
+_WORKER = """
+import sys
+from data_pipeline.storage import ShardCache, sha256_of
+cache = ShardCache(sys.argv[1], max_bytes=1 << 30)
+print(" ".join(sha256_of(cache.fetch(u)) for u in sys.argv[2:]))
+"""
+
+
+def test_shard_cache_shared_by_processes(s3_bucket: str, tmp_path) -> None:
+    """Several processes filling one cache folder at once (endpoint inherited via DGM_S3_ENDPOINT_URL)."""
+    urls = [f"{s3_bucket}/p{i}.tar" for i in range(4)]
+    blobs = [os.urandom(200_000) for _ in urls]
+    for url, blob in zip(urls, blobs, strict=True):
+        storage.write_bytes(url, blob)
+    cache_dir = str(tmp_path / "cache")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _WORKER, cache_dir, *urls], cwd=ROOT, stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(2)
+    ]
+    want = " ".join(hashlib.sha256(b).hexdigest() for b in blobs)
+    for proc in procs:
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0 and out.strip() == want
+    assert (
+        len(os.listdir(os.path.join(cache_dir, "data"))) == 4
+    )  # one entry each, no leftover temporary files
