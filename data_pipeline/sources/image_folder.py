@@ -1,0 +1,202 @@
+"""JPEG / PNG files under a folder, or the sample photographs shipped inside scikit-image and scikit-learn.
+
+Files are found recursively (hidden files and folders, whose names start with '.', are ignored) and sorted by
+relative path, so index i and its key are stable for an unchanged folder. The key is the sanitised relative path
+plus 8 hex digits of its SHA-1, so two paths that sanitise alike still get different keys.
+
+Every file's header is read when the source is built (all of it is decoded with `verify="decode"`): an unreadable
+file raises `BadImageError` naming it, or with `skip_bad=True` is left out with a warning. A file that passes the
+scan but fails to decode later raises `BadImageError` naming it.
+
+Conversions to uint8 RGB: EXIF orientation is applied; grey (L, 1, I;16, I, F) is replicated to three channels
+(I;16, and I holding values above 255, scaled by 1/257; others clipped to 0..255); images with alpha (RGBA, LA, PA, P with transparency) are composited on white; other
+modes (P, CMYK, YCbCr) go through Pillow's RGB conversion. With `resolution`, the centred square of side
+min(w, h) is resized to resolution x resolution (Lanczos), i.e. shorter side resized then centre-cropped.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .base import Sample, check_index, config_settings, sanitise_key
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+BUILTIN_SAMPLES = "builtin:samples"
+_SKIMAGE_PHOTOS = (
+    "astronaut.png", "brick.png", "camera.png", "cell.png", "chelsea.png", "coffee.png", "coins.png", "grass.png",
+    "gravel.png", "hubble_deep_field.jpg", "ihc.png", "moon.png", "motorcycle_left.png", "motorcycle_right.png",
+    "retina.jpg", "rocket.jpg",
+)
+_SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+class BadImageError(ValueError):
+    """A file that is not a readable JPEG/PNG image; the message names the file."""
+
+
+def _package_dir(package: str) -> Path:
+    """Installed folder of a package, found without importing it (importing scikit-learn takes seconds)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or spec.origin is None:
+        raise ModuleNotFoundError(f"image_folder: {BUILTIN_SAMPLES!r} needs {package} installed (it ships the files)")
+    return Path(spec.origin).parent
+
+
+def builtin_sample_images() -> dict[str, Path]:
+    """The photographs installed with scikit-image (skimage/data) and scikit-learn (sklearn/datasets/images).
+
+    Maps a relative name ('skimage/astronaut.png', 'sklearn/china.jpg') to the installed file; nothing is copied.
+    Files missing from an installation are left out.
+    """
+    dirs = {
+        "skimage": (_package_dir("skimage") / "data", _SKIMAGE_PHOTOS),
+        "sklearn": (_package_dir("sklearn") / "datasets" / "images", _SKLEARN_PHOTOS),
+    }
+    return {
+        f"{prefix}/{name}": folder / name
+        for prefix, (folder, names) in dirs.items()
+        for name in names
+        if (folder / name).is_file()
+    }
+
+
+def find_images(root: Path) -> dict[str, Path]:
+    """JPEG/PNG files under `root` (recursive, hidden entries skipped), keyed by POSIX relative path, sorted."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image_folder: {root} is not a folder")
+    found: dict[str, Path] = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for name in filenames:
+            if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
+                path = Path(dirpath) / name
+                found[path.relative_to(root).as_posix()] = path
+    return dict(sorted(found.items()))
+
+
+def image_key(relative_path: str) -> str:
+    """Stable sample key of a file: sanitised relative path + short hash of the exact path."""
+    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+    return f"{sanitise_key(relative_path)}-{digest}"
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB with the documented rules (module doc)."""
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode in ("L", "1"):
+        return img.convert("L").convert("RGB")
+    if mode.startswith("I") or mode == "F":
+        arr = np.asarray(img).astype(np.float64)
+        if mode != "F":
+            arr = arr / 257.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else arr
+        grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
+    if has_alpha:
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def load_image(path: Path, resolution: int | None = None) -> np.ndarray:
+    """Decode one file to uint8 HxWx3 RGB (resized and centre-cropped when `resolution` is given)."""
+    try:
+        with Image.open(path) as opened:
+            img = to_rgb(ImageOps.exif_transpose(opened))
+            if resolution is not None:
+                w, h = img.size
+                s = min(w, h)
+                left, top = (w - s) // 2, (h - s) // 2
+                img = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
+                                 box=(left, top, left + s, top + s))
+            return np.array(img, dtype=np.uint8)
+    except _DECODE_ERRORS as e:
+        raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+
+
+def _probe(path: Path, decode: bool) -> tuple[list[int], str]:
+    """(size [w, h], mode) of a file after reading its header (and decoding it all when `decode`)."""
+    try:
+        with Image.open(path) as img:
+            if img.format not in ("JPEG", "PNG", "MPO"):
+                raise BadImageError(f"{path}: is {img.format}, not JPEG or PNG")
+            if decode:
+                img.load()
+            return [int(img.width), int(img.height)], img.mode
+    except _DECODE_ERRORS as e:
+        if isinstance(e, BadImageError):
+            raise
+        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+
+
+@dataclass
+class ImageFolderConfig:
+    """Settings of the image-folder source; `path` is a folder or 'builtin:samples'."""
+
+    path: str = BUILTIN_SAMPLES
+    resolution: int | None = None
+    skip_bad: bool = False
+    verify: Literal["header", "decode"] = "header"
+
+    def __post_init__(self) -> None:
+        if not self.path:
+            raise ValueError("image_folder: path must be a folder or 'builtin:samples'")
+        if self.path.startswith("builtin:") and self.path != BUILTIN_SAMPLES:
+            raise ValueError(f"image_folder: unknown builtin set {self.path!r} (known: {BUILTIN_SAMPLES!r})")
+        if self.resolution is not None and self.resolution < 1:
+            raise ValueError(f"image_folder: resolution must be >= 1 or None, got {self.resolution}")
+
+
+class ImageFolderSource:
+    """Images from files; label and caption are None, attributes give the relative path and original size/mode."""
+
+    name = "image_folder"
+
+    def __init__(self, config: ImageFolderConfig | None = None) -> None:
+        self.config = cfg = config or ImageFolderConfig()
+        files = builtin_sample_images() if cfg.path == BUILTIN_SAMPLES else find_images(Path(cfg.path))
+        self.skipped: list[str] = []
+        self._entries: list[tuple[str, Path, list[int], str]] = []
+        for rel, path in files.items():
+            try:
+                size, mode = _probe(path, cfg.verify == "decode")
+            except BadImageError as e:
+                if not cfg.skip_bad:
+                    raise
+                warnings.warn(f"image_folder: skipping {e}", stacklevel=2)
+                self.skipped.append(rel)
+                continue
+            self._entries.append((rel, path, size, mode))
+        if not self._entries:
+            raise ValueError(f"image_folder: no readable JPEG/PNG files under {cfg.path}")
+        self._keys = [image_key(rel) for rel, *_ in self._entries]
+        if len(set(self._keys)) != len(self._keys):
+            raise ValueError(f"image_folder: two files under {cfg.path} got the same key")
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def settings(self) -> dict:
+        return config_settings(self.config)
+
+    def path_of(self, index: int) -> Path:
+        return self._entries[check_index(index, len(self), self.name)][1]
+
+    def sample(self, index: int) -> Sample:
+        i = check_index(index, len(self), self.name)
+        rel, path, size, mode = self._entries[i]
+        image = load_image(path, self.config.resolution)
+        return Sample(key=self._keys[i], image=image,
+                      attributes={"path": rel, "original_size": size, "original_mode": mode})
