@@ -67,7 +67,9 @@ _CHUNK = 8 << 20
 def _scheme(url: str) -> str:
     """'local' or 's3'; anything else is a StorageError naming the URL."""
     if not isinstance(url, str) or not url:
-        raise StorageError(repr(url), "not a URL or path (expected a non-empty string)")
+        raise StorageError(
+            repr(url), f"not a URL or path (expected a non-empty str, got {type(url).__name__})"
+        )
     m = _SCHEME.match(url)
     if m is None:
         return "local"
@@ -149,9 +151,12 @@ def exists(url: str) -> bool:
     if _scheme(url) == "local":
         return os.path.exists(local_path(url))
     _, key = s3.split_url(url, need_key=False)
-    if key and not key.endswith("/") and s3.head(url) is not None:
-        return True
-    return next(iter(s3.list_keys(url)), None) is not None
+    try:
+        if key and not key.endswith("/") and s3.head(url) is not None:
+            return True
+        return next(iter(s3.list_keys(url)), None) is not None
+    except StorageNotFoundError:  # the bucket itself is missing
+        return False
 
 
 def size(url: str) -> int:
@@ -197,8 +202,9 @@ def _copy_stream(src: BinaryIO, dst: BinaryIO) -> None:
         dst.write(chunk)
 
 
-def upload_file(local_file: str, url: str) -> None:
+def upload_file(local_file: str | os.PathLike[str], url: str) -> None:
     """Copy a local file to ``url`` (multipart on S3 above S3Settings.multipart_threshold)."""
+    local_file = os.fspath(local_file)
     with _local_errors(local_file):
         if not os.path.isfile(local_file):
             raise (IsADirectoryError if os.path.isdir(local_file) else FileNotFoundError)(local_file)
@@ -209,8 +215,9 @@ def upload_file(local_file: str, url: str) -> None:
         atomic_write(local_path(url), lambda dst: _copy_stream(src, dst))
 
 
-def download_file(url: str, local_file: str) -> None:
+def download_file(url: str, local_file: str | os.PathLike[str]) -> None:
     """Copy ``url`` to a local file atomically: on failure the destination is untouched and no tmp remains."""
+    local_file = os.fspath(local_file)
     if _scheme(url) == "local":
         with _local_errors(url), open(local_path(url), "rb") as src:
             atomic_write(local_file, lambda dst: _copy_stream(src, dst))
@@ -290,8 +297,9 @@ def delete_prefix(url: str) -> None:
             shutil.rmtree(path)
 
 
-def upload_dir(local_dir: str, url: str) -> list[str]:
+def upload_dir(local_dir: str | os.PathLike[str], url: str) -> list[str]:
     """Copy every file below ``local_dir`` to the folder ``url`` (file by file, each atomic); returns the URLs."""
+    local_dir = os.fspath(local_dir)
     with _local_errors(local_dir):
         if not os.path.isdir(local_dir):
             raise (NotADirectoryError if os.path.exists(local_dir) else FileNotFoundError)(local_dir)
@@ -305,11 +313,12 @@ def upload_dir(local_dir: str, url: str) -> list[str]:
     return sorted(written)
 
 
-def download_dir(url: str, local_dir: str) -> list[str]:
+def download_dir(url: str, local_dir: str | os.PathLike[str]) -> list[str]:
     """Copy every file/object below the folder ``url`` into ``local_dir``; returns the local paths.
 
     An empty or missing folder is StorageNotFoundError; object names with '..' segments are refused.
     """
+    local_dir = os.fspath(local_dir)
     urls = list_prefix(url)
     if not urls:
         raise StorageNotFoundError(url, "not found (no files below this folder)")
@@ -321,8 +330,9 @@ def download_dir(url: str, local_dir: str) -> list[str]:
     return written
 
 
-def sha256_of(url_or_path: str) -> str:
+def sha256_of(url_or_path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file/object, streamed (S3 reads resume after dropped connections)."""
+    url_or_path = os.fspath(url_or_path)
     digest = hashlib.sha256()
     with open_read(url_or_path) as f, _local_errors(url_or_path):
         while chunk := f.read(_CHUNK):

@@ -90,7 +90,7 @@ def test_round_trips(root: str, tmp_path) -> None:
     assert storage.list_prefix(root) == [storage.join(root, "a.bin"), storage.join(root, "sub", "b.txt")]
 
     local = tmp_path / "local"
-    storage.download_file(a, str(local / "a.bin"))
+    storage.download_file(a, local / "a.bin")  # local paths may be os.PathLike
     assert (local / "a.bin").read_bytes() == data
     storage.upload_file(str(local / "a.bin"), storage.join(root, "copy.bin"))
     assert storage.read_bytes(storage.join(root, "copy.bin")) == data
@@ -128,6 +128,7 @@ def test_missing_is_not_found(root: str, tmp_path) -> None:
 
 
 def test_missing_bucket(s3_server: str) -> None:
+    assert not storage.exists("s3://no-such-bucket-x/k") and not storage.exists("s3://no-such-bucket-x")
     with pytest.raises(StorageNotFoundError, match=r"s3://no-such-bucket-x/k: bucket not found"):
         storage.write_bytes("s3://no-such-bucket-x/k", b"x")
     with pytest.raises(StorageError, match="no object key"):
@@ -335,3 +336,17 @@ def test_shard_cache_shared_by_processes(s3_bucket: str, tmp_path) -> None:
     assert (
         len(os.listdir(os.path.join(cache_dir, "data"))) == 4
     )  # one entry each, no leftover temporary files
+
+
+def test_s3_stream_seeks_and_detects_a_changed_object(s3_bucket: str) -> None:
+    url = s3_bucket + "/obj.bin"
+    data = os.urandom(1 << 20)
+    storage.write_bytes(url, data)
+    with storage.open_read(url) as f:
+        f.seek(700_000)
+        assert f.read(100) == data[700_000:700_100]
+        assert f.seek(-10, os.SEEK_END) == len(data) - 10 and f.read() == data[-10:]
+        f.seek(5)
+        storage.write_bytes(url, b"replaced")  # the next ranged request is pinned to the old ETag
+        with pytest.raises(StorageError, match=rf"{url}: the object changed while it was being read"):
+            f.read(10)
