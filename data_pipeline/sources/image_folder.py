@@ -191,7 +191,13 @@ class ImageFolderSource:
     def settings(self) -> dict:
         return config_settings(self.config)
 
+    @property
+    def relative_paths(self) -> list[str]:
+        """Relative path of each sample, in index order (what keys are derived from)."""
+        return [rel for rel, *_ in self._entries]
+
     def path_of(self, index: int) -> Path:
+        """The file behind sample `index`."""
         return self._entries[check_index(index, len(self), self.name)][1]
 
     def sample(self, index: int) -> Sample:
