@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import math
 import os
 import re
@@ -29,6 +30,9 @@ import requests
 from ray.dashboard.modules.dashboard_sdk import SubmissionClient
 from ray.dashboard.utils import to_camel_case
 from ray.job_submission import JobSubmissionClient
+
+# Ray's SDK logs an INFO line on every closed log stream, which would land in the middle of `dgm logs --follow`.
+logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
@@ -105,15 +109,14 @@ class JobResources:
         return describe(self.request()) or "no resources"
 
 
+def amount(name: str, value: float) -> str:
+    """'2', '0.5', '4.0 GiB' (memory in GiB) for messages."""
+    return f"{value / 2**30:.1f} GiB" if name in ("memory", "object_store_memory") else f"{value:g}"
+
+
 def describe(amounts: Mapping[str, float]) -> str:
     """'2 CPU, 0.5 GPU, 4.0 GiB memory' for messages."""
-    parts = []
-    for name, value in amounts.items():
-        if name in ("memory", "object_store_memory"):
-            parts.append(f"{value / 2**30:.1f} GiB {name}")
-        else:
-            parts.append(f"{value:g} {name}")
-    return ", ".join(parts)
+    return ", ".join(f"{amount(name, value)} {name}" for name, value in amounts.items())
 
 
 @dataclass(frozen=True)
@@ -268,24 +271,13 @@ class JobsClient:
     def check_feasible(self, resources: JobResources,
                        node_shapes: Iterable[Mapping[str, float]] = ()) -> None:
         """Raise InfeasibleJobError unless one node (live, or a shape the autoscaler can add) holds `resources`."""
-        request = resources.request()
-        if not request:
+        if not resources.request():
             return
-        shapes = [dict(n.total) for n in self.cluster_resources().nodes] + [dict(s) for s in node_shapes]
-        if any(all(shape.get(k, 0.0) >= v for k, v in request.items()) for shape in shapes):
-            return
-        problems = []
-        for name, amount in request.items():
-            best = max((shape.get(name, 0.0) for shape in shapes), default=0.0)
-            if best <= 0:
-                problems.append(f"no node has any {name}")
-            elif best < amount:
-                problems.append(f"it asks for {describe({name: amount})} but the largest node has "
-                                f"{describe({name: best})}")
-        if not problems:
-            problems.append("no single node has all of them at once")
-        raise InfeasibleJobError(f"job needs {describe(request)} on one node, which the cluster at {self.address} "
-                                 f"can never provide: {'; '.join(problems)}")
+        shapes = [n.total for n in self.cluster_resources().nodes] + list(node_shapes)
+        problem = infeasibility(resources.request(), shapes)
+        if problem:
+            raise InfeasibleJobError(f"job needs {describe(resources.request())} on one node, which the cluster at "
+                                     f"{self.address} can never provide: {problem}")
 
     def submit(self, entrypoint: str, *, resources: JobResources = JobResources(), job_id: str | None = None,
                runtime_env: Mapping[str, Any] | None = None, metadata: Mapping[str, str] | None = None,
@@ -325,12 +317,7 @@ class JobsClient:
             info = self.info(job_id)
             if not info.terminal:
                 raise ClusterError(f"following logs of job {job_id} on {self.address}: {e}") from None
-        deadline = time.monotonic() + 10.0
-        info = self.info(job_id)
-        while not info.terminal and time.monotonic() < deadline:  # the socket closes just before the status flips
-            time.sleep(0.2)
-            info = self.info(job_id)
-        return info
+        return self.wait(job_id, timeout_s=10.0)  # the stream closes just before the status flips
 
     def stop(self, job_id: str, wait_s: float = 15.0) -> JobInfo:
         """Ask the job to stop (SIGTERM, then SIGKILL from Ray) and wait up to `wait_s` for it to end."""
@@ -345,6 +332,21 @@ class JobsClient:
             time.sleep(poll_s)
             info = self.info(job_id)
         return info
+
+
+def infeasibility(request: Mapping[str, float], shapes: Iterable[Mapping[str, float]]) -> str | None:
+    """None if some shape holds all of `request`, else why not (per resource, against the largest shape)."""
+    shapes = list(shapes)
+    if any(all(shape.get(k, 0.0) >= v for k, v in request.items()) for shape in shapes):
+        return None
+    problems = []
+    for name, amount in request.items():
+        best = max((shape.get(name, 0.0) for shape in shapes), default=0.0)
+        if best <= 0:
+            problems.append(f"no node has any {name}")
+        elif best < amount:
+            problems.append(f"it asks for {describe({name: amount})} but the largest node has {describe({name: best})}")
+    return "; ".join(problems) or "no single node has all of them at once"
 
 
 def _to_info(d: Any) -> JobInfo:
@@ -379,25 +381,28 @@ def training_entrypoint(config_in_job: str, overrides: Iterable[str]) -> str:
                      *(shlex.quote(o) for o in overrides)])
 
 
-def _connect(address: str | None, token: str | None) -> JobsClient:
-    return JobsClient(address, token=token)
-
-
 def submit_entrypoint(address: str, entrypoint: str, *, resources: JobResources = JobResources(),
                       job_id: str | None = None, runtime_env: Mapping[str, Any] | None = None,
                       metadata: Mapping[str, str] | None = None, token: str | None = None,
                       check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = ()) -> str:
     """Submit any shell command as a job; returns its id."""
-    return _connect(address, token).submit(entrypoint, resources=resources, job_id=job_id or new_job_id(),
+    return JobsClient(address, token).submit(entrypoint, resources=resources, job_id=job_id or new_job_id(),
                                            runtime_env=runtime_env, metadata=metadata,
                                            check_resources=check_resources, node_shapes=node_shapes)
 
 
-def submit_training_job(address: str, config_path: str, overrides: list[str], project_dir: str,
-                        job_id: str | None, resources: JobResources, *, token: str | None = None,
-                        check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
-                        env_vars: Mapping[str, str] | None = None) -> str:
-    """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id.
+@dataclass(frozen=True)
+class JobSpec:
+    """Everything Ray needs to run a job, JSON-serialisable so the queue can persist it."""
+
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    metadata: dict[str, str]
+
+
+def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: str, job_id: str,
+                      env_vars: Mapping[str, str] | None = None) -> JobSpec:
+    """The job that runs `dgm train CONFIG --address auto OVERRIDES...` in a copy of the project.
 
     A config inside the project travels with it; one outside is carried in the runtime env and written to
     `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts.
@@ -406,7 +411,6 @@ def submit_training_job(address: str, config_path: str, overrides: list[str], pr
     config = Path(config_path).resolve()
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
-    job_id = job_id or new_job_id()
     env = dict(env_vars or {})
     if config.is_relative_to(root):
         config_in_job = config.relative_to(root).as_posix()
@@ -421,28 +425,38 @@ def submit_training_job(address: str, config_path: str, overrides: list[str], pr
         writer = ("import os,pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
                   "p.write_text(os.environ['DGM_SUBMITTED_CONFIG'])")
         prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
-    entrypoint = prelude + training_entrypoint(config_in_job, overrides)
-    return _connect(address, token).submit(
-        entrypoint, resources=resources, job_id=job_id, runtime_env=project_runtime_env(root, env_vars=env),
-        metadata={"dgm.config": str(config)}, check_resources=check_resources, node_shapes=node_shapes)
+    return JobSpec(entrypoint=prelude + training_entrypoint(config_in_job, overrides),
+                   runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
+
+
+def submit_training_job(address: str, config_path: str, overrides: list[str], project_dir: str,
+                        job_id: str | None, resources: JobResources, *, token: str | None = None,
+                        check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
+                        env_vars: Mapping[str, str] | None = None) -> str:
+    """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id."""
+    job_id = job_id or new_job_id()
+    spec = training_job_spec(config_path, overrides, project_dir, job_id, env_vars)
+    return JobsClient(address, token).submit(
+        spec.entrypoint, resources=resources, job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
+        check_resources=check_resources, node_shapes=node_shapes)
 
 
 def list_jobs(address: str, token: str | None = None) -> list[JobInfo]:
-    return _connect(address, token).jobs()
+    return JobsClient(address, token).jobs()
 
 
 def job_status(address: str, job_id: str, token: str | None = None) -> JobInfo:
-    return _connect(address, token).info(job_id)
+    return JobsClient(address, token).info(job_id)
 
 
 def job_logs(address: str, job_id: str, token: str | None = None) -> str:
-    return _connect(address, token).logs(job_id)
+    return JobsClient(address, token).logs(job_id)
 
 
 def follow_job_logs(address: str, job_id: str, write: Callable[[str], Any] = sys.stdout.write,
                     token: str | None = None) -> JobInfo:
-    return _connect(address, token).follow_logs(job_id, write)
+    return JobsClient(address, token).follow_logs(job_id, write)
 
 
 def stop_job(address: str, job_id: str, wait_s: float = 15.0, token: str | None = None) -> JobInfo:
-    return _connect(address, token).stop(job_id, wait_s)
+    return JobsClient(address, token).stop(job_id, wait_s)

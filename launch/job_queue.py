@@ -1,0 +1,321 @@
+"""A priority queue of jobs in front of one Ray cluster (Ray itself runs jobs in arrival order, with no priorities).
+
+The scheduling rule, applied on every round (`QueueRunner.run_once`):
+1. Rank the queued jobs by effective priority = priority + aging_per_hour * hours waited (ties: first enqueued
+   first). Aging lets an old low-priority job overtake a stream of newer high-priority ones.
+2. Walk the ranking with the cluster's free resources; every job that fits starts (so a smaller, lower-ranked job
+   backfills into what a bigger, higher-ranked one leaves free).
+3. The highest-ranked job that does not fit is the head. Once the head has waited `reserve_after_s` it holds a
+   reservation: lower-ranked jobs may only use what the head does not need, so freed resources pile up until it
+   fits. A big job therefore waits at most reserve_after_s plus the time the jobs already running take to end.
+Free resources = min(what Ray reports free, cluster total - what the queue's running jobs declared): the second
+term covers the seconds between a submission and Ray reporting its resources as used.
+
+A job's declared resources are held by its entrypoint in Ray (`reserve_in_ray=True`, right for one-process jobs),
+or, for jobs whose Ray tasks/actors claim them (Ray Train workers), only booked by the queue (`reserve_in_ray=False`).
+State lives in one JSON file, rewritten atomically under a lock, so the CLI can enqueue while a runner runs, and a
+restarted runner carries on: queued jobs stay queued, and submitted jobs are found again in Ray by their id (a job's
+queue id is its Ray submission id).
+"""
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from launch.jobs import (
+    ClusterError,
+    JobNotFoundError,
+    JobResources,
+    JobsClient,
+    NodeResources,
+    amount,
+    describe,
+    infeasibility,
+    new_job_id,
+)
+
+QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
+FINISHED = frozenset({SUCCEEDED, FAILED, STOPPED})
+_RAY_TO_STATE = {"PENDING": RUNNING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
+                 "STOPPED": STOPPED}
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class QueuePolicy:
+    """Knobs of the rule in the module docstring."""
+
+    aging_per_hour: float = 6.0
+    reserve_after_s: float = 300.0
+
+
+@dataclass
+class QueuedJob:
+    """One job of the queue, as persisted and as `list_jobs` shows it."""
+
+    job_id: str
+    name: str
+    entrypoint: str
+    resources: JobResources
+    priority: int = 0
+    runtime_env: dict[str, Any] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+    reserve_in_ray: bool = True
+    state: str = QUEUED
+    reason: str = "queued"
+    seq: int = 0
+    enqueued_at: float = 0.0
+    submitted_at: float | None = None
+    finished_at: float | None = None
+    stop_requested: bool = False
+
+    def effective_priority(self, now: float, policy: QueuePolicy) -> float:
+        return self.priority + policy.aging_per_hour * max(0.0, now - self.enqueued_at) / 3600.0
+
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["resources"] = self.resources.to_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> QueuedJob:
+        d = dict(d)
+        d["resources"] = JobResources.from_dict(d["resources"])
+        return cls(**d)
+
+
+def _fits(need: Mapping[str, float], free: Mapping[str, float]) -> bool:
+    return all(free.get(k, 0.0) >= v - 1e-9 for k, v in need.items())
+
+
+def _shortfall(need: Mapping[str, float], free: Mapping[str, float]) -> str:
+    """'waiting for 2 CPU, 1 free; 1 GPU, 0 free' for the resources that are short."""
+    short = [f"{describe({k: v})}, {amount(k, free.get(k, 0.0))} free"
+             for k, v in need.items() if free.get(k, 0.0) < v - 1e-9]
+    return "waiting for " + "; ".join(short)
+
+
+def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float,
+         policy: QueuePolicy) -> tuple[list[QueuedJob], dict[str, str]]:
+    """The jobs to start this round, in order, and a reason for each job that waits. Pure: no I/O."""
+    free = dict(free)
+    reserved: dict[str, float] = {}
+    head: QueuedJob | None = None
+    start: list[QueuedJob] = []
+    behind: set[str] = set()
+    waiting: list[QueuedJob] = []
+    for job in sorted(queued, key=lambda j: (-j.effective_priority(now, policy), j.seq)):
+        need = job.resources.request()
+        if _fits(need, {k: max(0.0, v - reserved.get(k, 0.0)) for k, v in free.items()}):
+            start.append(job)
+            for k, v in need.items():
+                free[k] = free.get(k, 0.0) - v
+            continue
+        waiting.append(job)
+        if head is None:
+            head = job
+            if now - job.enqueued_at >= policy.reserve_after_s:
+                reserved = need
+        elif _fits(need, free):
+            behind.add(job.job_id)
+    reasons = {}  # worded with what is free after this round's starts
+    for job in waiting:
+        if job.job_id in behind and head is not None:
+            reasons[job.job_id] = f"behind job {head.job_id} of higher priority, which has reserved {describe(reserved)}"
+        else:
+            reasons[job.job_id] = _shortfall(job.resources.request(), free)
+            if job is head and reserved:
+                reasons[job.job_id] += " (holds a reservation: nothing ranked lower may take what it needs)"
+    return start, reasons
+
+
+class JobQueue:
+    """The persisted queue: a JSON file plus a lock file next to it."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @contextlib.contextmanager
+    def locked(self, write: bool = True) -> Iterator[list[QueuedJob]]:
+        """Read the jobs under an exclusive lock; what the block leaves in the list is written back atomically.
+
+        A runner holds the lock for a whole round (seconds at most), so an `enqueue` never interleaves with it.
+        """
+        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                jobs = self._read()
+                yield jobs
+                if write:
+                    self._write(jobs)
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _read(self) -> list[QueuedJob]:
+        if not self.path.exists():
+            return []
+        try:
+            data = json.loads(self.path.read_text())
+            if data.get("version") != FORMAT_VERSION:
+                raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
+            return [QueuedJob.from_dict(j) for j in data["jobs"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ClusterError(f"queue file {self.path} is unreadable ({e}); it was left untouched") from None
+
+    def _write(self, jobs: list[QueuedJob]) -> None:
+        payload = json.dumps({"version": FORMAT_VERSION, "jobs": [j.to_dict() for j in jobs]}, indent=1)
+        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+
+    def enqueue(self, entrypoint: str, resources: JobResources, priority: int = 0, *, name: str = "",
+                job_id: str | None = None, runtime_env: Mapping[str, Any] | None = None,
+                metadata: Mapping[str, str] | None = None, reserve_in_ray: bool = True) -> QueuedJob:
+        """Add a job; it starts when a `QueueRunner` round finds it ranked and fitting."""
+        job_id = job_id or new_job_id("dgmq")
+        with self.locked() as jobs:
+            if any(j.job_id == job_id for j in jobs):
+                raise ClusterError(f"queue {self.path} already has a job {job_id}")
+            job = QueuedJob(job_id=job_id, name=name or job_id, entrypoint=entrypoint, resources=resources,
+                            priority=int(priority), runtime_env=dict(runtime_env or {}),
+                            metadata=dict(metadata or {}), reserve_in_ray=reserve_in_ray,
+                            seq=max((j.seq for j in jobs), default=0) + 1, enqueued_at=time.time())
+            jobs.append(job)
+        return job
+
+    def list_jobs(self) -> list[QueuedJob]:
+        """All jobs in enqueue order, with their state and the reason for it."""
+        with self.locked(write=False) as jobs:
+            return sorted(jobs, key=lambda j: j.seq)
+
+    def stop(self, job_id: str) -> QueuedJob:
+        """Stop a job: a queued one at once, a running one on the runner's next round."""
+        with self.locked() as jobs:
+            for job in jobs:
+                if job.job_id == job_id:
+                    if job.state == QUEUED:
+                        job.state, job.reason, job.finished_at = STOPPED, "stopped before it started", time.time()
+                    elif job.state == RUNNING:
+                        job.stop_requested, job.reason = True, "stop requested"
+                    return job
+        raise JobNotFoundError(f"queue {self.path} has no job {job_id}")
+
+
+class QueueRunner:
+    """Runs rounds: track submitted jobs in Ray, then start what the policy allows."""
+
+    def __init__(self, queue: JobQueue | str | Path, address: str, *, token: str | None = None,
+                 policy: QueuePolicy = QueuePolicy(), log: Callable[[str], Any] = print) -> None:
+        self.queue = queue if isinstance(queue, JobQueue) else JobQueue(queue)
+        self.address, self.token, self.policy, self.log = address, token, policy, log
+
+    def run_once(self) -> list[QueuedJob]:
+        """One round; returns all jobs after it. Raises ClusterError when the cluster cannot be reached."""
+        client = JobsClient(self.address, token=self.token)
+        with self.queue.locked() as jobs:
+            now = time.time()
+            for job in jobs:
+                if job.state == RUNNING:
+                    self._track(client, job, now)
+            cluster = client.cluster_resources()
+            booked: dict[str, float] = {}
+            for job in jobs:
+                if job.state == RUNNING:
+                    for k, v in job.resources.request().items():
+                        booked[k] = booked.get(k, 0.0) + v
+            free = {k: min(cluster.available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in cluster.total.items()}
+            queued = [j for j in jobs if j.state == QUEUED and self._feasible(j, cluster.total, cluster.nodes, now)]
+            start, reasons = plan(queued, free, now, self.policy)
+            for job in queued:
+                job.reason = reasons.get(job.job_id, job.reason)
+            for job in start:
+                self._submit(client, job)
+            return sorted(jobs, key=lambda j: j.seq)
+
+    def run_forever(self, poll_s: float = 5.0, until_idle: bool = False) -> None:
+        """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty."""
+        while True:
+            try:
+                jobs = self.run_once()
+                if until_idle and all(j.state in FINISHED for j in jobs):
+                    return
+            except ClusterError as e:
+                self.log(f"queue round failed, retrying in {poll_s:g} s: {e}")
+            time.sleep(poll_s)
+
+    def _feasible(self, job: QueuedJob, total: Mapping[str, float], nodes: list[NodeResources],
+                  now: float) -> bool:
+        """Fail jobs that can never run here, instead of letting them wait forever."""
+        need = job.resources.request()
+        shapes = [n.total for n in nodes] if job.reserve_in_ray else [total]  # an entrypoint sits on one node
+        problem = infeasibility(need, shapes) if need else None
+        if problem:
+            job.state, job.finished_at = FAILED, now
+            job.reason = f"can never run on the cluster at {self.address}: needs {describe(need)}; {problem}"
+            self.log(f"{job.job_id}: {job.reason}")
+        return problem is None
+
+    def _track(self, client: JobsClient, job: QueuedJob, now: float) -> None:
+        try:
+            info = client.info(job.job_id)
+        except JobNotFoundError:
+            job.state, job.finished_at = FAILED, now
+            job.reason = f"no longer known to the cluster at {self.address} (was the cluster restarted?)"
+            return
+        if job.stop_requested and not info.terminal:
+            info = client.stop(job.job_id, wait_s=0.0)
+        job.state = _RAY_TO_STATE.get(info.status, RUNNING)
+        if job.state in FINISHED:
+            job.finished_at = now
+            job.reason = info.message or info.status.lower()
+        else:
+            job.reason = "starting (Ray: PENDING)" if info.status == "PENDING" else "running"
+
+    def _submit(self, client: JobsClient, job: QueuedJob) -> None:
+        res = job.resources if job.reserve_in_ray else JobResources()
+        meta = {**job.metadata, "dgm.queue": str(self.queue.path), "dgm.priority": str(job.priority)}
+        try:
+            client.submit(job.entrypoint, resources=res, job_id=job.job_id, runtime_env=job.runtime_env,
+                          metadata=meta, check_resources=False)
+        except ClusterError as e:
+            if "already exists" not in str(e):  # else: submitted by a runner that died before saving; adopt it
+                job.reason = f"submission failed, will retry: {e}"
+                self.log(f"{job.job_id}: {job.reason}")
+                return
+        job.state, job.reason, job.submitted_at = RUNNING, "submitted", time.time()
+        self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
+
+
+def enqueue(queue_file: str | Path, entrypoint: str, resources: JobResources, priority: int = 0,
+            **kwargs: Any) -> QueuedJob:
+    """CLI entry: add a job to the queue file (no cluster needed)."""
+    return JobQueue(queue_file).enqueue(entrypoint, resources, priority, **kwargs)
+
+
+def list_jobs(queue_file: str | Path) -> list[QueuedJob]:
+    return JobQueue(queue_file).list_jobs()
+
+
+def run_once(queue_file: str | Path, address: str, **kwargs: Any) -> list[QueuedJob]:
+    return QueueRunner(queue_file, address, **kwargs).run_once()
+
+
+def run_forever(queue_file: str | Path, address: str, poll_s: float = 5.0, **kwargs: Any) -> None:
+    QueueRunner(queue_file, address, **kwargs).run_forever(poll_s)

@@ -1,0 +1,153 @@
+"""launch/job_queue.py: the scheduling rule on plain data, persistence, then a real 2-CPU Ray cluster."""
+from __future__ import annotations
+
+import json
+import shlex
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from launch.job_queue import (
+    FAILED,
+    FINISHED,
+    QUEUED,
+    RUNNING,
+    STOPPED,
+    SUCCEEDED,
+    JobQueue,
+    QueuedJob,
+    QueuePolicy,
+    QueueRunner,
+    plan,
+)
+from launch.jobs import ClusterError, JobNotFoundError, JobResources
+from tests.fixtures_ray_cluster import LocalRayCluster, start_local_cluster
+
+NOW = 1_000_000.0
+POLICY = QueuePolicy(aging_per_hour=6.0, reserve_after_s=300.0)
+
+
+def job(job_id: str, priority: int, seq: int, waited_s: float = 0.0, **res: float) -> QueuedJob:
+    return QueuedJob(job_id=job_id, name=job_id, entrypoint="true", resources=JobResources(**res),
+                     priority=priority, seq=seq, enqueued_at=NOW - waited_s)
+
+
+# ---------------------------------------------------------------- the rule, on plain data
+
+
+def test_priority_order_then_backfill() -> None:
+    big, hi, lo = job("big", 5, 1, num_cpus=2), job("hi", 10, 2, num_cpus=1), job("lo", 1, 3, num_cpus=1)
+    start, reasons = plan([big, hi, lo], {"CPU": 2.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["hi", "lo"]  # lo backfills what big cannot use yet
+    assert reasons == {"big": "waiting for 2 CPU, 0 free"}
+
+
+def test_reservation_stops_backfill_once_the_head_waited_long_enough() -> None:
+    big = job("big", 5, 1, waited_s=400, num_cpus=2)
+    hi, lo = job("hi", 10, 2, num_cpus=1), job("lo", 1, 3, num_cpus=1)
+    start, reasons = plan([big, hi, lo], {"CPU": 2.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["hi"]
+    assert reasons["big"].startswith("waiting for 2 CPU, 1 free (holds a reservation")
+    assert reasons["lo"] == "behind job big of higher priority, which has reserved 2 CPU"
+    # the reservation only withholds what the head needs: a job using other resources still starts
+    gpu = job("gpu", 0, 4, num_gpus=0.5)
+    start, _ = plan([big, hi, lo, gpu], {"CPU": 2.0, "GPU": 1.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["hi", "gpu"]
+    # when enough is free the head starts, ahead of everything ranked below it
+    start, _ = plan([big, lo], {"CPU": 2.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["big"]
+
+
+def test_aging_lets_an_old_low_priority_job_overtake() -> None:
+    old = job("old", 0, 1, waited_s=2 * 3600, num_cpus=2)  # 0 + 6/h * 2 h = 12
+    new = job("new", 10, 2, num_cpus=2)
+    start, reasons = plan([new, old], {"CPU": 2.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["old"] and "new" in reasons
+    start, _ = plan([new, old], {"CPU": 2.0}, NOW, QueuePolicy(aging_per_hour=0.0))
+    assert [j.job_id for j in start] == ["new"]
+
+
+def test_fractional_gpus_and_memory_reasons() -> None:
+    jobs = [job(f"g{i}", 0, i, num_gpus=0.5) for i in range(3)]
+    start, reasons = plan(jobs, {"GPU": 1.0, "CPU": 4.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["g0", "g1"]
+    assert reasons == {"g2": "waiting for 0.5 GPU, 0 free"}
+    _, reasons = plan([job("m", 0, 1, memory=8 * 2**30)], {"memory": 2.0 * 2**30}, NOW, POLICY)
+    assert reasons["m"] == "waiting for 8.0 GiB memory, 2.0 GiB free"
+
+
+# ---------------------------------------------------------------- persistence
+
+
+def test_queue_file_roundtrip_stop_and_errors(tmp_path: Path) -> None:
+    path = tmp_path / "q" / "queue.json"
+    q = JobQueue(path)
+    a = q.enqueue("echo a", JobResources(num_cpus=1, memory=2**30), priority=3, name="a",
+                  runtime_env={"env_vars": {"X": "1"}}, reserve_in_ray=False)
+    q.enqueue("echo b", JobResources(num_gpus=0.25), job_id="b")
+    again = JobQueue(path).list_jobs()  # a fresh object sees the same queue
+    assert [(j.job_id, j.state, j.seq) for j in again] == [(a.job_id, QUEUED, 1), ("b", QUEUED, 2)]
+    assert again[0] == a and again[1].resources.num_gpus == 0.25
+    assert json.loads(path.read_text())["version"] == 1
+    assert JobQueue(path).stop("b").state == STOPPED
+    assert JobQueue(path).list_jobs()[1].reason == "stopped before it started"
+    with pytest.raises(ClusterError, match="already has a job b"):
+        q.enqueue("echo", JobResources(), job_id="b")
+    with pytest.raises(JobNotFoundError, match="zzz"):
+        q.stop("zzz")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["queue.json", "queue.json.lock"]  # no temp files left
+    path.write_text("{not json")
+    with pytest.raises(ClusterError, match="unreadable"):
+        q.list_jobs()
+    assert path.read_text() == "{not json"
+
+
+# ---------------------------------------------------------------- a real cluster
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[LocalRayCluster]:
+    with start_local_cluster(num_cpus=2) as c:
+        yield c
+
+
+def sleeper(seconds: float) -> str:
+    return f"python -c {shlex.quote(f'import time; time.sleep({seconds})')}"
+
+
+@pytest.mark.slow
+def test_queue_on_a_real_cluster_with_restart(cluster: LocalRayCluster, tmp_path: Path) -> None:
+    path = tmp_path / "queue.json"
+    q = JobQueue(path)
+    q.enqueue(sleeper(2), JobResources(num_cpus=2), priority=5, job_id="big")
+    q.enqueue(sleeper(2), JobResources(num_cpus=1), priority=10, job_id="small-hi")
+    q.enqueue(sleeper(2), JobResources(num_cpus=1), priority=1, job_id="small-lo")
+    q.enqueue(sleeper(120), JobResources(), priority=0, job_id="watcher")
+    q.enqueue(sleeper(1), JobResources(num_gpus=1), priority=9, job_id="needs-gpu")
+    lines: list[str] = []
+    runner = QueueRunner(path, cluster.address, token=cluster.token, log=lines.append)
+
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert {k: j.state for k, j in jobs.items()} == {
+        "big": QUEUED, "small-hi": RUNNING, "small-lo": RUNNING, "watcher": RUNNING, "needs-gpu": FAILED}
+    assert jobs["big"].reason == "waiting for 2 CPU, 0 free"
+    assert "can never run" in jobs["needs-gpu"].reason and "no node has any GPU" in jobs["needs-gpu"].reason
+    q.stop("watcher")
+    del runner  # the process running the queue goes away mid-way; a new one picks up from the file
+
+    runner = QueueRunner(JobQueue(path), cluster.address, token=cluster.token, log=lines.append)
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        jobs = {j.job_id: j for j in runner.run_once()}
+        if all(j.state in FINISHED for j in jobs.values()):
+            break
+        time.sleep(0.5)
+    states = {k: j.state for k, j in jobs.items()}
+    assert states == {"big": SUCCEEDED, "small-hi": SUCCEEDED, "small-lo": SUCCEEDED, "watcher": STOPPED,
+                      "needs-gpu": FAILED}, {k: j.reason for k, j in jobs.items()}
+    hi, lo, big = jobs["small-hi"], jobs["small-lo"], jobs["big"]
+    assert hi.submitted_at <= lo.submitted_at < big.submitted_at  # priority first, then backfill, big last
+    assert big.submitted_at >= max(hi.finished_at, lo.finished_at)  # it never ran over the small ones
+    assert any(line.startswith("big: started") for line in lines)
