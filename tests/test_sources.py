@@ -314,8 +314,9 @@ def test_image_folder_bad_files(tmp_path: Path) -> None:
         src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
     with pytest.raises(BadImageError, match="truncated.jpg"):
         src.sample(src.relative_paths.index("truncated.jpg"))
-    with pytest.warns(UserWarning, match="truncated.jpg"):
+    with pytest.warns(UserWarning) as record:
         decoded = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True, "verify": "decode"})
+    assert sorted(Path(str(w.message).split(": ")[1]).name for w in record) == ["corrupt.jpg", "truncated.jpg"]
     assert sorted(decoded.skipped) == ["corrupt.jpg", "truncated.jpg"]
     with pytest.raises(FileNotFoundError, match="not a folder"):
         build_source("image_folder", {"path": str(tmp_path / "missing")})

@@ -68,11 +68,14 @@ def analyse_scene(
     if size_threshold is None:
         size_threshold = (ext["small"] + ext["large"]) / 2
     bg = np.asarray(_border_colour(img) if background is None else background, dtype=np.int32)
-    refs = np.vstack([_REFS, bg[None, :]])
-    pix = img.astype(np.int32)
-    d2 = ((pix[:, :, None, :] - refs[None, None, :, :]) ** 2).sum(axis=-1)
-    nearest = d2.argmin(axis=-1)
-    close = d2.min(axis=-1) <= tolerance**2
+    refs = np.vstack([_REFS, bg[None, :]]).astype(np.float32)
+    pix = img.reshape(-1, 3).astype(np.float32)
+    # |p - r|^2 = |p|^2 - 2 p.r + |r|^2 as one small matmul; exact in float32 for 8-bit values (< 2^24).
+    p2 = pix[:, 0] ** 2 + pix[:, 1] ** 2 + pix[:, 2] ** 2
+    d2 = p2[:, None] - 2 * (pix @ refs.T) + (refs**2).sum(axis=1)[None, :]
+    nearest_flat = d2.argmin(axis=1)
+    nearest = nearest_flat.reshape(img.shape[:2])
+    close = (d2[np.arange(len(d2)), nearest_flat] <= tolerance**2).reshape(img.shape[:2])
     found = []
     for k, colour in enumerate(_COLOURS):
         mask = (nearest == k) & close
