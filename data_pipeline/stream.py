@@ -102,7 +102,7 @@ class ShardOpener:
         seen = 0
         try:
             with open(path, "rb") as f:
-                for sample in group_by_keys(tar_file_iterator(f)):
+                for sample in group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f)):
                     if seen >= offset:
                         yield sample
                     seen += 1

@@ -19,6 +19,7 @@ class ZeroConfig:
     grad_accum: int = 1
     grad_clip: float = 1.0
     fp16_initial_scale_power: int = 16
+    bucket_elements: int = 20_000_000
 
     def __post_init__(self) -> None:
         if self.stage not in (0, 1, 2, 3):
@@ -57,13 +58,18 @@ def deepspeed_config(
     micro = global_batch // world_size
     zopt: dict[str, Any] = {"stage": zero.stage}
     if zero.stage >= 1:
-        zopt.update({"contiguous_gradients": True, "overlap_comm": False})
+        # DeepSpeed's default buckets (5e8 elements, 2 GB in fp32) are sized for large GPUs; they dominate
+        # step time and memory for small models on CPU ranks.
+        zopt.update({"contiguous_gradients": True, "overlap_comm": False,
+                     "reduce_bucket_size": zero.bucket_elements, "allgather_bucket_size": zero.bucket_elements})
     if zero.offload_optimizer:
         zopt["offload_optimizer"] = {"device": "cpu", "pin_memory": False}
     if zero.offload_params:
         zopt["offload_param"] = {"device": "cpu", "pin_memory": False}
     if zero.stage == 3:
-        zopt.update({"stage3_gather_16bit_weights_on_model_save": False})
+        zopt.update({"stage3_gather_16bit_weights_on_model_save": False,
+                     "stage3_prefetch_bucket_size": zero.bucket_elements,
+                     "stage3_param_persistence_threshold": 10_000})
     cfg: dict[str, Any] = {
         "train_batch_size": micro * world_size * zero.grad_accum,
         "train_micro_batch_size_per_gpu": micro,

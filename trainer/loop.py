@@ -99,10 +99,9 @@ def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
 class Reporter:
     """Rank 0's outputs: console progress with rate and ETA, TensorBoard, metrics.jsonl."""
 
-    def __init__(self, run_dir: str, total_steps: int, global_batch: int, enabled: bool) -> None:
+    def __init__(self, run_dir: str, total_steps: int, global_batch: int, enabled: bool, first_step: int) -> None:
         self.enabled, self.total, self.global_batch = enabled, total_steps, global_batch
-        self.start = time.monotonic()
-        self.start_step: int | None = None
+        self.start, self.start_step = time.monotonic(), first_step
         self.writer = None
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
@@ -122,8 +121,6 @@ class Reporter:
     def progress(self, step: int, metrics: dict[str, float]) -> None:
         if not self.enabled:
             return
-        if self.start_step is None:
-            self.start_step, self.start = step - 1, time.monotonic()
         elapsed = max(time.monotonic() - self.start, 1e-9)
         rate = (step - self.start_step) / elapsed
         eta = (self.total - step) / rate if rate > 0 else float("inf")
@@ -211,6 +208,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
+        # Deterministic mode also fills every torch.empty with NaN; DeepSpeed's large buffers make that costly
+        # and it adds nothing to reproducibility.
+        torch.utils.deterministic.fill_uninitialized_memory = False
     manifest = load_manifest(spec.train_data)
     eval_manifest = load_manifest(spec.eval_data) if spec.eval_data else None
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
@@ -235,7 +235,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if rank == 0 and step == 0:
         print(f"[train] {manifest.total} samples, {stream.batches_per_epoch} global batches of "
               f"{spec.stream.global_batch} per epoch, {world} ranks", flush=True)
-    reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0)
+    reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0, step)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.zero.precision]
     first_step_at: float | None = None
     started, done_here = time.monotonic(), 0
