@@ -39,10 +39,8 @@ CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0  # a large working_dir upload is acknowledged only once stored
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # Folders that never belong in a job's working_dir (Ray also honours the project's .gitignore and .rayignore).
-DEFAULT_EXCLUDES = (
-    "/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/", "/bench/results/",
-    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/",
-)
+DEFAULT_EXCLUDES = ("/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/",
+                    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/")
 INLINE_CONFIG_LIMIT = 256 * 1024
 _MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                  "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
@@ -197,6 +195,7 @@ class _BoundedClient(JobSubmissionClient):
         # without a timeout; JobsClient has already checked both.
         self._timeout = timeout
         SubmissionClient.__init__(self, address=url, headers=headers)
+        self._ssl_context = True  # aiohttp's spelling of "verify with the default CA store" (None is deprecated)
 
     def _do_request(self, method: str, endpoint: str, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
@@ -228,8 +227,8 @@ class JobsClient:
         if r.status_code in (401, 403):
             problem = "needs an auth token" if r.status_code == 401 else "rejected the auth token"
             raise ClusterError(
-                f"the Ray cluster at {self.address} {problem} (token authentication is on by default since "
-                "Ray 2.5x). Put the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, or set "
+                f"the Ray cluster at {self.address} {problem} (Ray 2.60 clusters turn token authentication on "
+                "by default). Put the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, or set "
                 "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
         if r.status_code != 200:
             raise ClusterError(f"{self.address}{endpoint} answered HTTP {r.status_code}: {r.text[:300]}")
@@ -242,7 +241,7 @@ class JobsClient:
         """Run one SDK call, turning Ray's RuntimeError/ConnectionError into ClusterError."""
         try:
             return fn(*args, **kwargs)
-        except requests.RequestException as e:
+        except (requests.RequestException, ConnectionError) as e:
             raise ClusterError(f"{what}: lost the Ray dashboard at {self.address} ({type(e).__name__})") from None
         except (RuntimeError, ValueError) as e:
             text = str(e)
@@ -263,9 +262,9 @@ class JobsClient:
         status = self._get("/api/cluster_status")["data"].get("clusterStatus") or {}
         usage = (status.get("loadMetricsReport") or {}).get("usage") or {}
         available = {}
-        for name, amount in total.items():
-            used = usage.get(to_camel_case(name), usage.get(name, [0.0, amount]))[0]  # the dashboard camelCases keys
-            available[name] = max(0.0, amount - float(used))
+        for name, value in total.items():
+            used = usage.get(to_camel_case(name), usage.get(name, [0.0, value]))[0]  # the dashboard camelCases keys
+            available[name] = max(0.0, value - float(used))
         return ClusterResources(nodes=nodes, total=total, available=available)
 
     def check_feasible(self, resources: JobResources,
