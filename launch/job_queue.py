@@ -40,6 +40,7 @@ from launch.jobs import (
     describe,
     infeasibility,
     new_job_id,
+    training_job_spec,
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
@@ -307,6 +308,21 @@ def enqueue(queue_file: str | Path, entrypoint: str, resources: JobResources, pr
             **kwargs: Any) -> QueuedJob:
     """CLI entry: add a job to the queue file (no cluster needed)."""
     return JobQueue(queue_file).enqueue(entrypoint, resources, priority, **kwargs)
+
+
+def enqueue_training(queue_file: str | Path, config_path: str, overrides: list[str], project_dir: str,
+                     resources: JobResources, priority: int = 0, *, job_id: str | None = None,
+                     reserve_in_ray: bool = False) -> QueuedJob:
+    """CLI entry: queue `dgm train CONFIG` as `dgm submit` would send it.
+
+    reserve_in_ray defaults to False: the run's Ray Train workers claim the declared resources themselves, and a
+    driver holding them too would leave the workers nothing.
+    """
+    job_id = job_id or new_job_id("dgmq")
+    spec = training_job_spec(config_path, overrides, project_dir, job_id)
+    return JobQueue(queue_file).enqueue(spec.entrypoint, resources, priority, name=Path(config_path).stem,
+                                        job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
+                                        reserve_in_ray=reserve_in_ray)
 
 
 def list_jobs(queue_file: str | Path) -> list[QueuedJob]:

@@ -20,6 +20,7 @@ from launch.job_queue import (
     QueuedJob,
     QueuePolicy,
     QueueRunner,
+    enqueue_training,
     plan,
 )
 from launch.jobs import ClusterError, JobNotFoundError, JobResources
@@ -102,6 +103,18 @@ def test_queue_file_roundtrip_stop_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="unreadable"):
         q.list_jobs()
     assert path.read_text() == "{not json"
+
+
+def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> None:
+    project = tmp_path / "proj"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "gan.yaml").write_text("model: gan\n")
+    queued = enqueue_training(tmp_path / "q.json", str(project / "configs" / "gan.yaml"), ["steps=5"], str(project),
+                              JobResources(num_cpus=2, num_gpus=1), priority=2, job_id="gan-1")
+    (again,) = JobQueue(tmp_path / "q.json").list_jobs()
+    assert again == queued and again.name == "gan" and not again.reserve_in_ray
+    assert again.entrypoint == "python -m launch.cli train configs/gan.yaml --address auto steps=5"
+    assert again.runtime_env["working_dir"] == str(project.resolve()) and "/.venv/" in again.runtime_env["excludes"]
 
 
 # ---------------------------------------------------------------- a real cluster
