@@ -1,0 +1,123 @@
+"""The sparse DCT codec (DCTransformer representation): images <-> (channel, position, value) token sequences.
+
+Batch API (module functions, a config argument):
+    encode(images, config) -> list of int16 [n_i + 1, 3] sequences     (encode_with_stats adds clip counts)
+    decode(sequences, config) -> uint8 RGB [B, H, W, 3]
+    encode_jpeg_files(paths, config) -> sequences straight from the files' coefficients (jpeglib)
+Shard API (``DCTCodec``, the same contract as the plain image codec): ``encode(sample) -> {"dct": .npy bytes,
+"cls"/"txt"/"json": metadata}``, ``decode(fields) -> {"tokens": validated sequence, ...}``.
+
+The pieces: ``dct_tables`` (tables, zigzag, channel numbering), ``dct_transform`` (pixels <-> DCT image),
+``dct_sequence`` (DCT image <-> tokens, bytes), ``dct_images`` (input conversions), ``dct_config`` (settings,
+vocabularies), ``jpeg_coefficients`` (JPEG files).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.codecs.dct_config import DCTCodecConfig, Vocab
+from data_pipeline.codecs.dct_images import as_rgb_batch
+from data_pipeline.codecs.dct_sequence import (
+    SequenceError,
+    SparseBatch,
+    sequence_from_bytes,
+    sequence_to_bytes,
+    sparsify,
+    triples_to_dct_image,
+)
+from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
+from data_pipeline.codecs.image import SampleDecodeError
+from data_pipeline.codecs.jpeg_coefficients import read_jpeg_dct_batch
+
+
+def encode_with_stats(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> SparseBatch:
+    """Images (see ``dct_images.as_rgb_batch`` for accepted forms) -> sequences and per-image clip counts."""
+    rgb = as_rgb_batch(images, config)
+    return sparsify(rgb_to_dct_image(rgb, config.quality, channels_last=False), config, channels_last=False)
+
+
+def encode(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> list[np.ndarray]:
+    """Images -> token sequences [n_i + 1, 3] ending in EOS."""
+    return encode_with_stats(images, config).sequences
+
+
+def decode(sequences: Sequence[np.ndarray] | np.ndarray, config: DCTCodecConfig) -> np.ndarray:
+    """Token sequences (list or padded batch; partial ones decode up to where they stop) -> uint8 RGB [B, H, W, 3]."""
+    dct = triples_to_dct_image(sequences, config, channels_last=False)
+    return dct_image_to_rgb(dct, config.quality, upsampling=config.upsampling, channels_last=False)
+
+
+def encode_jpeg_files(
+    paths: Sequence[str | os.PathLike[str]],
+    config: DCTCodecConfig,
+    *,
+    requantize: bool = False,
+    pixel_fallback: bool = False,
+) -> SparseBatch:
+    """JPEG files -> sequences from their stored coefficients, no pixel decode (see ``jpeg_coefficients``)."""
+    dct = read_jpeg_dct_batch(list(paths), config, requantize=requantize, pixel_fallback=pixel_fallback)
+    return sparsify(dct, config)
+
+
+class DCTCodec:
+    """Shard codec: one sample <-> a WebDataset member "dct" (validated .npy token bytes) plus metadata."""
+
+    name = "dct"
+
+    def __init__(self, config: DCTCodecConfig) -> None:
+        self.config = config
+        self.clipped_total = 0
+        """Values clipped to +-value_range over every sample this instance encoded."""
+
+    @property
+    def vocab(self) -> Vocab:
+        return self.config.vocab
+
+    def settings(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def encode(self, sample: Any) -> dict[str, bytes]:
+        """A source Sample (uint8 image HxWx1 or HxWx3, optional label/caption/attributes) -> shard fields."""
+        try:
+            batch = encode_with_stats([sample.image], self.config)
+        except (TypeError, ValueError) as e:
+            raise SampleDecodeError(f"sample {sample.key}: {e}") from e
+        self.clipped_total += int(batch.clipped[0])
+        fields = {"dct": sequence_to_bytes(batch.sequences[0], self.vocab)}
+        if sample.label is not None:
+            fields["cls"] = str(int(sample.label)).encode()
+        if sample.caption is not None:
+            fields["txt"] = sample.caption.encode("utf-8")
+        if sample.attributes is not None:
+            fields["json"] = json.dumps(sample.attributes, sort_keys=True).encode("utf-8")
+        return fields
+
+    def decode(self, fields: dict[str, Any]) -> dict[str, Any]:
+        """Shard fields -> {"tokens": int16 [n + 1, 3], "label"?, "caption"?, "attributes"?}; bad bytes raise."""
+        key = fields.get("__key__", "?")
+        if "dct" not in fields:
+            raise SampleDecodeError(f"sample {key}: no .dct member")
+        try:
+            out: dict[str, Any] = {"tokens": sequence_from_bytes(fields["dct"], self.vocab, f"sample {key}")}
+        except SequenceError as e:
+            raise SampleDecodeError(str(e)) from e
+        try:
+            if "cls" in fields:
+                out["label"] = int(fields["cls"].decode())
+            if "txt" in fields:
+                out["caption"] = fields["txt"].decode("utf-8")
+            if "json" in fields:
+                out["attributes"] = json.loads(fields["json"].decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            raise SampleDecodeError(f"sample {key}: malformed metadata ({e})") from e
+        return out
+
+    def decode_images(self, sequences: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
+        """Token sequences -> uint8 RGB [B, H, W, 3] (for samples and previews)."""
+        return decode(sequences, self.config)

@@ -1,0 +1,192 @@
+"""Dense DCT image <-> sparse (channel, position, value) token sequences, their validation and their bytes.
+
+A sequence is an integer array [n + 1, 3] of token ids (see ``dct_config`` for the vocabularies): one row per
+non-zero quantised coefficient, ordered channel-major (channel ids are already in low-to-high frequency order with
+luma/chroma interleaved, see ``dct_tables``) and by raster position within a channel, then one (EOS, EOS, EOS)
+row. The value column holds token ids, not raw values; ``Vocab.token_to_value`` maps them back.
+
+Invariants the validating loader enforces (and the model can use to mask invalid predictions): channel never
+decreases; position strictly increases within a channel; the last row, and only it, is EOS; every other id is a
+regular token of its vocabulary.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import numpy as np
+
+from data_pipeline.codecs.dct_config import DCTCodecConfig, Vocab
+from data_pipeline.codecs.dct_tables import NUM_CHANNELS
+from data_pipeline.codecs.dct_transform import check_dct_image
+
+
+class SequenceError(ValueError):
+    """A token sequence that breaks the vocabulary or ordering contract."""
+
+
+class SparseBatch(NamedTuple):
+    """Sequences of a batch and, per image, how many values were clipped to +-value_range."""
+
+    sequences: list[np.ndarray]
+    clipped: np.ndarray
+
+
+def _channel_major(dct: np.ndarray, config: DCTCodecConfig, channels_last: bool) -> np.ndarray:
+    dct = check_dct_image(dct, channels_last)
+    grid = dct.shape[1:3] if channels_last else dct.shape[2:4]
+    if tuple(grid) != config.grid:
+        raise ValueError(
+            f"DCT image grid {tuple(grid)} does not match the codec's {config.grid} (resolution {config.resolution})"
+        )
+    chw = dct.transpose(0, 3, 1, 2) if channels_last else dct
+    return np.ascontiguousarray(chw).reshape(dct.shape[0], NUM_CHANNELS * config.num_positions)
+
+
+def sparsify(dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = True) -> SparseBatch:
+    """Quantised DCT images [B, h, w, 384] (or [B, 384, h, w]) -> one token sequence per image, with clip counts."""
+    vocab = config.vocab
+    flat = _channel_major(dct, config, channels_last)
+    bsz, per_image = flat.shape
+    if bsz == 0:
+        return SparseBatch([], np.zeros(0, dtype=np.int64))
+    positions = config.num_positions
+    idx = np.flatnonzero(flat != 0)
+    values = flat.reshape(-1)[idx]
+    bounds = np.searchsorted(idx, np.arange(bsz + 1, dtype=np.int64) * per_image)
+    image = np.repeat(np.arange(bsz), np.diff(bounds))
+    rows = idx // positions  # image * 384 + channel
+    r = vocab.value_range
+    over = np.flatnonzero((values > r) | (values < -r))
+    clipped = np.bincount(image[over], minlength=bsz).astype(np.int64)
+    if over.size:
+        values = np.clip(values, -r, r)
+
+    n = idx.size
+    eos_rows = bounds[1:] + np.arange(
+        bsz
+    )  # where each image's EOS lands once the earlier EOS rows are counted
+    body = np.ones(n + bsz, dtype=bool)
+    body[eos_rows] = False
+    out = np.empty((n + bsz, 3), dtype=vocab.dtype)
+    triples = np.empty((n, 3), dtype=vocab.dtype)
+    np.subtract(rows, image * NUM_CHANNELS, out=triples[:, 0], casting="unsafe")
+    np.subtract(idx, rows * positions, out=triples[:, 1], casting="unsafe")
+    triples[:, 2] = vocab.value_to_token(values)
+    out[body] = triples
+    out[eos_rows] = vocab.eos
+    return SparseBatch(np.split(out, eos_rows[:-1] + 1), clipped)
+
+
+def dct_image_to_triples(
+    dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = True
+) -> list[np.ndarray]:
+    """Quantised DCT images -> token sequences [n_i + 1, 3] ending in EOS (see ``sparsify`` for clip counts)."""
+    return sparsify(dct, config, channels_last=channels_last).sequences
+
+
+def _as_rows(seq: np.ndarray, index: int) -> np.ndarray:
+    arr = np.asarray(seq)
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.issubdtype(arr.dtype, np.integer):
+        raise SequenceError(
+            f"sequence {index}: expected an integer array [n, 3], got {arr.dtype} {arr.shape}"
+        )
+    return arr
+
+
+def _check_ranges(rows: np.ndarray, vocab: Vocab, where: str) -> None:
+    limits = np.array([vocab.num_channels, vocab.num_positions, vocab.num_values])
+    bad = (rows < 0) | (rows >= limits)
+    if bad.any():
+        i, col = np.argwhere(bad)[0]
+        name = ("channel", "position", "value")[col]
+        raise SequenceError(
+            f"{where}: row {i}: {name} token {int(rows[i, col])} is outside the regular range 0..{limits[col] - 1}"
+        )
+
+
+def triples_to_dct_image(
+    sequences: Sequence[np.ndarray] | np.ndarray, config: DCTCodecConfig, *, channels_last: bool = True
+) -> np.ndarray:
+    """Token sequences (a list, or a padded batch [B, L, 3]) -> quantised DCT images int16 [B, h, w, 384].
+
+    Each sequence is read up to its first EOS or PAD row, so partial sequences (a sampler mid-way) and padded
+    batches decode too; every row read must hold regular tokens. Duplicate (channel, position) rows: the last wins.
+    """
+    vocab = config.vocab
+    bodies, owners = [], []
+    for i, seq in enumerate(sequences):
+        arr = _as_rows(seq, i)
+        special = np.flatnonzero(arr[:, 0] >= vocab.num_channels)
+        body = arr[: special[0]] if special.size else arr
+        _check_ranges(body, vocab, f"sequence {i}")
+        bodies.append(body)
+        owners.append(np.full(len(body), i, dtype=np.int64))
+    bsz, positions = len(bodies), config.num_positions
+    out = np.zeros((bsz, NUM_CHANNELS * positions), dtype=np.int16)
+    if bsz:
+        rows = np.concatenate(bodies).astype(np.int64)
+        flat = (np.concatenate(owners) * NUM_CHANNELS + rows[:, 0]) * positions + rows[:, 1]
+        out.reshape(-1)[flat] = vocab.token_to_value(rows[:, 2])
+    h, w = config.grid
+    out = out.reshape(bsz, NUM_CHANNELS, h, w)
+    return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
+
+
+def validate_sequence(seq: np.ndarray, vocab: Vocab, source: str = "sequence") -> np.ndarray:
+    """Check a complete stored sequence against the contract in the module docstring; returns it unchanged."""
+    arr = np.asarray(seq)
+    if arr.ndim != 2 or arr.shape[1] != 3 or not np.issubdtype(arr.dtype, np.integer) or len(arr) == 0:
+        raise SequenceError(
+            f"{source}: expected a non-empty integer array [n, 3], got {arr.dtype} {arr.shape}"
+        )
+    if not np.array_equal(arr[-1], vocab.eos):
+        raise SequenceError(f"{source}: last row {arr[-1].tolist()} is not EOS {vocab.eos.tolist()}")
+    body = arr[:-1]
+    _check_ranges(body, vocab, source)
+    if len(body) > 1:
+        dc = np.diff(body[:, 0].astype(np.int64))
+        dp = np.diff(body[:, 1].astype(np.int64))
+        bad = np.flatnonzero((dc < 0) | ((dc == 0) & (dp <= 0)))
+        if bad.size:
+            i = int(bad[0]) + 1
+            raise SequenceError(
+                f"{source}: row {i}: (channel {int(body[i, 0])}, position {int(body[i, 1])}) does not come after "
+                f"(channel {int(body[i - 1, 0])}, position {int(body[i - 1, 1])}): channels must not decrease and "
+                "positions must increase within a channel"
+            )
+    return arr
+
+
+def sequence_to_bytes(seq: np.ndarray, vocab: Vocab) -> bytes:
+    """A validated sequence -> .npy bytes (int16 for every practical resolution) for a shard member."""
+    arr = validate_sequence(seq, vocab).astype(vocab.dtype, copy=False)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(arr), allow_pickle=False)
+    return buf.getvalue()
+
+
+def sequence_from_bytes(data: bytes, vocab: Vocab, source: str = "sequence") -> np.ndarray:
+    """.npy bytes of a shard member -> a validated sequence; a clear SequenceError naming `source` otherwise."""
+    try:
+        arr = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise SequenceError(f"{source}: not a .npy token array ({e})") from e
+    if arr.dtype not in (np.dtype(np.int16), np.dtype(np.int32)):
+        raise SequenceError(f"{source}: token dtype {arr.dtype} is not int16/int32")
+    return validate_sequence(arr, vocab, source)
+
+
+def pad_sequences(sequences: Sequence[np.ndarray], vocab: Vocab, length: int | None = None) -> np.ndarray:
+    """Stack sequences into [B, L, 3] filled with PAD rows; L defaults to the longest (a longer one is an error)."""
+    longest = max((len(s) for s in sequences), default=0)
+    length = longest if length is None else length
+    if longest > length:
+        raise SequenceError(f"a sequence of {longest} rows does not fit the padded length {length}")
+    out = np.empty((len(sequences), length, 3), dtype=vocab.dtype)
+    out[...] = vocab.pad
+    for i, s in enumerate(sequences):
+        out[i, : len(s)] = s
+    return out
