@@ -97,8 +97,8 @@ def parse_manifest(text: str, url: str) -> Manifest:
 
 def load_manifest(dataset_url: str) -> Manifest:
     """Read the manifest of a dataset folder (local or s3://) or of an explicit manifest.json URL."""
-    url = manifest_url(dataset_url)
     try:
+        url = manifest_url(dataset_url)
         text = storage.read_bytes(url).decode("utf-8")
     except storage.StorageError as e:
         raise DatasetError(f"dataset {dataset_url}: cannot read its manifest ({e})") from e

@@ -168,7 +168,8 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         codec={"name": config.codec, "settings": codec.settings()},
         shards=[infos[p.index] for p in plans],
         format_version=FORMAT_VERSION,
-        extra={"samples_per_shard": config.samples_per_shard},
+        extra={"samples_per_shard": config.samples_per_shard,
+               "image_shape": list(source.sample(0).image.shape)},
         url=config.output,
     )
     save_manifest(config.output, manifest)

@@ -1,0 +1,200 @@
+"""The data pipeline end to end on real shards: prepare, stream on any world size, resume, S3, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import pytest
+
+from data_pipeline.codecs import build_codec
+from data_pipeline.manifest import DatasetError, load_manifest
+from data_pipeline.prepare import PrepareConfig, prepare_dataset
+from data_pipeline.stream import RankStream, StreamConfig
+from sharding.sample_order import OrderError, StreamState
+
+SPS = 257  # 1797 digits -> 7 shards (the last one short): no world size or worker count here divides 7
+
+
+def _prepare(out: str, **kw) -> None:
+    prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "all"},
+                                  samples_per_shard=SPS, parallel=False, **kw), report=lambda _: None)
+
+
+@pytest.fixture(scope="module")
+def digits(tmp_path_factory) -> str:
+    out = str(tmp_path_factory.mktemp("digits"))
+    _prepare(out)
+    return out
+
+
+def stream_cfg(**kw) -> StreamConfig:
+    base = dict(global_batch=24, partitions=12, shuffle_block=32, seed=7, drop_last=False)
+    return StreamConfig(**{**base, **kw})
+
+
+def rank_batches(url: str, cfg: StreamConfig, rank: int, world: int, state=None, limit=None, epochs=1):
+    m = load_manifest(url)
+    s = RankStream(m, cfg, build_codec(m.codec["name"]).decode, rank, world, state)
+    out = []
+    for batch in s.iterate(max_epochs=epochs):
+        out.append([(x["key"], x["valid"]) for x in batch])
+        if limit is not None and len(out) >= limit:
+            break
+    return out, s.state
+
+
+def global_batches(url, cfg, world, state=None, limit=None, epochs=1):
+    per_rank = [rank_batches(url, cfg, r, world, state, limit, epochs) for r in range(world)]
+    states = {st for _, st in per_rank}
+    assert len(states) == 1, "ranks disagree on the stream state"
+    counts = {len(b) for b, _ in per_rank}
+    assert len(counts) == 1, f"ranks yield different numbers of batches: {counts}"
+    return [sum((b[i] for b, _ in per_rank), []) for i in range(counts.pop())], states.pop()
+
+
+def test_manifest_records_shards_and_settings(digits):
+    m = load_manifest(digits)
+    assert m.total == 1797 and len(m.shards) == 7
+    assert m.shard_counts == [SPS] * 6 + [1797 - 6 * SPS]
+    assert m.source["name"] == "digits" and m.source["settings"]["split"] == "all"
+    assert m.codec["name"] == "image"
+    assert all(len(s.sha256) == 64 and s.bytes > 0 for s in m.shards)
+    assert m.extra["image_shape"] == [8, 8, 1]
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.parametrize("workers", [0, 2])
+def test_one_epoch_sees_every_sample_once(digits, world, workers):
+    batches, state = global_batches(digits, stream_cfg(num_workers=workers), world)
+    keys = [k for b in batches for k, valid in b if valid]
+    assert len(keys) == 1797 and len(set(keys)) == 1797
+    assert all(len(b) == 24 for b in batches)
+    assert state == StreamState(1, 0)
+
+
+def test_global_order_does_not_depend_on_world_size_or_workers(digits):
+    ref, _ = global_batches(digits, stream_cfg(), 1)
+    assert global_batches(digits, stream_cfg(num_workers=2), 2)[0] == ref
+    assert global_batches(digits, stream_cfg(num_workers=2), 3)[0] == ref
+
+
+def test_drop_last_epochs_differ_and_have_full_batches(digits):
+    cfg = stream_cfg(drop_last=True)
+    two, state = global_batches(digits, cfg, 2, epochs=2)
+    assert len(two) == 2 * (1797 // 24) and state == StreamState(2, 0)
+    first, second = two[: len(two) // 2], two[len(two) // 2:]
+    assert first != second and all(v for b in two for _, v in b)
+
+
+def test_resume_on_a_different_world_size_continues_exactly(digits):
+    cfg = stream_cfg(drop_last=True)
+    full, _ = global_batches(digits, cfg, 1, epochs=2)
+    k = 50  # stop inside the first epoch (74 batches), resume on 3 ranks, then on 2 across the epoch boundary
+    head, state = global_batches(digits, cfg, 2, limit=k, epochs=2)
+    assert state == StreamState(0, k)
+    saved = json.loads(json.dumps(state.to_dict()))
+    middle, state2 = global_batches(digits, stream_cfg(drop_last=True, num_workers=2), 3,
+                                    StreamState.from_dict(saved), limit=40, epochs=2)
+    assert state2 == StreamState(1, 16)
+    tail, _ = global_batches(digits, cfg, 2, state2, epochs=1)
+    assert head + middle + tail == full
+
+
+def test_prepare_rerun_finishes_only_missing_shards(tmp_path):
+    out = str(tmp_path / "ds")
+    _prepare(out)
+    before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tar")}
+    os.remove(os.path.join(out, "shard-000003.tar"))
+    os.remove(os.path.join(out, "manifest.json"))
+    lines: list[str] = []
+    prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "all"},
+                                  samples_per_shard=SPS, parallel=False), report=lines.append)
+    assert any("6 already done" in line for line in lines)
+    after = {n: os.path.getmtime(os.path.join(out, n)) for n in before}
+    assert [n for n in before if after[n] != before[n]] == ["shard-000003.tar"]
+    assert load_manifest(out).total == 1797
+
+
+def test_prepare_to_s3_streams_the_same_samples(s3_bucket, digits, tmp_path):
+    url = f"{s3_bucket}/digits"
+    _prepare(url)
+    cfg = stream_cfg(cache_dir=str(tmp_path / "cache"))
+    assert global_batches(url, cfg, 2)[0] == global_batches(digits, stream_cfg(), 2)[0]
+
+
+def test_transient_s3_failures_lose_nothing(s3_bucket, digits, tmp_path, flaky_s3):
+    url = f"{s3_bucket}/flaky"
+    _prepare(url)
+    flaky_s3.fail_next(4, status=500)
+    flaky_s3.drop_next_gets(2)
+    got, _ = global_batches(url, stream_cfg(cache_dir=str(tmp_path / "c")), 1)
+    assert flaky_s3.errors_injected == 4 and flaky_s3.drops_injected == 2
+    assert got == global_batches(digits, stream_cfg(), 1)[0]
+
+
+@pytest.fixture
+def copy_of(digits, tmp_path):
+    dst = str(tmp_path / "copy")
+    shutil.copytree(digits, dst)
+    return dst
+
+
+def _stream_all(url, **kw):
+    return global_batches(url, stream_cfg(**kw), 1)
+
+
+def test_truncated_shard_is_named(copy_of):
+    path = os.path.join(copy_of, "shard-000002.tar")
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with pytest.raises(DatasetError, match=r"shard-000002.tar: sha256 mismatch"):
+        _stream_all(copy_of)
+    with pytest.raises(DatasetError, match=r"shard-000002.tar: (corrupt or truncated|holds|ended)"):
+        _stream_all(copy_of, verify_sha256=False)
+
+
+def test_corrupt_shard_can_be_skipped_with_a_counter(copy_of, caplog):
+    path = os.path.join(copy_of, "shard-000004.tar")
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    with pytest.raises(DatasetError, match="shard-000004.tar: sha256 mismatch"):
+        _stream_all(copy_of)
+    m = load_manifest(copy_of)
+    s = RankStream(m, stream_cfg(on_corrupt="skip"), build_codec("image").decode, 0, 1)
+    batches = list(s.iterate(max_epochs=1))
+    seen = [x["key"] for b in batches for x in b if x["valid"]]
+    assert s.skipped_shards >= 1 and "skipping corrupt shard" in caplog.text
+    assert len(seen) == 1797 - SPS and len(batches) == -(-1797 // 24)
+
+
+def test_missing_shard_is_named(copy_of):
+    os.remove(os.path.join(copy_of, "shard-000005.tar"))
+    with pytest.raises(DatasetError, match="shard-000005.tar: missing"):
+        _stream_all(copy_of)
+
+
+def test_manifest_of_unknown_version_or_missing_is_refused(copy_of, tmp_path):
+    p = os.path.join(copy_of, "manifest.json")
+    data = json.load(open(p))
+    data["format_version"] = 99
+    json.dump(data, open(p, "w"))
+    with pytest.raises(DatasetError, match="unknown manifest format_version 99"):
+        load_manifest(copy_of)
+    with pytest.raises(DatasetError, match="cannot read its manifest"):
+        load_manifest(str(tmp_path / "nothing-here"))
+
+
+def test_unknown_scheme_and_unreachable_s3_are_named(monkeypatch):
+    with pytest.raises(DatasetError, match="ftp://x/y"):
+        load_manifest("ftp://x/y")
+    monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://127.0.0.1:9")
+    with pytest.raises(DatasetError, match=r"s3://nobucket/ds.*(127.0.0.1:9|reach)"):
+        load_manifest("s3://nobucket/ds")
+
+
+def test_world_size_must_divide_partitions(digits):
+    with pytest.raises(OrderError, match="does not divide data.partitions"):
+        rank_batches(digits, stream_cfg(global_batch=25), 0, 5)
