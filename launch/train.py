@@ -38,7 +38,7 @@ def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
     if address:
         ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
         return False
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
              runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
     return True
 
@@ -58,6 +58,7 @@ def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0) ->
 def _loop(config: dict[str, Any]) -> None:
     import ray.train
 
+    os.environ.update(config.get("env", {}))
     summary = train_worker(config["spec"])
     ray.train.report({k: v for k, v in summary.items() if k != "losses"})
 
@@ -77,7 +78,7 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
 
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"spec": spec},
+        train_loop_config={"spec": spec, "env": worker_env()},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),

@@ -6,4 +6,4 @@ os.environ.setdefault("RAY_DISABLE_USAGE_STATS", "1")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("TORCH_EXTENSIONS_DIR", os.path.join(os.path.dirname(os.path.dirname(__file__)), ".cache", "torch_extensions"))
 
-pytest_plugins: list[str] = ["tests.fixtures_s3"]
+pytest_plugins: list[str] = ["tests.fixtures_s3", "tests.fixtures_train"]
