@@ -106,7 +106,8 @@ class CheckpointStore:
         _barrier()
         os.makedirs(out, exist_ok=True)
         for name, engine in engines.items():
-            engine.save_checkpoint(os.path.join(out, name), tag="ds", save_latest=False)
+            engine.save_checkpoint(os.path.join(out, name), tag="ds", save_latest=False,
+                                   client_state=universal_info())
         save_file(rng_state(), os.path.join(out, f"rng-rank{self.rank}.safetensors"))
         if self.rank == 0:
             with open(os.path.join(out, META), "w") as f:
@@ -177,6 +178,17 @@ class CheckpointStore:
         return meta
 
 
+def universal_info() -> dict[str, Any]:
+    """The client state DeepSpeed's universal conversion requires (written by Megatron-style trainers)."""
+    from deepspeed.checkpoint.constants import (
+        UNIVERSAL_CHECKPOINT_INFO,
+        UNIVERSAL_CHECKPOINT_VERSION_KEY,
+        UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+    )
+
+    return {UNIVERSAL_CHECKPOINT_INFO: {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE}}
+
+
 def rng_state() -> dict[str, torch.Tensor]:
     state = {"torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -199,5 +211,5 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
     if os.path.exists(os.path.join(dst, "zero")):
         return
     args = type("Args", (), dict(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
-                                 keep_temp_folder=False, strict=True, inject_missing_state=False))()
+                                 keep_temp_folder=False, strict=True, inject_missing_state=True))()
     ds_to_universal(args)

@@ -1,0 +1,180 @@
+"""The training spine on the real stack: Ray Train worker group, DeepSpeed ZeRO on CPU (gloo), exact resume, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launch.config import load_config
+from launch.export import export_checkpoint
+from launch.train import run_training
+from trainer.checkpoint import CheckpointError
+from trainer.export import ExportError, load_export
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "digits_igpt.yaml")
+
+
+def config(run_dir, data, *extra: str, steps: int = 12):
+    overrides = [
+        f"run_dir={run_dir}", f"data.train={data['train']}", f"data.eval={data['holdout']}", "name=t",
+        f"trainer.steps={steps}", "trainer.log_every=4", f"trainer.eval_every={steps}",
+        f"trainer.sample_every={steps}", "trainer.checkpoint_every=6", "trainer.eval_batches=2",
+        f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=2", "trainer.optim.lr=0.003",
+        "trainer.num_samples=4", "data.stream.global_batch=32", "data.stream.shuffle_block=64",
+        "model.transformer.n_layer=2", "model.transformer.d_model=32", "model.transformer.n_head=2",
+        *extra,
+    ]
+    return load_config(CONFIG, overrides)
+
+
+def train(run_dir, data, *extra, steps=12, stop_after=0):
+    cfg, raw = config(run_dir, data, *extra, steps=steps)
+    run_training(cfg, raw, stop_after=stop_after)
+    return cfg
+
+
+def losses(run_dir, split="train") -> dict[int, float]:
+    out = {}
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["split"] == split:
+                out[rec["step"]] = rec["loss"]
+    return out
+
+
+@pytest.mark.parametrize("stage", [1, 2, 3])
+def test_each_zero_stage_trains_and_the_loss_falls(ray_local, digits_data, tmp_path, stage):
+    run = str(tmp_path / f"z{stage}")
+    train(run, digits_data, f"zero.stage={stage}", "trainer.checkpoint_every=100", steps=30)
+    seq = [v for _, v in sorted(losses(run).items())]
+    assert len(seq) == 30
+    assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3, seq
+    assert os.path.exists(os.path.join(run, "samples", "step-00000030.png"))
+    assert os.path.exists(os.path.join(run, "checkpoints", "latest"))
+    assert any(n.startswith("events.out") for n in os.listdir(os.path.join(run, "tensorboard")))
+
+
+@pytest.fixture(scope="module")
+def reference_run(ray_local, digits_data, tmp_path_factory) -> str:
+    """12 uninterrupted steps on 2 ranks, ZeRO-2, fp32."""
+    run = str(tmp_path_factory.mktemp("ref") / "run")
+    train(run, digits_data)
+    return run
+
+
+def test_resume_gives_the_uninterrupted_loss_sequence(reference_run, digits_data, tmp_path):
+    ref = losses(reference_run)
+    run = str(tmp_path / "run")
+    train(run, digits_data, stop_after=6)
+    assert sorted(losses(run)) == list(range(1, 7))
+    two_to_one = str(tmp_path / "run-1rank")
+    shutil.copytree(run, two_to_one)
+    train(run, digits_data)
+    got = losses(run)
+    assert [got[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]
+    # The same checkpoint resumed on one rank: same global batches, optimizer state carried over (universal).
+    train(two_to_one, digits_data, "cluster.workers=1")
+    one = losses(two_to_one)
+    assert [one[s] for s in range(7, 13)] == pytest.approx([ref[s] for s in range(7, 13)], abs=2e-4)
+
+
+LOADER = r"""
+import json, sys
+import torch
+from data_pipeline.codecs import build_codec
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import RankStream, StreamConfig
+from trainer.export import load_export
+
+family, modules, cfg = load_export(sys.argv[1])
+m = load_manifest(sys.argv[2])
+stream_cfg = StreamConfig(global_batch=32, partitions=12, shuffle_block=64, drop_last=False, shuffle_shards=False)
+per_rank = []
+for rank in range(2):
+    s = RankStream(m, stream_cfg, build_codec("image").decode, rank, 2)
+    vals = [family.evaluate(modules, family.collate(b))["loss"] for _, b in zip(range(2), s.iterate(1))]
+    per_rank.append(sum(vals) / len(vals))
+batch = family.collate(next(iter(RankStream(m, stream_cfg, build_codec("image").decode, 0, 1).iterate(1))))
+logits = modules["model"](batch["start"], batch["pixels"])
+print(json.dumps({"eval_loss": sum(per_rank) / 2, "logits_sum": float(logits.double().sum()),
+                  "heavy": sorted(k for k in sys.modules if k.split(".")[0] in ("deepspeed", "ray"))}))
+"""
+
+
+def test_export_loads_with_torch_alone_and_matches_training(reference_run, digits_data, tmp_path):
+    out = str(tmp_path / "export")
+    export_checkpoint(os.path.join(reference_run, "checkpoints"), out)
+    assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    res = subprocess.run([sys.executable, "-c", LOADER, out, digits_data["holdout"]], capture_output=True,
+                         text=True, cwd=ROOT, check=True)
+    got = json.loads(res.stdout.strip().splitlines()[-1])
+    assert got["heavy"] == []
+    assert got["eval_loss"] == pytest.approx(losses(reference_run, "eval")[12], abs=1e-5)
+    # The sampler runs from the export alone, through the CLI.
+    png = str(tmp_path / "s.png")
+    subprocess.run([sys.executable, "-m", "launch.cli", "sample", out, "--out", png, "--n", "4"], cwd=ROOT,
+                   check=True, capture_output=True)
+    assert os.path.getsize(png) > 100
+
+
+def test_tampered_export_is_refused(reference_run, tmp_path):
+    out = str(tmp_path / "export")
+    export_checkpoint(os.path.join(reference_run, "checkpoints"), out)
+    with open(os.path.join(out, "model.safetensors"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(ExportError, match="model.safetensors: sha256 does not match"):
+        load_export(out)
+    os.remove(os.path.join(out, "config.json"))
+    with pytest.raises(ExportError, match="not an export folder"):
+        load_export(out)
+
+
+def test_resume_into_an_incompatible_model_is_refused(reference_run, digits_data, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(reference_run, run)
+    with pytest.raises(Exception, match=r"network 'model' does not fit this model"):
+        train(run, digits_data, "model.transformer.d_model=48", steps=14)
+    assert open(os.path.join(run, "checkpoints", "latest")).read() == "step-00000012"
+
+
+def test_checkpoints_to_s3_save_and_resume(ray_local, digits_data, s3_bucket, tmp_path):
+    root = f"{s3_bucket}/ckpt"
+    run = str(tmp_path / "run")
+    train(run, digits_data, f"checkpoint_root={root}", "trainer.checkpoint_every=3", steps=6, stop_after=3)
+    from data_pipeline import storage
+
+    assert storage.read_bytes(f"{root}/latest").decode() == "step-00000003"
+    train(run, digits_data, f"checkpoint_root={root}", "trainer.checkpoint_every=3", steps=6)
+    assert storage.read_bytes(f"{root}/latest").decode() == "step-00000006"
+    assert sorted(losses(run)) == list(range(1, 7))
+    out = str(tmp_path / "export")
+    export_checkpoint(root, out)
+    load_export(out)
+
+
+def test_missing_dataset_fails_before_any_worker_starts(tmp_path):
+    cfg, raw = config(str(tmp_path / "r"), {"train": str(tmp_path / "nope"), "holdout": ""})
+    with pytest.raises(Exception, match=r"nope: cannot read its manifest"):
+        run_training(cfg, raw)
+
+
+def test_checkpoint_of_another_family_is_refused(reference_run, tmp_path):
+    from trainer.checkpoint import CheckpointStore
+
+    run = str(tmp_path / "c")
+    shutil.copytree(os.path.join(reference_run, "checkpoints"), run)
+    meta_path = os.path.join(run, "step-00000012", "meta.json")
+    meta = json.load(open(meta_path))
+    meta["family"] = "dalle"
+    json.dump(meta, open(meta_path, "w"))
+    with pytest.raises(CheckpointError, match="is of family 'dalle', this run trains 'image_gpt'"):
+        CheckpointStore(run).load("step-00000012", {"model": None}, expect_family="image_gpt")
