@@ -83,7 +83,7 @@ def set_dotted(raw: dict[str, Any], dotted: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(text)
+    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:

@@ -9,6 +9,7 @@ from trainer.checkpoint import CheckpointError
 from trainer.export import ExportError
 from trainer.typed_config import ConfigError
 
-USER_ERRORS: tuple[type[BaseException], ...] = (
-    ConfigError, DatasetError, StorageError, OrderError, CheckpointError, ExportError, ValueError, FileNotFoundError,
+WORKER_ERRORS: tuple[type[BaseException], ...] = (
+    ConfigError, DatasetError, StorageError, OrderError, CheckpointError, ExportError,
 )
+USER_ERRORS: tuple[type[BaseException], ...] = (*WORKER_ERRORS, ValueError, FileNotFoundError)

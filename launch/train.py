@@ -85,7 +85,21 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         run_config=RunConfig(name=cfg.name, storage_path=os.path.join(spec.run_dir, "ray"),
                              failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
     )
-    result = trainer.fit()
-    if result.error is not None:
-        raise result.error
+    try:
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+    except Exception as e:
+        raise user_error_of(e) from e
     return dict(result.metrics or {})
+
+
+def user_error_of(error: Exception) -> Exception:
+    """The first worker's own error when it is one the user must fix (bad data, checkpoint...), else ``error``."""
+    from launch.errors import WORKER_ERRORS
+
+    for failure in getattr(error, "worker_failures", {}).values():
+        cause = getattr(failure, "cause", None) or failure
+        if isinstance(cause, WORKER_ERRORS):
+            return cause
+    return error
