@@ -130,6 +130,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--labels", default="", help="comma-separated class labels (class-conditional models)")
     commands["sample"] = cmd_sample
 
+    from launch.cli_cluster import add_cluster_commands
+
+    add_cluster_commands(sub, commands)
     parser.set_defaults(_commands=commands)
     return parser
 

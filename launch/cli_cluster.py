@@ -1,0 +1,132 @@
+"""The cluster half of `dgm`: submit, jobs, status, logs, stop, and the priority queue (queue add / queue run)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Callable
+
+from launch.train import PROJECT_ROOT
+
+Command = Callable[[argparse.Namespace], int]
+ADDRESS_HELP = "Ray dashboard address, e.g. http://127.0.0.1:8265 (default: $RAY_API_SERVER_ADDRESS or that)"
+
+
+def _resources(args: argparse.Namespace):
+    from launch.jobs import JobResources, parse_memory
+
+    return JobResources(num_cpus=args.cpus, num_gpus=args.gpus, memory=parse_memory(args.memory or 0))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.jobs import submit_training_job
+
+    job_id = submit_training_job(args.address, args.config, args.overrides, PROJECT_ROOT, args.job_id,
+                                 _resources(args))
+    print(job_id)
+    return 0
+
+
+def cmd_jobs(args: argparse.Namespace) -> int:
+    if args.queue:
+        from launch.job_queue import list_jobs as queued
+
+        for job in queued(args.queue):
+            print(f"{job.job_id:28s} {job.state:10s} prio {job.priority:<3d} {str(job.resources):28s} {job.reason}")
+        return 0
+    from launch.jobs import list_jobs
+
+    for job in list_jobs(args.address):
+        print(f"{job.job_id:28s} {job.status:10s} {job.entrypoint[:70]}")
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from launch.jobs import job_status
+
+    info = job_status(args.address, args.job_id)
+    print(f"{info.job_id} {info.status} {info.message}".rstrip())
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    from launch.jobs import follow_job_logs, job_logs
+
+    if args.follow:
+        info = follow_job_logs(args.address, args.job_id)
+        return 0 if info.status == "SUCCEEDED" else 1
+    print(job_logs(args.address, args.job_id), end="")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from launch.jobs import stop_job
+
+    info = stop_job(args.address, args.job_id)
+    print(f"{info.job_id} {info.status}")
+    return 0
+
+
+def cmd_queue(args: argparse.Namespace) -> int:
+    from launch import job_queue
+
+    if args.queue_command == "add":
+        job = job_queue.enqueue_training(args.queue, args.config, args.overrides, PROJECT_ROOT, _resources(args),
+                                         args.priority)
+        print(f"{job.job_id} queued (priority {job.priority}, {job.resources})")
+    elif args.once:
+        for job in job_queue.run_once(args.queue, args.address):
+            print(f"{job.job_id:28s} {job.state:10s} {job.reason}")
+    else:
+        job_queue.run_forever(args.queue, args.address, poll_s=args.poll)
+    return 0
+
+
+def _add_resources(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--cpus", type=float, default=0.0, help="CPUs the job's driver reserves")
+    p.add_argument("--gpus", type=float, default=0.0, help="GPUs (fractions below 1 allowed)")
+    p.add_argument("--memory", default="", help="memory, e.g. 4GiB")
+
+
+def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Command]) -> None:
+    default_queue = os.path.join("runs", "queue.json")
+    p = sub.add_parser("submit", help="send `dgm train CONFIG` to a Ray cluster as a Ray job",
+                       description="Ships the project folder and the config as the job's runtime environment; the "
+                       "job runs `dgm train` on the cluster. Refuses resources no node can ever provide.")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--address", default="", help=ADDRESS_HELP)
+    p.add_argument("--job-id", default=None)
+    _add_resources(p)
+    commands["submit"] = cmd_submit
+
+    p = sub.add_parser("jobs", help="list the cluster's jobs (or the priority queue's, with --queue)")
+    p.add_argument("--address", default="", help=ADDRESS_HELP)
+    p.add_argument("--queue", default="", help="a queue file: show queued jobs with their state and reason")
+    commands["jobs"] = cmd_jobs
+
+    for name, fn, helptext in (("status", cmd_status, "one job's state"), ("stop", cmd_stop, "stop a job"),
+                               ("logs", cmd_logs, "a job's logs (--follow to stream until it ends)")):
+        p = sub.add_parser(name, help=helptext)
+        p.add_argument("job_id")
+        p.add_argument("--address", default="", help=ADDRESS_HELP)
+        if name == "logs":
+            p.add_argument("--follow", action="store_true")
+        commands[name] = fn
+
+    p = sub.add_parser("queue", help="priority queue for mixed jobs on one cluster (Ray has none)",
+                       description="`queue add` puts a training job in a queue file; `queue run` submits queued "
+                       "jobs as resources free up: higher priority first, smaller jobs backfill, waiting jobs age.")
+    qsub = p.add_subparsers(dest="queue_command", required=True)
+    q = qsub.add_parser("add", help="queue `dgm train CONFIG` with a priority and resources")
+    q.add_argument("config")
+    q.add_argument("overrides", nargs="*")
+    q.add_argument("--queue", default=default_queue)
+    q.add_argument("--priority", type=int, default=0)
+    _add_resources(q)
+    q = qsub.add_parser("run", help="run the queue against a cluster (survives restarts: state is in the file)")
+    q.add_argument("--queue", default=default_queue)
+    q.add_argument("--address", default="", help=ADDRESS_HELP)
+    q.add_argument("--poll", type=float, default=5.0)
+    q.add_argument("--once", action="store_true", help="one scheduling round, then exit")
+    commands["queue"] = cmd_queue
