@@ -1,0 +1,61 @@
+"""Configs: typed, validated before anything starts, with errors naming the key's full path."""
+
+import os
+
+import pytest
+
+from launch.cli import main
+from launch.config import load_config
+from trainer.families.image_gpt import ImageGPTConfig
+from trainer.typed_config import ConfigError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DIGITS = os.path.join(ROOT, "configs", "digits_igpt.yaml")
+
+
+def test_every_shipped_config_loads():
+    for name in sorted(os.listdir(os.path.join(ROOT, "configs"))):
+        cfg, _ = load_config(os.path.join(ROOT, "configs", name))
+        assert cfg.run_dir and cfg.family
+
+
+def test_overrides_are_typed_and_nested():
+    cfg, raw = load_config(DIGITS, ["trainer.optim.lr=3e-4", "zero.stage=3", "model.transformer.n_layer=2"])
+    assert cfg.trainer.optim.lr == pytest.approx(3e-4) and cfg.zero.stage == 3
+    assert isinstance(cfg.model, ImageGPTConfig) and cfg.model.transformer.n_layer == 2
+    assert raw["zero"]["stage"] == 3
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.optim.lrr=1", r"trainer.optim.lrr: unknown key"),
+    ("trainer.steps=fast", r"trainer.steps: expected int, got str 'fast'"),
+    ("zero.stage=7", r"zero: zero.stage must be 0, 1, 2 or 3"),
+    ("model.transformer.d_model=30", r"model.transformer: d_model \(30\) must be divisible by n_head"),
+    ("data.stream.on_corrupt=maybe", r"data.stream: data.on_corrupt must be 'error' or 'skip'"),
+    ("family=nope", r"family: unknown family 'nope'"),
+    ("cluster.use_gpu=3", r"cluster.use_gpu: expected true/false"),
+    ("trainer", r"override 'trainer': expected key.path=value"),
+])
+def test_bad_values_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, [override])
+
+
+def test_bad_files_are_named(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(str(tmp_path / "none.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("trainer: [1, 2\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+
+
+def test_cli_reports_config_errors_in_one_line(capsys):
+    assert main(["train", DIGITS, "trainer.optim.lrr=1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("dgm train: error: trainer.optim.lrr: unknown key") and "Traceback" not in err
+
+
+def test_cli_sample_refuses_a_non_export(tmp_path, capsys):
+    assert main(["sample", str(tmp_path)]) == 2
+    assert "not an export folder" in capsys.readouterr().err
