@@ -32,6 +32,7 @@ from data_pipeline.codecs.dct_transform import (
     dct_image_to_rgb,
     idct2_blocks,
     rgb_to_dct_image,
+    upsample_420,
 )
 from data_pipeline.codecs.image import SampleDecodeError
 from data_pipeline.codecs.jpeg_coefficients import JPEGReadError, read_jpeg_dct
@@ -142,6 +143,22 @@ def test_fast_encoder_agrees_with_plain_float64_reference(photos: dict[str, np.n
             diff = np.abs(fast - ref)
             # float32 vs float64 only break exact .5 ties (8-bit YCbCr rounding) differently
             assert diff.max() <= 1 and (diff > 0).mean() < 2e-3, (name, q, (diff > 0).mean())
+
+
+def test_chroma_upsampling() -> None:
+    c = np.random.default_rng(3).uniform(-100, 100, (2, 5, 7)).astype(np.float32)
+    near = upsample_420(c, "nearest")
+    assert np.array_equal(near, c.repeat(2, axis=1).repeat(2, axis=2))
+    # libjpeg's h2v2 fancy upsampling: 3/4 of the nearest sample + 1/4 of the next one, per axis, edges replicated
+    p = np.pad(c.astype(np.float64), ((0, 0), (1, 1), (1, 1)), mode="edge")
+    rows = np.stack([0.75 * p[:, 1:-1] + 0.25 * p[:, :-2], 0.75 * p[:, 1:-1] + 0.25 * p[:, 2:]], axis=2)
+    rows = rows.reshape(2, 10, 9)
+    want = np.stack(
+        [0.75 * rows[:, :, 1:-1] + 0.25 * rows[:, :, :-2], 0.75 * rows[:, :, 1:-1] + 0.25 * rows[:, :, 2:]], 3
+    )
+    assert np.abs(upsample_420(c, "fancy") - want.reshape(2, 10, 14)).max() < 1e-4
+    with pytest.raises(ValueError, match="upsampling"):
+        upsample_420(c, "bicubic")  # type: ignore[arg-type]
 
 
 def test_batch_layouts_and_chunking_agree(small_batch: np.ndarray) -> None:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -103,9 +104,23 @@ class Vocab:
         return (v + self.value_range - (v > 0)).astype(self.dtype)
 
     def token_to_value(self, tokens: np.ndarray) -> np.ndarray:
-        """Regular value token ids -> the signed quantised values (int16 for the default R)."""
-        t = np.asarray(tokens).astype(np.int32)
-        return t - self.value_range + (t >= self.value_range)
+        """Regular value token ids -> the signed quantised values (int16)."""
+        return self._value_table[np.asarray(tokens)]
+
+    def clipped_value_tokens(self, values: np.ndarray) -> np.ndarray:
+        """Non-zero int16 values -> tokens of the values clipped to [-R, R]: one table lookup, no arithmetic."""
+        return self._token_table[values.view(np.uint16)]
+
+    @cached_property
+    def _token_table(self) -> np.ndarray:
+        """Indexed by the int16 value's bit pattern as uint16 (two's complement: -1 is 65535)."""
+        v = np.arange(65536).astype(np.uint16).view(np.int16)
+        return self.value_to_token(np.clip(v, -self.value_range, self.value_range))
+
+    @cached_property
+    def _value_table(self) -> np.ndarray:
+        t = np.arange(self.num_values)
+        return (t - self.value_range + (t >= self.value_range)).astype(np.int16)
 
 
 def _resolution(value: Any) -> tuple[int, int]:

@@ -23,8 +23,10 @@ folded in, and the blocks are ordered so that the GEMM writes straight into the 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from functools import lru_cache
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -38,6 +40,26 @@ RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.
 """JFIF: [Y, Cb - 128, Cr - 128] = RGB_TO_YCBCR @ [R, G, B]."""
 YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
 """JFIF inverse: [R, G, B] = YCBCR_TO_RGB @ [Y, Cb - 128, Cr - 128]."""
+
+
+@lru_cache(maxsize=1)
+def _blas_controller() -> Any:
+    try:
+        from threadpoolctl import ThreadpoolController
+    except ImportError:  # a plain numpy install still works, only with BLAS's own threading
+        return None
+    return ThreadpoolController()
+
+
+@contextlib.contextmanager
+def single_threaded_blas() -> Iterator[None]:
+    """Limit BLAS to one thread for the block of many small GEMMs (process-wide while it runs)."""
+    controller = _blas_controller()
+    if controller is None:
+        yield
+        return
+    with controller.limit(limits=1, user_api="blas"):
+        yield
 
 
 def dct_matrix() -> np.ndarray:
@@ -147,31 +169,32 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     half = np.empty(rgb.size // 3, dtype=np.float32)
     sums = np.empty((2, n, h, w, 2, 2, 4, 4), dtype=np.float32)
     coef = np.empty((n, NUM_FREQS, 6 * hw), dtype=np.float32)
-    for start in range(0, bsz, n):
-        k = min(n, bsz - start)
-        p = k * height * width
-        src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
-        np.copyto(rgb[:k], src.transpose(0, 2, 5, 1, 4, 3, 6, 7), casting="unsafe")
-        planes = ycc[:, :p]
-        np.matmul(colour, rgb[:k].reshape(p, 3).T, out=planes)
-        np.rint(planes, out=planes)
-        c = coef[:k]
-        np.matmul(
-            luma_basis, planes[0].reshape(k, 4 * hw, NUM_FREQS).transpose(0, 2, 1), out=c[:, :, : 4 * hw]
-        )
-        # 2x2 chroma sums: first horizontal neighbours (adjacent in memory), then vertical ones.
-        chroma = planes[1:].reshape(-1)
-        pairs = half[:p]
-        np.add(chroma[0::2], chroma[1::2], out=pairs)
-        pairs = pairs.reshape(2, k, 2, 2, h, w, 4, 2, 4)  # (ch, image, dy, dx, h, w, yy, a, xx)
-        s = sums[:, :k]
-        np.add(pairs[..., 0, :], pairs[..., 1, :], out=s.transpose(0, 1, 4, 5, 2, 3, 6, 7))
-        for ch in (0, 1):
-            rows = s[ch].reshape(k, hw, NUM_FREQS).transpose(0, 2, 1)
-            np.matmul(chroma_basis, rows, out=c[:, :, (4 + ch) * hw : (5 + ch) * hw])
-        c[:, 0, : 4 * hw] -= dc_offset
-        np.rint(c, out=c)
-        np.copyto(out[start : start + k], c, casting="unsafe")
+    with single_threaded_blas():
+        for start in range(0, bsz, n):
+            k = min(n, bsz - start)
+            p = k * height * width
+            src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
+            np.copyto(rgb[:k], src.transpose(0, 2, 5, 1, 4, 3, 6, 7), casting="unsafe")
+            planes = ycc[:, :p]
+            np.matmul(colour, rgb[:k].reshape(p, 3).T, out=planes)
+            np.rint(planes, out=planes)
+            c = coef[:k]
+            np.matmul(
+                luma_basis, planes[0].reshape(k, 4 * hw, NUM_FREQS).transpose(0, 2, 1), out=c[:, :, : 4 * hw]
+            )
+            # 2x2 chroma sums: first horizontal neighbours (adjacent in memory), then vertical ones.
+            chroma = planes[1:].reshape(-1)
+            pairs = half[:p]
+            np.add(chroma[0::2], chroma[1::2], out=pairs)
+            pairs = pairs.reshape(2, k, 2, 2, h, w, 4, 2, 4)  # (ch, image, dy, dx, h, w, yy, a, xx)
+            s = sums[:, :k]
+            np.add(pairs[..., 0, :], pairs[..., 1, :], out=s.transpose(0, 1, 4, 5, 2, 3, 6, 7))
+            for ch in (0, 1):
+                rows = s[ch].reshape(k, hw, NUM_FREQS).transpose(0, 2, 1)
+                np.matmul(chroma_basis, rows, out=c[:, :, (4 + ch) * hw : (5 + ch) * hw])
+            c[:, 0, : 4 * hw] -= dc_offset
+            np.rint(c, out=c)
+            np.copyto(out[start : start + k], c, casting="unsafe")
     out = out.reshape(bsz, NUM_CHANNELS, h, w)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
@@ -204,10 +227,26 @@ def upsample_420(c: np.ndarray, mode: Upsampling = "fancy", out: np.ndarray | No
         _fancy_axis(c, 2, wide)
         _fancy_axis(wide, 1, out)
     elif mode == "nearest":
-        np.copyto(out.reshape(n, h, 2, w, 2), c[:, :, None, :, None])
+        wide = np.empty((n, h, 2 * w), dtype=np.float32)
+        wide[:, :, 0::2] = c
+        wide[:, :, 1::2] = c
+        out[:, 0::2] = wide
+        out[:, 1::2] = wide
     else:
         raise ValueError(f"upsampling must be 'fancy' or 'nearest', got {mode!r}")
     return out
+
+
+def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
+    hw, height, width = h * w, h * MACROBLOCK, w * MACROBLOCK
+    return {
+        "coef": np.empty((k, NUM_FREQS, 6 * hw), dtype=np.float32),
+        "luma": np.empty((k, 4 * hw, NUM_FREQS), dtype=np.float32),
+        "chroma": np.empty((k, 2 * hw, NUM_FREQS), dtype=np.float32),
+        "planes": np.empty((3, k, height, width), dtype=np.float32),
+        "small": np.empty((2, k, height // 2, width // 2), dtype=np.float32),
+        "rgb": np.empty((3, k * height * width), dtype=np.float32),
+    }
 
 
 def dct_image_to_rgb(
@@ -225,39 +264,33 @@ def dct_image_to_rgb(
     hw, height, width = h * w, h * MACROBLOCK, w * MACROBLOCK
     coefs = dct.reshape(bsz, NUM_FREQS, 6 * hw)
     luma_basis, chroma_basis, dc_offset = _decode_bases(quality)
-    colour_t = np.ascontiguousarray(YCBCR_TO_RGB.T, dtype=np.float32)
+    # Y carries +128.5 instead of +128: every RGB output then carries the +0.5 (the matrix's Y column is all
+    # ones), so the final float -> uint8 cast, which truncates, rounds half up without a separate rounding pass.
+    dc_offset = dc_offset * np.float32(128.5 / 128.0)
+    colour = YCBCR_TO_RGB.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
     out = np.empty((bsz, height, width, 3), dtype=np.uint8)
-    buffers: dict[str, np.ndarray] = {}
-    for start in range(0, bsz, n):
-        k = min(n, bsz - start)
-        if buffers.get("c") is None or buffers["c"].shape[0] != k:  # fresh buffers for a short last chunk
-            buffers = {
-                "c": np.empty((k, NUM_FREQS, 6 * hw), dtype=np.float32),
-                "luma": np.empty((k, 4 * hw, NUM_FREQS), dtype=np.float32),
-                "chroma": np.empty((k, 2 * hw, NUM_FREQS), dtype=np.float32),
-                "planes": np.empty((3, k, height, width), dtype=np.float32),
-                "small": np.empty((2, k, height // 2, width // 2), dtype=np.float32),
-                "rgb": np.empty((k * height * width, 3), dtype=np.float32),
-            }
-        ck, luma_px, chroma_px, planes = buffers["c"], buffers["luma"], buffers["chroma"], buffers["planes"]
-        np.copyto(ck, coefs[start : start + k], casting="unsafe")
-        ck[:, 0, : 4 * hw] += dc_offset
-        np.matmul(ck[:, :, : 4 * hw].transpose(0, 2, 1), luma_basis, out=luma_px)
-        np.matmul(ck[:, :, 4 * hw :].transpose(0, 2, 1), chroma_basis, out=chroma_px)
-        y = luma_px.reshape(k, 2, 2, h, w, BLOCK, BLOCK).transpose(0, 3, 1, 5, 4, 2, 6)
-        np.clip(y, 0.0, 255.0, out=planes[0].reshape(k, h, 2, BLOCK, w, 2, BLOCK))
-        cc = chroma_px.reshape(k, 2, h, w, BLOCK, BLOCK).transpose(1, 0, 2, 4, 3, 5)
-        small = buffers["small"]
-        np.clip(cc, -128.0, 127.0, out=small.reshape(2, k, h, BLOCK, w, BLOCK))
-        upsample_420(
-            small.reshape(2 * k, height // 2, width // 2),
-            upsampling,
-            out=planes[1:].reshape(2 * k, height, width),
-        )
-        px = buffers["rgb"]
-        np.matmul(planes.reshape(3, -1).T, colour_t, out=px)
-        np.clip(px, 0.0, 255.0, out=px)
-        np.rint(px, out=px)
-        np.copyto(out[start : start + k].reshape(-1, 3), px, casting="unsafe")
+    buf = _decode_buffers(n, h, w)
+    with single_threaded_blas():
+        for start in range(0, bsz, n):
+            k = min(n, bsz - start)
+            if k != n:  # a short last chunk gets exactly fitting buffers, so every reshape below stays a view
+                buf = _decode_buffers(k, h, w)
+            c, planes, small, rgb = buf["coef"], buf["planes"], buf["small"], buf["rgb"]
+            np.copyto(c, coefs[start : start + k], casting="unsafe")
+            c[:, 0, : 4 * hw] += dc_offset
+            np.matmul(c[:, :, : 4 * hw].transpose(0, 2, 1), luma_basis, out=buf["luma"])
+            np.matmul(c[:, :, 4 * hw :].transpose(0, 2, 1), chroma_basis, out=buf["chroma"])
+            # Blocks back to raster order, clamped to libjpeg's sample range on the way.
+            y = buf["luma"].reshape(k, 2, 2, h, w, BLOCK, BLOCK).transpose(0, 3, 1, 5, 4, 2, 6)
+            np.clip(y, 0.5, 255.5, out=planes[0].reshape(k, h, 2, BLOCK, w, 2, BLOCK))
+            cc = buf["chroma"].reshape(k, 2, h, w, BLOCK, BLOCK).transpose(1, 0, 2, 4, 3, 5)
+            np.clip(cc, -128.0, 127.0, out=small.reshape(2, k, h, BLOCK, w, BLOCK))
+            full = planes[1:].reshape(2 * k, height, width)
+            upsample_420(small.reshape(2 * k, height // 2, width // 2), upsampling, out=full)
+            np.matmul(colour, planes.reshape(3, -1), out=rgb)  # [3, 3] @ [3, P]: the fast GEMM orientation
+            np.clip(rgb, 0.0, 255.5, out=rgb)
+            dst = out[start : start + k].reshape(-1)
+            for ch in range(3):  # 1-D strided casts interleave the planes far faster than one 2-D copy
+                np.copyto(dst[ch::3], rgb[ch], casting="unsafe")
     return out

@@ -1,0 +1,138 @@
+"""Sparse DCT codec throughput against Pillow's libjpeg at the same quality, on crops of real photos.
+
+ours encode = RGB uint8 batch -> token sequences (``dct_codec.encode``: colour, DCT, quantise, sparsify, tokens)
+ours decode = token sequences -> RGB uint8 batch (``dct_codec.decode``)
+libjpeg encode = per image Image.fromarray + save JPEG (quality q, subsampling 4:2:0) to BytesIO
+libjpeg decode = per image Image.open(BytesIO) + load()
+
+Each figure is the best of --repeats timed runs (the machine is shared; the best run is the least disturbed).
+Progress goes to stderr; the last stdout line is one JSON object with every figure and the ratios ours/libjpeg.
+
+    .venv/bin/python bench/dct_codec.py [--sizes 64 256] [--images 256 48] [--quality 75] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+
+import numpy as np
+import skimage.data
+import sklearn.datasets
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from data_pipeline.codecs.dct_codec import decode, encode  # noqa: E402
+from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
+
+
+def photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
+    """`count` random size x size crops of five real photos (scikit-image and scikit-learn sample images)."""
+    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    photos += [sklearn.datasets.load_sample_image(n) for n in ("china.jpg", "flower.jpg")]
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, size, size, 3), dtype=np.uint8)
+    for i in range(count):
+        src = photos[i % len(photos)]
+        y, x = rng.integers(0, src.shape[0] - size + 1), rng.integers(0, src.shape[1] - size + 1)
+        out[i] = src[y : y + size, x : x + size]
+    return out
+
+
+def best_of(fn: Callable[[], object], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def libjpeg_encode(images: np.ndarray, quality: int) -> list[bytes]:
+    out = []
+    for im in images:
+        buf = io.BytesIO()
+        Image.fromarray(im).save(buf, format="JPEG", quality=quality, subsampling=2)
+        out.append(buf.getvalue())
+    return out
+
+
+def libjpeg_decode(files: list[bytes]) -> None:
+    for data in files:
+        with Image.open(io.BytesIO(data)) as im:
+            im.load()
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
+
+
+def run(size: int, count: int, quality: int, repeats: int) -> dict[str, float]:
+    images = photo_crops(size, count)
+    cfg = DCTCodecConfig(resolution=size, quality=quality)
+    seqs = encode(images, cfg)
+    files = libjpeg_encode(images, quality)
+    t_enc = best_of(lambda: encode(images, cfg), repeats)
+    t_dec = best_of(lambda: decode(seqs, cfg), repeats)
+    t_jenc = best_of(lambda: libjpeg_encode(images, quality), repeats)
+    t_jdec = best_of(lambda: libjpeg_decode(files), repeats)
+    with Image.open(io.BytesIO(files[0])) as im:
+        pillow_first = np.asarray(im.convert("RGB"))
+    ours_first = decode(seqs[:1], cfg)[0]
+    r = {
+        "images": count,
+        "ours_encode_img_s": count / t_enc,
+        "ours_decode_img_s": count / t_dec,
+        "libjpeg_encode_img_s": count / t_jenc,
+        "libjpeg_decode_img_s": count / t_jdec,
+        "encode_ratio": t_jenc / t_enc,
+        "decode_ratio": t_jdec / t_dec,
+        "mean_triples_per_image": float(np.mean([len(s) - 1 for s in seqs])),
+        "mean_jpeg_bytes_per_image": float(np.mean([len(f) for f in files])),
+        "psnr_ours_db": psnr(ours_first, images[0]),
+        "psnr_libjpeg_db": psnr(pillow_first, images[0]),
+    }
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in r.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--images", type=int, nargs="+", default=[256, 48], help="batch size per image size")
+    parser.add_argument("--quality", type=int, default=75)
+    parser.add_argument("--repeats", type=int, default=5)
+    args = parser.parse_args()
+    counts = args.images if len(args.images) == len(args.sizes) else [args.images[0]] * len(args.sizes)
+    result: dict[str, object] = {
+        "benchmark": "dct_codec",
+        "quality": args.quality,
+        "repeats": args.repeats,
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "pillow": Image.__version__,
+    }
+    for size, count in zip(args.sizes, counts):
+        print(f"[dct_codec] {size}x{size}: {count} images, q={args.quality}, best of {args.repeats}", file=sys.stderr)
+        r = run(size, count, args.quality, args.repeats)
+        print(
+            f"[dct_codec] {size}x{size}: encode {r['ours_encode_img_s']:.0f} img/s vs libjpeg "
+            f"{r['libjpeg_encode_img_s']:.0f} ({r['encode_ratio']:.2f}x); decode {r['ours_decode_img_s']:.0f} vs "
+            f"{r['libjpeg_decode_img_s']:.0f} ({r['decode_ratio']:.2f}x)",
+            file=sys.stderr,
+        )
+        result[f"{size}"] = r
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
