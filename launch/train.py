@@ -19,6 +19,8 @@ def worker_env() -> dict[str, str]:
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                os.path.join(PROJECT_ROOT, ".cache", "torch_extensions")),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        # Ray Train would also route print() through its logger, so every progress line reached the console twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     for key in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                 "AWS_DEFAULT_REGION", "AWS_PROFILE", "OMP_NUM_THREADS", "DGM_TEST_FAIL_AT_STEP"):

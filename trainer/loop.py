@@ -115,7 +115,7 @@ class Reporter:
             return
         for k, v in metrics.items():
             self.writer.add_scalar(f"{prefix}/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, **metrics}) + "\n")
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": round(time.time(), 3), **metrics}) + "\n")
         self.jsonl.flush()
 
     def progress(self, step: int, metrics: dict[str, float]) -> None:
@@ -238,7 +238,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0, step)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.zero.precision]
     first_step_at: float | None = None
-    started, done_here = time.monotonic(), 0
+    first_step_wall = 0.0
+    last_step_at = started = time.monotonic()
+    done_here = 0
     losses: list[float] = []
     try:
         for samples in stream:
@@ -249,7 +251,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             metrics = _mean_across_ranks(family.train_step(engines, batch, ctx))
             step += 1
             done_here += 1
-            first_step_at = first_step_at or time.monotonic()
+            last_step_at = time.monotonic()
+            if first_step_at is None:
+                first_step_at, first_step_wall = last_step_at, time.time()
             losses.append(metrics["loss"])
             reporter.scalars(step, "train", metrics)
             if step % cfg.log_every == 0 or step == cfg.steps:
@@ -273,8 +277,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         reporter.close()
     if stream.skipped_shards and rank == 0:
         print(f"[data] skipped {stream.skipped_shards} corrupt shard(s) on rank 0", flush=True)
-    elapsed = time.monotonic() - (first_step_at or started)
+    elapsed = last_step_at - (first_step_at or started)
     return {"step": step, "losses": losses, "rank": rank, "world_size": world,
             "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
-            "skipped_shards": stream.skipped_shards}
+            "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall}
 

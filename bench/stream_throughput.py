@@ -1,0 +1,106 @@
+"""Streaming throughput: samples/s and MB/s from local shards and from S3 (moto on loopback), 1 and 2 loader
+workers, 64x64 RGB shape scenes; plus the rate at which the demo's training consumes samples, measured here too.
+
+    .venv/bin/python bench/stream_throughput.py [--samples 4096] [--skip-train]
+
+Last stdout line: one JSON object with every figure and the ratios (S3/local, loader/demo consumption).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tempfile
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from data_pipeline.codecs import build_codec  # noqa: E402
+from data_pipeline.manifest import load_manifest  # noqa: E402
+from data_pipeline.prepare import PrepareConfig, prepare_dataset  # noqa: E402
+from data_pipeline.stream import RankStream, StreamConfig  # noqa: E402
+
+
+def log(msg: str) -> None:
+    print(f"[stream_throughput] {msg}", file=sys.stderr, flush=True)
+
+
+def measure(url: str, workers: int, cache_dir: str) -> dict[str, float]:
+    m = load_manifest(url)
+    cfg = StreamConfig(global_batch=64, partitions=12, shuffle_block=256, num_workers=workers, cache_dir=cache_dir)
+    stream = RankStream(m, cfg, build_codec(m.codec["name"]).decode, 0, 1)
+    start = time.perf_counter()
+    n = sum(len(b) for b in stream.iterate(max_epochs=1))
+    dt = time.perf_counter() - start
+    total_bytes = sum(s.bytes for s in m.shards) * n / m.total
+    return {"samples_per_s": n / dt, "mb_per_s": total_bytes / dt / 1e6, "seconds": dt, "samples": n}
+
+
+def demo_consumption(steps: int) -> float:
+    """Samples/s the demo training consumes (2 ranks, ZeRO-2 via Ray), from a short run of the demo config."""
+    from launch.config import load_config
+    from launch.train import run_training
+
+    with tempfile.TemporaryDirectory() as tmp:
+        data = os.path.join(tmp, "data")
+        prepare_dataset(PrepareConfig(output=data, source="digits", source_settings={"split": "train"},
+                                      samples_per_shard=128, parallel=False), report=lambda _: None)
+        cfg, raw = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
+            f"run_dir={tmp}/run", f"data.train={data}", "data.eval=", f"trainer.steps={steps}",
+            f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=1",
+            f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}", f"trainer.log_every={steps}"])
+        summary = run_training(cfg, raw)
+        return summary["steps_per_s"] * cfg.data.stream.global_batch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--samples", type=int, default=4096)
+    ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--train-steps", type=int, default=40)
+    args = ap.parse_args()
+    from moto.server import ThreadedMotoServer
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
+    server.start()
+    os.environ.update({"DGM_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "bench",
+                       "AWS_SECRET_ACCESS_KEY": "bench", "AWS_DEFAULT_REGION": "us-east-1"})
+    import boto3
+
+    boto3.client("s3", endpoint_url=os.environ["DGM_S3_ENDPOINT_URL"]).create_bucket(Bucket="bench")
+    results: dict[str, float | str] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        local = os.path.join(tmp, "scenes")
+        settings = {"num_samples": args.samples, "resolution": 64, "seed": 0}
+        for out in (local, "s3://bench/scenes"):
+            log(f"preparing {args.samples} 64x64 shape scenes at {out}")
+            prepare_dataset(PrepareConfig(output=out, source="shapes", source_settings=settings,
+                                          samples_per_shard=256, parallel=False), report=lambda _: None)
+        for workers in (1, 2):
+            for name, url in (("local", local), ("s3", "s3://bench/scenes")):
+                cache = tempfile.mkdtemp(dir=tmp)
+                r = measure(url, workers, cache)
+                log(f"{name} {workers} worker(s): {r['samples_per_s']:.0f} samples/s {r['mb_per_s']:.1f} MB/s")
+                results[f"{name}_w{workers}_samples_per_s"] = round(r["samples_per_s"], 1)
+                results[f"{name}_w{workers}_mb_per_s"] = round(r["mb_per_s"], 2)
+            results[f"s3_over_local_w{workers}"] = round(
+                results[f"s3_w{workers}_samples_per_s"] / results[f"local_w{workers}_samples_per_s"], 3)
+    server.stop()
+    if not args.skip_train:
+        log(f"measuring the demo's consumption ({args.train_steps} steps, 2 ranks, ZeRO-2)")
+        consumed = demo_consumption(args.train_steps)
+        results["demo_consumes_samples_per_s"] = round(consumed, 1)
+        results["loader_w1_over_demo"] = round(results["local_w1_samples_per_s"] / consumed, 2)
+    results["machine"] = f"{os.cpu_count()} CPU cores, no GPU"
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
