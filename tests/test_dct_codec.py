@@ -165,7 +165,9 @@ def test_batch_layouts_and_chunking_agree(small_batch: np.ndarray) -> None:
     dct = rgb_to_dct_image(small_batch, 75)
     assert dct.shape == (len(small_batch), 4, 4, 384) and dct.dtype == np.int16
     one_by_one = np.concatenate([rgb_to_dct_image(im[None], 75) for im in small_batch])
-    assert np.array_equal(dct, one_by_one)
+    # BLAS blocks a GEMM by its width, so a chunk of 16 images and a single image can round a near-tie apart
+    diff = np.abs(dct.astype(np.int64) - one_by_one)
+    assert diff.max() <= 1 and (diff > 0).mean() < 1e-4
     chw = rgb_to_dct_image(small_batch, 75, channels_last=False)
     assert np.array_equal(chw.transpose(0, 2, 3, 1), dct)
     rgb = dct_image_to_rgb(dct, 75)

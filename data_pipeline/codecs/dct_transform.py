@@ -94,13 +94,16 @@ def _frozen(a: np.ndarray) -> np.ndarray:
     return a
 
 
-# Chroma pixels enter the chroma GEMM as 2x2 sums in (dy, dx, yy, xx) order: sample (4dy + yy, 4dx + xx).
-_CHROMA_SUM_ORDER = np.array(
+# The chroma GEMM sees a macroblock's channel as 128 horizontal pair sums in (dy, dx, yy, a, xx) order: pixel
+# rows y = 2 yy + a and columns x = 2 xx + b of luma block (dy, dx), summed over b. Chroma sample
+# (4 dy + yy, 4 dx + xx) is the mean of its two a-rows, so the GEMM itself adds the vertical pairs.
+_CHROMA_PAIR_INDEX = np.array(
     [
         (4 * dy + yy) * BLOCK + 4 * dx + xx
         for dy in (0, 1)
         for dx in (0, 1)
         for yy in range(4)
+        for _a in range(2)
         for xx in range(4)
     ]
 )
@@ -108,12 +111,12 @@ _CHROMA_SUM_ORDER = np.array(
 
 @lru_cache(maxsize=128)
 def _encode_bases(quality: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """Luma basis [64z, 64px], chroma basis [64z, 64 sums] (mean and table folded in), luma DC offset."""
+    """Luma basis [64z, 64px], chroma basis [64z, 128 pair sums] (mean and table folded in), luma DC offset."""
     luma, chroma = (t.reshape(-1)[ZIGZAG].astype(np.float64)[:, None] for t in quant_tables(quality))
     t = _zigzag_dct()
     return (
         _frozen(t / luma),
-        _frozen(t[:, _CHROMA_SUM_ORDER] * 0.25 / chroma),
+        _frozen(t[:, _CHROMA_PAIR_INDEX] * 0.25 / chroma),
         np.float32(128.0 * BLOCK / luma[0, 0]),
     )
 
@@ -149,6 +152,19 @@ def check_dct_image(dct: np.ndarray, channels_last: bool = True) -> np.ndarray:
     return dct
 
 
+def _encode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
+    pixels = k * h * w * MACROBLOCK * MACROBLOCK
+    return {
+        # Pixel order (image, h, w, dy, dx, y, x): each 8x8 luma block is 64 contiguous values and each macroblock
+        # 256, so one GEMM per chunk covers every block of every image (not one small GEMM per image).
+        "rgb": np.empty((k, h, w, 2, 2, BLOCK, BLOCK, 3), dtype=np.float32),
+        "ycc": np.empty((3, pixels), dtype=np.float32),
+        "pairs": np.empty((2, pixels // 2), dtype=np.float32),
+        "luma": np.empty((NUM_FREQS, k, h * w, 4), dtype=np.float32),  # [zigzag, image, position, slot]
+        "chroma": np.empty((2, NUM_FREQS, k, h * w), dtype=np.float32),  # [Cb/Cr, zigzag, image, position]
+    }
+
+
 def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = True) -> np.ndarray:
     """uint8 RGB [B, H, W, 3] -> quantised DCT image int16 [B, H/16, W/16, 384] (or [B, 384, H/16, W/16]).
 
@@ -158,43 +174,36 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     bsz, height, width, _ = images.shape
     h, w = height // MACROBLOCK, width // MACROBLOCK
     hw = h * w
-    out = np.empty((bsz, NUM_FREQS, 6 * hw), dtype=np.int16)
+    out = np.empty((bsz, NUM_FREQS, 6, hw), dtype=np.int16)
     luma_basis, chroma_basis, dc_offset = _encode_bases(quality)
     colour = RGB_TO_YCBCR.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
-    # Pixel order inside a chunk: (image, dy, dx, h, w, y, x) so each 8x8 luma block is 64 contiguous values and
-    # the blocks come slot-major, position-minor, which is the order of the channel-major output.
-    rgb = np.empty((n, 2, 2, h, w, BLOCK, BLOCK, 3), dtype=np.float32)
-    ycc = np.empty((3, rgb.size // 3), dtype=np.float32)
-    half = np.empty(rgb.size // 3, dtype=np.float32)
-    sums = np.empty((2, n, h, w, 2, 2, 4, 4), dtype=np.float32)
-    coef = np.empty((n, NUM_FREQS, 6 * hw), dtype=np.float32)
+    buf = _encode_buffers(n, h, w)
     with single_threaded_blas():
         for start in range(0, bsz, n):
             k = min(n, bsz - start)
-            p = k * height * width
+            if k != n:  # a short last chunk gets exactly fitting buffers, so every reshape below stays a view
+                buf = _encode_buffers(k, h, w)
+            rgb, ycc, pairs, luma, chroma = buf["rgb"], buf["ycc"], buf["pairs"], buf["luma"], buf["chroma"]
             src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
-            np.copyto(rgb[:k], src.transpose(0, 2, 5, 1, 4, 3, 6, 7), casting="unsafe")
-            planes = ycc[:, :p]
-            np.matmul(colour, rgb[:k].reshape(p, 3).T, out=planes)
-            np.rint(planes, out=planes)
-            c = coef[:k]
-            np.matmul(
-                luma_basis, planes[0].reshape(k, 4 * hw, NUM_FREQS).transpose(0, 2, 1), out=c[:, :, : 4 * hw]
-            )
-            # 2x2 chroma sums: first horizontal neighbours (adjacent in memory), then vertical ones.
-            chroma = planes[1:].reshape(-1)
-            pairs = half[:p]
-            np.add(chroma[0::2], chroma[1::2], out=pairs)
-            pairs = pairs.reshape(2, k, 2, 2, h, w, 4, 2, 4)  # (ch, image, dy, dx, h, w, yy, a, xx)
-            s = sums[:, :k]
-            np.add(pairs[..., 0, :], pairs[..., 1, :], out=s.transpose(0, 1, 4, 5, 2, 3, 6, 7))
+            np.copyto(rgb, src.transpose(0, 1, 4, 2, 5, 3, 6, 7), casting="unsafe")
+            np.matmul(colour, rgb.reshape(-1, 3).T, out=ycc)
+            np.rint(ycc, out=ycc)  # 8-bit YCbCr, as every JPEG encoder stores it
+            np.matmul(luma_basis, ycc[0].reshape(-1, NUM_FREQS).T, out=luma.reshape(NUM_FREQS, -1))
+            # Chroma: sum horizontal pixel pairs (adjacent in memory); the GEMM sums the vertical ones.
+            np.add(ycc[1:, 0::2], ycc[1:, 1::2], out=pairs)
             for ch in (0, 1):
-                rows = s[ch].reshape(k, hw, NUM_FREQS).transpose(0, 2, 1)
-                np.matmul(chroma_basis, rows, out=c[:, :, (4 + ch) * hw : (5 + ch) * hw])
-            c[:, 0, : 4 * hw] -= dc_offset
-            np.rint(c, out=c)
-            np.copyto(out[start : start + k], c, casting="unsafe")
+                np.matmul(
+                    chroma_basis,
+                    pairs[ch].reshape(-1, 2 * NUM_FREQS).T,
+                    out=chroma[ch].reshape(NUM_FREQS, -1),
+                )
+            luma[0] -= dc_offset
+            np.rint(luma, out=luma)
+            np.rint(chroma, out=chroma)
+            dst = out[start : start + k]
+            np.copyto(dst[:, :, :4], luma.transpose(1, 0, 3, 2), casting="unsafe")
+            np.copyto(dst[:, :, 4:], chroma.transpose(2, 1, 0, 3), casting="unsafe")
     out = out.reshape(bsz, NUM_CHANNELS, h, w)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
