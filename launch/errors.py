@@ -5,6 +5,7 @@ from __future__ import annotations
 from data_pipeline.manifest import DatasetError
 from data_pipeline.storage import StorageError
 from launch.jobs import ClusterError
+from launch.train import TrainingFailed
 from sharding.sample_order import OrderError
 from trainer.checkpoint import CheckpointError
 from trainer.export import ExportError
@@ -13,4 +14,4 @@ from trainer.typed_config import ConfigError
 WORKER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DatasetError, StorageError, OrderError, CheckpointError, ExportError,
 )
-USER_ERRORS: tuple[type[BaseException], ...] = (*WORKER_ERRORS, ClusterError, ValueError, FileNotFoundError)
+USER_ERRORS: tuple[type[BaseException], ...] = (*WORKER_ERRORS, ClusterError, TrainingFailed, ValueError, FileNotFoundError)

@@ -23,7 +23,7 @@ def worker_env() -> dict[str, str]:
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
     for key in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION", "AWS_PROFILE", "OMP_NUM_THREADS", "DGM_TEST_FAIL_AT_STEP"):
+                "AWS_DEFAULT_REGION", "AWS_PROFILE", "OMP_NUM_THREADS"):
         if key in os.environ:
             env[key] = os.environ[key]
     return env
@@ -92,16 +92,27 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         if result.error is not None:
             raise result.error
     except Exception as e:
-        raise user_error_of(e) from e
+        raise user_error_of(e, cfg.cluster.max_failures) from e
     return dict(result.metrics or {})
 
 
-def user_error_of(error: Exception) -> Exception:
-    """The first worker's own error when it is one the user must fix (bad data, checkpoint...), else ``error``."""
+class TrainingFailed(RuntimeError):
+    """The worker group failed more often than cluster.max_failures allows."""
+
+
+def user_error_of(error: Exception, max_failures: int) -> Exception:
+    """The first worker's own error when it is one the user must fix (bad data, checkpoint...), else one line
+    saying which ranks failed, why, and that the restart budget is spent."""
     from launch.errors import WORKER_ERRORS
 
-    for failure in getattr(error, "worker_failures", {}).values():
+    failures = getattr(error, "worker_failures", {}) or {}
+    for failure in failures.values():
         cause = getattr(failure, "cause", None) or failure
         if isinstance(cause, WORKER_ERRORS):
             return cause
-    return error
+    if not failures:
+        return error
+    rank, failure = sorted(failures.items())[0]
+    reason = next((line for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
+    return TrainingFailed(f"training failed after {max_failures} restart(s) allowed by cluster.max_failures: "
+                          f"rank {rank}: {type(failure).__name__}: {reason[:300]}")

@@ -134,6 +134,14 @@ class Reporter:
             self.jsonl.close()
 
 
+def _record_pid(run_dir: str, rank: int) -> None:
+    """<run_dir>/workers/rank<r>.pid: which process serves which rank (for operators, and the worker-loss test)."""
+    folder = os.path.join(run_dir, "workers")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, f"rank{rank}.pid"), "w") as f:
+        f.write(str(os.getpid()))
+
+
 def build_engines(family: Family, spec: RunSpec, world: int, universal: bool) -> dict[str, Any]:
     import deepspeed
 
@@ -204,6 +212,7 @@ def _samples(family: Family, engines: dict[str, Any], spec: RunSpec, step: int, 
 def train_worker(spec: RunSpec) -> dict[str, Any]:
     """Train on this rank until ``trainer.steps`` (or ``stop_after`` steps of this process); returns a summary."""
     rank, world, device = _init_distributed()
+    _record_pid(spec.run_dir, rank)
     cfg = spec.trainer
     torch.manual_seed(cfg.seed)
     if cfg.deterministic:
