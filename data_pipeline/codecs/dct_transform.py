@@ -1,24 +1,30 @@
 """Pixels <-> quantised DCT image, vectorised over a batch.
 
-Encoder: RGB -> YCbCr (the JFIF matrix of the spec, in float) -> 4:2:0 chroma by the exact 2x2 mean -> minus 128
--> orthonormal 8x8 DCT-II -> divide by the IJG table -> round to nearest -> int16.
+Encoder: RGB -> YCbCr with the JFIF matrix of the spec, rounded to 8 bits as every JPEG encoder stores it ->
+4:2:0 chroma by the exact 2x2 mean -> minus 128 -> orthonormal 8x8 DCT-II -> divide by the IJG table -> round to
+nearest -> int16.
 
-Chroma downsampling: libjpeg's h2v2_downsample averages the same 2x2 box, but after rounding each pixel's YCbCr to an
-integer and each average to an integer with an alternating +1/+2 bias (an ordered dither). We keep everything in
-float up to the quantiser: the exact mean, no intermediate rounding. libjpeg's default encoder also uses a 13-bit
-integer DCT; together these make a fraction of a percent of the coefficients differ by one step from a file that
-libjpeg wrote (see tests/test_dct_codec.py for the measured agreement). Rounding is np.rint: exact .5 ties, which a
-float pipeline only meets by accident, go to even (libjpeg rounds them away from zero).
+Chroma downsampling, against libjpeg: its h2v2_downsample averages the same 2x2 box of 8-bit samples but rounds
+each average to an integer with an alternating +1/+2 bias (an ordered dither); we keep the exact quarter-integer
+mean up to the quantiser. libjpeg's default encoder also uses a 13-bit integer DCT. Together these make about
+0.2% (quality 75) to 2% (quality 95) of the coefficients differ by one step from a file libjpeg wrote, never more
+(tests/test_dct_codec.py measures it). Rounding is np.rint: exact .5 ties, which a float pipeline only meets by
+accident, go to even (libjpeg rounds them away from zero).
 
 Decoder: multiply by the table -> inverse DCT -> + 128, clamp the planes to 0..255 (libjpeg's range limit) ->
 upsample chroma ("fancy": libjpeg's default triangle filter, 3/4 nearest + 1/4 next sample along each axis with
 edge replication; or "nearest": pixel replication) -> JFIF YCbCr -> RGB -> clip -> round to uint8.
 
 Speed: every stage is a whole-chunk array operation; a chunk is as many whole images as fit ~64k pixels, so the
-work buffers stay in cache and are reused. The colour conversion is one [3, 3] @ [3, pixels] GEMM, each 2-D DCT is
-one GEMM of all 8x8 blocks against a 64x64 basis whose rows are already in zigzag order with the quantisation
-folded in, and the blocks are ordered so that the GEMM writes straight into the channel-major layout
-[B, 384, h*w] (channel = 6 * zigzag + slot, see ``dct_tables``) that the sparse sequence is read from.
+work buffers stay in cache and are reused. The colour conversion is one [3, 3] @ [3, pixels] GEMM and each 2-D
+DCT one GEMM of all 8x8 blocks of the chunk against a 64x64 basis whose rows are already in zigzag order, with the
+quantisation (and for chroma the 2x2 mean) folded in. The GEMMs are small, so BLAS runs single-threaded inside
+the codec (threadpoolctl): on a shared machine OpenBLAS's spinning worker threads made the same call up to 10x
+slower, and data loading gets its parallelism from worker processes anyway.
+
+Float caveat: BLAS blocks a GEMM by its width, so the same image encoded in a chunk of another size can round a
+near-tie the other way: about 1 coefficient in 10^5 differs by one step between batch compositions (and between
+machines with other BLAS kernels). Sequences are exact functions of the DCT image, never of the batch.
 """
 
 from __future__ import annotations
@@ -208,42 +214,43 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
 
-def _fancy_axis(a: np.ndarray, axis: int, out: np.ndarray) -> None:
-    """Double `axis` with libjpeg's triangle filter: out[2i] = a[i] - (a[i] - a[i-1]) / 4, out[2i+1] = a[i] + (a[i+1] - a[i]) / 4."""
-    n = a.shape[axis]
-
-    def sl(arr: np.ndarray, s: slice) -> np.ndarray:
-        idx = [slice(None)] * arr.ndim
-        idx[axis] = s
-        return arr[tuple(idx)]
-
-    even, odd = sl(out, slice(0, None, 2)), sl(out, slice(1, None, 2))
-    d = np.diff(a, axis=axis)
+def _fancy_pairs(a: np.ndarray, even: np.ndarray, odd: np.ndarray) -> None:
+    """Double axis 1 with libjpeg's triangle filter into separate outputs (each shaped like `a`):
+    even[i] = a[i] - (a[i] - a[i-1]) / 4, odd[i] = a[i] + (a[i+1] - a[i]) / 4, edges replicated."""
+    d = np.subtract(a[:, 1:], a[:, :-1])
     d *= np.float32(0.25)
-    np.subtract(sl(a, slice(1, n)), d, out=sl(even, slice(1, n)))
-    np.add(sl(a, slice(0, n - 1)), d, out=sl(odd, slice(0, n - 1)))
-    np.copyto(sl(even, slice(0, 1)), sl(a, slice(0, 1)))
-    np.copyto(sl(odd, slice(n - 1, n)), sl(a, slice(n - 1, n)))
+    np.subtract(a[:, 1:], d, out=even[:, 1:])
+    np.add(a[:, :-1], d, out=odd[:, :-1])
+    even[:, 0] = a[:, 0]
+    odd[:, -1] = a[:, -1]
 
 
-def upsample_420(c: np.ndarray, mode: Upsampling = "fancy", out: np.ndarray | None = None) -> np.ndarray:
-    """[N, h, w] float32 planes -> [N, 2h, 2w], by libjpeg's fancy (triangle) filter or by pixel replication."""
+def _upsample_split(c: np.ndarray, mode: Upsampling, out: np.ndarray) -> None:
+    """[N, h, w] -> out [N, 2h, 2, w]: pixel (row, 2j + p) of the upsampled plane lands at out[:, row, p, j].
+
+    Keeping even and odd columns apart makes every pass below contiguous (interleaving them would make each
+    write stride-2); the decoder keeps this column order until the final interleaved uint8 copy."""
     n, h, w = c.shape
-    if out is None:
-        out = np.empty((n, 2 * h, 2 * w), dtype=np.float32)
+    wide = np.empty((n, h, 2, w), dtype=np.float32)  # [N, h, column parity, w]
+    rows = out.reshape(n, h, 2, 2, w)  # [N, h, row parity, column parity, w]
     if mode == "fancy":
-        wide = np.empty((n, h, 2 * w), dtype=np.float32)
-        _fancy_axis(c, 2, wide)
-        _fancy_axis(wide, 1, out)
+        _fancy_pairs(c.transpose(0, 2, 1), wide[:, :, 0].transpose(0, 2, 1), wide[:, :, 1].transpose(0, 2, 1))
+        _fancy_pairs(wide, rows[:, :, 0], rows[:, :, 1])
     elif mode == "nearest":
-        wide = np.empty((n, h, 2 * w), dtype=np.float32)
-        wide[:, :, 0::2] = c
-        wide[:, :, 1::2] = c
-        out[:, 0::2] = wide
-        out[:, 1::2] = wide
+        wide[:, :, 0] = c
+        wide[:, :, 1] = c
+        rows[:, :, 0] = wide
+        rows[:, :, 1] = wide
     else:
         raise ValueError(f"upsampling must be 'fancy' or 'nearest', got {mode!r}")
-    return out
+
+
+def upsample_420(c: np.ndarray, mode: Upsampling = "fancy") -> np.ndarray:
+    """[N, h, w] float32 planes -> [N, 2h, 2w], by libjpeg's fancy (triangle) filter or by pixel replication."""
+    n, h, w = c.shape
+    split = np.empty((n, 2 * h, 2, w), dtype=np.float32)
+    _upsample_split(np.asarray(c, dtype=np.float32), mode, split)
+    return np.ascontiguousarray(split.transpose(0, 1, 3, 2)).reshape(n, 2 * h, 2 * w)
 
 
 def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
@@ -252,7 +259,7 @@ def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
         "coef": np.empty((k, NUM_FREQS, 6 * hw), dtype=np.float32),
         "luma": np.empty((k, 4 * hw, NUM_FREQS), dtype=np.float32),
         "chroma": np.empty((k, 2 * hw, NUM_FREQS), dtype=np.float32),
-        "planes": np.empty((3, k, height, width), dtype=np.float32),
+        "planes": np.empty((3, k, height, 2, width // 2), dtype=np.float32),
         "small": np.empty((2, k, height // 2, width // 2), dtype=np.float32),
         "rgb": np.empty((3, k * height * width), dtype=np.float32),
     }
@@ -291,15 +298,19 @@ def dct_image_to_rgb(
             np.matmul(c[:, :, : 4 * hw].transpose(0, 2, 1), luma_basis, out=buf["luma"])
             np.matmul(c[:, :, 4 * hw :].transpose(0, 2, 1), chroma_basis, out=buf["chroma"])
             # Blocks back to raster order, clamped to libjpeg's sample range on the way.
-            y = buf["luma"].reshape(k, 2, 2, h, w, BLOCK, BLOCK).transpose(0, 3, 1, 5, 4, 2, 6)
-            np.clip(y, 0.5, 255.5, out=planes[0].reshape(k, h, 2, BLOCK, w, 2, BLOCK))
+            # Planes keep each row's even and odd columns apart (see _upsample_split): pixel (row, 2j + p) is at
+            # [row, p, j]. Luma blocks go there from (dy, dx, h, w, y, x = 2 xh + p), clamped on the way.
+            y = buf["luma"].reshape(k, 2, 2, h, w, BLOCK, BLOCK // 2, 2).transpose(0, 3, 1, 5, 7, 4, 2, 6)
+            np.clip(y, 0.5, 255.5, out=planes[0].reshape(k, h, 2, BLOCK, 2, w, 2, BLOCK // 2))
             cc = buf["chroma"].reshape(k, 2, h, w, BLOCK, BLOCK).transpose(1, 0, 2, 4, 3, 5)
             np.clip(cc, -128.0, 127.0, out=small.reshape(2, k, h, BLOCK, w, BLOCK))
-            full = planes[1:].reshape(2 * k, height, width)
-            upsample_420(small.reshape(2 * k, height // 2, width // 2), upsampling, out=full)
+            full = planes[1:].reshape(2 * k, height, 2, width // 2)
+            _upsample_split(small.reshape(2 * k, height // 2, width // 2), upsampling, full)
             np.matmul(colour, planes.reshape(3, -1), out=rgb)  # [3, 3] @ [3, P]: the fast GEMM orientation
             np.clip(rgb, 0.0, 255.5, out=rgb)
-            dst = out[start : start + k].reshape(-1)
-            for ch in range(3):  # 1-D strided casts interleave the planes far faster than one 2-D copy
-                np.copyto(dst[ch::3], rgb[ch], casting="unsafe")
+            dst = out[start : start + k].reshape(k * height, width // 2, 2, 3)
+            src = rgb.reshape(3, k * height, 2, width // 2)
+            for ch in range(3):  # per channel and column parity: strided casts beat one 4-D transposing copy
+                for parity in (0, 1):
+                    np.copyto(dst[:, :, parity, ch], src[ch, :, parity], casting="unsafe")
     return out
