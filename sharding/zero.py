@@ -82,7 +82,7 @@ def deepspeed_config(
             "type": "WarmupCosineLR",
             "params": {
                 "total_num_steps": schedule.total_steps,
-                "warmup_num_steps": schedule.warmup_steps,
+                "warmup_num_steps": max(1, schedule.warmup_steps),  # DeepSpeed refuses 0
                 "warmup_min_ratio": 0.0,
                 "cos_min_ratio": schedule.min_ratio,
             },

@@ -5,19 +5,24 @@ Layout under the run's checkpoint root (a folder or s3://bucket/prefix):
     step-00000200/meta.json            step, stream state, world size, family, config
     step-00000200/<engine>/ds/...      DeepSpeed's checkpoint of each engine
     step-00000200/rng-rank<r>.safetensors
+    step-00000200/_uploaded/rank<r>    (s3:// only) rank r's files are all uploaded
     latest                             the name of the newest complete checkpoint
 
 A checkpoint is written into a staging folder first (``step-X.partial`` beside it for local roots, a local temp
 folder uploaded file by file for s3://); ``latest`` moves to it only after every rank has finished writing (and
-uploading), so a crash mid-save never leaves a broken latest. Older checkpoints beyond ``keep`` are deleted after.
+uploading), so a crash mid-save never leaves a broken latest. Uploads to s3:// run in a background thread per rank
+while training goes on; rank 0 moves ``latest`` when every rank's completion marker is there. Older checkpoints
+beyond ``keep`` are deleted after.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -28,8 +33,10 @@ from safetensors.torch import load_file, save_file
 
 from data_pipeline import storage
 
+log = logging.getLogger(__name__)
 LATEST = "latest"
 META = "meta.json"
+DONE = "_uploaded"
 FORMAT = 1
 
 
@@ -66,10 +73,16 @@ def tag_for(step: int) -> str:
 class CheckpointStore:
     """Saves and finds checkpoints under one root, for one rank of a world."""
 
-    def __init__(self, root: str, *, rank: int = 0, world_size: int = 1, keep: int = 3, staging: str | None = None):
+    def __init__(self, root: str, *, rank: int = 0, world_size: int = 1, keep: int = 3, staging: str | None = None,
+                 async_upload: bool = True):
         self.root, self.rank, self.world_size, self.keep = root, rank, world_size, keep
         self.remote = storage.is_remote(root)
         self.staging = staging or tempfile.gettempdir()
+        self.async_upload = async_upload
+        self._uploader: threading.Thread | None = None
+        self._finalizer: threading.Thread | None = None
+        self._upload_error: Exception | None = None
+        self._stop = threading.Event()
 
     def latest(self) -> str | None:
         """The newest complete checkpoint's tag, or None when there is none."""
@@ -98,10 +111,13 @@ class CheckpointStore:
         return os.path.join(_local(self.root), tag + ".partial")
 
     def save(self, step: int, engines: Mapping[str, Any], meta: CheckpointMeta) -> str:
-        """Collective: every rank calls it. Returns the tag once ``latest`` points at the new checkpoint."""
+        """Collective: every rank calls it. Local roots: returns once ``latest`` points at the new checkpoint.
+        s3:// roots with ``async_upload``: returns once the checkpoint is staged locally; the upload runs in the
+        background and ``latest`` moves when every rank's upload is complete (see ``wait``)."""
         tag = tag_for(step)
+        self._join_upload()
         out = self._write_dir(tag)
-        if self.rank == 0 and os.path.exists(out):
+        if (self.remote or self.rank == 0) and os.path.exists(out):
             shutil.rmtree(out)
         _barrier()
         os.makedirs(out, exist_ok=True)
@@ -112,20 +128,83 @@ class CheckpointStore:
         if self.rank == 0:
             with open(os.path.join(out, META), "w") as f:
                 json.dump(asdict(meta), f, indent=1)
-        if self.remote:
-            storage.upload_dir(out, storage.join(self.root, tag))
-            shutil.rmtree(out, ignore_errors=True)
         _barrier()
-        if self.rank == 0:
-            if not self.remote:
+        if not self.remote:
+            if self.rank == 0:
                 final = os.path.join(_local(self.root), tag)
                 if os.path.exists(final):
                     shutil.rmtree(final)
                 os.replace(out, final)
-            storage.write_bytes(storage.join(self.root, LATEST), tag.encode())
-            self._prune(tag)
-        _barrier()
+                self._point_latest(tag)
+            _barrier()
+            return tag
+        if self.async_upload:
+            self._uploader = threading.Thread(target=self._upload, args=(out, tag), daemon=True)
+            self._uploader.start()
+            if self.rank == 0:
+                previous = self._finalizer
+                self._finalizer = threading.Thread(target=self._finalize, args=(tag, previous), daemon=True)
+                self._finalizer.start()
+        else:
+            self._upload(out, tag)
+            self._raise_upload_error()
+            _barrier()
+            if self.rank == 0:
+                self._finalize(tag, None)
+            _barrier()
         return tag
+
+    def _upload(self, out: str, tag: str) -> None:
+        """Upload this rank's staged files, then its completion marker (the finalizer counts the markers)."""
+        try:
+            storage.upload_dir(out, storage.join(self.root, tag))
+            storage.write_bytes(storage.join(self.root, tag, DONE, f"rank{self.rank}"), b"")
+            shutil.rmtree(out, ignore_errors=True)
+        except Exception as e:  # surfaced by wait(); training goes on meanwhile
+            log.error("checkpoint upload of %s/%s failed on rank %d: %s", self.root, tag, self.rank, e)
+            self._upload_error = e
+
+    def _uploaded_ranks(self, tag: str) -> int:
+        return len(storage.list_prefix(storage.join(self.root, tag, DONE) + "/"))
+
+    def _finalize(self, tag: str, previous: threading.Thread | None) -> None:
+        """Rank 0: move ``latest`` to ``tag`` once every rank's marker exists; give up when ``wait`` says so."""
+        if previous is not None:
+            previous.join()
+        while self._uploaded_ranks(tag) < self.world_size:
+            if self._stop.wait(0.2):
+                if self._uploaded_ranks(tag) < self.world_size:
+                    log.error("checkpoint %s/%s incomplete: latest stays where it was", self.root, tag)
+                    return
+        self._point_latest(tag)
+
+    def _point_latest(self, tag: str) -> None:
+        storage.write_bytes(storage.join(self.root, LATEST), tag.encode())
+        self._prune(tag)
+
+    def _join_upload(self) -> None:
+        if self._uploader is not None:
+            self._uploader.join()
+            self._uploader = None
+        self._raise_upload_error()
+
+    def _raise_upload_error(self) -> None:
+        if self._upload_error is not None:
+            error, self._upload_error = self._upload_error, None
+            raise CheckpointError(f"checkpoint upload to {self.root} failed: {error}") from error
+
+    def wait(self) -> None:
+        """Collective: finish this rank's upload; rank 0 then moves ``latest`` to the last complete checkpoint."""
+        try:
+            self._join_upload()
+        finally:
+            _barrier()
+            if self.rank == 0 and self._finalizer is not None:
+                self._stop.set()
+                self._finalizer.join()
+                self._finalizer = None
+                self._stop.clear()
+            _barrier()
 
     def all_tags(self) -> list[str]:
         if self.remote:

@@ -43,6 +43,7 @@ class TrainerConfig:
     num_samples: int = 16
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    async_checkpoint_upload: bool = True
     seed: int = 0
     deterministic: bool = True
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -225,7 +226,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
     family = family_class(spec.family)(spec.model, data_info(manifest))
     store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,
-                            staging=os.path.join(spec.run_dir, ".staging"))
+                            staging=os.path.join(spec.run_dir, ".staging"), async_upload=cfg.async_checkpoint_upload)
     tag, universal = _resume_point(store, world, rank)
     engines = build_engines(family, spec, world, universal)
     if rank == 0:
@@ -281,7 +282,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                                       config=spec.config, data_info=family.data_info)
                 saved = store.save(step, engines, meta)
                 if rank == 0:
-                    print(f"[checkpoint] {store.root}/{saved}", flush=True)
+                    note = " (uploading in the background)" if store.remote and store.async_upload else ""
+                    print(f"[checkpoint] {store.root}/{saved}{note}", flush=True)
+        store.wait()
     finally:
         reporter.close()
     if stream.skipped_shards and rank == 0:
