@@ -32,6 +32,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.codecs.dct_codec import decode, encode  # noqa: E402
 from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
+from data_pipeline.codecs.dct_sequence import sparsify, triples_to_dct_image  # noqa: E402
+from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image  # noqa: E402
 
 
 def photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
@@ -80,10 +82,11 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float(10 * np.log10(255.0**2 / np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)))
 
 
-def run(size: int, count: int, quality: int, repeats: int) -> dict[str, float]:
+def run(size: int, count: int, quality: int, repeats: int) -> dict[str, object]:
     images = photo_crops(size, count)
     cfg = DCTCodecConfig(resolution=size, quality=quality)
     seqs = encode(images, cfg)
+    dense = rgb_to_dct_image(images, quality, channels_last=False)
     files = libjpeg_encode(images, quality)
     t = best_of_interleaved(
         {
@@ -91,6 +94,10 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, float]:
             "jenc": lambda: libjpeg_encode(images, quality),
             "dec": lambda: decode(seqs, cfg),
             "jdec": lambda: libjpeg_decode(files),
+            "dense_enc": lambda: rgb_to_dct_image(images, quality, channels_last=False),
+            "sparsify": lambda: sparsify(dense, cfg, channels_last=False),
+            "densify": lambda: triples_to_dct_image(seqs, cfg, channels_last=False),
+            "dense_dec": lambda: dct_image_to_rgb(dense, quality, channels_last=False),
         },
         repeats,
     )
@@ -98,7 +105,14 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, float]:
     with Image.open(io.BytesIO(files[0])) as im:
         pillow_first = np.asarray(im.convert("RGB"))
     ours_first = decode(seqs[:1], cfg)[0]
-    r = {
+    stage_names = {
+        "dense_enc": "rgb_to_dct_image",
+        "sparsify": "sparsify",
+        "densify": "triples_to_dct_image",
+        "dense_dec": "dct_image_to_rgb",
+    }
+    stages = {name: round(1e3 * t[key] / count, 4) for key, name in stage_names.items()}
+    r: dict[str, object] = {
         "images": count,
         "ours_encode_img_s": count / t_enc,
         "ours_decode_img_s": count / t_dec,
@@ -106,6 +120,7 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, float]:
         "libjpeg_decode_img_s": count / t_jdec,
         "encode_ratio": t_jenc / t_enc,
         "decode_ratio": t_jdec / t_dec,
+        "stage_ms_per_image": stages,
         "mean_triples_per_image": float(np.mean([len(s) - 1 for s in seqs])),
         "mean_jpeg_bytes_per_image": float(np.mean([len(f) for f in files])),
         "psnr_ours_db": psnr(ours_first, images[0]),

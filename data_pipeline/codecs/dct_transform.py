@@ -214,43 +214,43 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
 
 
-def _fancy_pairs(a: np.ndarray, even: np.ndarray, odd: np.ndarray) -> None:
-    """Double axis 1 with libjpeg's triangle filter into separate outputs (each shaped like `a`):
-    even[i] = a[i] - (a[i] - a[i-1]) / 4, odd[i] = a[i] + (a[i+1] - a[i]) / 4, edges replicated."""
-    d = np.subtract(a[:, 1:], a[:, :-1])
+def _fancy_axis(a: np.ndarray, axis: int, out: np.ndarray) -> None:
+    """Double `axis` with libjpeg's triangle filter, edges replicated:
+    out[2i] = a[i] - (a[i] - a[i-1]) / 4, out[2i+1] = a[i] + (a[i+1] - a[i]) / 4."""
+    n = a.shape[axis]
+
+    def sl(arr: np.ndarray, s: slice) -> np.ndarray:
+        idx = [slice(None)] * arr.ndim
+        idx[axis] = s
+        return arr[tuple(idx)]
+
+    even, odd = sl(out, slice(0, None, 2)), sl(out, slice(1, None, 2))
+    d = np.diff(a, axis=axis)
     d *= np.float32(0.25)
-    np.subtract(a[:, 1:], d, out=even[:, 1:])
-    np.add(a[:, :-1], d, out=odd[:, :-1])
-    even[:, 0] = a[:, 0]
-    odd[:, -1] = a[:, -1]
+    np.subtract(sl(a, slice(1, n)), d, out=sl(even, slice(1, n)))
+    np.add(sl(a, slice(0, n - 1)), d, out=sl(odd, slice(0, n - 1)))
+    np.copyto(sl(even, slice(0, 1)), sl(a, slice(0, 1)))
+    np.copyto(sl(odd, slice(n - 1, n)), sl(a, slice(n - 1, n)))
 
 
-def _upsample_split(c: np.ndarray, mode: Upsampling, out: np.ndarray) -> None:
-    """[N, h, w] -> out [N, 2h, 2, w]: pixel (row, 2j + p) of the upsampled plane lands at out[:, row, p, j].
-
-    Keeping even and odd columns apart makes every pass below contiguous (interleaving them would make each
-    write stride-2); the decoder keeps this column order until the final interleaved uint8 copy."""
-    n, h, w = c.shape
-    wide = np.empty((n, h, 2, w), dtype=np.float32)  # [N, h, column parity, w]
-    rows = out.reshape(n, h, 2, 2, w)  # [N, h, row parity, column parity, w]
-    if mode == "fancy":
-        _fancy_pairs(c.transpose(0, 2, 1), wide[:, :, 0].transpose(0, 2, 1), wide[:, :, 1].transpose(0, 2, 1))
-        _fancy_pairs(wide, rows[:, :, 0], rows[:, :, 1])
-    elif mode == "nearest":
-        wide[:, :, 0] = c
-        wide[:, :, 1] = c
-        rows[:, :, 0] = wide
-        rows[:, :, 1] = wide
-    else:
-        raise ValueError(f"upsampling must be 'fancy' or 'nearest', got {mode!r}")
-
-
-def upsample_420(c: np.ndarray, mode: Upsampling = "fancy") -> np.ndarray:
+def upsample_420(c: np.ndarray, mode: Upsampling = "fancy", out: np.ndarray | None = None) -> np.ndarray:
     """[N, h, w] float32 planes -> [N, 2h, 2w], by libjpeg's fancy (triangle) filter or by pixel replication."""
     n, h, w = c.shape
-    split = np.empty((n, 2 * h, 2, w), dtype=np.float32)
-    _upsample_split(np.asarray(c, dtype=np.float32), mode, split)
-    return np.ascontiguousarray(split.transpose(0, 1, 3, 2)).reshape(n, 2 * h, 2 * w)
+    if out is None:
+        out = np.empty((n, 2 * h, 2 * w), dtype=np.float32)
+    if mode == "fancy":
+        wide = np.empty((n, h, 2 * w), dtype=np.float32)
+        _fancy_axis(c, 2, wide)
+        _fancy_axis(wide, 1, out)
+    elif mode == "nearest":
+        wide = np.empty((n, h, 2 * w), dtype=np.float32)
+        wide[:, :, 0::2] = c
+        wide[:, :, 1::2] = c
+        out[:, 0::2] = wide
+        out[:, 1::2] = wide
+    else:
+        raise ValueError(f"upsampling must be 'fancy' or 'nearest', got {mode!r}")
+    return out
 
 
 def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
@@ -259,7 +259,7 @@ def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
         "coef": np.empty((k, NUM_FREQS, 6 * hw), dtype=np.float32),
         "luma": np.empty((k, 4 * hw, NUM_FREQS), dtype=np.float32),
         "chroma": np.empty((k, 2 * hw, NUM_FREQS), dtype=np.float32),
-        "planes": np.empty((3, k, height, 2, width // 2), dtype=np.float32),
+        "planes": np.empty((3, k, height, width), dtype=np.float32),
         "small": np.empty((2, k, height // 2, width // 2), dtype=np.float32),
         "rgb": np.empty((3, k * height * width), dtype=np.float32),
     }
@@ -298,19 +298,15 @@ def dct_image_to_rgb(
             np.matmul(c[:, :, : 4 * hw].transpose(0, 2, 1), luma_basis, out=buf["luma"])
             np.matmul(c[:, :, 4 * hw :].transpose(0, 2, 1), chroma_basis, out=buf["chroma"])
             # Blocks back to raster order, clamped to libjpeg's sample range on the way.
-            # Planes keep each row's even and odd columns apart (see _upsample_split): pixel (row, 2j + p) is at
-            # [row, p, j]. Luma blocks go there from (dy, dx, h, w, y, x = 2 xh + p), clamped on the way.
-            y = buf["luma"].reshape(k, 2, 2, h, w, BLOCK, BLOCK // 2, 2).transpose(0, 3, 1, 5, 7, 4, 2, 6)
-            np.clip(y, 0.5, 255.5, out=planes[0].reshape(k, h, 2, BLOCK, 2, w, 2, BLOCK // 2))
+            y = buf["luma"].reshape(k, 2, 2, h, w, BLOCK, BLOCK).transpose(0, 3, 1, 5, 4, 2, 6)
+            np.clip(y, 0.5, 255.5, out=planes[0].reshape(k, h, 2, BLOCK, w, 2, BLOCK))
             cc = buf["chroma"].reshape(k, 2, h, w, BLOCK, BLOCK).transpose(1, 0, 2, 4, 3, 5)
             np.clip(cc, -128.0, 127.0, out=small.reshape(2, k, h, BLOCK, w, BLOCK))
-            full = planes[1:].reshape(2 * k, height, 2, width // 2)
-            _upsample_split(small.reshape(2 * k, height // 2, width // 2), upsampling, full)
+            full = planes[1:].reshape(2 * k, height, width)
+            upsample_420(small.reshape(2 * k, height // 2, width // 2), upsampling, out=full)
             np.matmul(colour, planes.reshape(3, -1), out=rgb)  # [3, 3] @ [3, P]: the fast GEMM orientation
             np.clip(rgb, 0.0, 255.5, out=rgb)
-            dst = out[start : start + k].reshape(k * height, width // 2, 2, 3)
-            src = rgb.reshape(3, k * height, 2, width // 2)
-            for ch in range(3):  # per channel and column parity: strided casts beat one 4-D transposing copy
-                for parity in (0, 1):
-                    np.copyto(dst[:, :, parity, ch], src[ch, :, parity], casting="unsafe")
+            dst = out[start : start + k].reshape(-1)
+            for ch in range(3):  # 1-D strided casts interleave the planes far faster than one 2-D copy
+                np.copyto(dst[ch::3], rgb[ch], casting="unsafe")
     return out
