@@ -23,6 +23,7 @@ class ShardInfo:
     bytes: int
     sha256: str
     first_index: int
+    offsets: list[int] = field(default_factory=list)
 
 
 @dataclass

@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import tarfile
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +28,7 @@ from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_man
 from data_pipeline.sources import build_source
 
 log = logging.getLogger(__name__)
+INDEX_STRIDE = 16  # byte offset of every 16th sample goes into the manifest: readers seek instead of skipping
 
 
 @dataclass
@@ -89,6 +91,19 @@ def finished_info(output: str, plan: ShardPlan) -> ShardInfo | None:
     return ShardInfo(**data["shard"])
 
 
+def sample_offsets(tar_path: str) -> list[int]:
+    """Byte offset of each sample's first member header, in order (webdataset groups members by key prefix)."""
+    offsets: list[int] = []
+    last = None
+    with tarfile.open(tar_path, "r:") as tar:
+        for member in tar:
+            key = member.name.split(".", 1)[0]
+            if key != last:
+                offsets.append(member.offset)
+                last = key
+    return offsets
+
+
 def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
     """Write one shard (in a temporary local file, then moved/uploaded whole) and its info file."""
     source = build_source(config.source, config.source_settings)
@@ -101,7 +116,8 @@ def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
                 sample = source.sample(i)
                 writer.write({"__key__": sample.key, **codec.encode(sample)})
         digest = storage.sha256_of(tmp)
-        info = ShardInfo(plan.name, plan.stop - plan.first, os.path.getsize(tmp), digest, plan.first)
+        info = ShardInfo(plan.name, plan.stop - plan.first, os.path.getsize(tmp), digest, plan.first,
+                         sample_offsets(tmp)[::INDEX_STRIDE])
         storage.upload_file(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -168,7 +184,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         codec={"name": config.codec, "settings": codec.settings()},
         shards=[infos[p.index] for p in plans],
         format_version=FORMAT_VERSION,
-        extra={"samples_per_shard": config.samples_per_shard,
+        extra={"samples_per_shard": config.samples_per_shard, "index_stride": INDEX_STRIDE,
                "image_shape": list(source.sample(0).image.shape)},
         url=config.output,
     )

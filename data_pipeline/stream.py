@@ -98,10 +98,16 @@ class ShardOpener:
         """Raw samples of shard ``i`` from member group ``offset`` on; a short or broken shard is a DatasetError."""
         url = self.manifest.shard_url(i)
         path = self._local_path(i)
-        expected = self.manifest.shards[i].count
-        seen = 0
+        info = self.manifest.shards[i]
+        expected = info.count
+        stride = int(self.manifest.extra.get("index_stride", 0))
+        seen, start = 0, 0
+        if stride and info.offsets:
+            k = min(offset // stride, len(info.offsets) - 1)
+            seen, start = k * stride, info.offsets[k]
         try:
             with open(path, "rb") as f:
+                f.seek(start)
                 for sample in group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f)):
                     if seen >= offset:
                         yield sample

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from data_pipeline.codecs.image import ImageCodec, ImageCodecConfig
+from data_pipeline.codecs.points import PointsCodec, PointsCodecConfig
 
 
 class Codec(Protocol):
@@ -19,6 +20,7 @@ class Codec(Protocol):
 
 CODECS: dict[str, tuple[type, type]] = {
     "image": (ImageCodecConfig, ImageCodec),
+    "points": (PointsCodecConfig, PointsCodec),
 }
 
 

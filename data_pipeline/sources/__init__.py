@@ -12,12 +12,14 @@ from typing import Any
 from .base import Sample, Source, config_from_settings
 from .digits import DigitsConfig, DigitsSource
 from .image_folder import ImageFolderConfig, ImageFolderSource
+from .mixtures import MixtureConfig, MixtureSource
 from .shapes import ShapesConfig, ShapesSource
 
 SOURCES: dict[str, tuple[type, Callable[[Any], Source]]] = {
     ShapesSource.name: (ShapesConfig, ShapesSource),
     DigitsSource.name: (DigitsConfig, DigitsSource),
     ImageFolderSource.name: (ImageFolderConfig, ImageFolderSource),
+    MixtureSource.name: (MixtureConfig, MixtureSource),
 }
 
 
