@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, Protocol
 
+from data_pipeline.codecs.dct_codec import DCTCodec
+from data_pipeline.codecs.dct_config import DCTCodecConfig
 from data_pipeline.codecs.image import ImageCodec, ImageCodecConfig
 from data_pipeline.codecs.points import PointsCodec, PointsCodecConfig
 
@@ -18,8 +21,10 @@ class Codec(Protocol):
     def decode(self, fields: dict[str, Any]) -> dict[str, Any]: ...
 
 
-CODECS: dict[str, tuple[type, type]] = {
-    "image": (ImageCodecConfig, ImageCodec),
+# name -> (settings dict -> typed config, codec class)
+CODECS: dict[str, tuple[Callable[[dict[str, Any]], Any], type]] = {
+    "image": (lambda settings: ImageCodecConfig(**settings), ImageCodec),
+    "dct": (DCTCodecConfig.from_dict, DCTCodec),
     "points": (PointsCodecConfig, PointsCodec),
 }
 
@@ -28,9 +33,9 @@ def build_codec(name: str, settings: dict[str, Any] | None = None) -> Codec:
     """Build a codec from its registry name and settings (as stored in a manifest or a config)."""
     if name not in CODECS:
         raise ValueError(f"unknown codec {name!r}; known: {sorted(CODECS)}")
-    config_cls, codec_cls = CODECS[name]
+    make_config, codec_cls = CODECS[name]
     try:
-        config = config_cls(**(settings or {}))
+        config = make_config(dict(settings or {}))
     except TypeError as e:
         raise ValueError(f"codec {name!r}: bad settings {settings!r} ({e})") from e
     return codec_cls(config)
