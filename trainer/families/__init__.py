@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from trainer.families.base import Family
 from trainer.families.image_gpt import ImageGPTFamily
+from trainer.families.slsa_gan import SLSAGanFamily
 
 FAMILIES: dict[str, type[Family]] = {
     ImageGPTFamily.name: ImageGPTFamily,
+    SLSAGanFamily.name: SLSAGanFamily,
 }
 
 

@@ -1,0 +1,307 @@
+"""The duality-gap monitor: a separate Ray actor (or Ray job) that watches a GAN run's checkpoints.
+
+It polls the run's checkpoint root; every new complete checkpoint (a tag at or before ``latest``, which moves only
+once a checkpoint is fully written) is consolidated read-only into fresh modules (DeepSpeed's zero_to_fp32, as
+``dgm export`` does), and the proximal and plain duality gaps are estimated on copies against the run's held-out
+data (trainer/duality_gap.py). Values go to ``<run_dir>/tensorboard/gap`` (its own event file, so TensorBoard shows
+them beside the training losses) and to ``<run_dir>/gap.jsonl``. The monitor writes nothing else (for s3:// roots:
+downloads into its own staging folder), holds a fraction of a CPU, and lives independently of the training job:
+it keeps going when training fails and is resumed, and stops when it has evaluated the run's last step, after
+``idle_timeout_s`` without a new checkpoint, or when asked. Restarted, it skips the tags already in gap.jsonl.
+
+    python -m launch.gap_monitor configs/gan_gap_monitor.yaml run_dir=runs/gan-ring [--address auto] [--detach]
+    python -m launch.gap_monitor ... --in-process     # e.g. as a Ray Jobs entrypoint (--entrypoint-num-cpus 0.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import yaml
+
+from data_pipeline.codecs import build_codec
+from data_pipeline.manifest import load_manifest
+from data_pipeline.stream import RankStream, StreamConfig
+from launch.config import set_dotted
+from launch.export import consolidated_state
+from trainer.checkpoint import CheckpointError, CheckpointStore
+from trainer.duality_gap import GapConfig, duality_gaps
+from trainer.families import family_class
+from trainer.typed_config import ConfigError, from_dict
+
+GAP_FILE = "gap.jsonl"
+
+
+@dataclass
+class MonitorConfig:
+    """What to watch and how. Empty ``checkpoint_root``/``eval_data``: taken from the run (its checkpoints folder,
+    and the ``data.eval`` recorded in each checkpoint's config); ``stop_at_step`` 0: the run's ``trainer.steps``."""
+
+    run_dir: str = ""
+    checkpoint_root: str = ""
+    eval_data: str = ""
+    gap: GapConfig = field(default_factory=GapConfig)
+    max_eval_samples: int = 2048
+    poll_s: float = 2.0
+    idle_timeout_s: float = 900.0
+    stop_at_step: int = 0
+    num_cpus: float = 0.5
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        if self.max_eval_samples < 2:
+            raise ValueError(f"max_eval_samples must be >= 2, got {self.max_eval_samples}")
+        if self.poll_s <= 0 or self.idle_timeout_s <= 0 or not 0 < self.num_cpus:
+            raise ValueError("poll_s, idle_timeout_s and num_cpus must be > 0")
+
+    @property
+    def root(self) -> str:
+        return self.checkpoint_root or os.path.join(self.run_dir, "checkpoints")
+
+
+def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig:
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            with open(path) as f:
+                raw = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"{path}: config file not found") from None
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    for o in overrides:
+        set_dotted(raw, o)
+    cfg = from_dict(MonitorConfig, raw)
+    if not cfg.run_dir:
+        raise ConfigError("run_dir: the training run to watch is required")
+    cfg.run_dir = os.path.abspath(cfg.run_dir)
+    if cfg.checkpoint_root and "://" not in cfg.checkpoint_root:
+        cfg.checkpoint_root = os.path.abspath(cfg.checkpoint_root)
+    return cfg
+
+
+def held_out_batch(family: Any, url: str, limit: int) -> dict[str, torch.Tensor]:
+    """Up to ``limit`` samples of a dataset in its fixed order, collated by the family (one batch)."""
+    manifest = load_manifest(url)
+    codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
+    cfg = StreamConfig(global_batch=min(limit, manifest.total), partitions=1, shuffle_shards=False,
+                       drop_last=False, num_workers=0)
+    samples: list[dict[str, Any]] = []
+    for part in RankStream(manifest, cfg, codec.decode, 0, 1).iterate(max_epochs=1):
+        samples.extend(s for s in part if s.get("valid", True))
+        if len(samples) >= limit:
+            break
+    return family.collate(samples[:limit])
+
+
+class GapMonitor:
+    """The polling loop, usable in-process; ``GapMonitorActor`` runs it inside Ray."""
+
+    def __init__(self, cfg: MonitorConfig) -> None:
+        self.cfg = cfg
+        self.store = CheckpointStore(cfg.root, staging=os.path.join(cfg.run_dir, ".gap-staging"))
+        self.stop_event = threading.Event()
+        self.done = self._already_done()
+        self.writer: Any = None
+        self.evaluated = 0
+        self.last_step = 0
+        self._data: dict[str, dict[str, torch.Tensor]] = {}
+
+    def _already_done(self) -> set[str]:
+        path = os.path.join(self.cfg.run_dir, GAP_FILE)
+        done: set[str] = set()
+        if os.path.exists(path):
+            with open(path) as f:
+                for line in f:
+                    try:
+                        done.add(json.loads(line)["tag"])
+                    except (ValueError, KeyError):
+                        continue
+        return done
+
+    def pending(self) -> list[str]:
+        """Complete checkpoints not yet evaluated, oldest first."""
+        latest = self.store.latest()
+        if latest is None:
+            return []
+        return [t for t in self.store.all_tags() if t <= latest and t not in self.done]
+
+    def _record(self, entry: dict[str, Any]) -> None:
+        os.makedirs(self.cfg.run_dir, exist_ok=True)
+        with open(os.path.join(self.cfg.run_dir, GAP_FILE), "a") as f:
+            f.write(json.dumps(entry) + "\n")
+        self.done.add(entry["tag"])
+
+    def _scalars(self, step: int, values: dict[str, float]) -> None:
+        if self.writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(self.cfg.run_dir, "tensorboard", "gap"))
+        for k, v in values.items():
+            self.writer.add_scalar(f"gap/{k}", v, step)
+        self.writer.flush()
+
+    def evaluate_tag(self, tag: str) -> dict[str, Any]:
+        """Gaps of one checkpoint: consolidated weights -> fresh modules -> evaluator on copies."""
+        meta = self.store.read_meta(tag)
+        cls = family_class(meta.family)
+        family = cls(from_dict(cls.config_cls, (meta.config or {}).get("model") or {}, "model"), meta.data_info)
+        if not hasattr(family, "gap_game"):
+            raise CheckpointError(f"{self.cfg.root}/{tag}: family {meta.family!r} is not a GAN (no gap_game)")
+        if meta.zero_stage == 0:
+            raise CheckpointError(f"{self.cfg.root}/{tag}: the monitor reads ZeRO checkpoints (stage >= 1)")
+        path = self.store.local_copy(tag)
+        modules = family.build_modules()
+        for name, module in modules.items():
+            module.load_state_dict(consolidated_state(path, name), strict=True)
+            module.eval()
+        url = self.cfg.eval_data or ((meta.config or {}).get("data") or {}).get("eval") or ""
+        if not url:
+            raise ConfigError("eval_data: no held-out data set given and the run's config has no data.eval")
+        if url not in self._data:
+            self._data[url] = held_out_batch(family, url, self.cfg.max_eval_samples)
+        game = family.gap_game(modules, self._data[url])
+        result = duality_gaps(modules["generator"], modules["discriminator"], game, self.cfg.gap)
+        return {"step": meta.step, **result.to_dict()}
+
+    def poll_once(self) -> int:
+        """Evaluate every pending checkpoint; returns how many were evaluated (or recorded as failed)."""
+        n = 0
+        for tag in self.pending():
+            if self.stop_event.is_set():
+                break
+            try:
+                entry = {"tag": tag, "time": round(time.time(), 3), **self.evaluate_tag(tag)}
+                self._scalars(entry["step"], {k: entry[k] for k in ("proximal", "plain", "m1", "m2", "seconds")})
+                self.last_step = max(self.last_step, entry["step"])
+                self.evaluated += 1
+                print(f"[gap] {tag}: DG^lambda {entry['proximal']:.4f} DG {entry['plain']:.4f} "
+                      f"({entry['seconds']:.1f}s)", flush=True)
+            except (CheckpointError, ConfigError, OSError, ValueError, RuntimeError, KeyError) as e:
+                if tag not in self.store.all_tags():
+                    entry = {"tag": tag, "time": round(time.time(), 3), "skipped": "deleted before evaluation"}
+                else:
+                    entry = {"tag": tag, "time": round(time.time(), 3), "error": f"{type(e).__name__}: {e}"}
+                print(f"[gap] {tag}: {entry.get('error') or entry['skipped']}", flush=True)
+            self._record(entry)
+            n += 1
+        return n
+
+    def _target_step(self) -> int:
+        if self.cfg.stop_at_step:
+            return self.cfg.stop_at_step
+        latest = self.store.latest()
+        if latest is None:
+            return 0
+        return int(((self.store.read_meta(latest).config or {}).get("trainer") or {}).get("steps") or 0)
+
+    def run(self) -> dict[str, Any]:
+        """Poll until the run's last step is evaluated, ``idle_timeout_s`` passes without news, or stop()."""
+        torch.set_num_threads(self.cfg.threads)
+        last_news = time.monotonic()
+        reason = "stopped"
+        try:
+            while not self.stop_event.is_set():
+                try:
+                    if self.poll_once():
+                        last_news = time.monotonic()
+                    target = self._target_step()
+                except (CheckpointError, OSError) as e:
+                    print(f"[gap] cannot read {self.cfg.root} yet: {e}", flush=True)
+                    target = 0
+                if target and self.last_step >= target:
+                    reason = "finished"
+                    break
+                if time.monotonic() - last_news > self.cfg.idle_timeout_s:
+                    reason = "idle"
+                    break
+                self.stop_event.wait(self.cfg.poll_s)
+        finally:
+            if self.writer is not None:
+                self.writer.close()
+        return {"evaluated": self.evaluated, "last_step": self.last_step, "reason": reason}
+
+    def stop(self) -> None:
+        self.stop_event.set()
+
+
+class GapMonitorActor:
+    """The monitor as a Ray actor (threaded: ``stop``/``status`` answer while ``run`` loops)."""
+
+    def __init__(self, cfg: MonitorConfig, exit_when_done: bool = False) -> None:
+        self.monitor, self.exit_when_done = GapMonitor(cfg), exit_when_done
+
+    def run(self) -> dict[str, Any]:
+        summary = self.monitor.run()
+        if self.exit_when_done:
+            import ray
+
+            ray.actor.exit_actor()
+        return summary
+
+    def stop(self) -> None:
+        self.monitor.stop()
+
+    def status(self) -> dict[str, Any]:
+        return {"evaluated": self.monitor.evaluated, "last_step": self.monitor.last_step,
+                "done": sorted(self.monitor.done)}
+
+
+def start_monitor(cfg: MonitorConfig, *, detached: bool = False, name: str = "") -> tuple[Any, Any]:
+    """Start the monitor actor on the connected Ray cluster with ``cfg.num_cpus`` CPUs; returns (actor, ref of
+    its run() summary). A detached actor outlives the driver that started it and exits itself when done."""
+    import ray
+
+    from launch.train import worker_env
+
+    options: dict[str, Any] = {"num_cpus": cfg.num_cpus, "max_concurrency": 2,
+                               "runtime_env": {"env_vars": worker_env()}}
+    if detached:
+        options.update(lifetime="detached", name=name or f"gap-monitor-{os.path.basename(cfg.run_dir)}")
+    actor = ray.remote(GapMonitorActor).options(**options).remote(cfg, detached)
+    return actor, actor.run.remote()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launch.gap_monitor", description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("config", nargs="?", default=None, help="monitor YAML (configs/gan_gap_monitor.yaml)")
+    parser.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. run_dir=runs/gan-ring gap.lam=0.1")
+    parser.add_argument("--address", default="", help="Ray cluster to run on (default: an embedded local one)")
+    parser.add_argument("--detach", action="store_true", help="start a detached actor and return at once")
+    parser.add_argument("--in-process", action="store_true", help="no Ray: poll in this process")
+    args = parser.parse_args(argv)
+    if args.config and "=" in args.config:
+        args.overrides.insert(0, args.config)
+        args.config = None
+    try:
+        cfg = load_monitor_config(args.config, args.overrides)
+    except ConfigError as e:
+        print(f"gap_monitor: error: {e}", file=sys.stderr)
+        return 2
+    if args.in_process:
+        print(json.dumps(GapMonitor(cfg).run()))
+        return 0
+    import ray
+
+    from launch.train import ensure_ray
+
+    ensure_ray(args.address)
+    actor, ref = start_monitor(cfg, detached=args.detach)
+    if args.detach:
+        print(f"[gap] monitor started (detached) for {cfg.run_dir}; values in {cfg.run_dir}/{GAP_FILE}")
+        return 0
+    print(json.dumps(ray.get(ref)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
