@@ -1,0 +1,95 @@
+"""Chunk-by-chunk sampling of the DCTransformer: encode what exists, then draw c, p | c, v | c, p triple by triple.
+
+Inside a chunk each decoder keeps a key/value cache, so a step costs one new position per decoder; the reference
+path (``use_cache=False``) recomputes the chunk's whole prefix every step and must draw the same tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from trainer.dct.chunks import TokenSpace, channel_mask, dense_before, masked, position_mask, value_mask
+from trainer.dct.model import DCTransformer
+from trainer.sampling import sample_logits
+
+
+@dataclass
+class Conditioning:
+    """What every chunk's encoder gets besides the triples drawn so far."""
+
+    dense: torch.Tensor | None = None
+    """[B, 384, P] coefficients that are given (colourisation: all luma)."""
+    labels: torch.Tensor | None = None
+    lowres: torch.Tensor | None = None
+    allowed: torch.Tensor | None = None
+    """[384] bool: the channels the model may emit (colourisation: chroma only)."""
+    use_context: bool = True
+
+
+@dataclass
+class DrawSettings:
+    temperature: float = 1.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+
+def encoder_input(seq: torch.Tensor, space: TokenSpace, cond: Conditioning) -> torch.Tensor:
+    """Dense image of every triple in ``seq`` plus the given coefficients (zeros when context is switched off)."""
+    starts = torch.full((seq.shape[0],), seq.shape[1], dtype=torch.long, device=seq.device)
+    dense = dense_before(seq, starts, space)
+    if cond.dense is not None:
+        dense = dense + cond.dense
+    return dense if cond.use_context else torch.zeros_like(dense)
+
+
+@torch.no_grad()
+def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, max_triples: int,
+             cond: Conditioning, draw: DrawSettings, generator: torch.Generator | None = None,
+             use_cache: bool = True) -> torch.Tensor:
+    """Token sequences [n, L, 3] (PAD after EOS; L <= max_triples, the last row forced to EOS if reached)."""
+    device = next(model.parameters()).device
+    seq = torch.zeros(n, 0, 3, dtype=torch.long, device=device)
+    last = torch.tensor(space.start, device=device).repeat(n, 1)
+    done = torch.zeros(n, dtype=torch.bool, device=device)
+    pad = torch.tensor(space.pad, device=device)
+
+    def draw_one(logits: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
+        return sample_logits(masked(logits, ok), draw.temperature, draw.top_k, draw.top_p, generator)
+
+    while seq.shape[1] < max_triples and not bool(done.all()):
+        memory = model.encode(encoder_input(seq, space, cond), cond.labels, cond.lowres)
+        caches = [model.channel_dec.new_cache(), model.position_dec.new_cache(), model.value_dec.new_cache()]
+        prevs, hcs, cs, hps, ps = [], [], [], [], []
+        for j in range(min(chunk_size, max_triples - seq.shape[1])):
+            prevs.append(last)
+            if use_cache:
+                h_c = model.channel_hidden(memory, last[:, None], j, caches[0])[:, -1]
+            else:
+                h_c = model.channel_hidden(memory, torch.stack(prevs, 1), 0)[:, -1]
+            ok = channel_mask(last[:, None], space, cond.allowed)[:, 0]
+            if seq.shape[1] == max_triples - 1:
+                ok = ok & (torch.arange(ok.shape[-1], device=device) == space.c_eos)
+            c = draw_one(model.channel_head(h_c), ok)
+            hcs.append(h_c)
+            cs.append(c)
+            if use_cache:
+                h_p = model.position_hidden(memory, h_c[:, None], c[:, None], caches[1])[:, -1]
+            else:
+                h_p = model.position_hidden(memory, torch.stack(hcs, 1), torch.stack(cs, 1))[:, -1]
+            p = draw_one(model.position_head(h_p), position_mask(last[:, None], c[:, None], space)[:, 0])
+            hps.append(h_p)
+            ps.append(p)
+            if use_cache:
+                h_v = model.value_hidden(memory, h_p[:, None], p[:, None], caches[2])[:, -1]
+            else:
+                h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(ps, 1))[:, -1]
+            v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0])
+            triple = torch.where(done[:, None], pad, torch.stack([c, p, v], dim=1))
+            seq = torch.cat([seq, triple[:, None]], dim=1)
+            done = done | (triple[:, 0] == space.c_eos)
+            last = triple
+            if bool(done.all()):
+                break
+    return seq

@@ -1,0 +1,250 @@
+"""DCTransformer (Nash et al. 2021): images as sparse (channel, position, value) DCT sequences, trained by chunks.
+
+One chunk of ``chunk_size`` triples per image and step: the encoder sees the dense DCT image rebuilt from the
+triples strictly before the chunk, the three decoders predict the chunk's triples; the loss is the exact NLL
+CE(c) + CE(p) + CE(v) with impossible tokens masked (channels never decrease, positions increase within a channel).
+Variants (``mode``): "unconditional" (optionally with a class token), "colourise" (all luma given to the encoder,
+the sequence holds only chroma triples) and "superres" (the encoder also sees the DCT of the image downsampled
+``superres_factor`` times). The codec settings come from the data set's manifest (``data_info["codec"]``), which
+every export carries in its config.json, so `dgm sample` decodes with exactly the training codec.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from data_pipeline.codecs import dct_codec
+from data_pipeline.codecs.dct_config import DCTCodecConfig
+from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS
+from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
+from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, pad_batch, triple_nll
+from trainer.dct.model import DCTransformer, DecoderSizes, NetworkShape
+from trainer.dct.sampling import Conditioning, DrawSettings, generate
+from trainer.families.base import Engine, Family, StepContext
+from trainer.transformer import TransformerConfig
+
+Mode = Literal["unconditional", "colourise", "superres"]
+LN2 = math.log(2.0)
+
+
+@dataclass
+class DCTransformerConfig:
+    """Model settings.
+
+    chunk_size: triples per training chunk (the paper used 896 at 256x256; shape scenes at 32x32 have ~150-350).
+    mode: "unconditional", "colourise" (given luma, generate chroma) or "superres" (given a low-res image).
+    num_classes: > 0 adds a class token to the encoder (labels must be in 0..num_classes-1).
+    use_context: False zeroes the encoder's input: the baseline that ignores everything before the chunk.
+    superres_factor: downsampling of the low-resolution condition (the low-res side must be a multiple of 16).
+    max_triples: sampling stops here (0: the codec's longest possible sequence).
+    """
+
+    chunk_size: int = 64
+    mode: Mode = "unconditional"
+    num_classes: int = 0
+    use_context: bool = True
+    superres_factor: int = 2
+    max_triples: int = 0
+    encoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(n_layer=2, n_head=4, d_model=128))
+    decoders: DecoderSizes = field(default_factory=DecoderSizes)
+
+    def __post_init__(self) -> None:
+        if self.chunk_size < 1:
+            raise ValueError(f"model.chunk_size must be >= 1, got {self.chunk_size}")
+        if self.mode not in ("unconditional", "colourise", "superres"):
+            raise ValueError(f"model.mode must be unconditional, colourise or superres, got {self.mode!r}")
+        if self.num_classes < 0 or self.superres_factor < 2 or self.max_triples < 0:
+            raise ValueError("model.num_classes and model.max_triples must be >= 0, model.superres_factor >= 2")
+
+
+def codec_config(data_info: Mapping[str, Any]) -> DCTCodecConfig:
+    codec = data_info.get("codec") or {}
+    if codec.get("name") != "dct":
+        raise ValueError(f"dctransformer trains on DCT shards (codec 'dct'); this data set's codec is "
+                         f"{codec.get('name')!r}: prepare it with data.prepare.codec: dct")
+    return DCTCodecConfig.from_dict(codec.get("settings", {}))
+
+
+class DCTransformerFamily(Family):
+    name = "dctransformer"
+    config_cls = DCTransformerConfig
+
+    def __init__(self, config: DCTransformerConfig, data_info: Mapping[str, Any]) -> None:
+        super().__init__(config, data_info)
+        self.codec = codec_config(data_info)
+        self.space = TokenSpace(self.codec.num_positions, self.codec.value_range)
+        self.lowres: DCTCodecConfig | None = None
+        if config.mode == "superres":
+            h, w = self.codec.height // config.superres_factor, self.codec.width // config.superres_factor
+            try:
+                self.lowres = DCTCodecConfig(resolution=(h, w), quality=self.codec.quality)
+            except ValueError as e:
+                raise ValueError(f"model.superres_factor={config.superres_factor}: the low-resolution image "
+                                 f"{h}x{w} is not a DCT image ({e})") from e
+        self.allowed = torch.from_numpy(CHANNEL_SLOT >= NUM_LUMA_SLOTS) if config.mode == "colourise" else None
+
+    def build_modules(self) -> dict[str, nn.Module]:
+        c = self.config
+        shape = NetworkShape(num_positions=self.codec.num_positions, value_range=self.codec.value_range,
+                             chunk_size=c.chunk_size, num_classes=c.num_classes,
+                             lowres_positions=self.lowres.num_positions if self.lowres else 0,
+                             encoder=c.encoder, decoders=c.decoders)
+        return {"model": DCTransformer(shape)}
+
+    def split_luma(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sequence -> (its chroma triples + EOS, the dense luma image [384, P]) for colourisation."""
+        body = tokens[:-1]
+        luma = torch.from_numpy(CHANNEL_SLOT < NUM_LUMA_SLOTS)[body[:, 0]]
+        lum = body[luma]
+        dense = dense_before(pad_batch([lum], self.space)[None, 0], torch.tensor([len(lum)]), self.space)[0]
+        return torch.cat([body[~luma], tokens[-1:]]), dense
+
+    def lowres_dense(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [B, H, W, 3] -> the DCT image of its box-downsampled version, [B, 384, P_lo]."""
+        f = self.config.superres_factor
+        b, h, w, _ = rgb.shape
+        small = rgb.reshape(b, h // f, f, w // f, f, 3).astype(np.float32).mean(axis=(2, 4))
+        small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+        dct = rgb_to_dct_image(small, self.codec.quality, channels_last=False)
+        return torch.from_numpy(dct.reshape(b, dct.shape[1], -1).astype(np.int64)).float()
+
+    def conditioning(self, tokens: list[torch.Tensor], labels: list[int] | None) -> dict[str, torch.Tensor]:
+        """Per-mode targets and encoder conditioning for full token sequences."""
+        out: dict[str, torch.Tensor] = {}
+        if self.config.mode == "colourise":
+            parts = [self.split_luma(t) for t in tokens]
+            tokens = [p[0] for p in parts]
+            out["cond_dense"] = torch.stack([p[1] for p in parts])
+        if self.config.mode == "superres":
+            rgb = dct_codec.decode([t.numpy() for t in tokens], self.codec)
+            out["lowres"] = self.lowres_dense(rgb)
+        if self.config.num_classes:
+            if labels is None or any(not 0 <= lab < self.config.num_classes for lab in labels):
+                raise ValueError(f"model.num_classes={self.config.num_classes}: every sample needs a label in "
+                                 f"0..{self.config.num_classes - 1}, got {labels}")
+            out["labels"] = torch.tensor(labels, dtype=torch.long)
+        out["tokens"] = pad_batch(tokens, self.space)
+        out["lengths"] = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        return out
+
+    def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        tokens = [torch.from_numpy(np.asarray(s["tokens"], dtype=np.int64)) for s in samples]
+        labels = [int(s.get("label", -1)) for s in samples] if self.config.num_classes else None
+        batch = self.conditioning(tokens, labels)
+        batch["valid"] = torch.tensor([bool(s.get("valid", True)) for s in samples])
+        return batch
+
+    def chunk_batch(self, batch: dict[str, torch.Tensor], starts: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Encoder input, decoder input rows and targets of the chunks starting at ``starts``."""
+        dense = dense_before(batch["tokens"], starts, self.space)
+        if "cond_dense" in batch:
+            dense = dense + batch["cond_dense"]
+        if not self.config.use_context:
+            dense = torch.zeros_like(dense)
+        prev, target = chunk_rows(batch["tokens"], starts, self.config.chunk_size, self.space)
+        return {"dense": dense, "prev": prev, "target": target}
+
+    def chunk_nll(self, model: nn.Module, batch: dict[str, torch.Tensor], starts: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """NLL in nats [B, T] of the chunks at ``starts`` and their targets [B, T, 3]."""
+        ch = self.chunk_batch(batch, starts)
+        logits = model(ch["dense"], ch["prev"], ch["target"], batch.get("labels"), batch.get("lowres"))
+        return triple_nll(logits, ch["prev"], ch["target"], self.space, self._allowed(ch["dense"])), ch["target"]
+
+    def _allowed(self, like: torch.Tensor) -> torch.Tensor | None:
+        return None if self.allowed is None else self.allowed.to(like.device)
+
+    def random_starts(self, lengths: torch.Tensor, seed: int) -> torch.Tensor:
+        """One chunk per image, uniformly among its chunks; a pure function of (seed, lengths) for exact resume."""
+        gen = torch.Generator().manual_seed(seed)
+        n_chunks = (lengths.cpu() + self.config.chunk_size - 1) // self.config.chunk_size
+        k = (torch.rand(len(lengths), generator=gen) * n_chunks).long()
+        return (k * self.config.chunk_size).to(lengths.device)
+
+    def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
+        engine = engines["model"]
+        starts = self.random_starts(batch["lengths"], 1_000_003 * ctx.step + ctx.rank)
+        nll, target = self.chunk_nll(engine, batch, starts)
+        valid = batch["valid"].float()
+        triples = ((target[..., 0] != self.space.c_pad).float() * valid[:, None]).sum().clamp(min=1)
+        loss = (nll * valid[:, None]).sum() / triples
+        engine.backward(loss)
+        engine.step()
+        mean_len = float((batch["lengths"].float() * valid).sum() / valid.sum().clamp(min=1))
+        bpt = float(loss.detach()) / LN2
+        return {"loss": float(loss.detach()), "bits_per_triple": bpt, "bits_per_image_est": bpt * mean_len}
+
+    def sequence_nll(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Exact NLL in nats of every whole sequence [B]: the sum over all of its chunks."""
+        total = torch.zeros(batch["tokens"].shape[0], device=batch["tokens"].device)
+        longest = int(batch["lengths"].max())
+        for start in range(0, longest, self.config.chunk_size):
+            starts = torch.full_like(batch["lengths"], start)
+            total = total + self.chunk_nll(model, batch, starts)[0].sum(dim=1)
+        return total
+
+    @torch.no_grad()
+    def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        per_image = self.sequence_nll(modules["model"], batch)
+        valid = batch["valid"].float()
+        nats = float((per_image * valid).sum())
+        triples = float((batch["lengths"].float() * valid).sum())
+        images = float(valid.sum())
+        return {"loss": nats / max(triples, 1.0), "bits_per_triple": nats / max(triples, 1.0) / LN2,
+                "bits_per_image": nats / max(images, 1.0) / LN2}
+
+    def max_triples(self) -> int:
+        return self.config.max_triples or self.codec.max_sequence_length
+
+    def source_images(self, n: int) -> np.ndarray:
+        """Conditioning images when none are given: the data set's own source, counted from its last index."""
+        from data_pipeline.sources import build_source
+
+        src_info = self.data_info.get("source") or {}
+        source = build_source(src_info.get("name", "shapes"), src_info.get("settings", {}))
+        imgs = [source.sample(len(source) - 1 - i).image for i in range(n)]
+        return np.stack([np.repeat(i, 3, axis=2) if i.shape[2] == 1 else i for i in imgs])
+
+    def sample_tokens(self, model: nn.Module, n: int, generator: torch.Generator | None = None,
+                      labels: list[int] | None = None, images: np.ndarray | None = None,
+                      use_cache: bool = True, **draw: Any) -> tuple[torch.Tensor, Conditioning]:
+        """Drawn sequences [n, L, 3] and the conditioning they were drawn under."""
+        device = next(model.parameters()).device
+        cond = Conditioning(use_context=self.config.use_context, allowed=self._allowed(torch.empty(0, device=device)))
+        if self.config.num_classes:
+            labels = labels if labels is not None else [i % self.config.num_classes for i in range(n)]
+            cond.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
+        if self.config.mode != "unconditional":
+            images = self.source_images(n) if images is None else np.asarray(images)
+            seqs = [torch.from_numpy(s.astype(np.int64)) for s in dct_codec.encode(list(images), self.codec)]
+            extra = self.conditioning(seqs, None if not self.config.num_classes else list(cond.labels.tolist()))
+            cond.dense = extra.get("cond_dense", None)
+            cond.lowres = extra.get("lowres", None)
+            cond.dense = cond.dense.to(device) if cond.dense is not None else None
+            cond.lowres = cond.lowres.to(device) if cond.lowres is not None else None
+        seq = generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond,
+                       DrawSettings(**draw), generator, use_cache)
+        return seq, cond
+
+    def tokens_to_rgb(self, seq: torch.Tensor, cond: Conditioning) -> np.ndarray:
+        """Drawn sequences (+ given coefficients) -> uint8 RGB [n, H, W, 3]."""
+        starts = torch.full((seq.shape[0],), seq.shape[1], dtype=torch.long, device=seq.device)
+        dense = dense_before(seq, starts, self.space)
+        if cond.dense is not None:
+            dense = dense + cond.dense
+        h, w = self.codec.grid
+        dct = dense.round().cpu().numpy().astype(np.int16).reshape(seq.shape[0], -1, h, w)
+        return dct_image_to_rgb(dct, self.codec.quality, upsampling=self.codec.upsampling, channels_last=False)
+
+    def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
+                      **options: Any) -> torch.Tensor:
+        seq, cond = self.sample_tokens(modules["model"], n, generator, **options)
+        rgb = self.tokens_to_rgb(seq, cond)
+        return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
