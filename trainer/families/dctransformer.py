@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,7 +30,7 @@ from trainer.dct.sampling import Conditioning, DrawSettings, generate
 from trainer.families.base import Engine, Family, StepContext
 from trainer.transformer import TransformerConfig
 
-Mode = Literal["unconditional", "colourise", "superres"]
+MODES = ("unconditional", "colourise", "superres")
 LN2 = math.log(2.0)
 
 
@@ -47,7 +47,7 @@ class DCTransformerConfig:
     """
 
     chunk_size: int = 64
-    mode: Mode = "unconditional"
+    mode: str = "unconditional"
     num_classes: int = 0
     use_context: bool = True
     superres_factor: int = 2
@@ -58,7 +58,7 @@ class DCTransformerConfig:
     def __post_init__(self) -> None:
         if self.chunk_size < 1:
             raise ValueError(f"model.chunk_size must be >= 1, got {self.chunk_size}")
-        if self.mode not in ("unconditional", "colourise", "superres"):
+        if self.mode not in MODES:
             raise ValueError(f"model.mode must be unconditional, colourise or superres, got {self.mode!r}")
         if self.num_classes < 0 or self.superres_factor < 2 or self.max_triples < 0:
             raise ValueError("model.num_classes and model.max_triples must be >= 0, model.superres_factor >= 2")
