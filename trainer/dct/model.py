@@ -59,9 +59,9 @@ class NetworkShape:
         return 2 * self.value_range + 2
 
 
-def squash(dense: torch.Tensor) -> torch.Tensor:
+def squash(dense: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Quantised coefficients -> sign(v) log(1 + |v|): keeps DC (tens) and AC (ones) on one scale."""
-    d = dense.float()
+    d = dense.to(dtype)
     return torch.sign(d) * torch.log1p(d.abs())
 
 
@@ -155,7 +155,7 @@ class DCTransformer(nn.Module):
         The grid tokens are always the last P rows, so the value decoder can gather them by position.
         """
         # Embeddings are called as modules (not .weight) so ZeRO-3 gathers their partitioned parameters.
-        x = self.enc_in(squash(dense).transpose(1, 2)) + self.enc_pos(torch.arange(dense.shape[2], device=dense.device))
+        x = self.enc_in(squash(dense, self.enc_in.weight.dtype).transpose(1, 2)) + self.enc_pos(torch.arange(dense.shape[2], device=dense.device))
         parts = []
         if self.shape.num_classes:
             if labels is None:
@@ -165,7 +165,7 @@ class DCTransformer(nn.Module):
             if lowres is None:
                 raise ValueError("this model is a super-resolution model: pass the low-resolution DCT image")
             lo = torch.arange(lowres.shape[2], device=lowres.device)
-            parts.append(self.lowres_in(squash(lowres).transpose(1, 2)) + self.lowres_pos(lo))
+            parts.append(self.lowres_in(squash(lowres, self.lowres_in.weight.dtype).transpose(1, 2)) + self.lowres_pos(lo))
         return self.encoder(torch.cat([*parts, x], dim=1))
 
     def grid(self, memory: torch.Tensor) -> torch.Tensor:
