@@ -47,8 +47,12 @@ def encoder_input(seq: torch.Tensor, space: TokenSpace, cond: Conditioning) -> t
 @torch.no_grad()
 def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, max_triples: int,
              cond: Conditioning, draw: DrawSettings, generator: torch.Generator | None = None,
-             use_cache: bool = True) -> torch.Tensor:
-    """Token sequences [n, L, 3] (PAD after EOS; L <= max_triples, the last row forced to EOS if reached)."""
+             use_cache: bool = True, teacher: torch.Tensor | None = None) -> torch.Tensor:
+    """Token sequences [n, L, 3] (PAD after EOS; L <= max_triples, the last row forced to EOS if reached).
+
+    ``teacher`` [n, >= max_triples, 3] replays given triples instead of the drawn ones (every logit and draw is
+    still computed): fixed-length timing of the sampler, and scoring a known sequence through the cached path.
+    """
     device = next(model.parameters()).device
     seq = torch.zeros(n, 0, 3, dtype=torch.long, device=device)
     last = torch.tensor(space.start, device=device).repeat(n, 1)
@@ -71,7 +75,9 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             ok = channel_mask(last[:, None], space, cond.allowed)[:, 0]
             if seq.shape[1] == max_triples - 1:
                 ok = ok & (torch.arange(ok.shape[-1], device=device) == space.c_eos)
+            t = seq.shape[1]
             c = draw_one(model.channel_head(h_c), ok)
+            c = c if teacher is None else teacher[:, t, 0]
             hcs.append(h_c)
             cs.append(c)
             if use_cache:
@@ -79,6 +85,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             else:
                 h_p = model.position_hidden(memory, torch.stack(hcs, 1), torch.stack(cs, 1))[:, -1]
             p = draw_one(model.position_head(h_p), position_mask(last[:, None], c[:, None], space)[:, 0])
+            p = p if teacher is None else teacher[:, t, 1]
             hps.append(h_p)
             ps.append(p)
             if use_cache:
@@ -86,6 +93,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             else:
                 h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(ps, 1))[:, -1]
             v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0])
+            v = v if teacher is None else teacher[:, t, 2]
             triple = torch.where(done[:, None], pad, torch.stack([c, p, v], dim=1))
             seq = torch.cat([seq, triple[:, None]], dim=1)
             done = done | (triple[:, 0] == space.c_eos)
