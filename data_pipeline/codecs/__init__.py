@@ -25,7 +25,7 @@ class Codec(Protocol):
 CODECS: dict[str, tuple[Callable[[dict[str, Any]], Any], type]] = {
     "image": (lambda settings: ImageCodecConfig(**settings), ImageCodec),
     "dct": (DCTCodecConfig.from_dict, DCTCodec),
-    "points": (PointsCodecConfig, PointsCodec),
+    "points": (PointsCodecConfig.from_dict, PointsCodec),
 }
 
 

@@ -20,8 +20,15 @@ class PointsCodecConfig:
     dim: int = 2
 
     def __post_init__(self) -> None:
-        if self.dim < 1:
-            raise ValueError(f"points codec: dim must be >= 1, got {self.dim}")
+        if isinstance(self.dim, bool) or not isinstance(self.dim, int) or self.dim < 1:
+            raise ValueError(f"points codec: dim must be an int >= 1, got {self.dim!r}")
+
+    @classmethod
+    def from_dict(cls, settings: dict[str, Any]) -> PointsCodecConfig:
+        unknown = sorted(set(settings) - {"dim"})
+        if unknown:
+            raise ValueError(f"points codec: unknown setting {unknown[0]!r} (known: dim)")
+        return cls(**settings)
 
 
 class PointsCodec:

@@ -1,0 +1,295 @@
+"""The self-labelling GAN's pieces: mixture source and points codec, metrics, networks, labels, alignment, steps."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from data_pipeline.codecs import build_codec
+from data_pipeline.codecs.image import SampleDecodeError
+from data_pipeline.manifest import load_manifest
+from data_pipeline.prepare import PrepareConfig, prepare_dataset
+from data_pipeline.sources import build_source
+from data_pipeline.sources.mixtures import MixtureConfig, MixtureSource
+from data_pipeline.stream import RankStream, StreamConfig
+from trainer.families import family_class
+from trainer.families.base import OptimConfig, StepContext
+from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily, labelled_share
+from trainer.gan import metrics
+from trainer.gan.nets import Classifier, frozen, mlp_trunk, params_to_buffers
+from trainer.gan.plain import InMemoryData, plain_engines, train_plain
+
+OPTIM = OptimConfig(lr=5e-4, weight_decay=0.0, beta1=0.5, beta2=0.999)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Tiny networks: one thread each; on a loaded 2-core machine two OpenMP threads spin 20x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def ring_info(modes: int = 8, **settings) -> dict:
+    src = MixtureSource(MixtureConfig(modes=modes, **settings))
+    return {"codec": {"name": "points"}, "image_shape": [2], "source": {"name": "mixture", "settings": src.settings()}}
+
+
+def ring_samples(n: int, **settings) -> list[dict]:
+    src = MixtureSource(MixtureConfig(num_samples=n, **settings))
+    return [{"point": s.point, "label": s.label, "key": s.key, "valid": True} for s in map(src.sample, range(n))]
+
+
+# ---------------------------------------------------------------- data
+
+
+def test_mixture_source_is_reproducible_split_and_labelled_by_component() -> None:
+    src = build_source("mixture", {"num_samples": 500, "seed": 3})
+    again = build_source("mixture", {"num_samples": 500, "seed": 3})
+    held = build_source("mixture", {"num_samples": 500, "seed": 3, "split": "holdout"})
+    a, b, h = src.sample(17), again.sample(17), held.sample(17)
+    assert a.key == b.key and np.array_equal(a.point, b.point) and a.key != h.key
+    assert not np.array_equal(a.point, h.point)
+    pts, labels = src.arrays()
+    assert pts.dtype == np.float32 and pts.shape == (500, 2) and set(labels) == set(range(8))
+    centres = src.mixture.centres
+    assert np.allclose(np.linalg.norm(centres, axis=1), 2.0)
+    assert np.abs(np.linalg.norm(pts - centres[labels], axis=1)).max() < 6 * 0.02
+    grid = build_source("mixture", {"layout": "grid", "modes": 25, "std": 0.05})
+    assert grid.mixture.num_modes == 25 and np.allclose(sorted(set(grid.mixture.centres[:, 0])), [-4, -2, 0, 2, 4])
+    with pytest.raises(ValueError, match="square number"):
+        build_source("mixture", {"layout": "grid", "modes": 8})
+    with pytest.raises(ValueError, match="unknown setting 'radius'"):
+        build_source("mixture", {"radius": 2.0})
+
+
+def test_points_codec_round_trips_and_rejects_bad_members() -> None:
+    codec = build_codec("points")
+    sample = MixtureSource().sample(0)
+    fields = codec.encode(sample)
+    out = codec.decode({"__key__": sample.key, **fields})
+    assert np.array_equal(out["point"], sample.point) and out["label"] == sample.label
+    with pytest.raises(SampleDecodeError, match="undecodable"):
+        codec.decode({"__key__": "k", "npy": b"garbage"})
+    import io
+
+    buf = io.BytesIO()
+    np.save(buf, np.array([1.0, np.nan], dtype=np.float32))
+    with pytest.raises(SampleDecodeError, match="finite float32"):
+        codec.decode({"__key__": "k", "npy": buf.getvalue()})
+    with pytest.raises(SampleDecodeError, match="no .npy"):
+        codec.decode({"__key__": "k", "cls": b"1"})
+
+
+def test_prepared_mixture_streams_into_the_family_batch(tmp_path) -> None:
+    url = str(tmp_path / "ring")
+    prepare_dataset(PrepareConfig(output=url, source="mixture", codec="points", samples_per_shard=50,
+                                  source_settings={"num_samples": 120}, parallel=False), report=lambda _: None)
+    manifest = load_manifest(url)
+    assert manifest.total == 120 and manifest.extra["image_shape"] == [2]
+    stream = RankStream(manifest, StreamConfig(global_batch=40, partitions=2, shuffle_block=50),
+                        build_codec("points").decode, 0, 1)
+    family = SLSAGanFamily(SLSAGanConfig(label_fraction=0.5), {**ring_info(), "codec": manifest.codec,
+                                                               "image_shape": manifest.extra["image_shape"]})
+    batch = family.collate(next(iter(stream)))
+    assert batch["x"].shape == (40, 2) and batch["label"].min() >= 0 and 0 < batch["labelled"].sum() < 40
+
+
+# ---------------------------------------------------------------- metrics
+
+
+def test_matched_accuracy_ignores_label_names_and_hungarian_handles_rectangles() -> None:
+    truth = np.array([0, 0, 1, 1, 2, 2])
+    assert metrics.matched_accuracy(truth, (truth + 1) % 3, 3, 3) == 1.0
+    assert metrics.matched_accuracy(truth, np.array([0, 0, 0, 0, 2, 2]), 3, 3) == pytest.approx(4 / 6)
+    assert metrics.hungarian_mapping(np.array([[0, 5, 1], [4, 0, 0]])).tolist() == [1, 0]
+    assert metrics.hungarian_mapping(np.array([[3], [5]])).tolist() == [-1, 0]
+
+
+def test_mixture_metrics_separate_a_perfect_generator_from_a_collapsed_one() -> None:
+    mix = MixtureConfig().mixture()
+    good, _ = mix.draw(5000, np.random.default_rng(0))
+    collapsed = mix.centres[np.zeros(5000, dtype=int)] + 0.02 * np.random.default_rng(1).standard_normal((5000, 2))
+    blurred = good + 0.3 * np.random.default_rng(2).standard_normal((5000, 2))
+    q_good, q_col, q_blur = (metrics.mixture_quality(p, mix) for p in (good, collapsed, blurred))
+    assert q_good.modes_covered == 8 and q_good.high_quality > 0.98
+    assert q_col.modes_covered == 1 and q_col.high_quality > 0.98
+    assert q_blur.high_quality < 0.1
+    jsd = [metrics.mixture_jsd(p, mix) for p in (good, collapsed, blurred)]
+    # One mode of eight: JSD = (log(2/9) / 8 + 7 log(2) / 8 + log(16/9)) / 2 = 0.497 nats.
+    assert jsd[0] < 0.05 and jsd[1] == pytest.approx(0.497, abs=0.01) and jsd[2] > 0.5 and max(jsd) <= math.log(2)
+
+
+def test_frechet_distance_is_zero_on_itself_and_grows_with_a_shift() -> None:
+    a = np.random.default_rng(0).standard_normal((2000, 8))
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    assert metrics.frechet_distance(a, a + 1.0) == pytest.approx(8.0, rel=0.02)
+
+
+# ---------------------------------------------------------------- networks and config
+
+
+def test_modes_build_the_right_networks_and_bad_configs_are_refused() -> None:
+    info = ring_info()
+    assert sorted(SLSAGanFamily(SLSAGanConfig(), info).build_modules()) == ["classifier", "discriminator", "generator"]
+    for mode in ("unconditional", "conditional"):
+        assert sorted(SLSAGanFamily(SLSAGanConfig(mode=mode), info).build_modules()) == ["discriminator", "generator"]
+    assert family_class("slsa_gan") is SLSAGanFamily
+    digits = {"codec": {"name": "image"}, "image_shape": [8, 8, 1]}
+    mods = SLSAGanFamily(SLSAGanConfig(latent_dim=16, hidden=32, num_clusters=10), digits).build_modules()
+    z, y = torch.randn(3, 16), torch.tensor([0, -1, 9])
+    x = mods["generator"](z, y)
+    assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
+    assert mods["discriminator"](x, y).shape == (3,) and mods["classifier"](x).shape == (3, 10)
+    for bad, match in [({"mode": "semi"}, "mode"), ({"confidence": 1.5}, "confidence"),
+                       ({"num_classes": 9, "num_clusters": 8}, "num_classes <= num_clusters"),
+                       ({"d_steps": 0}, "d_steps")]:
+        with pytest.raises(ValueError, match=match):
+            SLSAGanConfig(**bad)
+    with pytest.raises(ValueError, match="power-of-2"):
+        SLSAGanFamily(SLSAGanConfig(arch="conv"), {"codec": {"name": "image"}, "image_shape": [6, 6, 1]})
+
+
+def test_classifier_ema_lives_in_buffers_and_follows_the_net() -> None:
+    clf = Classifier(mlp_trunk(2, 8, 1), 8, num_clusters=4, num_classes=4)
+    assert not any(n.startswith("ema") for n, _ in clf.named_parameters())
+    assert any(n.startswith("ema.") for n in clf.state_dict()) and "align" in clf.state_dict()
+    ema0 = {n: b.clone() for n, b in clf.ema.named_buffers()}
+    with torch.no_grad():
+        for p in clf.net.parameters():
+            p.add_(1.0)
+    clf.update_ema(0.75)
+    for n, p in clf.net.named_parameters():
+        assert torch.allclose(dict(clf.ema.named_buffers())[n], 0.75 * ema0[n] + 0.25 * p)
+    assert len(list(params_to_buffers(torch.nn.Linear(2, 2)).parameters())) == 0
+
+
+def test_frozen_keeps_gradients_out_of_the_frozen_network() -> None:
+    a, b = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    b.bias.requires_grad_(False)
+    with frozen(b):
+        b(a(torch.randn(4, 2))).sum().backward()
+    assert all(p.grad is None for p in b.parameters()) and all(p.grad is not None for p in a.parameters())
+    assert b.weight.requires_grad and not b.bias.requires_grad
+
+
+# ---------------------------------------------------------------- labels
+
+
+def test_labelled_share_is_uniform_and_stable() -> None:
+    shares = [labelled_share(f"ring8-t{i:07d}", 0) for i in range(4000)]
+    assert abs(np.mean(np.array(shares) < 0.1) - 0.1) < 0.02
+    assert labelled_share("k", 0) == labelled_share("k", 0) != labelled_share("k", 1)
+
+
+def test_latent_partition_gives_every_cell_a_fair_share() -> None:
+    family = SLSAGanFamily(SLSAGanConfig(), ring_info())
+    _, y = family.noise(40000, torch.Generator().manual_seed(0))
+    share = np.bincount(y.numpy(), minlength=8) / 40000
+    assert share.min() > 0.08 and share.max() < 0.17
+    z, y2 = family.noise(5, torch.Generator().manual_seed(0))
+    assert torch.equal(y2, (z @ family.anchors.T).argmax(1))
+
+
+def _perfect_classifier(family: SLSAGanFamily, perm: torch.Tensor) -> Classifier:
+    """A classifier whose EMA predicts perm[component] of a ring point, with confidence from a temperature."""
+    clf = family.build_modules()["classifier"]
+    centres = torch.tensor(family.mixture.centres, dtype=torch.float32)
+
+    def ema(x: torch.Tensor) -> torch.Tensor:
+        comp = torch.cdist(x, centres).argmin(1)
+        logits = torch.full((len(x), family.config.num_clusters), -10.0)
+        logits[torch.arange(len(x)), perm[comp]] = 10.0
+        logits[: len(x) // 4] = 0.0  # a quarter of the points: no confident prediction
+        return logits
+
+    clf.ema.forward = ema
+    return clf
+
+
+def test_alignment_recovers_the_permutation_and_real_labels_follow_confidence() -> None:
+    family = SLSAGanFamily(SLSAGanConfig(label_fraction=0.5, confidence=0.9), ring_info())
+    perm = torch.tensor([3, 1, 7, 0, 2, 6, 4, 5])
+    clf = _perfect_classifier(family, perm)
+    batch = family.collate(ring_samples(400))
+    batch["labelled"][: len(batch["x"]) // 4] = False  # the unconfident quarter carries no manual label here
+    family.update_alignment(clf, batch, world_size=1)
+    assert torch.equal(clf.align, torch.argsort(torch.argsort(perm)).new_tensor(perm.tolist()))
+    y = family.real_labels(clf, batch, step=0)
+    quarter = len(y) // 4
+    assert (y[:quarter] == -1).all()  # unconfident and unlabelled: unconditional D term
+    assert torch.equal(y[quarter:], perm[batch["label"][quarter:]])
+    late = SLSAGanFamily(SLSAGanConfig(self_label_start=10), ring_info())
+    assert (late.real_labels(_perfect_classifier(late, perm), family.collate(ring_samples(40)), step=3) == -1).all()
+
+
+def test_conditional_mode_uses_every_label_and_unconditional_none() -> None:
+    batch_samples = ring_samples(16)
+    cond = SLSAGanFamily(SLSAGanConfig(mode="conditional"), ring_info())
+    b = cond.collate(batch_samples)
+    assert torch.equal(cond.real_labels(None, b, 0), b["label"])
+    unc = SLSAGanFamily(SLSAGanConfig(mode="unconditional"), ring_info())
+    assert (unc.real_labels(None, unc.collate(batch_samples), 0) == -1).all()
+    assert (unc.noise(5, torch.Generator())[1] == -1).all()
+
+
+# ---------------------------------------------------------------- steps
+
+
+def test_train_step_updates_each_network_once_per_configured_step_and_g_never_touches_d() -> None:
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, d_steps=3, g_steps=2, label_fraction=0.3),
+                           ring_info())
+    engines = plain_engines(family, OPTIM)
+    counts = {k: 0 for k in engines}
+    for name, e in engines.items():
+        step = e.step
+
+        def counted(name=name, step=step) -> None:
+            counts[name] += 1
+            d_params = list(engines["discriminator"].module.parameters())
+            if name == "generator":
+                assert all(p.grad is None for p in d_params)
+            step()
+
+        e.step = counted
+    ctx = StepContext(step=0, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    out = family.train_step(engines, family.collate(ring_samples(96)), ctx)
+    assert counts == {"discriminator": 3, "generator": 2, "classifier": 1}
+    assert list(out)[0] == "loss" and {"d_loss", "g_loss", "c_loss", "self_labelled"} <= set(out)
+    assert engines["classifier"].module.align.min() >= 0  # labelled data seen: an alignment exists
+
+
+def test_noise_is_a_function_of_step_and_rank() -> None:
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8), ring_info())
+    ctx = lambda step, rank: StepContext(step, rank, 2, torch.device("cpu"), torch.float32)  # noqa: E731
+    draw = lambda c: torch.randn(3, generator=family._rng(c, 0))  # noqa: E731
+    assert torch.equal(draw(ctx(5, 0)), draw(ctx(5, 0)))
+    assert not torch.equal(draw(ctx(5, 0)), draw(ctx(5, 1))) and not torch.equal(draw(ctx(5, 0)), draw(ctx(6, 0)))
+
+
+def test_self_labels_become_accurate_when_a_ring_is_learned_with_all_labels() -> None:
+    """With every label known, the classifier learns the components through the alignment within a few
+    hundred steps (a wide, easy ring keeps this fast); the samples cover every mode."""
+    settings = {"std": 0.1, "scale": 2.0}
+    family = SLSAGanFamily(SLSAGanConfig(hidden=64, latent_dim=16, label_fraction=1.0), ring_info(**settings))
+    engines = plain_engines(family, OPTIM)
+    train_plain(family, engines, InMemoryData(ring_samples(4000, **settings)), 500, 64)
+    mods = {k: e.module for k, e in engines.items()}
+    held = family.collate(ring_samples(1000, split="holdout", **settings))
+    ev = family.evaluate(mods, held)
+    assert ev["label_accuracy"] > 0.9 and ev["confident_share"] > 0.5
+    x, y = family.generate(mods, 2000, torch.Generator().manual_seed(0))
+    comp, _ = family.mixture.nearest(x.numpy())
+    aligned = mods["classifier"].align.numpy()
+    # G(z, y) lands in the component whose manual label is aligned with y for most draws.
+    assert np.mean(aligned[comp] == y.numpy()) > 0.7
+    pics = family.sample_images(mods, 3, torch.Generator().manual_seed(0))
+    assert pics.shape == (3, 1, 64, 64) and 0 <= float(pics.min()) and float(pics.max()) <= 1
+    with pytest.raises(ValueError, match="only labels"):
+        family.sample_images(mods, 3, torch.Generator(), temperature=1.0)
+    assert F.softmax(torch.zeros(2), 0).sum() == 1

@@ -1,0 +1,236 @@
+"""The GAN experiments of the specs, on plain torch in one process (the family's own ``train_step``).
+
+    python -m trainer.gan.experiments regimes     [--iters N] [--every N] [--seed S]   # duality gap, 3 regimes
+    python -m trainer.gan.experiments self_label  [--steps N] [--layout ring|grid]      # 0 / 10 / 100 % labels
+    python -m trainer.gan.experiments digits      [--steps N] [--seeds S ...]           # Frechet distances
+
+Each prints progress lines (stderr) and, last, one JSON object with every number (stdout).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict, replace
+from typing import Any
+
+import numpy as np
+import torch
+from scipy import stats
+
+from data_pipeline.sources.digits import DigitsConfig, DigitsSource
+from data_pipeline.sources.mixtures import MixtureConfig, MixtureSource
+from trainer.duality_gap import GapConfig, duality_gaps
+from trainer.families.base import OptimConfig
+from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily
+from trainer.gan import metrics
+from trainer.gan.plain import InMemoryData, plain_engines, train_plain
+
+GAN_OPTIM = OptimConfig(lr=5e-4, weight_decay=0.0, beta1=0.5, beta2=0.999)
+REGIMES = {"1:1": (1, 1), "15D:1G": (15, 1), "1D:15G": (1, 15)}
+
+
+def say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def mixture_data(cfg: MixtureConfig) -> tuple[InMemoryData, dict[str, Any], MixtureSource]:
+    src = MixtureSource(cfg)
+    samples = [{"point": s.point, "label": s.label, "key": s.key} for s in map(src.sample, range(len(src)))]
+    info = {"codec": {"name": "points"}, "image_shape": [2], "source": {"name": "mixture", "settings": src.settings()}}
+    return InMemoryData(samples), info, src
+
+
+def digits_data(split: str) -> tuple[InMemoryData, dict[str, Any]]:
+    src = DigitsSource(DigitsConfig(split=split, holdout_fraction=0.2))
+    samples = []
+    for i in range(len(src)):
+        s = src.sample(i)
+        samples.append({"image": s.image, "label": s.label, "key": s.key})
+    return InMemoryData(samples), {"codec": {"name": "image"}, "image_shape": [8, 8, 1], "source": {"name": "digits"}}
+
+
+def modules_of(engines: dict[str, Any]) -> dict[str, torch.nn.Module]:
+    return {k: e.module for k, e in engines.items()}
+
+
+def mixture_report(family: SLSAGanFamily, modules: dict[str, torch.nn.Module], mixture: Any, n: int = 5000,
+                   held_out: dict[str, torch.Tensor] | None = None) -> dict[str, float]:
+    """Ground truth for a 2-D GAN: JSD to the mixture, modes covered, high-quality share, label accuracy."""
+    x, _ = family.generate(modules, n, torch.Generator().manual_seed(4242))
+    pts = x.numpy()
+    q = metrics.mixture_quality(pts, mixture)
+    out = {"jsd": metrics.mixture_jsd(pts, mixture), "modes_covered": q.modes_covered, "high_quality": q.high_quality}
+    if held_out is not None and "classifier" in modules:
+        with torch.no_grad():
+            probs = torch.softmax(modules["classifier"](held_out["x"], use_ema=True), dim=1)
+        conf, pred = probs.max(1)
+        truth = held_out["label"].numpy()
+        k = family.config.num_clusters
+        out["label_accuracy"] = metrics.matched_accuracy(truth, pred.numpy(), mixture.num_modes, k)
+        used = (conf >= family.config.confidence).numpy()
+        out["confident_share"] = float(used.mean())
+        out["confident_accuracy"] = (metrics.matched_accuracy(truth[used], pred.numpy()[used], mixture.num_modes, k)
+                                     if used.any() else float("nan"))
+    return out
+
+
+def regimes(iters: int, every: int, seed: int, gap: GapConfig, mode: str, loss: str,
+            held_out_n: int = 2048) -> dict[str, Any]:
+    """The three update-ratio regimes on the 8-mode ring; gap and ground truth at every checkpoint.
+
+    Every regime gets the same number of network updates (D + G): the 1:1 run ``iters`` loop steps, the 15:1
+    runs ``iters * 2 / 16``; checkpoints at equal update counts."""
+    data, info, src = mixture_data(MixtureConfig(num_samples=20000, seed=seed))
+    held, _, _ = mixture_data(MixtureConfig(num_samples=held_out_n, split="holdout", seed=seed))
+    out: dict[str, Any] = {"iters_1to1": iters, "checkpoint_every_updates": 2 * every, "gap": asdict(gap),
+                           "mode": mode, "loss": loss, "runs": {}}
+    for name, (d, g) in REGIMES.items():
+        family = SLSAGanFamily(SLSAGanConfig(mode=mode, loss=loss, d_steps=d, g_steps=g, seed=seed), info)
+        engines = plain_engines(family, GAN_OPTIM, seed)
+        held_batch = held.all(family)
+        scale = (d + g) // 2
+        steps, chunk = max(1, iters // scale), max(1, every // scale)
+        rows, done, start = [], 0, time.monotonic()
+        while done < steps:
+            n = min(chunk, steps - done)
+            train_plain(family, engines, data, n, 128, seed=seed * 100003 + done, first_step=done)
+            done += n
+            mods = modules_of(engines)
+            res = duality_gaps(mods["generator"], mods["discriminator"], family.gap_game(mods, held_batch), gap)
+            row = {"updates": done * (d + g), **mixture_report(family, mods, src.mixture),
+                   "proximal": res.proximal, "plain": res.plain, "m1": res.m1, "m2": res.m2}
+            rows.append(row)
+            say(f"[{name}] updates {row['updates']}: DG^l {res.proximal:.4f} DG {res.plain:.4f} "
+                f"JSD {row['jsd']:.3f} modes {row['modes_covered']} HQ {row['high_quality']:.2f} "
+                f"({time.monotonic() - start:.0f}s)")
+        out["runs"][name] = rows
+    pooled = [(r["proximal"], r["plain"], r["jsd"]) for rows in out["runs"].values() for r in rows]
+    prox, plain, jsd = (np.array(v) for v in zip(*pooled, strict=True))
+    out["correlation"] = {
+        "pearson_proximal_jsd": float(stats.pearsonr(prox, jsd)[0]),
+        "spearman_proximal_jsd": float(stats.spearmanr(prox, jsd)[0]),
+        "pearson_plain_jsd": float(stats.pearsonr(plain, jsd)[0]),
+        "spearman_plain_jsd": float(stats.spearmanr(plain, jsd)[0]),
+        "points": len(pooled),
+    }
+    out["final"] = {name: {k: rows[-1][k] for k in ("proximal", "plain", "jsd", "modes_covered", "high_quality")}
+                    for name, rows in out["runs"].items()}
+    out["tail_mean_proximal"] = {name: float(np.mean([r["proximal"] for r in rows[-3:]]))
+                                 for name, rows in out["runs"].items()}
+    return out
+
+
+def self_label(steps: int, layout: str, seed: int, fractions: tuple[float, ...], every: int,
+               confidence: float) -> dict[str, Any]:
+    """Self-labelling on a mixture at several manual-label fractions (plus the unconditional reference)."""
+    modes, std = (8, 0.02) if layout == "ring" else (25, 0.05)
+    mix = MixtureConfig(layout=layout, modes=modes, std=std, num_samples=20000, seed=seed)
+    data, info, src = mixture_data(mix)
+    held, _, _ = mixture_data(replace(mix, num_samples=2000, split="holdout"))
+    runs: dict[str, Any] = {}
+    settings = [("unconditional", "unconditional", 0.0)] + [
+        (f"self_labelled_{round(100 * f)}%", "self_labelled", f) for f in fractions]
+    for name, mode, frac in settings:
+        family = SLSAGanFamily(SLSAGanConfig(mode=mode, num_clusters=modes, label_fraction=frac, seed=seed,
+                                             confidence=confidence), info)
+        engines = plain_engines(family, GAN_OPTIM, seed)
+        held_batch = held.all(family)
+        curve, done, start = [], 0, time.monotonic()
+        while done < steps:
+            n = min(every, steps - done)
+            train_plain(family, engines, data, n, 128, seed=seed * 100003 + done, first_step=done)
+            done += n
+            row = {"step": done, **mixture_report(family, modules_of(engines), src.mixture, held_out=held_batch)}
+            curve.append(row)
+            say(f"[{layout} {name}] step {done}: " + " ".join(
+                f"{k} {v:.3f}" for k, v in row.items() if k != "step") + f" ({time.monotonic() - start:.0f}s)")
+        runs[name] = {"final": curve[-1], "curve": curve}
+    return {"layout": layout, "modes": modes, "steps": steps, "confidence": confidence, "runs": runs}
+
+
+def digits(steps: int, seeds: tuple[int, ...], every: int, fraction: float) -> dict[str, Any]:
+    """Unconditional vs self-labelled vs class-conditional on the 8x8 digits: Frechet distance (FD) between
+    held-out digits and samples, on features of a classifier trained here on the training split."""
+    train, info = digits_data("train")
+    held, _ = digits_data("holdout")
+    probe = SLSAGanFamily(SLSAGanConfig(mode="unconditional", num_clusters=10), info)
+    train_all, held_all = train.all(probe), held.all(probe)
+    net = metrics.train_digits_features(train_all["x"], train_all["label"])
+    real_feats = net.features(held_all["x"])
+    out: dict[str, Any] = {"feature_net_holdout_accuracy": metrics.classifier_accuracy(net, held_all["x"],
+                                                                                       held_all["label"]),
+                           "fd_train_vs_holdout": metrics.frechet_distance(net.features(train_all["x"]), real_feats),
+                           "steps": steps, "runs": {}}
+    settings = [("unconditional", "unconditional", 0.0), ("self_labelled", "self_labelled", fraction),
+                ("conditional", "conditional", 1.0)]
+    for name, mode, frac in settings:
+        per_seed = []
+        for seed in seeds:
+            family = SLSAGanFamily(SLSAGanConfig(mode=mode, arch="conv", latent_dim=32, num_clusters=10, hidden=64,
+                                                 label_fraction=frac, seed=seed), info)
+            engines = plain_engines(family, GAN_OPTIM, seed)
+            curve, done, start = [], 0, time.monotonic()
+            while done < steps:
+                n = min(every, steps - done)
+                train_plain(family, engines, train, n, 64, seed=seed * 100003 + done, first_step=done)
+                done += n
+                x, _ = family.generate(modules_of(engines), 2000, torch.Generator().manual_seed(99))
+                row = {"step": done, "fd": metrics.frechet_distance(net.features(x), real_feats)}
+                if "classifier" in engines:
+                    with torch.no_grad():
+                        pred = engines["classifier"].module(held_all["x"], use_ema=True).argmax(1)
+                    row["label_accuracy"] = metrics.matched_accuracy(held_all["label"].numpy(), pred.numpy(), 10, 10)
+                curve.append(row)
+                say(f"[digits {name} seed {seed}] step {done}: " + " ".join(
+                    f"{k} {v:.3f}" for k, v in row.items() if k != "step") + f" ({time.monotonic() - start:.0f}s)")
+            per_seed.append({"seed": seed, "final": curve[-1], "curve": curve})
+        fds = [r["final"]["fd"] for r in per_seed]
+        out["runs"][name] = {"fd_mean": float(np.mean(fds)), "fd_per_seed": fds, "seeds": per_seed}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m trainer.gan.experiments", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("regimes")
+    p.add_argument("--iters", type=int, default=8000, help="loop steps of the 1:1 run")
+    p.add_argument("--every", type=int, default=1000, help="1:1 loop steps between checkpoints")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mode", default="unconditional")
+    p.add_argument("--loss", default="hinge")
+    p.add_argument("--lam", type=float, default=0.01)
+    p.add_argument("--k", type=int, default=15)
+    p.add_argument("--gap-epochs", type=float, nargs=2, default=(4.0, 2.0), help="D epochs (M1), G epochs (M2)")
+    p = sub.add_parser("self_label")
+    p.add_argument("--steps", type=int, default=6000)
+    p.add_argument("--every", type=int, default=1000)
+    p.add_argument("--layout", default="ring", choices=("ring", "grid"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--confidence", type=float, default=0.9)
+    p.add_argument("--fractions", type=float, nargs="+", default=(0.0, 0.1, 1.0))
+    p = sub.add_parser("digits")
+    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--every", type=int, default=500)
+    p.add_argument("--seeds", type=int, nargs="+", default=(0, 1))
+    p.add_argument("--fraction", type=float, default=0.0, help="manual labels of the self-labelled run")
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    start = time.monotonic()
+    if args.what == "regimes":
+        gap = GapConfig(lam=args.lam, k=args.k, d_epochs=args.gap_epochs[0], g_epochs=args.gap_epochs[1])
+        result = regimes(args.iters, args.every, args.seed, gap, args.mode, args.loss)
+    elif args.what == "self_label":
+        result = self_label(args.steps, args.layout, args.seed, tuple(args.fractions), args.every, args.confidence)
+    else:
+        result = digits(args.steps, tuple(args.seeds), args.every, args.fraction)
+    result["seconds"] = round(time.monotonic() - start, 1)
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
