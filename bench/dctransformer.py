@@ -80,7 +80,7 @@ def training_speed(steps: int) -> dict[str, float]:
     cfg, raw = load_config(os.path.join(ROOT, "configs", "dct_shapes.yaml"), [
         f"run_dir={tmp}/run", f"data.train={url}", "data.eval=", f"trainer.steps={steps}", "trainer.log_every=4",
         f"trainer.sample_every={steps + 1}", f"trainer.checkpoint_every={steps + 1}",
-        f"trainer.schedule.total_steps={steps}"])
+        f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=2"])
     ensure_ray("", object_store_mb=200)
     summary = run_training(cfg, raw)
     chunk, batch = cfg.model.chunk_size, cfg.data.stream.global_batch
