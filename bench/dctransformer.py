@@ -94,6 +94,10 @@ def training_speed(steps: int) -> dict[str, float]:
     n_chunks = -(-lengths // chunk)
     per_chunk = float(np.mean(lengths / n_chunks))  # uniform chunk choice: E[targets] = L / #chunks
     steps_per_s = float(summary.get("steps_per_s", 0.0))
+    if steps_per_s <= 0:  # the worker group's summary may come back without it: use rank 0's step timestamps
+        with open(os.path.join(tmp, "run", "metrics.jsonl")) as f:
+            times = [json.loads(line)["time"] for line in f if '"train"' in line]
+        steps_per_s = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
     return {"train_steps_per_s": steps_per_s, "train_samples_per_s": steps_per_s * batch,
             "train_tokens_per_s": steps_per_s * batch * per_chunk, "mean_triples_per_chunk": per_chunk,
             "zero_stage": cfg.zero.stage, "ranks": cfg.cluster.workers, "global_batch": batch}
