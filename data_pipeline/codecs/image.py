@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
@@ -15,11 +15,21 @@ class SampleDecodeError(ValueError):
     """A shard member that cannot be decoded into a sample."""
 
 
+METADATA = ("label", "caption", "attributes")
+
+
 @dataclass
 class ImageCodecConfig:
-    """PNG is lossless, so what the model trains on is exactly what the source drew."""
+    """PNG is lossless, so what the model trains on is exactly what the source drew. ``keep`` names the metadata
+    written beside the pixels: each one is a tar member to parse per sample, so keep only what the model uses."""
 
     compress_level: int = 1
+    keep: list[str] = field(default_factory=lambda: list(METADATA))
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.keep) - set(METADATA))
+        if unknown:
+            raise ValueError(f"keep: unknown metadata {unknown}; known: {list(METADATA)}")
 
 
 class ImageCodec:
@@ -40,11 +50,12 @@ class ImageCodec:
             buf, format="PNG", compress_level=self.config.compress_level
         )
         fields = {"png": buf.getvalue()}
-        if sample.label is not None:
+        keep = self.config.keep
+        if sample.label is not None and "label" in keep:
             fields["cls"] = str(int(sample.label)).encode()
-        if sample.caption is not None:
+        if sample.caption is not None and "caption" in keep:
             fields["txt"] = sample.caption.encode("utf-8")
-        if sample.attributes is not None:
+        if sample.attributes is not None and "attributes" in keep:
             fields["json"] = json.dumps(sample.attributes, sort_keys=True).encode("utf-8")
         return fields
 
