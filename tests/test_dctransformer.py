@@ -184,7 +184,8 @@ def test_bad_settings_are_refused():
 
 
 @pytest.mark.slow
-def test_real_stack_trains_exports_and_samples(ray_local, tmp_path):
+@pytest.mark.parametrize("config", ["dct_shapes.yaml", "dct_shapes_zero3.yaml"])
+def test_real_stack_trains_exports_and_samples(ray_local, tmp_path, config):
     from data_pipeline.prepare import PrepareConfig, prepare_dataset
     from launch.config import load_config
     from launch.export import export_checkpoint
@@ -201,7 +202,7 @@ def test_real_stack_trains_exports_and_samples(ray_local, tmp_path):
         data[split] = url
     run = str(tmp_path / "run")
     steps = 4
-    cfg, raw = load_config(os.path.join(ROOT, "configs", "dct_shapes.yaml"), [
+    cfg, raw = load_config(os.path.join(ROOT, "configs", config), [
         f"run_dir={run}", f"data.train={data['train']}", f"data.eval={data['eval']}", f"trainer.steps={steps}",
         "trainer.log_every=2", f"trainer.eval_every={steps}", f"trainer.sample_every={steps}",
         f"trainer.checkpoint_every={steps}", "trainer.eval_batches=1", "trainer.num_samples=2",
