@@ -192,38 +192,46 @@ class PartitionReader:
         return out
 
 
-class _WorkerShares(IterableDataset):
-    """One loader worker's share of each global batch of one epoch: yields (batch index, samples, skipped)."""
+def epoch_order(manifest: Manifest, config: StreamConfig, epoch: int) -> EpochOrder:
+    """The layout of one epoch of a dataset under a stream config."""
+    c = config
+    return EpochOrder(
+        manifest.shard_counts, seed=c.seed, epoch=epoch, global_batch=c.global_batch, partitions=c.partitions,
+        shuffle_block=c.shuffle_block, shuffle_shards=c.shuffle_shards, drop_last=c.drop_last,
+    )
 
-    def __init__(self, manifest: Manifest, config: StreamConfig, decode: Decoder, epoch: int, start_batch: int,
-                 owned: range):
+
+Share = tuple[int, int, list[dict[str, Any]], int]  # (epoch, batch, samples, shards skipped meanwhile)
+
+
+class _WorkerShares(IterableDataset):
+    """One loader worker's share of every global batch from ``start`` on, across epochs (one worker start-up
+    for the whole run, not one per epoch)."""
+
+    def __init__(self, manifest: Manifest, config: StreamConfig, decode: Decoder, start: StreamState,
+                 max_epochs: int | None, owned: range):
         super().__init__()
         self.manifest, self.config, self.decode = manifest, config, decode
-        self.epoch, self.start_batch, self.owned = epoch, start_batch, owned
+        self.start, self.max_epochs, self.owned = start, max_epochs, owned
 
-    def order(self) -> EpochOrder:
-        c = self.config
-        return EpochOrder(
-            self.manifest.shard_counts, seed=c.seed, epoch=self.epoch, global_batch=c.global_batch,
-            partitions=c.partitions, shuffle_block=c.shuffle_block, shuffle_shards=c.shuffle_shards,
-            drop_last=c.drop_last,
-        )
-
-    def __iter__(self) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
+    def __iter__(self) -> Iterator[Share]:
         info = torch.utils.data.get_worker_info()
         workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
-        order = self.order()
         opener = ShardOpener(self.manifest, self.config)
-        readers = [
-            PartitionReader(order, p, opener, self.decode, self.config.on_corrupt == "skip")
-            for p in worker_partitions(self.owned, workers, worker)
-        ]
-        for b in range(self.start_batch, order.num_batches):
-            samples: list[dict[str, Any]] = []
-            before = sum(r.skipped_shards for r in readers)
-            for r in readers:
-                samples.extend(r.items(*order.batch_range(r.partition, b)))
-            yield b, samples, sum(r.skipped_shards for r in readers) - before
+        epoch, first = self.start.epoch, self.start.batch
+        while self.max_epochs is None or epoch < self.start.epoch + self.max_epochs:
+            order = epoch_order(self.manifest, self.config, epoch)
+            readers = [
+                PartitionReader(order, p, opener, self.decode, self.config.on_corrupt == "skip")
+                for p in worker_partitions(self.owned, workers, worker)
+            ]
+            for b in range(first, order.num_batches):
+                samples: list[dict[str, Any]] = []
+                before = sum(r.skipped_shards for r in readers)
+                for r in readers:
+                    samples.extend(r.items(*order.batch_range(r.partition, b)))
+                yield epoch, b, samples, sum(r.skipped_shards for r in readers) - before
+            epoch, first = epoch + 1, 0
 
 
 class RankStream:
@@ -238,27 +246,26 @@ class RankStream:
         self.skipped_shards = 0
 
     def epoch_order(self, epoch: int) -> EpochOrder:
-        return _WorkerShares(self.manifest, self.config, self.decode, epoch, 0, self.owned).order()
+        return epoch_order(self.manifest, self.config, epoch)
 
     @property
     def batches_per_epoch(self) -> int:
         return self.epoch_order(self.state.epoch).num_batches
 
-    def _epoch_batches(self, epoch: int, start: int) -> Iterator[tuple[int, list[dict[str, Any]], int]]:
-        shares = _WorkerShares(self.manifest, self.config, self.decode, epoch, start, self.owned)
+    def _shares(self, max_epochs: int | None) -> Iterator[Share]:
+        shares = _WorkerShares(self.manifest, self.config, self.decode, self.state, max_epochs, self.owned)
         workers = self.config.num_workers
         if workers == 0:
             yield from shares
             return
         loader = DataLoader(shares, batch_size=None, num_workers=workers, persistent_workers=False)
-        pending: list[tuple[int, list[dict[str, Any]], int]] = []
+        pending: list[Share] = []
         for item in loader:
             pending.append(item)
             if len(pending) == workers:
-                batch = pending[0][0]
-                if any(p[0] != batch for p in pending):
-                    raise RuntimeError(f"loader workers out of step: {[p[0] for p in pending]}")
-                yield batch, [s for p in pending for s in p[1]], sum(p[2] for p in pending)
+                if any(p[:2] != pending[0][:2] for p in pending):
+                    raise RuntimeError(f"loader workers out of step: {[p[:2] for p in pending]}")
+                yield (*pending[0][:2], [s for p in pending for s in p[2]], sum(p[3] for p in pending))
                 pending = []
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
@@ -266,14 +273,10 @@ class RankStream:
 
     def iterate(self, max_epochs: int | None = None) -> Iterator[list[dict[str, Any]]]:
         """Micro-batches from the current state on; after each yield, ``state`` points at the next batch."""
-        first_epoch = self.state.epoch
-        while max_epochs is None or self.state.epoch < first_epoch + max_epochs:
-            epoch = self.state.epoch
-            total = self.epoch_order(epoch).num_batches
-            for b, samples, skipped in self._epoch_batches(epoch, self.state.batch):
-                self.skipped_shards += skipped
-                nxt = StreamState(epoch, b + 1) if b + 1 < total else StreamState(epoch + 1, 0)
-                self.state = nxt
-                yield samples
-            if self.state.epoch == epoch:
-                self.state = StreamState(epoch + 1, 0)
+        totals: dict[int, int] = {}
+        for epoch, b, samples, skipped in self._shares(max_epochs):
+            self.skipped_shards += skipped
+            if epoch not in totals:
+                totals = {epoch: self.epoch_order(epoch).num_batches}
+            self.state = StreamState(epoch, b + 1) if b + 1 < totals[epoch] else StreamState(epoch + 1, 0)
+            yield samples

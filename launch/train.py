@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any
 
 from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
-from trainer.loop import RunSpec, train_worker
+from trainer.loop import SUMMARY, RunSpec, train_worker
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -93,6 +94,10 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
             raise result.error
     except Exception as e:
         raise user_error_of(e, cfg.cluster.max_failures) from e
+    summary = os.path.join(spec.run_dir, SUMMARY)
+    if os.path.exists(summary):
+        with open(summary) as f:
+            return json.load(f)
     return dict(result.metrics or {})
 
 

@@ -29,6 +29,7 @@ from trainer.families.base import Family, OptimConfig, StepContext
 from trainer.images import save_grid
 
 log = logging.getLogger(__name__)
+SUMMARY = "summary.json"  # rank 0's end-of-run figures (Ray Train keeps reported metrics only with checkpoints)
 
 
 @dataclass
@@ -290,7 +291,11 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if stream.skipped_shards and rank == 0:
         print(f"[data] skipped {stream.skipped_shards} corrupt shard(s) on rank 0", flush=True)
     elapsed = last_step_at - (first_step_at or started)
-    return {"step": step, "losses": losses, "rank": rank, "world_size": world,
-            "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
-            "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall}
+    summary = {"step": step, "losses": losses, "rank": rank, "world_size": world,
+               "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
+               "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall}
+    if rank == 0:
+        with open(os.path.join(spec.run_dir, SUMMARY), "w") as f:
+            json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1)
+    return summary
 
