@@ -201,6 +201,12 @@ def epoch_order(manifest: Manifest, config: StreamConfig, epoch: int) -> EpochOr
     )
 
 
+def _as_is(item: Any) -> Any:
+    """Shares cross from workers as pickled numpy: torch's default would turn every small array into its own
+    shared-memory tensor, which costs more than decoding the sample."""
+    return item
+
+
 Share = tuple[int, int, list[dict[str, Any]], int]  # (epoch, batch, samples, shards skipped meanwhile)
 
 
@@ -258,7 +264,7 @@ class RankStream:
         if workers == 0:
             yield from shares
             return
-        loader = DataLoader(shares, batch_size=None, num_workers=workers, persistent_workers=False)
+        loader = DataLoader(shares, batch_size=None, num_workers=workers, collate_fn=_as_is)
         pending: list[Share] = []
         for item in loader:
             pending.append(item)
