@@ -156,6 +156,11 @@ class CheckpointStore:
 
     def _upload(self, out: str, tag: str) -> None:
         """Upload this rank's staged files, then its completion marker (the finalizer counts the markers)."""
+        if threading.current_thread() is not threading.main_thread():
+            try:  # Linux schedules threads as tasks: a nice upload thread leaves the cores to the training step
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 15)
+            except (OSError, AttributeError):
+                pass
         try:
             storage.upload_dir(out, storage.join(self.root, tag))
             storage.write_bytes(storage.join(self.root, tag, DONE, f"rank{self.rank}"), b"")
