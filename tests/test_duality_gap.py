@@ -59,6 +59,9 @@ def test_evaluator_matches_the_closed_form_on_the_quadratic_game(u: float, v: fl
         assert res.proximal_signed == pytest.approx(prox, rel=1e-6)
         assert res.plain_signed == pytest.approx(plain, rel=1e-6)
         assert res.m1 == pytest.approx(7 * u * u, rel=1e-6)
+        # DG^0 = M1 - V* (V* = 0 at the saddle) = 7u^2 bounds DG^lambda from below.
+        assert res.value_gap == pytest.approx(SPEC_GAME.closed_form(u, v, 0.0)[0], rel=1e-6)
+        assert res.proximal_lb == pytest.approx(res.proximal_signed) and res.value_gap <= res.proximal + 1e-9
         gaps.append(res.proximal)
     plain = 7 * u * u + 7 * v * v / 3
     assert gaps == sorted(gaps) and all(g <= plain + 1e-9 for g in gaps)
@@ -111,6 +114,9 @@ def test_gan_game_works_on_any_input_shape_and_leaves_the_modules_untouched(shap
     assert torch.equal(torch.get_rng_state(), rng)
     assert all(math.isfinite(v) for v in res.to_dict().values())
     assert res.proximal == abs(res.m1 - res.m2) and res.d_steps == 4 and res.g_steps == 4
+    assert game.game_value == (-2.0 if loss == "hinge" else -2 * math.log(2))
+    assert res.value_gap == pytest.approx(res.m1 - game.game_value)
+    assert res.proximal_lb == max(res.m1 - res.m2, res.value_gap)
     after = {k: v for k, v in [*G.state_dict().items(), *D.state_dict().items()]}
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert all(p.grad is None for p in [*G.parameters(), *D.parameters()])

@@ -146,6 +146,9 @@ def test_modes_build_the_right_networks_and_bad_configs_are_refused() -> None:
     x = mods["generator"](z, y)
     assert x.shape == (3, 1, 8, 8) and x.abs().max() <= 1
     assert mods["discriminator"](x, y).shape == (3,) and mods["classifier"](x).shape == (3, 10)
+    sn = SLSAGanFamily(SLSAGanConfig(latent_dim=16, hidden=32, num_clusters=10, d_spectral_norm=True), digits)
+    d_sn = sn.build_modules()["discriminator"]
+    assert d_sn(x, y).shape == (3,) and any("parametrizations" in k for k in d_sn.state_dict())
     for bad, match in [({"mode": "semi"}, "mode"), ({"confidence": 1.5}, "confidence"),
                        ({"num_classes": 9, "num_clusters": 8}, "num_classes <= num_clusters"),
                        ({"d_steps": 0}, "d_steps")]:
@@ -290,6 +293,7 @@ def test_self_labels_become_accurate_when_a_ring_is_learned_with_all_labels() ->
     assert np.mean(aligned[comp] == y.numpy()) > 0.7
     pics = family.sample_images(mods, 3, torch.Generator().manual_seed(0))
     assert pics.shape == (3, 1, 64, 64) and 0 <= float(pics.min()) and float(pics.max()) <= 1
-    with pytest.raises(ValueError, match="only labels"):
-        family.sample_images(mods, 3, torch.Generator(), temperature=1.0)
+    assert family.sample_images(mods, 2, torch.Generator(), temperature=0.5, top_k=0, top_p=1.0).shape[0] == 2
+    with pytest.raises(ValueError, match="no top_k"):
+        family.sample_images(mods, 3, torch.Generator(), top_k=5)
     assert F.softmax(torch.zeros(2), 0).sum() == 1

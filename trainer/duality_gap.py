@@ -18,8 +18,21 @@ Estimation (Sidheekh et al., ICML 2021, and their code, with its defects fixed):
   steps) and M2 = V(D~, G') - lambda * d(D~, D) on the eval split. (The paper's text says "-D loss on the
   evaluation split"; evaluating the proximal objective itself is what makes the exact values of closed-form
   games come out, and it is the same number when lambda -> infinity.)
+  ``warm_start`` (not in the paper) lets D~ continue from its last adapted state instead of restarting from the
+  anchor before every G step: the same V^lambda, a better inner maximisation when G' moves far from G (from the
+  anchor, ``k`` small steps cannot catch up with a G' that runs to where D extrapolates to huge values).
 - The plain gap's min_G' V(D, G') trains a second G copy against the fixed anchor D.
 Reported gaps are M1 - M2 (``*_signed``) and their absolute values (the paper reports |M1 - M2|).
+
+A bound the paper does not use: V^lambda <= V^0 and min_G' V^0(D, G') = min_G' max_D~ V = V*, the value of the game
+(for a GAN whose G can match the data: -2 for the hinge loss, -2 log 2 for the BCE loss). So for every lambda
+
+    DG^lambda >= DG^0 = max_D' V(D', G) - V*    (``value_gap`` = M1 - V*)
+
+and M1 estimates the first term from below, so ``value_gap`` is a lower-bound estimate that needs no search over G'.
+The search over G' is local (gradient steps from G): at a stable mode collapse no nearby G' does better, the
+local M2 stays at M1 and |M1 - M2| reads ~0 although the global gap is large; ``value_gap`` still sees it.
+``proximal_lb`` = max(M1 - M2, M1 - V*) combines both (equal to M1 - M2 when V* is unknown).
 
 Everything a game needs (data splits, noise, the value, G's own loss) comes through ``Game``; ``GanGame`` is the
 game of a GAN whose modules are called ``G(*g_inputs)`` and ``D(x, *d_cond)``.
@@ -59,6 +72,7 @@ class GapConfig:
     beta2: float = 0.999
     perturb_std: float = 1e-3
     penalty: str = "input_grad"
+    warm_start: bool = False
     plain: bool = True
     seed: int = 0
 
@@ -84,6 +98,8 @@ class GapResult:
     plain: float
     proximal_signed: float
     plain_signed: float
+    value_gap: float
+    proximal_lb: float
     lam: float
     d_steps: int
     g_steps: int
@@ -98,6 +114,7 @@ class Game(ABC):
 
     n_fit: int = 1
     n_eval: int = 1
+    game_value: float | None = None  # V* = min_G max_D V, when known (see value_gap)
 
     @abstractmethod
     def real(self, split: str, index: torch.Tensor) -> Any:
@@ -154,6 +171,7 @@ class GanGame(Game):
                        "eval": (real_x[half:], tuple(c[half:] for c in real_cond))}
         self.n_fit, self.n_eval = half, len(real_x) - half
         self.noise_fn, self.loss = noise_fn, loss
+        self.game_value = -2.0 if loss == "hinge" else -2.0 * math.log(2.0)
 
     def real(self, split: str, index: torch.Tensor) -> Any:
         x, cond = self.splits[split]
@@ -316,10 +334,18 @@ class DualityGapEvaluator:
 
         G2, D_tilde = copy.deepcopy(G0), copy.deepcopy(D1)
         g_opt = self._optim(G2, cfg.lr_g)
-        for _ in range(g_steps):
-            self._adapt(G2, D_tilde, anchor, cfg.k, fit)
-            self._g_step(G2, D_tilde, g_opt, fit)
-        self._adapt(G2, D_tilde, anchor, cfg.final_k or cfg.k, fit)
+        if cfg.warm_start:
+            D_tilde.load_state_dict(anchor.state_dict())
+            d_opt = self._optim(D_tilde, cfg.lr_d)
+            for _ in range(g_steps):
+                self._train_d(G2, D_tilde, cfg.k, fit, anchor=anchor, opt=d_opt)
+                self._g_step(G2, D_tilde, g_opt, fit)
+            self._train_d(G2, D_tilde, cfg.final_k or cfg.k, fit, anchor=anchor, opt=d_opt)
+        else:
+            for _ in range(g_steps):
+                self._adapt(G2, D_tilde, anchor, cfg.k, fit)
+                self._g_step(G2, D_tilde, g_opt, fit)
+            self._adapt(G2, D_tilde, anchor, cfg.final_k or cfg.k, fit)
         m2 = self._mean_value(G2, D_tilde, eval_batches, anchor=anchor)
 
         m2_plain = float("nan")
@@ -330,9 +356,11 @@ class DualityGapEvaluator:
                 self._g_step(G3, D_fixed, g3_opt, fit)
             m2_plain = self._mean_value(G3, D_fixed, eval_batches)
         torch.set_rng_state(torch_state)
+        value_gap = m1 - self.game.game_value if self.game.game_value is not None else float("nan")
         return GapResult(m1=m1, m2=m2, m2_plain=m2_plain, proximal=abs(m1 - m2), plain=abs(m1 - m2_plain),
-                         proximal_signed=m1 - m2, plain_signed=m1 - m2_plain, lam=cfg.lam, d_steps=d_steps,
-                         g_steps=g_steps, seconds=time.monotonic() - start)
+                         proximal_signed=m1 - m2, plain_signed=m1 - m2_plain, value_gap=value_gap,
+                         proximal_lb=max(m1 - m2, value_gap) if math.isfinite(value_gap) else m1 - m2,
+                         lam=cfg.lam, d_steps=d_steps, g_steps=g_steps, seconds=time.monotonic() - start)
 
 
 def duality_gaps(G: nn.Module, D: nn.Module, game: Game, config: GapConfig | None = None) -> GapResult:
@@ -355,6 +383,7 @@ class QuadraticGame(Game):
 
     def __init__(self, alpha: float, b: float, beta: float) -> None:
         self.alpha, self.b, self.beta = alpha, b, beta
+        self.game_value = 0.0  # the saddle point is the origin
 
     def real(self, split: str, index: torch.Tensor) -> Any:
         return None

@@ -311,14 +311,15 @@ class SLSAGanFamily(Family):
     # ------------------------------------------------------------------ evaluation and sampling
     @torch.no_grad()
     def generate(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
-                 labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(samples, their labels) from G; points [n, dim], images [n, C, H, W] in [-1, 1]."""
+                 labels: torch.Tensor | None = None, temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """(samples, their labels) from G; points [n, dim], images [n, C, H, W] in [-1, 1]. ``temperature``
+        scales z (below 1: the truncation trick's trade of variety for quality)."""
         G = modules["generator"]
         device = next(G.parameters()).device
         z, y = self.noise(n, generator, device)
         if labels is not None:
             y = labels.to(device)
-        return G(z, y), y
+        return G(z * temperature, y), y
 
     @torch.no_grad()
     def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -348,20 +349,22 @@ class SLSAGanFamily(Family):
     @torch.no_grad()
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
                       **options: Any) -> torch.Tensor:
-        """Images: G's samples in [0, 1] (``labels=[...]`` picks artificial labels). Points: each picture is a
-        64x64 histogram of ``points_per_image`` samples."""
+        """Images: G's samples in [0, 1] (``labels=[...]`` picks artificial labels, ``temperature`` scales z).
+        Points: each picture is a 64x64 histogram of ``points_per_image`` samples."""
         labels = options.pop("labels", None)
-        if options:
-            raise ValueError(f"slsa_gan sampling takes only labels=..., got {sorted(options)}")
+        temperature = float(options.pop("temperature", 1.0))
+        # `dgm sample` passes the autoregressive families' knobs; at their neutral values they mean "as is".
+        if options.pop("top_k", 0) not in (0, None) or options.pop("top_p", 1.0) not in (1.0, None) or options:
+            raise ValueError("slsa_gan sampling takes labels and temperature only (no top_k / top_p)")
         if labels is not None:
             labels = torch.as_tensor(labels, dtype=torch.long)
             n = len(labels)
         if not self.points:
-            x, _ = self.generate(modules, n, generator, labels)
+            x, _ = self.generate(modules, n, generator, labels, temperature)
             return (x.float().cpu() + 1) / 2
         per = self.config.points_per_image
         pts, _ = self.generate(modules, n * per, generator,
-                               None if labels is None else labels.repeat_interleave(per))
+                               None if labels is None else labels.repeat_interleave(per), temperature)
         extent = self.config.image_extent or self._extent()
         pics = torch.zeros(n, 1, 64, 64)
         cells = ((pts.float().cpu()[:, :2] + extent) / (2 * extent) * 64).long()

@@ -82,44 +82,41 @@ def regimes(iters: int, every: int, seed: int, gap: GapConfig, mode: str, loss: 
     """The three update-ratio regimes on the 8-mode ring; gap and ground truth at every checkpoint.
 
     Every regime gets the same number of network updates (D + G): the 1:1 run ``iters`` loop steps, the 15:1
-    runs ``iters * 2 / 16``; checkpoints at equal update counts."""
+    runs ``iters * 2 / 16``; checkpoints every ``2 * every`` updates."""
     data, info, src = mixture_data(MixtureConfig(num_samples=20000, seed=seed))
     held, _, _ = mixture_data(MixtureConfig(num_samples=held_out_n, split="holdout", seed=seed))
     out: dict[str, Any] = {"iters_1to1": iters, "checkpoint_every_updates": 2 * every, "gap": asdict(gap),
                            "mode": mode, "loss": loss, "runs": {}}
+    gap_keys = ("proximal", "plain", "value_gap", "proximal_lb")
     for name, (d, g) in REGIMES.items():
         family = SLSAGanFamily(SLSAGanConfig(mode=mode, loss=loss, d_steps=d, g_steps=g, seed=seed), info)
         engines = plain_engines(family, GAN_OPTIM, seed)
         held_batch = held.all(family)
-        scale = (d + g) // 2
-        steps, chunk = max(1, iters // scale), max(1, every // scale)
+        chunk = max(1, 2 * every // (d + g))
         rows, done, start = [], 0, time.monotonic()
-        while done < steps:
-            n = min(chunk, steps - done)
-            train_plain(family, engines, data, n, 128, seed=seed * 100003 + done, first_step=done)
-            done += n
+        while done * (d + g) < 2 * iters:
+            train_plain(family, engines, data, chunk, 128, seed=seed * 100003 + done, first_step=done)
+            done += chunk
             mods = modules_of(engines)
             res = duality_gaps(mods["generator"], mods["discriminator"], family.gap_game(mods, held_batch), gap)
             row = {"updates": done * (d + g), **mixture_report(family, mods, src.mixture),
-                   "proximal": res.proximal, "plain": res.plain, "m1": res.m1, "m2": res.m2}
+                   **{k: getattr(res, k) for k in (*gap_keys, "m1", "m2", "m2_plain", "seconds")}}
             rows.append(row)
             say(f"[{name}] updates {row['updates']}: DG^l {res.proximal:.4f} DG {res.plain:.4f} "
-                f"JSD {row['jsd']:.3f} modes {row['modes_covered']} HQ {row['high_quality']:.2f} "
-                f"({time.monotonic() - start:.0f}s)")
+                f"M1-V* {res.value_gap:.4f} JSD {row['jsd']:.3f} modes {row['modes_covered']} "
+                f"HQ {row['high_quality']:.2f} ({time.monotonic() - start:.0f}s)")
         out["runs"][name] = rows
-    pooled = [(r["proximal"], r["plain"], r["jsd"]) for rows in out["runs"].values() for r in rows]
-    prox, plain, jsd = (np.array(v) for v in zip(*pooled, strict=True))
-    out["correlation"] = {
-        "pearson_proximal_jsd": float(stats.pearsonr(prox, jsd)[0]),
-        "spearman_proximal_jsd": float(stats.spearmanr(prox, jsd)[0]),
-        "pearson_plain_jsd": float(stats.pearsonr(plain, jsd)[0]),
-        "spearman_plain_jsd": float(stats.spearmanr(plain, jsd)[0]),
-        "points": len(pooled),
-    }
-    out["final"] = {name: {k: rows[-1][k] for k in ("proximal", "plain", "jsd", "modes_covered", "high_quality")}
+    everything = [r for rows in out["runs"].values() for r in rows]
+    jsd = np.array([r["jsd"] for r in everything])
+    out["correlation_with_jsd"] = {"points": len(everything)}
+    for key in gap_keys:
+        values = np.array([r[key] for r in everything])
+        out["correlation_with_jsd"][key] = {"pearson": float(stats.pearsonr(values, jsd)[0]),
+                                            "spearman": float(stats.spearmanr(values, jsd)[0])}
+    out["final"] = {name: {k: rows[-1][k] for k in (*gap_keys, "jsd", "modes_covered", "high_quality")}
                     for name, rows in out["runs"].items()}
-    out["tail_mean_proximal"] = {name: float(np.mean([r["proximal"] for r in rows[-3:]]))
-                                 for name, rows in out["runs"].items()}
+    out["last3_mean"] = {name: {k: float(np.mean([r[k] for r in rows[-3:]])) for k in (*gap_keys, "jsd")}
+                         for name, rows in out["runs"].items()}
     return out
 
 
@@ -196,14 +193,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.gan.experiments", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("regimes")
-    p.add_argument("--iters", type=int, default=8000, help="loop steps of the 1:1 run")
-    p.add_argument("--every", type=int, default=1000, help="1:1 loop steps between checkpoints")
+    p.add_argument("--iters", type=int, default=20000, help="loop steps of the 1:1 run")
+    p.add_argument("--every", type=int, default=2000, help="1:1 loop steps between checkpoints")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mode", default="unconditional")
     p.add_argument("--loss", default="hinge")
     p.add_argument("--lam", type=float, default=0.01)
     p.add_argument("--k", type=int, default=15)
-    p.add_argument("--gap-epochs", type=float, nargs=2, default=(4.0, 2.0), help="D epochs (M1), G epochs (M2)")
+    p.add_argument("--gap-epochs", type=float, nargs=2, default=(8.0, 2.0), help="D epochs (M1), G epochs (M2)")
     p = sub.add_parser("self_label")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--every", type=int, default=1000)
