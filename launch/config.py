@@ -51,7 +51,7 @@ class ClusterConfig:
 
     def __post_init__(self) -> None:
         if self.workers < 1:
-            raise ValueError(f"must be >= 1, got {self.workers}")
+            raise ValueError(f"cluster.workers must be >= 1, got {self.workers}")
 
 
 @dataclass

@@ -14,7 +14,6 @@ vocabularies), ``jpeg_coefficients`` (JPEG files).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -32,8 +31,8 @@ from data_pipeline.codecs.dct_sequence import (
     triples_to_dct_image,
 )
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
-from data_pipeline.codecs.image import SampleDecodeError
 from data_pipeline.codecs.jpeg_coefficients import read_jpeg_dct_batch
+from data_pipeline.codecs.metadata import SampleDecodeError, decode_metadata, encode_metadata
 
 
 def encode_with_stats(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> SparseBatch:
@@ -89,14 +88,7 @@ class DCTCodec:
         except (TypeError, ValueError) as e:
             raise SampleDecodeError(f"sample {sample.key}: {e}") from e
         self.clipped_total += int(batch.clipped[0])
-        fields = {"dct": sequence_to_bytes(batch.sequences[0], self.vocab)}
-        if sample.label is not None:
-            fields["cls"] = str(int(sample.label)).encode()
-        if sample.caption is not None:
-            fields["txt"] = sample.caption.encode("utf-8")
-        if sample.attributes is not None:
-            fields["json"] = json.dumps(sample.attributes, sort_keys=True).encode("utf-8")
-        return fields
+        return {"dct": sequence_to_bytes(batch.sequences[0], self.vocab), **encode_metadata(sample)}
 
     def decode(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Shard fields -> {"tokens": int16 [n + 1, 3], "label"?, "caption"?, "attributes"?}; bad bytes raise."""
@@ -107,16 +99,7 @@ class DCTCodec:
             out: dict[str, Any] = {"tokens": sequence_from_bytes(fields["dct"], self.vocab, f"sample {key}")}
         except SequenceError as e:
             raise SampleDecodeError(str(e)) from e
-        try:
-            if "cls" in fields:
-                out["label"] = int(fields["cls"].decode())
-            if "txt" in fields:
-                out["caption"] = fields["txt"].decode("utf-8")
-            if "json" in fields:
-                out["attributes"] = json.loads(fields["json"].decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SampleDecodeError(f"sample {key}: malformed metadata ({e})") from e
-        return out
+        return {**out, **decode_metadata(fields)}
 
     def decode_images(self, sequences: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Token sequences -> uint8 RGB [B, H, W, 3] (for samples and previews)."""

@@ -3,19 +3,13 @@
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
 from PIL import Image
 
-
-class SampleDecodeError(ValueError):
-    """A shard member that cannot be decoded into a sample."""
-
-
-METADATA = ("label", "caption", "attributes")
+from data_pipeline.codecs.metadata import METADATA, SampleDecodeError, decode_metadata, encode_metadata
 
 
 @dataclass
@@ -49,15 +43,7 @@ class ImageCodec:
         Image.fromarray(image[:, :, 0] if image.shape[2] == 1 else image).save(
             buf, format="PNG", compress_level=self.config.compress_level
         )
-        fields = {"png": buf.getvalue()}
-        keep = self.config.keep
-        if sample.label is not None and "label" in keep:
-            fields["cls"] = str(int(sample.label)).encode()
-        if sample.caption is not None and "caption" in keep:
-            fields["txt"] = sample.caption.encode("utf-8")
-        if sample.attributes is not None and "attributes" in keep:
-            fields["json"] = json.dumps(sample.attributes, sort_keys=True).encode("utf-8")
-        return fields
+        return {"png": buf.getvalue(), **encode_metadata(sample, self.config.keep)}
 
     def decode(self, fields: dict[str, Any]) -> dict[str, Any]:
         key = fields.get("__key__", "?")
@@ -70,14 +56,4 @@ class ImageCodec:
             raise SampleDecodeError(f"sample {key}: undecodable PNG ({e})") from e
         if image.ndim == 2:
             image = image[:, :, None]
-        out: dict[str, Any] = {"image": image}
-        try:
-            if "cls" in fields:
-                out["label"] = int(fields["cls"].decode())
-            if "txt" in fields:
-                out["caption"] = fields["txt"].decode("utf-8")
-            if "json" in fields:
-                out["attributes"] = json.loads(fields["json"].decode("utf-8"))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise SampleDecodeError(f"sample {key}: malformed metadata ({e})") from e
-        return out
+        return {"image": image, **decode_metadata(fields)}
