@@ -100,8 +100,8 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     return cfg
 
 
-def load_config(path: str, overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
-    """Read a YAML experiment file, apply overrides, validate; returns the config and the raw mapping."""
+def read_yaml(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
+    """A YAML file's top-level mapping with dotted overrides applied; file problems name the file."""
     try:
         with open(path) as f:
             raw = yaml.safe_load(f) or {}
@@ -113,4 +113,10 @@ def load_config(path: str, overrides: list[str] | None = None) -> tuple[Experime
         raise ConfigError(f"{path}: the top level must be a mapping")
     for o in overrides or []:
         set_dotted(raw, o)
+    return raw
+
+
+def load_config(path: str, overrides: list[str] | None = None) -> tuple[ExperimentConfig, dict[str, Any]]:
+    """Read a YAML experiment file, apply overrides, validate; returns the config and the raw mapping."""
+    raw = read_yaml(path, overrides)
     return build_config(raw), raw

@@ -25,12 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import yaml
 
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
-from launch.config import set_dotted
+from launch.config import read_yaml, set_dotted
 from launch.export import consolidated_state
 from trainer.checkpoint import CheckpointError, CheckpointStore
 from trainer.duality_gap import GapConfig, duality_gaps
@@ -68,17 +67,10 @@ class MonitorConfig:
 
 
 def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig:
-    raw: dict[str, Any] = {}
-    if path:
-        try:
-            with open(path) as f:
-                raw = yaml.safe_load(f) or {}
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    for o in overrides:
-        set_dotted(raw, o)
+    raw: dict[str, Any] = read_yaml(path, overrides) if path else {}
+    if not path:
+        for o in overrides:
+            set_dotted(raw, o)
     cfg = from_dict(MonitorConfig, raw)
     if not cfg.run_dir:
         raise ConfigError("run_dir: the training run to watch is required")

@@ -40,7 +40,6 @@ game of a GAN whose modules are called ``G(*g_inputs)`` and ``D(x, *d_cond)``.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -52,6 +51,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from trainer.gan.nets import frozen
 
 
 @dataclass
@@ -200,18 +201,6 @@ class GanGame(Game):
         return input_grad_distance(lambda m, inp: m(inp, *cond), D, anchor, x)
 
 
-@contextlib.contextmanager
-def _frozen(module: nn.Module) -> Iterator[None]:
-    """No gradients for ``module``'s parameters inside the block (the other player is fixed)."""
-    flags = [(p, p.requires_grad) for p in module.parameters()]
-    for p, _ in flags:
-        p.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, flag in flags:
-            p.requires_grad_(flag)
-
 
 def _size(real: Any) -> int:
     """Samples in a real batch (tensor or tuple led by one); 1 for games without data."""
@@ -291,7 +280,7 @@ class DualityGapEvaluator:
                  anchor: nn.Module | None = None, opt: torch.optim.Optimizer | None = None) -> None:
         """Ascend V (minus the proximal term when ``anchor`` is given) in D for ``steps`` steps, G fixed."""
         opt = opt or self._optim(D, self.cfg.lr_d)
-        with _frozen(G):
+        with frozen(G):
             for _ in range(steps):
                 real, noise = next(data)
                 loss = -self.game.value(G, D, real, noise)
@@ -302,7 +291,7 @@ class DualityGapEvaluator:
                 opt.step()
 
     def _g_step(self, G: nn.Module, D: nn.Module, opt: torch.optim.Optimizer, data: _Batches) -> None:
-        with _frozen(D):
+        with frozen(D):
             real, noise = next(data)
             loss = self.game.generator_loss(G, D, real, noise)
             opt.zero_grad(set_to_none=True)
