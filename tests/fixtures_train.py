@@ -9,6 +9,17 @@ import pytest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 
 
+@pytest.fixture
+def one_thread() -> Iterator[None]:
+    """Tiny networks: one torch thread; on a loaded 2-core machine two OpenMP threads spin 20x slower."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="session")
 def ray_local() -> Iterator[None]:
     """The same embedded cluster `dgm train` starts, shared by every Ray test of the session."""

@@ -21,13 +21,7 @@ from trainer.duality_gap import (
 SPEC_GAME = QuadraticGame(alpha=6.0, b=4.0, beta=2.0)  # 3x^2 - y^2 + 4xy
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread each; on a loaded 2-core machine two OpenMP threads spin 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_config(lam: float, game: QuadraticGame) -> GapConfig:

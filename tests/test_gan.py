@@ -26,13 +26,7 @@ from trainer.gan.plain import InMemoryData, plain_engines, train_plain
 OPTIM = OptimConfig(lr=5e-4, weight_decay=0.0, beta1=0.5, beta2=0.999)
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny networks: one thread each; on a loaded 2-core machine two OpenMP threads spin 20x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def ring_info(modes: int = 8, **settings) -> dict:

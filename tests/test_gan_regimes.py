@@ -5,7 +5,6 @@ unconditional GAN on the ring. Everything is seeded and single-threaded, so the 
 from __future__ import annotations
 
 import pytest
-import torch
 
 from data_pipeline.sources.mixtures import MixtureConfig
 from trainer.duality_gap import GapConfig, duality_gaps
@@ -13,13 +12,7 @@ from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily
 from trainer.gan.experiments import GAN_OPTIM, REGIMES, mixture_data, mixture_report, modules_of
 from trainer.gan.plain import plain_engines, train_plain
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -30,7 +30,7 @@ machines with other BLAS kernels). Sequences are exact functions of the DCT imag
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any, Literal
 
@@ -158,6 +158,18 @@ def check_dct_image(dct: np.ndarray, channels_last: bool = True) -> np.ndarray:
     return dct
 
 
+def _chunks(total: int, size: int, make_buffers: Callable[[int], dict[str, np.ndarray]]
+            ) -> Iterator[tuple[int, int, dict[str, np.ndarray]]]:
+    """(start, count, buffers) per chunk of a batch; buffers are reused, and a short last chunk gets exactly
+    fitting ones, so every reshape of them stays a view."""
+    buf = make_buffers(size)
+    for start in range(0, total, size):
+        k = min(size, total - start)
+        if k != size:
+            buf = make_buffers(k)
+        yield start, k, buf
+
+
 def _encode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
     pixels = k * h * w * MACROBLOCK * MACROBLOCK
     return {
@@ -184,12 +196,8 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     luma_basis, chroma_basis, dc_offset = _encode_bases(quality)
     colour = RGB_TO_YCBCR.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
-    buf = _encode_buffers(n, h, w)
     with single_threaded_blas():
-        for start in range(0, bsz, n):
-            k = min(n, bsz - start)
-            if k != n:  # a short last chunk gets exactly fitting buffers, so every reshape below stays a view
-                buf = _encode_buffers(k, h, w)
+        for start, k, buf in _chunks(bsz, n, lambda size: _encode_buffers(size, h, w)):
             rgb, ycc, pairs, luma, chroma = buf["rgb"], buf["ycc"], buf["pairs"], buf["luma"], buf["chroma"]
             src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
             np.copyto(rgb, src.transpose(0, 1, 4, 2, 5, 3, 6, 7), casting="unsafe")
@@ -286,12 +294,8 @@ def dct_image_to_rgb(
     colour = YCBCR_TO_RGB.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
     out = np.empty((bsz, height, width, 3), dtype=np.uint8)
-    buf = _decode_buffers(n, h, w)
     with single_threaded_blas():
-        for start in range(0, bsz, n):
-            k = min(n, bsz - start)
-            if k != n:  # a short last chunk gets exactly fitting buffers, so every reshape below stays a view
-                buf = _decode_buffers(k, h, w)
+        for start, k, buf in _chunks(bsz, n, lambda size: _decode_buffers(size, h, w)):
             c, planes, small, rgb = buf["coef"], buf["planes"], buf["small"], buf["rgb"]
             np.copyto(c, coefs[start : start + k], casting="unsafe")
             c[:, 0, : 4 * hw] += dc_offset
