@@ -110,7 +110,7 @@ class Reporter:
 
             os.makedirs(run_dir, exist_ok=True)
             self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")  # noqa: SIM115
+            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
 
     def scalars(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -170,7 +170,9 @@ def _resume_point(store: CheckpointStore, world: int, rank: int) -> tuple[str | 
     if universal:
         if meta.zero_stage == 0:
             raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
-        if rank == 0:
+        # A local root is one folder every rank shares: rank 0 converts it. An s3:// checkpoint is downloaded
+        # into each rank's own staging folder, so each rank converts its copy.
+        if store.remote or rank == 0:
             path = store.local_copy(tag)
             for name in meta.engines:
                 to_universal(path, name)
