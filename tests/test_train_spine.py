@@ -159,6 +159,12 @@ def test_checkpoints_to_s3_save_and_resume(ray_local, digits_data, s3_bucket, tm
     out = str(tmp_path / "export")
     export_checkpoint(root, out)
     load_export(out)
+    # The same s3:// checkpoint resumed on another world size: every rank converts its own downloaded copy.
+    train(str(tmp_path / "one"), digits_data, f"checkpoint_root={root}", "trainer.checkpoint_every=3",
+          "cluster.workers=1", steps=9)
+    assert storage.read_bytes(f"{root}/latest").decode() == "step-00000009"
+    train(str(tmp_path / "two"), digits_data, f"checkpoint_root={root}", "trainer.checkpoint_every=3", steps=12)
+    assert storage.read_bytes(f"{root}/latest").decode() == "step-00000012"
 
 
 def test_missing_dataset_fails_before_any_worker_starts(tmp_path):
