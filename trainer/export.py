@@ -118,6 +118,7 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
         family = cls(from_dict(cls.config_cls, config["model"], "model"), config.get("data_info", {}))
     except (ConfigError, ValueError, KeyError) as e:
         raise ExportError(f"{cfg_path}: cannot rebuild the model ({e})") from e
+    family.attach_export(export_dir)
     modules = family.build_modules()
     with safe_open(os.path.join(export_dir, WEIGHTS), framework="pt", device=device) as f:
         keys = set(f.keys())

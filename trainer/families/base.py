@@ -95,3 +95,7 @@ class Family(ABC):
     def export_files(self) -> dict[str, bytes]:
         """Extra files an export must carry (tokenizer, codec settings...)."""
         return {}
+
+    def attach_export(self, export_dir: str) -> None:
+        """Called by ``load_export`` once the files are verified: read back what ``export_files`` wrote."""
+        return None
