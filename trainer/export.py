@@ -75,6 +75,7 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
                       ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes)
     files = {WEIGHTS: _sha256(os.path.join(tmp, WEIGHTS))}
     for name, data in family.export_files().items():
+        os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)  # names may hold a sub-folder
         with open(os.path.join(tmp, name), "wb") as f:
             f.write(data)
         files[name] = _sha256(os.path.join(tmp, name))
