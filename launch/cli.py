@@ -72,6 +72,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     family, modules, _ = load_export(args.export)
     options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    if args.prompt or args.rerank:
+        return _sample_prompt(args, family, modules, options)
     if args.labels:
         options["labels"] = [int(x) for x in args.labels.split(",")]
         args.n = len(options["labels"])
@@ -80,6 +82,46 @@ def cmd_sample(args: argparse.Namespace) -> int:
     out = args.out or os.path.join(args.export, "samples.png")
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
+    return 0
+
+
+def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> int:
+    """Text-to-image: ``--n`` candidates for one prompt, reranked by a contrastive export, the best ``--keep`` kept."""
+    import torch
+
+    from trainer.export import load_export
+    from trainer.images import save_grid
+
+    if not args.prompt:
+        raise ValueError("--rerank needs --prompt (reranking scores images against a caption)")
+    if not hasattr(family, "text_ids"):
+        raise ValueError(f"{args.export}: a {family.name!r} export does not take --prompt (text-to-image exports do)")
+    _, truncated, unknown = family.text_ids(args.prompt)
+    if unknown:
+        print(f"[sample] warning: words not in the tokenizer's training captions: {', '.join(unknown)} "
+              "(spelled out with byte tokens)", file=sys.stderr)
+    if truncated:
+        print("[sample] warning: the prompt is longer than the model's text length; only its first "
+              f"{family.text_len} tokens are used", file=sys.stderr)
+    gen = torch.Generator().manual_seed(args.seed)
+    images = family.sample_images(modules, args.n, gen, prompt=[args.prompt] * args.n, **options)
+    if not 0 <= args.keep <= args.n:
+        raise ValueError(f"--keep {args.keep}: must be between 1 and --n ({args.n}), or 0 for all")
+    keep = args.keep or args.n
+    if args.rerank:
+        clip_family, clip_modules, _ = load_export(args.rerank)
+        if not hasattr(clip_family, "score"):
+            raise ValueError(f"--rerank {args.rerank}: a {clip_family.name!r} export cannot score images "
+                             "(train a `contrastive` model)")
+        with torch.no_grad():
+            scores = clip_family.score(clip_modules, images, [args.prompt] * args.n)
+        order = torch.argsort(scores, descending=True)
+        images = images[order]
+        print("[sample] reranked scores: " + " ".join(f"{float(scores[i]):.3f}" for i in order[:keep]))
+    images = images[:keep]
+    out = args.out or os.path.join(args.export, "samples.png")
+    save_grid(images, out)
+    print(f"[sample] {len(images)} of {args.n} candidates for {args.prompt!r} -> {out}")
     return 0
 
 
@@ -128,6 +170,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--labels", default="", help="comma-separated class labels (class-conditional models)")
+    p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
+    p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
+    p.add_argument("--keep", type=int, default=0, help="keep only the best N candidates (default: all)")
     commands["sample"] = cmd_sample
 
     from launch.cli_cluster import add_cluster_commands
