@@ -4,6 +4,11 @@ Shards are written independently (one Ray task each when Ray is available), each
 then moved or uploaded whole; a small ``.info.json`` beside each finished shard records its size, count and
 sha256. Re-running an interrupted prepare skips every shard whose info matches the plan and writes the rest.
 The manifest is written last, so a dataset with a manifest is a complete dataset.
+
+A caption tokenizer (``tokenizer_vocab_size``) is trained on this split's captions and written as tokenizer.model
+beside the manifest; a held-out split instead copies the train split's file byte for byte (``tokenizer_from``), so
+it never sees a tokenizer trained on held-out captions. The tokenizer is not part of the shard fingerprint: re-running
+prepare on finished shards adds or refreshes it without rewriting a shard.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import ray
 import webdataset as wds
 
 from data_pipeline import storage
+from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer, TokenizerError
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
 from data_pipeline.sources import build_source
@@ -42,10 +48,16 @@ class PrepareConfig:
     codec_settings: dict[str, Any] = field(default_factory=dict)
     samples_per_shard: int = 256
     parallel: bool = True
+    tokenizer_vocab_size: int = 0  # > 0: train a caption tokenizer of this size on this split's captions
+    tokenizer_from: str = ""  # a dataset URL whose tokenizer.model this split copies (held-out splits)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
             raise ValueError(f"samples_per_shard must be >= 1, got {self.samples_per_shard}")
+        if self.tokenizer_vocab_size < 0:
+            raise ValueError(f"tokenizer vocab_size must be >= 1, got {self.tokenizer_vocab_size}")
+        if self.tokenizer_vocab_size and self.tokenizer_from:
+            raise ValueError("prepare: train a tokenizer (tokenizer_vocab_size) or copy one (tokenizer_from), not both")
 
 
 @dataclass(frozen=True)
@@ -147,6 +159,25 @@ class Progress:
                         f"{rate:.2f}/s ETA {eta:.0f}s")
 
 
+def write_tokenizer(config: PrepareConfig, source: Any) -> dict[str, Any] | None:
+    """Train (or copy) the split's caption tokenizer beside its manifest; returns the manifest's tokenizer entry."""
+    target = storage.join(config.output, TOKENIZER_FILE)
+    if config.tokenizer_from:
+        origin = storage.join(config.tokenizer_from, TOKENIZER_FILE)
+        if not storage.exists(origin):
+            raise TokenizerError(f"{origin}: no tokenizer to copy (prepare the train split first)")
+        tokenizer = CaptionTokenizer.load(origin)
+    elif config.tokenizer_vocab_size:
+        captions = [source.sample(i).caption for i in range(len(source))]
+        if any(c is None for c in captions):
+            raise TokenizerError(f"source {config.source!r} has samples without captions: cannot train a tokenizer")
+        tokenizer = CaptionTokenizer.train(captions, config.tokenizer_vocab_size)
+    else:
+        return None
+    tokenizer.save(target)
+    return tokenizer.info()
+
+
 def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None = None) -> Manifest:
     """Write every missing shard, then the manifest. Uses Ray tasks when ``parallel`` and Ray is initialised."""
     if not config.output:
@@ -160,6 +191,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         if info is not None:
             infos[plan.index] = info
     todo = [p for p in plans if p.index not in infos]
+    tokenizer = write_tokenizer(config, source)
     say = report or (lambda line: print(line, flush=True))
     say(f"[prepare] {len(source)} samples of {config.source!r} -> {len(plans)} shards at {config.output} "
         f"({len(infos)} already done)")
@@ -188,6 +220,8 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
                "image_shape": list(source.sample(0).image.shape)},
         url=config.output,
     )
+    if tokenizer is not None:
+        manifest.extra["tokenizer"] = tokenizer
     save_manifest(config.output, manifest)
     say(f"[prepare] wrote manifest with {manifest.total} samples in {len(plans)} shards")
     return manifest

@@ -20,6 +20,17 @@ from trainer.typed_config import ConfigError, from_dict
 
 
 @dataclass
+class TokenizerSpec:
+    """A caption tokenizer trained on the train split's captions (held-out splits get a byte-identical copy)."""
+
+    vocab_size: int = 512
+
+    def __post_init__(self) -> None:
+        if self.vocab_size < 1:
+            raise ValueError(f"vocab_size must be >= 1, got {self.vocab_size}")
+
+
+@dataclass
 class PrepareSpec:
     """How `dgm prepare` makes this experiment's data sets: one source, a codec, settings per split."""
 
@@ -28,6 +39,15 @@ class PrepareSpec:
     codec_settings: dict[str, Any] = field(default_factory=dict)
     samples_per_shard: int = 128
     splits: dict[str, dict[str, Any]] = field(default_factory=dict)
+    tokenizer: TokenizerSpec | None = None
+
+    def tokenizer_settings(self, split: str, train_url: str) -> dict[str, Any]:
+        """PrepareConfig keywords for one split: the train split trains the tokenizer, the others copy its file."""
+        if self.tokenizer is None:
+            return {}
+        if split == "train":
+            return {"tokenizer_vocab_size": self.tokenizer.vocab_size}
+        return {"tokenizer_from": train_url}
 
 
 @dataclass
