@@ -4,11 +4,13 @@ from __future__ import annotations
 
 from trainer.families.base import Family
 from trainer.families.dctransformer import DCTransformerFamily
+from trainer.families.dvae import DVAEFamily
 from trainer.families.image_gpt import ImageGPTFamily
 from trainer.families.slsa_gan import SLSAGanFamily
 
 FAMILIES: dict[str, type[Family]] = {
     DCTransformerFamily.name: DCTransformerFamily,
+    DVAEFamily.name: DVAEFamily,
     ImageGPTFamily.name: ImageGPTFamily,
     SLSAGanFamily.name: SLSAGanFamily,
 }
