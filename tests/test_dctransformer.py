@@ -82,7 +82,7 @@ def test_chunk_loss_equals_the_triple_by_triple_cached_reference(scenes):
             prev, tgt = ch["prev"][:, j:j + 1], ch["target"][:, j:j + 1]
             h_c = model.channel_hidden(memory, prev, j, caches[0])
             h_p = model.position_hidden(memory, h_c, tgt[..., 0], caches[1])
-            h_v = model.value_hidden(memory, h_p, tgt[..., 1], caches[2])
+            h_v = model.value_hidden(memory, h_p, tgt[..., 0], tgt[..., 1], caches[2])
             logits = (model.channel_head(h_c), model.position_head(h_p), model.value_head(h_v))
             ref[:, j] = triple_nll(logits, prev, tgt, fam.space)[:, 0]
     torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-5)
@@ -219,3 +219,37 @@ def test_real_stack_trains_exports_and_samples(ray_local, tmp_path, config):
     export_checkpoint(os.path.join(run, "checkpoints"), out)
     fam, modules, _ = load_export(out)
     assert fam.sample_images(modules, 2, torch.Generator().manual_seed(0)).shape == (2, 3, 32, 32)
+
+
+def test_encoder_attends_both_ways_over_the_grid():
+    """Every macroblock's encoding depends on every other one (a causal mask would hide later positions)."""
+    fam = DCTransformerFamily(small(), {**INFO, "codec": {"name": "dct", "settings": DCTCodecConfig(
+        resolution=48, quality=50, value_range=64).to_dict()}})
+    torch.manual_seed(0)
+    model = fam.build_modules()["model"].eval()
+    dense = torch.zeros(1, 384, fam.space.num_positions)
+    changed = dense.clone()
+    changed[0, 0, -1] = 5.0  # the DC of the last macroblock
+    with torch.no_grad():
+        a, b = model.encode(dense), model.encode(changed)
+    assert not torch.allclose(a[:, 0], b[:, 0])
+
+
+def test_superres_hint_is_the_bicubic_upsample_and_reaches_the_value_decoder_at_its_coefficient(scenes):
+    from PIL import Image
+
+    fam, model = family(chunk_size=16, mode="superres")
+    images = np.stack([s["image"] for s in scenes[:2]])
+    hint = fam.superres_hint(images)
+    small = images.reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4)).round().astype(np.uint8)
+    up = [np.asarray(Image.fromarray(s).resize((32, 32), Image.BICUBIC)) for s in small]
+    coded = dct_codec.encode(up, CODEC)[0][:-1]  # the bicubic image's own sequence: the hint's non-zeros
+    dense = hint[0].numpy()
+    assert np.count_nonzero(dense) == len(coded)
+    values = CODEC.vocab.token_to_value(coded[:, 2])
+    assert np.array_equal(dense[coded[:, 0], coded[:, 1]], np.clip(values, -64, 64))
+    c, p = torch.from_numpy(coded[None, :, 0].astype(np.int64)), torch.from_numpy(coded[None, :, 1].astype(np.int64))
+    ids = model.hint_tokens(hint[:1], c, p)
+    assert torch.equal(ids[0], torch.from_numpy(coded[:, 2].astype(np.int64)))  # the codec's own value ids
+    assert int(model.hint_tokens(hint[:1], torch.tensor([[383]]), torch.tensor([[0]]))) == 2 * 64 or \
+        dense[383, 0] != 0

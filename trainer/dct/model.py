@@ -1,10 +1,12 @@
 """The DCTransformer network: a spatial encoder over the dense DCT image and three stacked decoders.
 
 The encoder sees one token per macroblock (the 384 quantised coefficients known before the chunk, squashed and
-projected), optionally preceded by a class token and by the tokens of a low-resolution conditioning image. The
-decoders run over the chunk's triples, each with causal self-attention (cached while sampling) and cross-attention
-to the encoder output: channel (from the previous triple), position (from h^c and the channel just chosen), value
-(from h^p, the position just chosen and the encoder output gathered at that position).
+projected), optionally preceded by a class token; its self-attention is bidirectional over the grid. A "hint"
+(super-resolution: the DCT image of the upsampled low-resolution input, on the same grid and quantisation as the
+target) is added to the macroblock tokens and, at (c, p), to the value decoder's input, so the model can copy a
+given coefficient. The decoders run over the chunk's triples, each with causal self-attention (cached while
+sampling) and cross-attention to the encoder output: channel (from the previous triple), position (from h^c and the
+channel just chosen), value (from h^p, the position just chosen and the encoder output gathered at that position).
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ class NetworkShape:
     value_range: int
     chunk_size: int
     num_classes: int = 0
-    lowres_positions: int = 0
+    hint: bool = False
     encoder: TransformerConfig = field(default_factory=TransformerConfig)
     decoders: DecoderSizes = field(default_factory=DecoderSizes)
 
@@ -130,9 +132,9 @@ class DCTransformer(nn.Module):
         self.encoder = TransformerStack(cfg)
         if shape.num_classes:
             self.class_emb = nn.Embedding(shape.num_classes, d)
-        if shape.lowres_positions:
-            self.lowres_in = nn.Linear(NUM_CHANNELS, d)
-            self.lowres_pos = nn.Embedding(shape.lowres_positions, d)
+        if shape.hint:
+            self.hint_in = nn.Linear(NUM_CHANNELS, d)
+            self.hint_value = nn.Embedding(2 * shape.value_range + 1, d)  # regular value ids + "zero"
         # Previous-triple embeddings carry one extra id each: START (no previous triple in the sequence).
         self.prev_c = nn.Embedding(shape.channel_vocab + 1, d)
         self.prev_p = nn.Embedding(shape.position_vocab + 1, d)
@@ -149,24 +151,40 @@ class DCTransformer(nn.Module):
         init_weights(self)
 
     def encode(self, dense: torch.Tensor, labels: torch.Tensor | None = None,
-               lowres: torch.Tensor | None = None) -> torch.Tensor:
-        """Dense DCT image [B, 384, P] (+ class [B], low-res DCT [B, 384, P_lo]) -> memory [B, extra + P, d].
+               hint: torch.Tensor | None = None) -> torch.Tensor:
+        """Dense DCT image [B, 384, P] (+ class [B], hint DCT image [B, 384, P]) -> memory [B, extra + P, d].
 
-        The grid tokens are always the last P rows, so the value decoder can gather them by position.
+        The grid tokens are always the last P rows, so the value decoder can gather them by position. Every token
+        attends to every other (the grid is no sequence: no causal mask).
         """
         # Embeddings are called as modules (not .weight) so ZeRO-3 gathers their partitioned parameters.
-        x = self.enc_in(squash(dense, self.enc_in.weight.dtype).transpose(1, 2)) + self.enc_pos(torch.arange(dense.shape[2], device=dense.device))
+        x = self.enc_in(squash(dense, self.enc_in.weight.dtype).transpose(1, 2))
+        x = x + self.enc_pos(torch.arange(dense.shape[2], device=dense.device))
+        if self.shape.hint:
+            x = x + self.hint_in(squash(self.need_hint(hint), self.hint_in.weight.dtype).transpose(1, 2))
         parts = []
         if self.shape.num_classes:
             if labels is None:
                 raise ValueError("this model is class-conditional: pass labels")
             parts.append(self.class_emb(labels)[:, None])
-        if self.shape.lowres_positions:
-            if lowres is None:
-                raise ValueError("this model is a super-resolution model: pass the low-resolution DCT image")
-            lo = torch.arange(lowres.shape[2], device=lowres.device)
-            parts.append(self.lowres_in(squash(lowres, self.lowres_in.weight.dtype).transpose(1, 2)) + self.lowres_pos(lo))
-        return self.encoder(torch.cat([*parts, x], dim=1))
+        tokens = torch.cat([*parts, x], dim=1)
+        everything = torch.ones(tokens.shape[1], tokens.shape[1], dtype=torch.bool, device=tokens.device)
+        return self.encoder(tokens, everything)
+
+    def need_hint(self, hint: torch.Tensor | None) -> torch.Tensor:
+        if hint is None:
+            raise ValueError("this model is a super-resolution model: pass the hint (upsampled low-res DCT image)")
+        return hint
+
+    def hint_tokens(self, hint: torch.Tensor, c: torch.Tensor, p: torch.Tensor) -> torch.Tensor:
+        """The hint's quantised value at (c, p) of every row [B, T] as an id: 0..2R-1 a value, 2R zero/none."""
+        r = self.shape.value_range
+        n_pos = self.shape.num_positions
+        regular = (c < NUM_CHANNELS) & (p < n_pos)
+        flat = torch.where(regular, c * n_pos + p, 0)
+        v = torch.gather(hint.reshape(hint.shape[0], -1), 1, flat).round().long().clamp(-r, r)
+        ids = v + r - (v > 0).long()
+        return torch.where(regular & (v != 0), ids, torch.full_like(ids, 2 * r))
 
     def grid(self, memory: torch.Tensor) -> torch.Tensor:
         return memory[:, memory.shape[1] - self.shape.num_positions:]
@@ -183,22 +201,24 @@ class DCTransformer(nn.Module):
                         cache: KVCache | None = None) -> torch.Tensor:
         return self.position_dec(h_c + self.cur_c(c), memory, cache)
 
-    def value_hidden(self, memory: torch.Tensor, h_p: torch.Tensor, p: torch.Tensor,
-                     cache: KVCache | None = None) -> torch.Tensor:
+    def value_hidden(self, memory: torch.Tensor, h_p: torch.Tensor, c: torch.Tensor, p: torch.Tensor,
+                     cache: KVCache | None = None, hint: torch.Tensor | None = None) -> torch.Tensor:
         grid = self.grid(memory)
         regular = p < self.shape.num_positions
         idx = torch.where(regular, p, 0)[..., None].expand(-1, -1, grid.shape[-1])
-        gathered = torch.gather(grid, 1, idx) * regular[..., None].to(grid.dtype)
-        return self.value_dec(h_p + self.cur_p(p) + gathered, memory, cache)
+        x = h_p + self.cur_p(p) + torch.gather(grid, 1, idx) * regular[..., None].to(grid.dtype)
+        if self.shape.hint:
+            x = x + self.hint_value(self.hint_tokens(self.need_hint(hint), c, p))
+        return self.value_dec(x, memory, cache)
 
     def forward(self, dense: torch.Tensor, prev: torch.Tensor, target: torch.Tensor,
-                labels: torch.Tensor | None = None, lowres: torch.Tensor | None = None
+                labels: torch.Tensor | None = None, hint: torch.Tensor | None = None
                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Teacher-forced logits of one chunk: (channel, position, value) logits, each [B, T, vocab]."""
-        memory = self.encode(dense, labels, lowres)
+        memory = self.encode(dense, labels, hint)
         c = target[..., 0].clamp(max=self.shape.channel_vocab - 1)
         p = target[..., 1].clamp(max=self.shape.position_vocab - 1)
         h_c = self.channel_hidden(memory, prev, 0)
         h_p = self.position_hidden(memory, h_c, c)
-        h_v = self.value_hidden(memory, h_p, p)
+        h_v = self.value_hidden(memory, h_p, c, p, hint=hint)
         return self.channel_head(h_c), self.position_head(h_p), self.value_head(h_v)

@@ -22,7 +22,8 @@ class Conditioning:
     dense: torch.Tensor | None = None
     """[B, 384, P] coefficients that are given (colourisation: all luma)."""
     labels: torch.Tensor | None = None
-    lowres: torch.Tensor | None = None
+    hint: torch.Tensor | None = None
+    """[B, 384, P] super-resolution hint: the upsampled low-resolution image's DCT image."""
     allowed: torch.Tensor | None = None
     """[384] bool: the channels the model may emit (colourisation: chroma only)."""
     use_context: bool = True
@@ -63,7 +64,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
         return sample_logits(masked(logits, ok), draw.temperature, draw.top_k, draw.top_p, generator)
 
     while seq.shape[1] < max_triples and not bool(done.all()):
-        memory = model.encode(encoder_input(seq, space, cond), cond.labels, cond.lowres)
+        memory = model.encode(encoder_input(seq, space, cond), cond.labels, cond.hint)
         caches = [model.channel_dec.new_cache(), model.position_dec.new_cache(), model.value_dec.new_cache()]
         prevs, hcs, cs, hps, ps = [], [], [], [], []
         for j in range(min(chunk_size, max_triples - seq.shape[1])):
@@ -89,9 +90,10 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             hps.append(h_p)
             ps.append(p)
             if use_cache:
-                h_v = model.value_hidden(memory, h_p[:, None], p[:, None], caches[2])[:, -1]
+                h_v = model.value_hidden(memory, h_p[:, None], c[:, None], p[:, None], caches[2], cond.hint)[:, -1]
             else:
-                h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(ps, 1))[:, -1]
+                h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(cs, 1), torch.stack(ps, 1),
+                                         hint=cond.hint)[:, -1]
             v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0])
             v = v if teacher is None else teacher[:, t, 2]
             triple = torch.where(done[:, None], pad, torch.stack([c, p, v], dim=1))

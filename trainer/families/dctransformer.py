@@ -4,8 +4,10 @@ One chunk of ``chunk_size`` triples per image and step: the encoder sees the den
 triples strictly before the chunk, the three decoders predict the chunk's triples; the loss is the exact NLL
 CE(c) + CE(p) + CE(v) with impossible tokens masked (channels never decrease, positions increase within a channel).
 Variants (``mode``): "unconditional" (optionally with a class token), "colourise" (all luma given to the encoder,
-the sequence holds only chroma triples) and "superres" (the encoder also sees the DCT of the image downsampled
-``superres_factor`` times). The codec settings come from the data set's manifest (``data_info["codec"]``), which
+the sequence holds only chroma triples) and "superres" (the image downsampled ``superres_factor`` times is
+upsampled again (bicubic) and coded on the target's grid and quantisation: this "hint" DCT image goes into the
+encoder at the matching macroblocks and, at (c, p), into the value decoder, so low frequencies can be copied).
+The codec settings come from the data set's manifest (``data_info["codec"]``), which
 every export carries in its config.json, so `dgm sample` decodes with exactly the training codec.
 """
 
@@ -80,21 +82,17 @@ class DCTransformerFamily(Family):
         super().__init__(config, data_info)
         self.codec = codec_config(data_info)
         self.space = TokenSpace(self.codec.num_positions, self.codec.value_range)
-        self.lowres: DCTCodecConfig | None = None
-        if config.mode == "superres":
-            h, w = self.codec.height // config.superres_factor, self.codec.width // config.superres_factor
-            try:
-                self.lowres = DCTCodecConfig(resolution=(h, w), quality=self.codec.quality)
-            except ValueError as e:
-                raise ValueError(f"model.superres_factor={config.superres_factor}: the low-resolution image "
-                                 f"{h}x{w} is not a DCT image ({e})") from e
+        if config.mode == "superres" and (self.codec.height % config.superres_factor
+                                          or self.codec.width % config.superres_factor):
+            raise ValueError(f"model.superres_factor={config.superres_factor} does not divide the image size "
+                             f"{self.codec.height}x{self.codec.width}")
         self.allowed = torch.from_numpy(CHANNEL_SLOT >= NUM_LUMA_SLOTS) if config.mode == "colourise" else None
 
     def build_modules(self) -> dict[str, nn.Module]:
         c = self.config
         shape = NetworkShape(num_positions=self.codec.num_positions, value_range=self.codec.value_range,
                              chunk_size=c.chunk_size, num_classes=c.num_classes,
-                             lowres_positions=self.lowres.num_positions if self.lowres else 0,
+                             hint=c.mode == "superres",
                              encoder=c.encoder, decoders=c.decoders)
         return {"model": DCTransformer(shape)}
 
@@ -106,25 +104,34 @@ class DCTransformerFamily(Family):
         dense = dense_before(pad_batch([lum], self.space)[None, 0], torch.tensor([len(lum)]), self.space)[0]
         return torch.cat([body[~luma], tokens[-1:]]), dense
 
-    def lowres_dense(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 RGB [B, H, W, 3] -> the DCT image of its box-downsampled version, [B, 384, P_lo]."""
+    def superres_hint(self, rgb: np.ndarray) -> torch.Tensor:
+        """uint8 RGB [B, H, W, 3] -> box-downsample by the factor, bicubic back up, quantised DCT [B, 384, P].
+
+        The condition carries only the low-resolution image; putting it on the target's grid and quantisation
+        lets the model see, at each macroblock and each (channel, position), the naive (bicubic) answer.
+        """
+        from PIL import Image
+
         f = self.config.superres_factor
         b, h, w, _ = rgb.shape
         small = rgb.reshape(b, h // f, f, w // f, f, 3).astype(np.float32).mean(axis=(2, 4))
         small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
-        dct = rgb_to_dct_image(small, self.codec.quality, channels_last=False)
-        return torch.from_numpy(dct.reshape(b, dct.shape[1], -1).astype(np.int64)).float()
+        up = np.stack([np.asarray(Image.fromarray(s).resize((w, h), Image.BICUBIC)) for s in small])
+        dct = rgb_to_dct_image(up, self.codec.quality, channels_last=False)
+        return torch.from_numpy(dct.reshape(b, dct.shape[1], -1).astype(np.float32))
 
-    def conditioning(self, tokens: list[torch.Tensor], labels: list[int] | None) -> dict[str, torch.Tensor]:
-        """Per-mode targets and encoder conditioning for full token sequences."""
+    def conditioning(self, tokens: list[torch.Tensor], labels: list[int] | None,
+                     images: np.ndarray | None = None) -> dict[str, torch.Tensor]:
+        """Per-mode targets and encoder conditioning for full token sequences (``images``: the originals, when
+        known, for the super-resolution condition; otherwise the sequences' own decode)."""
         out: dict[str, torch.Tensor] = {}
         if self.config.mode == "colourise":
             parts = [self.split_luma(t) for t in tokens]
             tokens = [p[0] for p in parts]
             out["cond_dense"] = torch.stack([p[1] for p in parts])
         if self.config.mode == "superres":
-            rgb = dct_codec.decode([t.numpy() for t in tokens], self.codec)
-            out["lowres"] = self.lowres_dense(rgb)
+            rgb = dct_codec.decode([t.numpy() for t in tokens], self.codec) if images is None else images
+            out["hint"] = self.superres_hint(rgb)
         if self.config.num_classes:
             if labels is None or any(not 0 <= lab < self.config.num_classes for lab in labels):
                 raise ValueError(f"model.num_classes={self.config.num_classes}: every sample needs a label in "
@@ -155,7 +162,7 @@ class DCTransformerFamily(Family):
                   ) -> tuple[torch.Tensor, torch.Tensor]:
         """NLL in nats [B, T] of the chunks at ``starts`` and their targets [B, T, 3]."""
         ch = self.chunk_batch(batch, starts)
-        logits = model(ch["dense"], ch["prev"], ch["target"], batch.get("labels"), batch.get("lowres"))
+        logits = model(ch["dense"], ch["prev"], ch["target"], batch.get("labels"), batch.get("hint"))
         return triple_nll(logits, ch["prev"], ch["target"], self.space, self._allowed(ch["dense"])), ch["target"]
 
     def _allowed(self, like: torch.Tensor) -> torch.Tensor | None:
@@ -224,11 +231,11 @@ class DCTransformerFamily(Family):
         if self.config.mode != "unconditional":
             images = self.source_images(n) if images is None else np.asarray(images)
             seqs = [torch.from_numpy(s.astype(np.int64)) for s in dct_codec.encode(list(images), self.codec)]
-            extra = self.conditioning(seqs, None if not self.config.num_classes else list(cond.labels.tolist()))
-            cond.dense = extra.get("cond_dense", None)
-            cond.lowres = extra.get("lowres", None)
-            cond.dense = cond.dense.to(device) if cond.dense is not None else None
-            cond.lowres = cond.lowres.to(device) if cond.lowres is not None else None
+            originals = images if images.shape[1:] == (self.codec.height, self.codec.width, 3) else None
+            extra = self.conditioning(seqs, None if not self.config.num_classes else list(cond.labels.tolist()),
+                                      originals)
+            cond.dense = extra["cond_dense"].to(device) if "cond_dense" in extra else None
+            cond.hint = extra["hint"].to(device) if "hint" in extra else None
         seq = generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond,
                        DrawSettings(**draw), generator, use_cache)
         return seq, cond
