@@ -120,22 +120,34 @@ def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
     """Write one shard (in a temporary local file, then moved/uploaded whole) and its info file."""
     source = build_source(config.source, config.source_settings)
     codec = build_codec(config.codec, config.codec_settings)
-    target = storage.join(config.output, plan.name)
+
+    def fill(writer: wds.TarWriter) -> None:
+        for i in range(plan.first, plan.stop):
+            sample = source.sample(i)
+            writer.write({"__key__": sample.key, **codec.encode(sample)})
+
+    return publish_shard(config.output, plan, fill)
+
+
+def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], None]) -> ShardInfo:
+    """``fill`` writes the shard's samples into a local temporary tar; it is then moved/uploaded whole to
+    ``output`` and its info file (count, size, sha256, index, plan fingerprint) written beside it."""
+    target = storage.join(output, plan.name)
     fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="dgm-shard-")
     try:
         with os.fdopen(fd, "wb") as f, wds.TarWriter(f, mtime=0) as writer:
-            for i in range(plan.first, plan.stop):
-                sample = source.sample(i)
-                writer.write({"__key__": sample.key, **codec.encode(sample)})
+            fill(writer)
         digest = storage.sha256_of(tmp)
-        info = ShardInfo(plan.name, plan.stop - plan.first, os.path.getsize(tmp), digest, plan.first,
-                         sample_offsets(tmp)[::INDEX_STRIDE])
+        offsets = sample_offsets(tmp)
+        if len(offsets) != plan.stop - plan.first:
+            raise ValueError(f"shard {target}: wrote {len(offsets)} samples, the plan says {plan.stop - plan.first}")
+        info = ShardInfo(plan.name, len(offsets), os.path.getsize(tmp), digest, plan.first, offsets[::INDEX_STRIDE])
         storage.upload_file(tmp, target)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
     record = {"fingerprint": plan.fingerprint, "shard": asdict(info)}
-    storage.write_bytes(_info_url(config.output, plan), json.dumps(record).encode())
+    storage.write_bytes(_info_url(output, plan), json.dumps(record).encode())
     return info
 
 

@@ -9,6 +9,7 @@ from data_pipeline.codecs.dct_codec import DCTCodec
 from data_pipeline.codecs.dct_config import DCTCodecConfig
 from data_pipeline.codecs.image import ImageCodec, ImageCodecConfig
 from data_pipeline.codecs.points import PointsCodec, PointsCodecConfig
+from data_pipeline.codecs.tokens import TokensCodec, TokensCodecConfig
 
 
 class Codec(Protocol):
@@ -26,6 +27,7 @@ CODECS: dict[str, tuple[Callable[[dict[str, Any]], Any], type]] = {
     "image": (lambda settings: ImageCodecConfig(**settings), ImageCodec),
     "dct": (DCTCodecConfig.from_dict, DCTCodec),
     "points": (PointsCodecConfig.from_dict, PointsCodec),
+    "tokens": (TokensCodecConfig.from_dict, TokensCodec),
 }
 
 
