@@ -1,0 +1,258 @@
+"""DCTransformer learning on held-out 32x32 shape scenes: bits, sample statistics, colourisation, super-resolution.
+
+    .venv/bin/python bench/dctransformer_quality.py --models unconditional,no_context --steps 2000
+
+Each model is trained in this process with plain torch AdamW (one-cycle schedule) through the family's own
+``train_step`` (no Ray/DeepSpeed: the learning is the same code, only cheaper to run here) on scenes of seed 0 and
+scored on held-out scenes of seed 1:
+
+- ``unconditional`` / ``no_context``: held-out bits per image (every chunk of every sequence, exact NLL); the
+  no-context model is the same network with the encoder's input zeroed, so it sees only the triples of its own
+  chunk. Samples (temperature ``--sample-temperature``) are parsed by the scenes' analyser (shape_analysis):
+  object-count and colour histograms against the held-out images through the same codec (what a perfect model
+  of the sequences would produce) and against the raw held-out images; the total-variation distance of two
+  disjoint halves of the held-out set is printed as the sampling-noise floor.
+- ``colourise``: given all luma, the chroma is drawn (``--cond-temperature``, 0 = argmax); RGB PSNR against
+  the raw image, with grey chroma (the luma alone through the codec) as the naive baseline.
+- ``superres``: given the 2x box-downsampled image, the full sequence is drawn; RGB and luma (Y) PSNR against
+  bicubic upsampling of the same low-resolution image. 4:2:0 chroma caps the codec's RGB PSNR below bicubic's
+  at this size, so the Y PSNR (luma is not subsampled) is the comparison the codec allows; both are printed with
+  the codec's ceiling (the original image through the codec).
+
+Trained weights go to runs/dct_quality/<model>.pt (``--eval-only`` rescores them). Last stdout line: one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections import Counter
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from data_pipeline.codecs import dct_codec  # noqa: E402
+from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
+from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS  # noqa: E402
+from data_pipeline.sources.shape_analysis import analyse_scene  # noqa: E402
+from data_pipeline.sources.shapes import ShapesConfig, ShapesSource  # noqa: E402
+from trainer.dct.model import DecoderSizes  # noqa: E402
+from trainer.families.base import StepContext  # noqa: E402
+from trainer.families.dctransformer import DCTransformerConfig, DCTransformerFamily  # noqa: E402
+from trainer.transformer import TransformerConfig  # noqa: E402
+
+MODELS = {"unconditional": {}, "no_context": {"use_context": False}, "colourise": {"mode": "colourise"},
+          "superres": {"mode": "superres"}}
+LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
+OUT = os.path.join(ROOT, "runs", "dct_quality")
+
+
+class PlainEngine:
+    """The Engine protocol over a torch module and AdamW with a one-cycle (warm-up, cosine) learning rate."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, steps: int) -> None:
+        self.module = module
+        self.opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+    def __call__(self, *args, **kwargs):
+        return self.module(*args, **kwargs)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.module.parameters(), 1.0)
+
+    def step(self) -> None:
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.sched.step()
+
+
+def psnr(a: np.ndarray, b: np.ndarray, luma: bool = False) -> float:
+    """Mean over images of the PSNR in dB (RGB, or luma Y = .299R + .587G + .114B)."""
+    a, b = a.astype(np.float64), b.astype(np.float64)
+    if luma:
+        a, b = a @ LUMA_WEIGHTS, b @ LUMA_WEIGHTS
+    mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
+    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+
+
+def scene_stats(images: np.ndarray) -> tuple[Counter, Counter]:
+    objs = [analyse_scene(im) for im in images]
+    return Counter(len(o) for o in objs), Counter(o["colour"] for ob in objs for o in ob)
+
+
+def tv(a: Counter, b: Counter) -> float:
+    na, nb = max(sum(a.values()), 1), max(sum(b.values()), 1)
+    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    return (images.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+
+
+def save_strip(images: np.ndarray, name: str) -> None:
+    Image.fromarray(np.concatenate(list(images[:16]), axis=1)).save(os.path.join(OUT, name))
+
+
+class Experiment:
+    """Data, family construction, training and scoring shared by every model."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.codec = DCTCodecConfig(resolution=32, quality=args.quality, value_range=256)
+        self.info = {"codec": {"name": "dct", "settings": self.codec.to_dict()},
+                     "source": {"name": "shapes", "settings": {"num_samples": args.eval, "resolution": 32,
+                                                               "seed": 1, "max_objects": 4}}}
+        train_src = ShapesSource(ShapesConfig(num_samples=args.train, resolution=32, seed=0, max_objects=4))
+        eval_src = ShapesSource(ShapesConfig(num_samples=args.eval, resolution=32, seed=1, max_objects=4))
+        self.train_rgb = np.stack([train_src.sample(i).image for i in range(args.train)])
+        self.held_rgb = np.stack([eval_src.sample(i).image for i in range(args.eval)])
+        self.train_tok = dct_codec.encode(list(self.train_rgb), self.codec)
+        self.held_tok = dct_codec.encode(list(self.held_rgb), self.codec)
+        print(f"[quality] q={args.quality}: {args.train} train / {args.eval} held-out scenes, "
+              f"{np.mean([len(t) for t in self.train_tok]):.1f} / {np.mean([len(t) for t in self.held_tok]):.1f} "
+              "triples per image", flush=True)
+
+    def family(self, name: str) -> DCTransformerFamily:
+        a = self.args
+        cfg = DCTransformerConfig(chunk_size=a.chunk, encoder=TransformerConfig(n_layer=a.layers, n_head=4,
+                                                                                 d_model=a.d_model),
+                                  decoders=DecoderSizes(a.layers, a.layers, a.layers), **MODELS[name])
+        return DCTransformerFamily(cfg, self.info)
+
+    def batches(self, fam: DCTransformerFamily, tokens: list[np.ndarray], rgb: np.ndarray) -> dict[str, torch.Tensor]:
+        """Every sequence's collated form once (targets, conditioning), to be sliced per step."""
+        seqs = [torch.from_numpy(t.astype(np.int64)) for t in tokens]
+        full = fam.conditioning(seqs, None, rgb)
+        full["valid"] = torch.ones(len(seqs), dtype=torch.bool)
+        return full
+
+    @staticmethod
+    def take(full: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
+        t = torch.from_numpy(idx)
+        out = {k: v[t] for k, v in full.items()}
+        out["tokens"] = out["tokens"][:, : int(out["lengths"].max())]
+        return out
+
+    def train(self, name: str) -> tuple[DCTransformerFamily, torch.nn.Module]:
+        a = self.args
+        fam = self.family(name)
+        torch.manual_seed(0)
+        model = fam.build_modules()["model"]
+        path = os.path.join(OUT, f"{name}.pt")
+        if a.eval_only:
+            model.load_state_dict(torch.load(path))
+            return fam, model.eval()
+        full = self.batches(fam, self.train_tok, self.train_rgb)
+        engine = PlainEngine(model, a.lr, a.steps)
+        rng = np.random.default_rng(0)
+        t0, ema = time.perf_counter(), None
+        for step in range(a.steps):
+            b = self.take(full, rng.choice(a.train, a.batch, replace=False))
+            m = fam.train_step({"model": engine}, b, StepContext(step, 0, 1, torch.device("cpu"), torch.float32))
+            ema = m["bits_per_triple"] if ema is None else 0.98 * ema + 0.02 * m["bits_per_triple"]
+            if step % 200 == 0 or step == a.steps - 1:
+                print(f"[quality] {name} step {step} bits/triple (ema) {ema:.3f} "
+                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+        torch.save(model.state_dict(), path)
+        return fam, model.eval()
+
+    def held_bits(self, fam: DCTransformerFamily, model: torch.nn.Module) -> tuple[float, float]:
+        full = self.batches(fam, self.held_tok, self.held_rgb)
+        nats, triples = 0.0, 0.0
+        with torch.no_grad():
+            for i in range(0, self.args.eval, 32):
+                b = self.take(full, np.arange(i, min(i + 32, self.args.eval)))
+                nats += float(fam.sequence_nll(model, b).sum())
+                triples += float(b["lengths"].sum())
+        bits = nats / np.log(2)
+        return bits / self.args.eval, bits / triples
+
+    def score(self, name: str, fam: DCTransformerFamily, model: torch.nn.Module) -> dict[str, float | str]:
+        a = self.args
+        out: dict[str, float | str] = {}
+        out[f"{name}_bits_per_image"], out[f"{name}_bits_per_triple"] = self.held_bits(fam, model)
+        gen = torch.Generator().manual_seed(0)
+        if fam.config.mode == "unconditional":
+            imgs = to_uint8(fam.sample_images({"model": model}, a.samples, gen, temperature=a.sample_temperature))
+            save_strip(imgs, f"{name}_samples.png")
+            s_count, s_col = scene_stats(imgs)
+            d_count, d_col = scene_stats(dct_codec.decode(self.held_tok, self.codec))
+            r_count, r_col = scene_stats(self.held_rgb)
+            half = a.eval // 2
+            h1 = scene_stats(dct_codec.decode(self.held_tok[:half], self.codec))
+            h2 = scene_stats(dct_codec.decode(self.held_tok[half:], self.codec))
+            out.update({f"{name}_count_hist": json.dumps(dict(sorted(s_count.items()))),
+                        "data_codec_count_hist": json.dumps(dict(sorted(d_count.items()))),
+                        "data_raw_count_hist": json.dumps(dict(sorted(r_count.items()))),
+                        f"{name}_count_tv_vs_codec_data": tv(s_count, d_count),
+                        f"{name}_count_tv_vs_raw_data": tv(s_count, r_count),
+                        f"{name}_colour_tv_vs_codec_data": tv(s_col, d_col),
+                        f"{name}_colour_tv_vs_raw_data": tv(s_col, r_col),
+                        f"{name}_mean_count": sum(k * v for k, v in s_count.items()) / a.samples,
+                        "data_codec_mean_count": sum(k * v for k, v in d_count.items()) / a.eval,
+                        "held_out_halves_count_tv": tv(h1[0], h2[0]), "held_out_halves_colour_tv": tv(h1[1], h2[1])})
+            return out
+        n = min(a.conditional, a.eval)
+        truth = self.held_rgb[:n]
+        imgs = to_uint8(fam.sample_images({"model": model}, n, gen, images=truth, temperature=a.cond_temperature))
+        save_strip(np.concatenate([truth[:8], imgs[:8]]), f"{name}_samples.png")
+        ceiling = dct_codec.decode(self.held_tok[:n], self.codec)
+        out[f"{name}_psnr"], out["codec_ceiling_psnr"] = psnr(imgs, truth), psnr(ceiling, truth)
+        if name == "colourise":
+            luma = [t[(CHANNEL_SLOT[np.minimum(t[:, 0], 383)] < NUM_LUMA_SLOTS) | (t[:, 0] >= 384)]
+                    for t in self.held_tok[:n]]
+            out["grey_chroma_psnr"] = psnr(dct_codec.decode(luma, self.codec), truth)
+        else:
+            small = truth.reshape(n, 16, 2, 16, 2, 3).astype(np.float32).mean(axis=(2, 4))
+            small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+            bicubic = np.stack([np.asarray(Image.fromarray(s).resize((32, 32), Image.BICUBIC)) for s in small])
+            hint = dct_codec.decode(dct_codec.encode(list(bicubic), self.codec), self.codec)
+            out.update({"bicubic_psnr": psnr(bicubic, truth), "bicubic_psnr_y": psnr(bicubic, truth, True),
+                        "superres_psnr_y": psnr(imgs, truth, True), "hint_through_codec_psnr": psnr(hint, truth),
+                        "hint_through_codec_psnr_y": psnr(hint, truth, True),
+                        "codec_ceiling_psnr_y": psnr(ceiling, truth, True)})
+        return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="unconditional,no_context,colourise,superres")
+    p.add_argument("--quality", type=int, default=90, help="codec quality of every sequence")
+    p.add_argument("--steps", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--chunk", type=int, default=32)
+    p.add_argument("--d-model", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2, help="encoder and each decoder")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--train", type=int, default=6000)
+    p.add_argument("--eval", type=int, default=128)
+    p.add_argument("--samples", type=int, default=64)
+    p.add_argument("--conditional", type=int, default=64, help="held-out images scored by PSNR")
+    p.add_argument("--sample-temperature", type=float, default=1.0)
+    p.add_argument("--cond-temperature", type=float, default=0.0, help="0: argmax")
+    p.add_argument("--eval-only", action="store_true")
+    args = p.parse_args()
+    torch.set_num_threads(1)
+    os.makedirs(OUT, exist_ok=True)
+    exp = Experiment(args)
+    result: dict = {k: v for k, v in vars(args).items()}
+    for name in args.models.split(","):
+        t = time.perf_counter()
+        fam, model = exp.train(name)
+        result[f"{name}_train_s"] = time.perf_counter() - t
+        result.update(exp.score(name, fam, model))
+        print(f"[quality] {name}: {json.dumps({k: v for k, v in result.items() if k.startswith(name)})}", flush=True)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
