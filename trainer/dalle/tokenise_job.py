@@ -1,0 +1,286 @@
+"""Image tokenisation as a distributed batch job: image shards -> (caption ids, dVAE image codes) shards.
+
+One Ray actor per worker loads the dVAE export once and the caption tokenizer once; output shards are handed out
+to whichever actor is free (ray.util.ActorPool). Output shard j holds the input's global samples [j*S, (j+1)*S) in
+the input's order, so the result does not depend on the number of workers or on which actor wrote what. Each shard
+is written to a local temporary file, moved or uploaded whole with an ``.info.json`` beside it (prepare's
+publish_shard), and a re-run skips every shard whose info matches this job's fingerprint (input shards' sha256,
+dVAE weights, tokenizer, shard size). tokenizer.model is copied beside the output and the manifest comes last.
+
+An input sample without a caption (or with an empty one) stops the job with an error naming its shard and key:
+a caption-conditioned prior must not learn from images with nothing to condition on. Fix or drop the sample and
+re-prepare the input. This module imports torch and Ray, never launch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import ray
+from ray.util import ActorPool
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from data_pipeline import storage
+from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
+from data_pipeline.codecs import build_codec
+from data_pipeline.codecs.tokens import TokenSample
+from data_pipeline.manifest import (
+    FORMAT_VERSION,
+    DatasetError,
+    Manifest,
+    ShardInfo,
+    load_manifest,
+    save_manifest,
+)
+from data_pipeline.prepare import INDEX_STRIDE, ShardPlan, finished_info, publish_shard
+
+# Environment a worker needs to reach S3 the way the driver does (Ray workers may start before a test sets it).
+_FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                  "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+
+
+@dataclass(frozen=True)
+class InputSpan:
+    """The samples [skip, skip + take) of one input shard."""
+
+    url: str
+    sha256: str
+    skip: int
+    take: int
+
+
+@dataclass(frozen=True)
+class OutputShard:
+    plan: ShardPlan
+    inputs: tuple[InputSpan, ...]
+
+
+def plan_output(manifest: Manifest, samples_per_shard: int, fingerprint: str) -> list[OutputShard]:
+    """Cut the input's global sample sequence into output shards of ``samples_per_shard``."""
+    starts = np.cumsum([0] + manifest.shard_counts)
+    total = int(starts[-1])
+    out = []
+    for j, first in enumerate(range(0, total, samples_per_shard)):
+        stop = min(first + samples_per_shard, total)
+        spans = []
+        for i, info in enumerate(manifest.shards):
+            lo, hi = max(first, int(starts[i])), min(stop, int(starts[i + 1]))
+            if lo < hi:
+                spans.append(InputSpan(manifest.shard_url(i), info.sha256, lo - int(starts[i]), hi - lo))
+        out.append(OutputShard(ShardPlan(j, f"shard-{j:06d}.tar", first, stop, fingerprint), tuple(spans)))
+    return out
+
+
+def read_span(span: InputSpan) -> Iterator[dict[str, Any]]:
+    """Raw samples of one input span; the shard is checked against its manifest sha256 first."""
+    data = storage.read_bytes(span.url)
+    if hashlib.sha256(data).hexdigest() != span.sha256:
+        raise DatasetError(f"shard {span.url}: sha256 does not match the input manifest (modified or truncated)")
+    seen = 0
+    for raw in group_by_keys({**m, "__url__": span.url} for m in tar_file_iterator(io.BytesIO(data))):
+        if seen >= span.skip + span.take:
+            return
+        if seen >= span.skip:
+            yield raw
+        seen += 1
+    if seen < span.skip + span.take:
+        raise DatasetError(f"shard {span.url}: ended after {seen} samples, expected {span.skip + span.take}")
+
+
+def _local_export(export_url: str) -> tuple[str, str | None]:
+    """A local folder holding the export (downloaded when remote) and the temp folder to delete afterwards."""
+    if not storage.is_remote(export_url):
+        return storage.local_path(export_url), None
+    tmp = tempfile.mkdtemp(prefix="dgm-dvae-")
+    storage.download_dir(export_url, tmp)
+    return tmp, tmp
+
+
+class TokeniserWorker:
+    """Holds one dVAE and the tokenizer; writes whole output shards (a Ray actor, or a plain object in-process)."""
+
+    def __init__(self, dvae_export: str, tokenizer_bytes: bytes, input_codec: dict[str, Any], batch_size: int,
+                 threads: int = 1) -> None:
+        import torch
+
+        from trainer.export import load_export
+
+        torch.set_num_threads(threads)
+        folder, tmp = _local_export(dvae_export)
+        try:
+            self.family, self.modules, _ = load_export(folder)
+        finally:
+            if tmp:
+                shutil.rmtree(tmp, ignore_errors=True)
+        self.tokenizer = CaptionTokenizer.from_bytes(tokenizer_bytes)
+        self.input_codec = build_codec(input_codec["name"], input_codec.get("settings", {}))
+        h, w = self.family.grid
+        self.codec = build_codec("tokens", {"text_vocab": self.tokenizer.vocab_size,
+                                            "image_vocab": int(self.family.num_codes), "image_grid": [int(h), int(w)]})
+        self.batch_size = batch_size
+
+    def codec_settings(self) -> dict[str, Any]:
+        return self.codec.settings()
+
+    def encode_images(self, images: list[np.ndarray]) -> np.ndarray:
+        import torch
+
+        with torch.no_grad():
+            tokens = self.family.encode_tokens(self.modules, np.stack(images))
+        return tokens.reshape(len(images), -1).cpu().numpy().astype(np.int64)
+
+    def _samples(self, shard: OutputShard) -> Iterator[tuple[str, dict[str, Any]]]:
+        for span in shard.inputs:
+            for raw in read_span(span):
+                key = raw["__key__"]
+                sample = self.input_codec.decode(raw)
+                caption = sample.get("caption")
+                if caption is None or not caption.strip():
+                    raise DatasetError(f"shard {span.url}: sample {key} has an empty caption "
+                                       "(a text-to-image dataset needs a caption for every image)")
+                yield key, sample
+
+    def write(self, shard: OutputShard, output: str) -> ShardInfo:
+        codec = self.codec
+
+        def fill(writer: Any) -> None:
+            batch: list[tuple[str, dict[str, Any]]] = []
+
+            def flush() -> None:
+                codes = self.encode_images([s["image"] for _, s in batch])
+                for (key, s), image_tokens in zip(batch, codes, strict=True):
+                    text = np.asarray(self.tokenizer.encode(s["caption"]), dtype=np.int64)
+                    item = TokenSample(key, text, image_tokens, s.get("caption"), s.get("attributes"),
+                                       s.get("label"))
+                    writer.write({"__key__": key, **codec.encode(item)})
+                batch.clear()
+
+            for key, sample in self._samples(shard):
+                batch.append((key, sample))
+                if len(batch) == self.batch_size:
+                    flush()
+            if batch:
+                flush()
+
+        return publish_shard(output, shard.plan, fill)
+
+
+def _fingerprint(manifest: Manifest, weights_sha: str, tokenizer_sha: str, samples_per_shard: int) -> str:
+    spec = json.dumps([[s.sha256 for s in manifest.shards], weights_sha, tokenizer_sha, samples_per_shard])
+    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def _weights_sha(export_url: str) -> str:
+    config_url = storage.join(export_url, "config.json")
+    try:
+        config = json.loads(storage.read_bytes(config_url))
+        return str(config["files"]["model.safetensors"])
+    except (storage.StorageError, ValueError, KeyError, TypeError) as e:
+        raise DatasetError(f"{export_url}: not a dVAE export folder ({config_url}: {e})") from e
+
+
+def _ensure_ray() -> None:
+    if not ray.is_initialized():
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
+                 object_store_memory=256 << 20, configure_logging=False)
+
+
+def _absolute(url: str) -> str:
+    return url if storage.is_remote(url) or "://" in url else os.path.abspath(url)
+
+
+class _ProgressLine:
+    """'[tokenise] shards 3/10, images 768/2560, 120.5 images/s, ETA 15s' at most every ``every_s`` seconds."""
+
+    def __init__(self, shards: int, images: int, say: Callable[[str], None], every_s: float = 2.0) -> None:
+        self.shards, self.images, self.say, self.every_s = shards, images, say, every_s
+        self.done_shards = self.done_images = self.new_images = 0
+        self.start = self.last = time.monotonic()
+
+    def update(self, shards: int, images: int, new: bool = True) -> None:
+        self.done_shards += shards
+        self.done_images += images
+        self.new_images += images if new else 0
+        now = time.monotonic()
+        if now - self.last < self.every_s and self.done_shards < self.shards:
+            return
+        self.last = now
+        rate = self.new_images / max(now - self.start, 1e-9)
+        eta = (self.images - self.done_images) / rate if rate > 0 else 0.0
+        self.say(f"[tokenise] shards {self.done_shards}/{self.shards}, images {self.done_images}/{self.images}, "
+                 f"{rate:.1f} images/s, ETA {eta:.0f}s")
+
+
+def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
+                     batch_size: int = 64, samples_per_shard: int | None = None, progress: bool = True,
+                     report: Callable[[str], None] | None = None) -> Manifest:
+    """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``."""
+    if workers < 1 or batch_size < 1:
+        raise ValueError(f"tokenise: workers and batch_size must be >= 1, got {workers} and {batch_size}")
+    source = load_manifest(input_url)
+    if source.codec.get("name") != "image":
+        raise DatasetError(f"{input_url}: codec {source.codec.get('name')!r} is not the image codec (PNG + caption)")
+    tokenizer_url = storage.join(input_url, TOKENIZER_FILE)
+    if not storage.exists(tokenizer_url):
+        raise DatasetError(f"{tokenizer_url}: missing; prepare the dataset with data.prepare.tokenizer "
+                           "so its captions have a tokenizer")
+    tokenizer = CaptionTokenizer.load(tokenizer_url)
+    recorded = source.extra.get("tokenizer", {}).get("sha256")
+    if recorded and recorded != tokenizer.sha256:
+        raise DatasetError(f"{tokenizer_url}: sha256 does not match the manifest's tokenizer entry")
+    per_shard = samples_per_shard or int(source.extra.get("samples_per_shard") or source.shards[0].count)
+    if per_shard < 1:
+        raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")
+    dvae_export_dir = _absolute(dvae_export_dir)
+    weights_sha = _weights_sha(dvae_export_dir)
+    shards = plan_output(source, per_shard, _fingerprint(source, weights_sha, tokenizer.sha256, per_shard))
+    say = report or (lambda line: print(line, flush=True))
+    done = {s.plan.index: info for s in shards if (info := finished_info(output_url, s.plan)) is not None}
+    todo = [s for s in shards if s.plan.index not in done]
+    say(f"[tokenise] {source.total} images in {len(source.shards)} shards -> {len(shards)} token shards at "
+        f"{output_url} ({len(done)} already done, {min(workers, max(len(todo), 1))} workers)")
+    line = _ProgressLine(len(shards), source.total, say if progress else (lambda _: None))
+    line.update(len(done), sum(i.count for i in done.values()), new=False)
+
+    _ensure_ray()
+    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
+    remote = ray.remote(num_cpus=1)(TokeniserWorker).options(runtime_env={"env_vars": {**env,
+                                                                                       "OMP_NUM_THREADS": "1"}})
+    actors = [remote.remote(dvae_export_dir, tokenizer.to_bytes(), source.codec, batch_size)
+              for _ in range(max(1, min(workers, len(todo))))]
+    codec_settings = ray.get(actors[0].codec_settings.remote())
+    if todo:
+        pool = ActorPool(actors)
+        for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
+            done[shards[info.first_index // per_shard].plan.index] = info
+            line.update(1, info.count)
+    for actor in actors:
+        ray.kill(actor)
+
+    tokenizer.save(storage.join(output_url, TOKENIZER_FILE))
+    codec = build_codec("tokens", codec_settings)
+    manifest = Manifest(
+        source={"name": "tokenise", "settings": {"input": _absolute(input_url), "input_source": source.source,
+                                                 "input_codec": source.codec}},
+        codec={"name": "tokens", "settings": codec.settings()},
+        shards=[done[s.plan.index] for s in shards],
+        format_version=FORMAT_VERSION,
+        extra={"samples_per_shard": per_shard, "index_stride": INDEX_STRIDE,
+               "text_vocab": tokenizer.vocab_size, "image_vocab": codec_settings["image_vocab"],
+               "image_grid": codec_settings["image_grid"], "image_shape": source.extra.get("image_shape"),
+               "tokenizer": tokenizer.info(), "dvae_export": dvae_export_dir, "dvae_weights_sha256": weights_sha},
+        url=output_url,
+    )
+    save_manifest(output_url, manifest)
+    say(f"[tokenise] wrote manifest with {manifest.total} samples in {len(shards)} shards")
+    return manifest
