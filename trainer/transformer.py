@@ -1,12 +1,17 @@
 """A decoder-only transformer with key/value caches, shared by the autoregressive families.
 
 Readable top to bottom (nanoGPT style): attention, MLP, block, stack. ``attn_mask`` lets a family replace the
-causal mask (the text-to-image transformer's row/column masks); ``cache`` turns a forward into one sampling step.
+causal mask, with one tensor for every layer or one per layer (the text-to-image transformer's row / column /
+convolutional masks); with a ``cache`` the caller passes the rows of the new positions (``mask[start:stop, :stop]``).
+``cache`` turns a forward into one sampling step. ``boundaries`` (optional) wraps the activations entering and leaving
+each block, e.g. to scale gradients per block.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,6 +96,14 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class BlockBoundaries(Protocol):
+    """Called on the activations entering (``enter``) and leaving (``leave``) block ``layer``."""
+
+    def enter(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+    def leave(self, layer: int, x: torch.Tensor) -> torch.Tensor: ...
+
+
 class TransformerStack(nn.Module):
     """Blocks plus the final layer norm; embeddings and heads belong to the family that uses it."""
 
@@ -104,10 +117,22 @@ class TransformerStack(nn.Module):
         return KVCache(self.cfg.n_layer)
 
     def forward(
-        self, x: torch.Tensor, attn_mask: torch.Tensor | None = None, cache: KVCache | None = None
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | Sequence[torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        boundaries: BlockBoundaries | None = None,
     ) -> torch.Tensor:
-        for block in self.blocks:
-            x = block(x, attn_mask, cache)
+        """``attn_mask``: None (causal), one boolean mask for every layer, or a sequence of one mask per layer."""
+        per_layer = attn_mask if isinstance(attn_mask, Sequence) else [attn_mask] * len(self.blocks)
+        if len(per_layer) != len(self.blocks):
+            raise ValueError(f"got {len(per_layer)} attention masks for {len(self.blocks)} layers")
+        for i, (block, mask) in enumerate(zip(self.blocks, per_layer, strict=True)):
+            if boundaries is not None:
+                x = boundaries.enter(i, x)
+            x = block(x, mask, cache)
+            if boundaries is not None:
+                x = boundaries.leave(i, x)
         return self.ln_f(x)
 
 

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 from trainer.families.base import Family
+from trainer.families.dalle import DalleFamily
 from trainer.families.dctransformer import DCTransformerFamily
 from trainer.families.dvae import DVAEFamily
 from trainer.families.image_gpt import ImageGPTFamily
 from trainer.families.slsa_gan import SLSAGanFamily
 
 FAMILIES: dict[str, type[Family]] = {
+    DalleFamily.name: DalleFamily,
     DCTransformerFamily.name: DCTransformerFamily,
     DVAEFamily.name: DVAEFamily,
     ImageGPTFamily.name: ImageGPTFamily,
