@@ -54,8 +54,10 @@ class CaptionTokenizer:
                 num_threads=1, minloglevel=2,
             )
         except RuntimeError as e:
+            hint = " (byte fallback alone takes 256 ids, plus <unk> and one per character)" if (
+                "smaller than required" in str(e)) else ""
             raise TokenizerError(f"tokenizer vocab_size={vocab_size} does not fit these {len(texts)} captions: "
-                                 f"{str(e).split('] ')[-1]}") from e
+                                 f"{str(e).split('] ')[-1]}{hint}") from e
         return cls.from_bytes(out.getvalue(), what="the freshly trained model")
 
     @classmethod

@@ -78,7 +78,7 @@ def test_bytes_round_trip_and_corrupt_files_are_named(tokenizer, tmp_path: Path)
 
 
 @pytest.mark.parametrize("vocab_size, message", [
-    (100, "vocab_size=100 does not fit these 300 captions: Vocabulary size is smaller than required"),
+    (100, "vocab_size=100 does not fit these 300 captions: Vocabulary size is smaller than required.*byte fallback"),
     (5000, r"vocab_size=5000 does not fit these 300 captions: Vocabulary size too high \(5000\)"),
     (0, "vocab_size must be a positive int, got 0"),
 ])
