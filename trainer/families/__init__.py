@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from trainer.families.base import Family
+from trainer.families.contrastive import ContrastiveFamily
 from trainer.families.dalle import DalleFamily
 from trainer.families.dctransformer import DCTransformerFamily
 from trainer.families.dvae import DVAEFamily
@@ -10,6 +11,7 @@ from trainer.families.image_gpt import ImageGPTFamily
 from trainer.families.slsa_gan import SLSAGanFamily
 
 FAMILIES: dict[str, type[Family]] = {
+    ContrastiveFamily.name: ContrastiveFamily,
     DalleFamily.name: DalleFamily,
     DCTransformerFamily.name: DCTransformerFamily,
     DVAEFamily.name: DVAEFamily,
