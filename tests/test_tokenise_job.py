@@ -160,7 +160,7 @@ def test_job_matches_the_dvae_in_order_and_resumes(ray_local, scenes: str, dvae_
     os.unlink(os.path.join(out2, "manifest.json"))
     lines.clear()
     again = tokenise_dataset(scenes, dvae_export, out2, workers=2, report=lines.append)
-    assert "(2 already done, 1 workers)" in lines[0]
+    assert "(2 already done, 1 workers)" in lines[0] and "1 workers ready after" in lines[1]
     assert {n: os.stat(os.path.join(out2, n)).st_mtime_ns for n in stamps} == stamps
     assert again.to_json() == manifest.to_json()
 

@@ -258,7 +258,10 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
                                                                                        "OMP_NUM_THREADS": "1"}})
     actors = [remote.remote(dvae_export_dir, tokenizer.to_bytes(), source.codec, batch_size)
               for _ in range(max(1, min(workers, len(todo))))]
-    codec_settings = ray.get(actors[0].codec_settings.remote())
+    codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
+    say(f"[tokenise] {len(actors)} workers ready after {time.monotonic() - line.start:.1f}s "
+        "(each loaded the dVAE export once)")
+    line.start = time.monotonic()  # the rate counts tokenising, not starting the workers
     if todo:
         pool = ActorPool(actors)
         for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
