@@ -118,7 +118,13 @@ def kl_to_uniform(logits: torch.Tensor, dim: int = 1) -> torch.Tensor:
 
 
 def _conv(n_in: int, n_out: int, k: int) -> nn.Conv2d:
-    return nn.Conv2d(n_in, n_out, k, padding=(k - 1) // 2)
+    """A same-padded conv initialised as the released DALL-E dVAE does: weights N(0, 1 / fan_in), zero bias. torch's
+    default (1/sqrt(3) of that scale) shrinks the signal at every layer, leaving the initial logits almost equal for
+    every input, so the Gumbel noise hides the input from the decoder and training starts with a collapsed code."""
+    conv = nn.Conv2d(n_in, n_out, k, padding=(k - 1) // 2)
+    nn.init.normal_(conv.weight, std=1 / math.sqrt(n_in * k * k))
+    nn.init.zeros_(conv.bias)
+    return conv
 
 
 class ResBlock(nn.Module):
