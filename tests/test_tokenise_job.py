@@ -146,9 +146,12 @@ def test_job_matches_the_dvae_in_order_and_resumes(ray_local, scenes: str, dvae_
     assert storage.read_bytes(os.path.join(out2, TOKENIZER_FILE)) == tokenizer.to_bytes()
     assert any("shards 3/3, images 96/96" in line and "images/s" in line for line in lines), lines
 
-    # One worker, output on S3: byte-identical shards.
+    # One worker, input, dVAE export and output on S3: byte-identical shards.
+    storage.upload_dir(scenes, f"{s3_bucket}/scenes")
+    storage.upload_dir(dvae_export, f"{s3_bucket}/dvae")
     out1 = f"{s3_bucket}/tokens-1"
-    one = tokenise_dataset(scenes, dvae_export, out1, workers=1, batch_size=7, report=lambda _: None)
+    one = tokenise_dataset(f"{s3_bucket}/scenes", f"{s3_bucket}/dvae", out1, workers=1, batch_size=7,
+                           report=lambda _: None)
     assert [s.sha256 for s in one.shards] == [s.sha256 for s in manifest.shards]
     assert storage.read_bytes(f"{out1}/{TOKENIZER_FILE}") == tokenizer.to_bytes()
     assert load_manifest(out1).extra["tokenizer"]["sha256"] == tokenizer.sha256
