@@ -140,13 +140,9 @@ class ContrastiveModel(nn.Module):
         return self.encode_images(images), self.encode_texts(ids, mask), self.scale(), negatives
 
 
-def same_caption_targets(caption_ids: torch.Tensor) -> torch.Tensor:
-    """[N, N] row-stochastic targets: an image's positives are every text with its exact caption.
-
-    Procedural captions repeat ("three objects on a grey background"), so one-hot targets would call true pairs
-    negatives; with unique captions this is the identity."""
-    same = (caption_ids[:, None] == caption_ids[None, :]).float()
-    return same / same.sum(dim=1, keepdim=True)
+def _multi_positive_ce(logits: torch.Tensor, positive: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log(softmax mass on the row's positives); one positive per row: cross-entropy."""
+    return (logits.logsumexp(dim=1) - logits.masked_fill(~positive, float("-inf")).logsumexp(dim=1)).mean()
 
 
 def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: torch.Tensor,
@@ -154,20 +150,19 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
                      negative_text_emb: torch.Tensor | None = None) -> torch.Tensor:
     """Symmetric InfoNCE: the mean of image->text and text->image cross-entropies over the batch.
 
-    ``caption_ids`` (one id per distinct caption) makes repeated captions joint positives; ``negative_text_emb``
-    [M, D] adds texts that only ever serve as negatives, in the image->text direction."""
+    ``caption_ids`` (one id per distinct caption) makes repeated captions joint positives: procedural captions
+    repeat ("three objects on a grey background"), and one-hot targets would push true pairs apart. A row's loss
+    is then -log of the probability mass on all its positives. ``negative_text_emb`` [M, D] adds texts that only
+    ever serve as negatives, in the image->text direction."""
     n = image_emb.shape[0]
-    targets = (same_caption_targets(caption_ids) if caption_ids is not None
-               else torch.eye(n, device=image_emb.device))
-    logits = scale * image_emb @ text_emb.t()
-    image_logits = logits
-    image_targets = targets
+    positive = (caption_ids[:, None] == caption_ids[None, :] if caption_ids is not None
+                else torch.eye(n, dtype=torch.bool, device=image_emb.device))
+    logits = (scale * image_emb @ text_emb.t()).float()
+    image_logits, image_positive = logits, positive
     if negative_text_emb is not None and negative_text_emb.shape[0]:
-        image_logits = torch.cat([logits, scale * image_emb @ negative_text_emb.t()], dim=1)
-        image_targets = F.pad(targets, (0, negative_text_emb.shape[0]))
-    image_to_text = F.cross_entropy(image_logits.float(), image_targets)
-    text_to_image = F.cross_entropy(logits.t().float(), targets.t())
-    return (image_to_text + text_to_image) / 2
+        image_logits = torch.cat([logits, (scale * image_emb @ negative_text_emb.t()).float()], dim=1)
+        image_positive = F.pad(positive, (0, negative_text_emb.shape[0]), value=False)
+    return (_multi_positive_ce(image_logits, image_positive) + _multi_positive_ce(logits.t(), positive.t())) / 2
 
 
 def retrieval_accuracy(similarity: torch.Tensor, caption_ids: torch.Tensor) -> tuple[float, float]:
