@@ -258,17 +258,19 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
                                                                                        "OMP_NUM_THREADS": "1"}})
     actors = [remote.remote(dvae_export_dir, tokenizer.to_bytes(), source.codec, batch_size)
               for _ in range(max(1, min(workers, len(todo))))]
-    codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
-    say(f"[tokenise] {len(actors)} workers ready after {time.monotonic() - line.start:.1f}s "
-        "(each loaded the dVAE export once)")
-    line.start = time.monotonic()  # the rate counts tokenising, not starting the workers
-    if todo:
-        pool = ActorPool(actors)
-        for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
-            done[shards[info.first_index // per_shard].plan.index] = info
-            line.update(1, info.count)
-    for actor in actors:
-        ray.kill(actor)
+    try:
+        codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
+        say(f"[tokenise] {len(actors)} workers ready after {time.monotonic() - line.start:.1f}s "
+            "(each loaded the dVAE export once)")
+        line.start = time.monotonic()  # the rate counts tokenising, not starting the workers
+        if todo:
+            pool = ActorPool(actors)
+            for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
+                done[info.first_index // per_shard] = info
+                line.update(1, info.count)
+    finally:
+        for actor in actors:
+            ray.kill(actor)
 
     tokenizer.save(storage.join(output_url, TOKENIZER_FILE))
     codec = build_codec("tokens", codec_settings)
