@@ -27,17 +27,40 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         print(f"{args.config}: data.prepare.splits is empty: nothing to prepare", file=sys.stderr)
         return 2
     targets = {"train": cfg.data.train, "eval": cfg.data.eval}
-    for split, settings in spec.splits.items():
+    # The train split first: it trains the caption tokenizer that the other splits copy.
+    for split, settings in sorted(spec.splits.items(), key=lambda kv: kv[0] != "train"):
         out = targets.get(split) or ""
         if not out:
             print(f"data.prepare.splits.{split}: no data.{split} URL to write it to", file=sys.stderr)
             return 2
         pc = PrepareConfig(output=out, source=spec.source, source_settings=settings, codec=spec.codec,
                            codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
-                           parallel=not args.no_ray)
+                           parallel=not args.no_ray, **spec.tokenizer_settings(split, cfg.data.train))
         if pc.parallel:
             ensure_ray(args.address)
         prepare_dataset(pc)
+    return 0
+
+
+def cmd_tokenize(args: argparse.Namespace) -> int:
+    """Text-to-image: turn each image split of data.tokenize into caption-id + dVAE-code shards at data.<split>."""
+    from launch.train import ensure_ray
+    from trainer.dalle.tokenise_job import tokenise_dataset
+
+    cfg, _ = _config(args)
+    spec = cfg.data.tokenize
+    if spec is None or not spec.inputs:
+        print(f"{args.config}: data.tokenize.inputs is empty: nothing to tokenise", file=sys.stderr)
+        return 2
+    targets = {"train": cfg.data.train, "eval": cfg.data.eval}
+    ensure_ray(args.address)
+    for split, source in spec.inputs.items():
+        out = targets.get(split) or ""
+        if not out:
+            print(f"data.tokenize.inputs.{split}: no data.{split} URL to write it to", file=sys.stderr)
+            return 2
+        print(f"[tokenize] {split}: {source} -> {out} with the dVAE {spec.dvae_export}")
+        tokenise_dataset(source, spec.dvae_export, out, workers=spec.workers, batch_size=spec.batch_size)
     return 0
 
 
@@ -142,6 +165,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
     p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
     commands["prepare"] = cmd_prepare
+
+    p = sub.add_parser("tokenize", help="image shards -> caption-id + dVAE-code shards (text-to-image stage 2 data)",
+                       description="Runs data.tokenize's dVAE export over each input split on Ray workers (each "
+                       "loads the dVAE once); re-running finishes only the missing shards.", epilog=EPILOG)
+    _add_config_args(p)
+    p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
+    commands["tokenize"] = cmd_tokenize
 
     p = sub.add_parser("train", help="train with DeepSpeed ZeRO on a Ray Train worker group",
                        description="Starts an embedded local Ray cluster (or joins --address), runs "

@@ -51,10 +51,28 @@ class PrepareSpec:
 
 
 @dataclass
+class TokenizeSpec:
+    """How `dgm tokenize` makes this experiment's token data: image datasets per split and the dVAE export."""
+
+    inputs: dict[str, str] = field(default_factory=dict)
+    dvae_export: str = ""
+    workers: int = 2
+    batch_size: int = 64
+
+    def __post_init__(self) -> None:
+        if not self.dvae_export:
+            raise ValueError("data.tokenize.dvae_export: the dVAE export folder is required")
+        if self.workers < 1 or self.batch_size < 1:
+            raise ValueError(f"data.tokenize: workers and batch_size must be >= 1, got {self.workers}, "
+                             f"{self.batch_size}")
+
+
+@dataclass
 class DataConfig:
     train: str = ""
     eval: str = ""
     prepare: PrepareSpec | None = None
+    tokenize: TokenizeSpec | None = None
     stream: StreamConfig = field(default_factory=StreamConfig)
 
 
