@@ -118,12 +118,13 @@ class ContrastiveModel(nn.Module):
         self.image_encoder = ImageEncoder(cfg, height, width)
         self.text_encoder = TextEncoder(cfg, vocab_size)
         init_weights(self)
-        self.logit_scale = nn.Parameter(torch.tensor(math.log(1.0 / cfg.init_temperature)))
+        # Shape [1], not a 0-dim tensor: DeepSpeed's parameter broadcast views every parameter as bytes.
+        self.logit_scale = nn.Parameter(torch.tensor([math.log(1.0 / cfg.init_temperature)]))
 
     def scale(self) -> torch.Tensor:
         """exp(logit_scale) clamped at max_logit_scale. Clamped in the forward pass rather than in place on the
         parameter: under ZeRO the optimizer's master copy would undo an in-place clamp."""
-        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()
+        return self.logit_scale.clamp(max=math.log(self.cfg.max_logit_scale)).exp()[0]
 
     def encode_images(self, images: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.image_encoder(images), dim=-1)

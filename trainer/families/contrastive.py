@@ -184,7 +184,7 @@ class ContrastiveFamily(Family):
         engine.backward(loss)
         engine.step()
         i2t, t2i = retrieval_accuracy(sim.detach(), keys)
-        scale = float(getattr(engine, "module", engine).scale())
+        scale = float(getattr(engine, "module", engine).scale().detach())
         return {"loss": float(loss.detach()), "image_to_text_acc": i2t, "text_to_image_acc": t2i,
                 "logit_scale": scale}
 
