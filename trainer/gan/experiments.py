@@ -166,10 +166,11 @@ def regimes(iters: int, every: int, seed: int, gap: GapConfig, mode: str, setup:
     return out
 
 
-def gap_knobs(updates: int, seed: int, grid: list[tuple[float, int]], setup: RegimeSettings,
+def gap_knobs(updates: int, seed: int, grid: list[tuple[float, int, float]], setup: RegimeSettings,
               names: tuple[str, ...] = ("15D:1G", "1:1"), held_out_n: int = 2048) -> dict[str, Any]:
-    """The paper's |M1 - M2| at one checkpoint of each regime over a grid of its knobs (lambda, k): can a larger
-    lambda or more D~ steps make it read high at the collapse while it stays low on the converging run?"""
+    """The paper's |M1 - M2| at one checkpoint of each regime over a grid of its knobs (lambda, k, G epochs of the
+    G' search): can they make it read high at the collapse while it stays low on the converging run? Constant
+    learning rate (no decay), so the 1:1 checkpoint is not the regimes run's."""
     data, info, src = mixture_data(MixtureConfig(num_samples=20000, std=setup.std, seed=seed))
     held, _, _ = mixture_data(MixtureConfig(num_samples=held_out_n, split="holdout", std=setup.std, seed=seed))
     out: dict[str, Any] = {"updates": updates, "setup": asdict(setup), "runs": {}}
@@ -181,12 +182,12 @@ def gap_knobs(updates: int, seed: int, grid: list[tuple[float, int]], setup: Reg
         mods = modules_of(engines)
         game = family.gap_game(mods, held.all(family))
         rows = []
-        for lam, k in grid:
+        for lam, k, g_epochs in grid:
             res = duality_gaps(mods["generator"], mods["discriminator"], game,
-                               GapConfig(lam=lam, k=k, d_epochs=8, g_epochs=2))
-            rows.append({"lam": lam, "k": k, **{key: getattr(res, key) for key in (
+                               GapConfig(lam=lam, k=k, d_epochs=8, g_epochs=g_epochs))
+            rows.append({"lam": lam, "k": k, "g_epochs": g_epochs, **{key: getattr(res, key) for key in (
                 "m1", "m2", "proximal", "proximal_signed", "plain", "value_gap", "seconds")}})
-            say(f"[{name}] lambda {lam} k {k}: |M1-M2| {res.proximal:.3f} (M1 {res.m1:.3f} M2 {res.m2:.3f}) "
+            say(f"[{name}] lambda {lam} k {k} G epochs {g_epochs}: |M1-M2| {res.proximal:.3f} (M1 {res.m1:.3f} M2 {res.m2:.3f}) "
                 f"plain {res.plain:.3f} M1-V* {res.value_gap:.3f} ({res.seconds:.0f}s)")
         out["runs"][name] = {"truth": mixture_report(family, mods, src.mixture), "gaps": rows}
     return out
@@ -283,8 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("gap_knobs")
     p.add_argument("--updates", type=int, default=10000, help="network updates of each regime before the check")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--grid", nargs="+", default=["0.01:15", "0.01:60", "0.1:15", "1:15", "10:15", "10:60"],
-                   help="lambda:k pairs")
+    p.add_argument("--grid", nargs="+", default=["0.01:15", "0.01:60", "1:15", "10:15", "100:15", "0.01:15:20",
+                                                 "10:15:20"], help="lambda:k[:G epochs] (G epochs default 2)")
+    p.add_argument("--regimes", nargs="+", default=["15D:1G", "1:1"], choices=list(REGIMES))
     p = sub.add_parser("self_label")
     p.add_argument("--steps", type=int, default=6000)
     p.add_argument("--every", type=int, default=1000)
@@ -307,10 +309,11 @@ def main(argv: list[str] | None = None) -> int:
         result = regimes(args.iters, args.every, args.seed, gap, args.mode, setup)
     elif args.what == "gap_knobs":
         try:
-            grid = [(float(item.split(":")[0]), int(item.split(":")[1])) for item in args.grid]
+            grid = [(float(f[0]), int(f[1]), float(f[2]) if len(f) > 2 else 2.0)
+                    for f in (item.split(":") for item in args.grid)]
         except (ValueError, IndexError):
-            parser.error(f"gap_knobs --grid takes lambda:k pairs such as 0.01:15, got {args.grid}")
-        result = gap_knobs(args.updates, args.seed, grid, RegimeSettings())
+            parser.error(f"gap_knobs --grid takes lambda:k[:G epochs] such as 0.01:15 or 10:15:20, got {args.grid}")
+        result = gap_knobs(args.updates, args.seed, grid, RegimeSettings(), tuple(args.regimes))
     elif args.what == "self_label":
         result = self_label(args.steps, args.layout, args.seed, tuple(args.fractions), args.every, args.confidence)
     else:
