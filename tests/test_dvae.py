@@ -197,7 +197,7 @@ def test_dvae_trains_on_the_spine_exports_and_tokenises(ray_local, tmp_path):
         "trainer.eval_batches=2", "trainer.num_samples=4", "trainer.schedule.total_steps=8",
         "trainer.schedule.warmup_steps=1", "data.stream.global_batch=16", "data.stream.partitions=4",
         "data.stream.shuffle_block=32", "model.width=8", "model.blocks_per_group=1", "model.num_codes=64",
-        "model.decoder_init=16", "model.beta_ramp_steps=4",
+        "model.decoder_init=16", "model.beta_ramp_steps=4", "model.beta_max=6.6",
     ])
     run_training(cfg, raw)
     records = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
