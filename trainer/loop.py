@@ -76,8 +76,7 @@ class RunSpec:
 def data_info(manifest: Manifest) -> dict[str, Any]:
     """What a family may know of its data set: the manifest's extra facts, source and codec settings, and the
     folder the manifest lives in (for files written beside it, such as a caption tokenizer)."""
-    dataset_url = manifest.url.rsplit("/", 1)[0] if "/" in manifest.url else "."
-    return {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": dataset_url}
+    return {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": manifest.url}
 
 
 def _init_distributed() -> tuple[int, int, torch.device]:
