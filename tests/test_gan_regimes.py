@@ -9,7 +9,14 @@ import pytest
 from data_pipeline.sources.mixtures import MixtureConfig
 from trainer.duality_gap import GapConfig, duality_gaps
 from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily
-from trainer.gan.experiments import GAN_OPTIM, REGIMES, mixture_data, mixture_report, modules_of
+from trainer.gan.experiments import (
+    GAN_OPTIM,
+    REGIMES,
+    RegimeSettings,
+    mixture_data,
+    mixture_report,
+    modules_of,
+)
 from trainer.gan.plain import plain_engines, train_plain
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -59,3 +66,10 @@ def test_self_labelling_without_any_label_beats_the_unconditional_gan_on_the_rin
     sl, unc = report["self_labelled"], report["unconditional"]
     assert sl["jsd"] < unc["jsd"] and sl["modes_covered"] > unc["modes_covered"]
     assert sl["label_accuracy"] > 0.6  # chance is 1/8: the artificial labels found the components
+
+
+def test_regime_learning_rate_holds_then_decays_linearly() -> None:
+    setup = RegimeSettings(decay_start=0.6, decay_to=0.05)
+    assert setup.lr_factor(0.0) == 1.0 and setup.lr_factor(0.6) == 1.0
+    assert setup.lr_factor(0.8) == pytest.approx(0.525) and setup.lr_factor(1.0) == pytest.approx(0.05)
+    assert RegimeSettings(decay_to=1.0).lr_factor(0.9) == 1.0
