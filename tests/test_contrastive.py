@@ -16,7 +16,7 @@ from data_pipeline.manifest import load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from data_pipeline.sources.shape_language import score_objects
 from data_pipeline.sources.shapes import ShapesConfig, ShapesSource
-from tests.fixtures_train import one_thread, ray_local  # noqa: F401
+from trainer.dalle.clip_eval import held_out_samples
 from trainer.dalle.contrastive import (
     ContrastiveConfig,
     ContrastiveModel,
@@ -157,29 +157,17 @@ def scenes(tmp_path_factory) -> dict[str, str]:
 
 
 def info_of(url: str) -> dict:
-    """What the loop tells a family about the data set at ``url`` (its folder as dataset_url)."""
-    return {**data_info(load_manifest(url)), "dataset_url": url}
+    """What the loop tells a family about the data set at ``url``."""
+    return data_info(load_manifest(url))
 
 
 def family_for(url: str, config: ContrastiveConfig = TINY) -> ContrastiveFamily:
     return ContrastiveFamily(config, info_of(url))
 
 
-def decoded(url: str, n: int) -> list[dict]:
-    from data_pipeline.codecs import build_codec
-    from data_pipeline.stream import RankStream, StreamConfig
-    from sharding.sample_order import StreamState
-
-    manifest = load_manifest(url)
-    codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
-    stream = RankStream(manifest, StreamConfig(global_batch=n, partitions=1, shuffle_block=16, num_workers=0),
-                        codec.decode, 0, 1, StreamState())
-    return next(iter(stream.iterate(max_epochs=1)))
-
-
-def test_collate_tokenises_captions_with_the_datasets_tokenizer(scenes, one_thread):  # noqa: F811
+def test_collate_tokenises_captions_with_the_datasets_tokenizer(scenes, one_thread):
     family = family_for(scenes["train"])
-    samples = decoded(scenes["train"], 8)
+    samples = held_out_samples(scenes["train"], 8)
     batch = family.collate(samples)
     tokenizer = CaptionTokenizer.load(os.path.join(scenes["train"], "tokenizer.model"))
     lengths = [len(tokenizer.encode(s["caption"])) for s in samples]
@@ -195,11 +183,11 @@ def test_collate_tokenises_captions_with_the_datasets_tokenizer(scenes, one_thre
         family.collate(samples)
 
 
-def test_score_shape_range_and_agreement_with_the_similarity_matrix(scenes, one_thread):  # noqa: F811
+def test_score_shape_range_and_agreement_with_the_similarity_matrix(scenes, one_thread):
     torch.manual_seed(0)
     family = family_for(scenes["train"])
     modules = {k: m.eval() for k, m in family.build_modules().items()}
-    samples = decoded(scenes["train"], 6)
+    samples = held_out_samples(scenes["train"], 6)
     batch = family.collate(samples)
     captions = [s["caption"] for s in samples]
     scores = family.score(modules, batch["images"], captions)
@@ -233,7 +221,7 @@ def test_a_tokenizer_other_than_the_trained_one_is_refused(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path):  # noqa: F811
+def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path):
     from launch.config import load_config
     from launch.export import export_checkpoint
     from launch.train import run_training
@@ -262,7 +250,7 @@ def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path)
     os.rename(scenes["train"], scenes["train"] + "-moved")  # the export must not need the data set
     try:
         family, modules, config = load_export(out)
-        batch = family.collate(decoded(scenes["eval"], 4))
+        batch = family.collate(held_out_samples(scenes["eval"], 4))
         captions = ["a small red circle left of a blue square", "two objects", "a green triangle", "one shape"]
         scores = family.score(modules, batch["images"], captions)
     finally:
