@@ -3,7 +3,6 @@ to the dVAE's own argmax codes in the input's order, independent of the worker c
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -11,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 import webdataset as wds
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_pipeline import storage
 from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
@@ -21,6 +19,7 @@ from data_pipeline.codecs.tokens import TokenSample
 from data_pipeline.manifest import DatasetError, Manifest, ShardInfo, load_manifest, save_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset, sample_offsets
 from data_pipeline.sources import Sample
+from data_pipeline.stream import ShardOpener, StreamConfig
 from trainer.dalle.dvae import DVAEConfig
 from trainer.dalle.tokenise_job import plan_output, tokenise_dataset
 from trainer.export import load_export, write_export
@@ -109,15 +108,12 @@ def dvae_export(tmp_path_factory) -> str:
 
 
 def read_samples(url: str) -> list[dict]:
-    """Every sample of a dataset, in manifest order, decoded with its manifest's codec."""
+    """Every sample of a dataset, in manifest order, decoded with its manifest's codec (shards sha256-checked)."""
     manifest = load_manifest(url)
     codec = build_codec(manifest.codec["name"], manifest.codec["settings"])
-    out = []
-    for i in range(len(manifest.shards)):
-        data = storage.read_bytes(manifest.shard_url(i))
-        for raw in group_by_keys({**m, "__url__": url} for m in tar_file_iterator(io.BytesIO(data))):
-            out.append({"key": raw["__key__"], **codec.decode(raw)})
-    return out
+    opener = ShardOpener(manifest, StreamConfig())
+    return [{"key": raw["__key__"], **codec.decode(raw)} for i in range(len(manifest.shards))
+            for raw in opener.samples(i, 0)]
 
 
 @pytest.mark.slow
