@@ -21,20 +21,20 @@ import torch
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
-from sharding.sample_order import StreamState
 from trainer.dalle.contrastive import retrieval_accuracy
 from trainer.dalle.hard_negatives import KINDS, perturbations
 from trainer.export import load_export
 
 
 def held_out_samples(data_url: str, limit: int) -> list[dict[str, Any]]:
-    """The first ``limit`` samples of a data set in its stored order (decoded, padding copies dropped)."""
+    """The first ``limit`` samples of a data set in its stored order (decoded, padding copies dropped); a data set
+    smaller than ``limit`` gives all its samples."""
     manifest = load_manifest(data_url)
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
-    cfg = StreamConfig(global_batch=64, partitions=1, shuffle_block=1, num_workers=0, drop_last=False,
+    cfg = StreamConfig(global_batch=min(limit, manifest.total), partitions=1, shuffle_block=1, num_workers=0, drop_last=False,
                        shuffle_shards=False)
     out: list[dict[str, Any]] = []
-    for batch in RankStream(manifest, cfg, codec.decode, 0, 1, StreamState()).iterate(max_epochs=1):
+    for batch in RankStream(manifest, cfg, codec.decode).iterate(max_epochs=1):
         out.extend(s for s in batch if s.get("valid", True))
         if len(out) >= limit:
             break
@@ -43,14 +43,16 @@ def held_out_samples(data_url: str, limit: int) -> list[dict[str, Any]]:
 
 @torch.no_grad()
 def evaluate_export(export_dir: str, data_url: str, batch: int = 64, limit: int = 512) -> dict[str, Any]:
+    if batch < 1 or limit < 1:
+        raise ValueError(f"clip_eval: --batch and --limit must be >= 1, got {batch} and {limit}")
     family, modules, _ = load_export(export_dir)
+    model = modules["model"]
     samples = held_out_samples(data_url, limit)
     if not samples or any("attributes" not in s or "caption" not in s for s in samples):
         raise ValueError(f"{data_url}: the hard-negative check needs scenes with captions and attributes kept")
     i2t, t2i = [], []
     for start in range(0, len(samples) - batch + 1, batch):
         b = family.collate(samples[start:start + batch])
-        model = modules["model"]
         sim = model.encode_images(b["images"]) @ model.encode_texts(b["text"], b["text_mask"]).t()
         a, c = retrieval_accuracy(sim, b["caption_key"])
         i2t.append(a)
@@ -59,10 +61,11 @@ def evaluate_export(export_dir: str, data_url: str, batch: int = 64, limit: int 
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
         images = family.collate(chunk)["images"]
+        false_captions = [perturbations(s["caption"], s["attributes"], family.max_count) for s in chunk]
         for kind in KINDS:
             rows, wrong = [], []
             for i, s in enumerate(chunk):
-                options = perturbations(s["caption"], s["attributes"], family.max_count).get(kind)
+                options = false_captions[i].get(kind)
                 if options:
                     rng = np.random.default_rng(zlib.crc32(s["key"].encode()))
                     rows.append(i)
