@@ -52,11 +52,12 @@ def evaluate_export(export_dir: str, data_url: str, batch: int = 64, limit: int 
         raise ValueError(f"{data_url}: the hard-negative check needs scenes with captions and attributes kept")
     i2t, t2i = [], []
     for start in range(0, len(samples) - batch + 1, batch):
-        b = family.collate(samples[start:start + batch])
-        sim = model.encode_images(b["images"]) @ model.encode_texts(b["text"], b["text_mask"]).t()
-        a, c = retrieval_accuracy(sim, b["caption_key"])
-        i2t.append(a)
-        t2i.append(c)
+        collated = family.collate(samples[start:start + batch])
+        sim = (model.encode_images(collated["images"])
+               @ model.encode_texts(collated["text"], collated["text_mask"]).t())
+        image_to_text, text_to_image = retrieval_accuracy(sim, collated["caption_key"])
+        i2t.append(image_to_text)
+        t2i.append(text_to_image)
     wins: dict[str, list[bool]] = {k: [] for k in KINDS}
     for start in range(0, len(samples), batch):
         chunk = samples[start:start + batch]
