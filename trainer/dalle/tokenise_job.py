@@ -196,7 +196,7 @@ def _ensure_ray() -> None:
 
 
 def _absolute(url: str) -> str:
-    return url if storage.is_remote(url) or "://" in url else os.path.abspath(url)
+    return url if "://" in url else os.path.abspath(url)
 
 
 class _ProgressLine:
