@@ -146,8 +146,7 @@ def sampling_speed(data: str, n: int, overrides: list[str]) -> dict[str, float]:
     from trainer.loop import data_info
 
     cfg, _ = load_config(os.path.join(ROOT, "configs", CONFIGS["zero3"]), overrides)
-    # dataset_url given explicitly: the spine's data_info named the dataset's parent folder (trainer/loop.py).
-    family = DalleFamily(cfg.model, {**data_info(load_manifest(data)), "dataset_url": data})
+    family = DalleFamily(cfg.model, data_info(load_manifest(data)))
     torch.manual_seed(0)
     modules = {k: m.eval() for k, m in family.build_modules().items()}
     family.dvae()  # loaded once, outside the timing

@@ -42,7 +42,8 @@ def world(tmp_path_factory) -> dict:
         urls[split] = str(root / split)
         write_token_dataset(urls[split], ShapesConfig(num_samples=n, seed=seed, **SCENES), tokenizer, dvae_export,
                             samples_per_shard=48)
-    info = {**data_info(load_manifest(urls["train"])), "dataset_url": urls["train"]}
+    info = data_info(load_manifest(urls["train"]))
+    assert info["dataset_url"] == urls["train"]  # the folder that holds tokenizer.model beside the manifest
     return {"root": root, "tokenizer": tokenizer, "dvae_export": dvae_export, **urls, "info": info}
 
 
