@@ -16,6 +16,15 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, args.overrides)
 
 
+def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
+    """Where each named split is written (data.train / data.eval), checked for every split before any is written."""
+    targets = {"train": cfg.data.train, "eval": cfg.data.eval}
+    missing = [split for split in splits if not targets.get(split)]
+    if missing:
+        raise ValueError(f"{section}.{missing[0]}: no data.{missing[0]} URL to write it to")
+    return {split: targets[split] for split in splits}
+
+
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
     from data_pipeline.prepare import PrepareConfig, prepare_dataset
@@ -26,13 +35,10 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     if spec is None or not spec.splits:
         print(f"{args.config}: data.prepare.splits is empty: nothing to prepare", file=sys.stderr)
         return 2
-    targets = {"train": cfg.data.train, "eval": cfg.data.eval}
+    outputs = _split_outputs(cfg, spec.splits, "data.prepare.splits")
     # The train split first: it trains the caption tokenizer that the other splits copy.
     for split, settings in sorted(spec.splits.items(), key=lambda kv: kv[0] != "train"):
-        out = targets.get(split) or ""
-        if not out:
-            print(f"data.prepare.splits.{split}: no data.{split} URL to write it to", file=sys.stderr)
-            return 2
+        out = outputs[split]
         pc = PrepareConfig(output=out, source=spec.source, source_settings=settings, codec=spec.codec,
                            codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
                            parallel=not args.no_ray, **spec.tokenizer_settings(split, cfg.data.train))
@@ -52,13 +58,10 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     if spec is None or not spec.inputs:
         print(f"{args.config}: data.tokenize.inputs is empty: nothing to tokenise", file=sys.stderr)
         return 2
-    targets = {"train": cfg.data.train, "eval": cfg.data.eval}
+    outputs = _split_outputs(cfg, spec.inputs, "data.tokenize.inputs")
     ensure_ray(args.address)
     for split, source in spec.inputs.items():
-        out = targets.get(split) or ""
-        if not out:
-            print(f"data.tokenize.inputs.{split}: no data.{split} URL to write it to", file=sys.stderr)
-            return 2
+        out = outputs[split]
         print(f"[tokenize] {split}: {source} -> {out} with the dVAE {spec.dvae_export}")
         tokenise_dataset(source, spec.dvae_export, out, workers=spec.workers, batch_size=spec.batch_size)
     return 0

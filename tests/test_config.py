@@ -68,3 +68,18 @@ def test_cli_reports_config_errors_in_one_line(capsys):
 def test_cli_sample_refuses_a_non_export(tmp_path, capsys):
     assert main(["sample", str(tmp_path)]) == 2
     assert "not an export folder" in capsys.readouterr().err
+
+
+def test_cli_refuses_a_split_without_an_output_before_writing_anything(tmp_path, capsys):
+    out = tmp_path / "train"
+    args = [f"data.train={out}", "data.eval="]
+    assert main(["prepare", "configs/t2i_dvae.yaml", *args]) == 2
+    assert "data.prepare.splits.eval: no data.eval URL" in capsys.readouterr().err
+    assert main(["tokenize", "configs/t2i_prior.yaml", *args]) == 2
+    assert "data.tokenize.inputs.eval: no data.eval URL" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_tokenize_section_needs_the_dvae_export(capsys):
+    assert main(["tokenize", "configs/t2i_prior.yaml", "data.tokenize.dvae_export="]) == 2
+    assert "data.tokenize.dvae_export" in capsys.readouterr().err
