@@ -18,6 +18,7 @@ from trainer.dalle.dvae import (
     beta_at,
     kl_to_uniform,
     logit_laplace_log_prob,
+    logit_normal_log_prob,
     map_pixels,
     tau_at,
     unmap_pixels,
@@ -67,6 +68,19 @@ def test_logit_laplace_density_integrates_to_one_and_matches_the_formula(mu, log
     direct = torch.exp(-(torch.log(x / (1 - x)) - mu).abs() / b) / (2 * b * x * (1 - x))
     pts = slice(1000, None, 100_000)
     assert torch.allclose(logp[pts].exp(), direct[pts], rtol=1e-9)
+
+
+def test_logit_normal_warmup_density_integrates_to_one_and_is_used_only_during_warmup(one_thread):
+    x = torch.linspace(1e-7, 1 - 1e-7, 2_000_001, dtype=torch.float64)
+    logp = logit_normal_log_prob(x, torch.full_like(x, 0.7), torch.full_like(x, -0.5))
+    assert float(torch.trapezoid(logp.exp(), x)) == pytest.approx(1.0, abs=2e-3)
+    fam = small_family(gaussian_warmup_steps=5)
+    images = fam.collate([{"image": im} for im in scenes(2)])["images"]
+    logits, decoded = fam.build_modules()["dvae"](images, 1.0)
+    terms = {s: fam.elb_terms(images, logits, decoded, torch.Generator().manual_seed(0), step=s)[0]
+             for s in (None, 0, 4, 5)}
+    assert torch.equal(terms[0], terms[4]) and torch.equal(terms[5], terms[None])  # held-out ELB: the Laplace one
+    assert not torch.allclose(terms[4], terms[5])
 
 
 def test_pixel_mapping_round_trips_and_stays_inside_the_support():

@@ -24,6 +24,7 @@ from trainer.dalle.dvae import (
     beta_at,
     kl_to_uniform,
     logit_laplace_log_prob,
+    logit_normal_log_prob,
     map_pixels,
     tau_at,
 )
@@ -89,16 +90,18 @@ class DVAEFamily(Family):
         return x.permute(0, 3, 1, 2).float() / 255.0
 
     def elb_terms(self, images: torch.Tensor, logits: torch.Tensor, decoded: torch.Tensor,
-                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  generator: torch.Generator | None = None, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: log p(x | z) summed over pixel dimensions (density of pixels in [0, 1]) and KL(q || uniform)
-        summed over grid positions, both in nats."""
+        summed over grid positions, both in nats. ``step`` (training only) selects the warm-up likelihood."""
         eps = self.config.eps
         target = images.float()
         if self.config.dequantize:
             noise = torch.rand(target.shape, generator=generator, device="cpu" if generator else target.device)
             target = (torch.round(target * 255) + noise.to(target.device)) / 256
         mu, log_b = decoded[:, :3].float(), decoded[:, 3:].float()
-        log_px = logit_laplace_log_prob(map_pixels(target, eps), mu, log_b) + math.log(1 - 2 * eps)
+        warmup = step is not None and step < self.config.gaussian_warmup_steps
+        log_prob = logit_normal_log_prob if warmup else logit_laplace_log_prob
+        log_px = log_prob(map_pixels(target, eps), mu, log_b) + math.log(1 - 2 * eps)
         return log_px.flatten(1).sum(dim=1), kl_to_uniform(logits, dim=1).flatten(1).sum(dim=1)
 
     def bits_per_dim(self, log_px: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
@@ -117,7 +120,7 @@ class DVAEFamily(Family):
         tau, beta = tau_at(ctx.step, self.config), beta_at(ctx.step, self.config)
         images, valid = batch["images"], batch["valid"]
         logits, decoded = engine(images.to(ctx.dtype), tau)
-        log_px, kl = self.elb_terms(images, logits, decoded)
+        log_px, kl = self.elb_terms(images, logits, decoded, step=ctx.step)
         w = valid.float()
         loss = -((log_px - beta * kl) * w).sum() / (w.sum().clamp(min=1) * self.dims)
         engine.backward(loss)
