@@ -9,46 +9,10 @@ from typing import Any
 from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
 from trainer.loop import SUMMARY, RunSpec, train_worker
+from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, worker_env
 
-PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def worker_env() -> dict[str, str]:
-    """Environment every Ray worker gets: CPU accelerator for DeepSpeed, the project's extension cache."""
-    env = {
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               os.path.join(PROJECT_ROOT, ".cache", "torch_extensions")),
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
-        # Ray Train would also route print() through its logger, so every progress line reached the console twice.
-        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
-    }
-    for key in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                "AWS_DEFAULT_REGION", "AWS_PROFILE", "OMP_NUM_THREADS"):
-        if key in os.environ:
-            env[key] = os.environ[key]
-    return env
-
-
-def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
-    """Connect to ``address``, or start an in-process local cluster sized to this machine. True if started here."""
-    import ray
-
-    if ray.is_initialized():
-        return False
-    for key, value in worker_env().items():
-        os.environ.setdefault(key, value)
-    if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
-        return False
-    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
-             runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
-    return True
-
-
-def absolute(url: str) -> str:
-    """Local paths made absolute (workers may run elsewhere); URLs and empty strings unchanged."""
-    return url if not url or "://" in url else os.path.abspath(url)
+__all__ = ["PROJECT_ROOT", "TrainingFailed", "absolute", "ensure_ray", "run_spec", "run_training", "user_error_of",
+           "worker_env"]
 
 
 def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0) -> RunSpec:

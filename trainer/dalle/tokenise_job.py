@@ -17,7 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import shutil
 import tempfile
 import time
@@ -43,10 +42,7 @@ from data_pipeline.manifest import (
     save_manifest,
 )
 from data_pipeline.prepare import INDEX_STRIDE, ShardPlan, finished_info, publish_shard
-
-# Environment a worker needs to reach S3 the way the driver does (Ray workers may start before a test sets it).
-_FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                  "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+from trainer.ray_env import absolute, ensure_ray, worker_env
 
 
 @dataclass(frozen=True)
@@ -189,16 +185,6 @@ def _weights_sha(export_url: str) -> str:
         raise DatasetError(f"{export_url}: not a dVAE export folder ({config_url}: {e})") from e
 
 
-def _ensure_ray() -> None:
-    if not ray.is_initialized():
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False,
-                 object_store_memory=256 << 20, configure_logging=False)
-
-
-def _absolute(url: str) -> str:
-    return url if "://" in url else os.path.abspath(url)
-
-
 class _ProgressLine:
     """'[tokenise] shards 3/10, images 768/2560, 120.5 images/s, ETA 15s' at most every ``every_s`` seconds."""
 
@@ -241,7 +227,7 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
     per_shard = samples_per_shard or int(source.extra.get("samples_per_shard") or source.shards[0].count)
     if per_shard < 1:
         raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")
-    dvae_export_dir = _absolute(dvae_export_dir)
+    dvae_export_dir = absolute(dvae_export_dir)
     weights_sha = _weights_sha(dvae_export_dir)
     shards = plan_output(source, per_shard, _fingerprint(source, weights_sha, tokenizer.sha256, per_shard))
     say = report or (lambda line: print(line, flush=True))
@@ -252,9 +238,8 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
     line = _ProgressLine(len(shards), source.total, say if progress else (lambda _: None))
     line.update(len(done), sum(i.count for i in done.values()), new=False)
 
-    _ensure_ray()
-    env = {k: os.environ[k] for k in _FORWARDED_ENV if k in os.environ}
-    remote = ray.remote(num_cpus=1)(TokeniserWorker).options(runtime_env={"env_vars": {**env,
+    ensure_ray()
+    remote = ray.remote(num_cpus=1)(TokeniserWorker).options(runtime_env={"env_vars": {**worker_env(),
                                                                                        "OMP_NUM_THREADS": "1"}})
     actors = [remote.remote(dvae_export_dir, tokenizer.to_bytes(), source.codec, batch_size)
               for _ in range(max(1, min(workers, len(todo))))]
@@ -275,7 +260,7 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
     tokenizer.save(storage.join(output_url, TOKENIZER_FILE))
     codec = build_codec("tokens", codec_settings)
     manifest = Manifest(
-        source={"name": "tokenise", "settings": {"input": _absolute(input_url), "input_source": source.source,
+        source={"name": "tokenise", "settings": {"input": absolute(input_url), "input_source": source.source,
                                                  "input_codec": source.codec}},
         codec={"name": "tokens", "settings": codec.settings()},
         shards=[done[s.plan.index] for s in shards],

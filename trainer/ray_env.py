@@ -1,0 +1,48 @@
+"""Starting or joining Ray, and the environment every Ray worker gets: shared by `dgm train` and the batch jobs
+under trainer/ (the tokenisation job), so a worker sees the same DeepSpeed accelerator, extension cache and S3
+settings whichever command started it."""
+
+from __future__ import annotations
+
+import os
+
+PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# What a worker needs to reach S3 the way the driver does (workers may start before a test or user sets them).
+FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+                 "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "OMP_NUM_THREADS")
+
+
+def worker_env() -> dict[str, str]:
+    """Environment every Ray worker gets: CPU accelerator for DeepSpeed, the project's extension cache, S3 access."""
+    env = {
+        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
+                                               os.path.join(PROJECT_ROOT, ".cache", "torch_extensions")),
+        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
+        # Ray Train would also route print() through its logger, so every progress line reached the console twice.
+        "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
+    }
+    env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
+    return env
+
+
+def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
+    """Connect to ``address``, or start an in-process local cluster sized to this machine. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    for key, value in worker_env().items():
+        os.environ.setdefault(key, value)
+    if address:
+        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        return False
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
+             runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
+    return True
+
+
+def absolute(url: str) -> str:
+    """Local paths made absolute (workers may run elsewhere); URLs and empty strings unchanged."""
+    return url if not url or "://" in url else os.path.abspath(url)
