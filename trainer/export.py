@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import struct
+import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -132,3 +133,18 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
                 raise ExportError(f"{export_dir}: weights of {name!r} do not fit the model ({e})") from e
             module.to(device).eval()
     return family, modules, config
+
+
+def load_export_url(url: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
+    """``load_export`` for a folder or an s3:// URL: a remote export is downloaded to a temporary folder that is
+    removed once the weights are in memory."""
+    from data_pipeline import storage
+
+    if not storage.is_remote(url):
+        return load_export(storage.local_path(url), device)
+    tmp = tempfile.mkdtemp(prefix="dgm-export-")
+    try:
+        storage.download_dir(url, tmp)
+        return load_export(tmp, device)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

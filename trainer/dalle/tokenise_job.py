@@ -17,8 +17,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -93,15 +91,6 @@ def read_span(span: InputSpan) -> Iterator[dict[str, Any]]:
         raise DatasetError(f"shard {span.url}: ended after {seen} samples, expected {span.skip + span.take}")
 
 
-def _local_export(export_url: str) -> tuple[str, str | None]:
-    """A local folder holding the export (downloaded when remote) and the temp folder to delete afterwards."""
-    if not storage.is_remote(export_url):
-        return storage.local_path(export_url), None
-    tmp = tempfile.mkdtemp(prefix="dgm-dvae-")
-    storage.download_dir(export_url, tmp)
-    return tmp, tmp
-
-
 class TokeniserWorker:
     """Holds one dVAE and the tokenizer; writes whole output shards (a Ray actor, or a plain object in-process)."""
 
@@ -109,15 +98,10 @@ class TokeniserWorker:
                  threads: int = 1) -> None:
         import torch
 
-        from trainer.export import load_export
+        from trainer.export import load_export_url
 
         torch.set_num_threads(threads)
-        folder, tmp = _local_export(dvae_export)
-        try:
-            self.family, self.modules, _ = load_export(folder)
-        finally:
-            if tmp:
-                shutil.rmtree(tmp, ignore_errors=True)
+        self.family, self.modules, _ = load_export_url(dvae_export)
         self.tokenizer = CaptionTokenizer.from_bytes(tokenizer_bytes)
         self.input_codec = build_codec(input_codec["name"], input_codec.get("settings", {}))
         h, w = self.family.grid

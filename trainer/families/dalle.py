@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -101,14 +100,10 @@ class DalleFamily(Family):
     def dvae(self) -> tuple[Any, dict[str, nn.Module]]:
         """(dVAE family, its modules), loaded once with torch alone; grid and codebook must fit this model."""
         if self._dvae is None:
-            from trainer.export import load_export
+            from trainer.export import load_export_url
 
             url = self._dvae_url()
-            local = url
-            if storage.is_remote(url):
-                local = tempfile.mkdtemp(prefix="dgm-dvae-")
-                storage.download_dir(url, local)
-            family, modules, config = load_export(local)
+            family, modules, config = load_export_url(url)
             self._check_dvae_weights(config, url)
             if tuple(family.grid) != self.grid or int(family.num_codes) != self.image_vocab:
                 raise DatasetError(f"{url}: dVAE grid {tuple(family.grid)} / {family.num_codes} codes do not fit the "
