@@ -25,20 +25,43 @@ slower, and data loading gets its parallelism from worker processes anyway.
 Float caveat: BLAS blocks a GEMM by its width, so the same image encoded in a chunk of another size can round a
 near-tie the other way: about 1 coefficient in 10^5 differs by one step between batch compositions (and between
 machines with other BLAS kernels). Sequences are exact functions of the DCT image, never of the batch.
+
+Compiled kernel: ``_dct_kernel.c`` (built by ``pip install -e .``, see setup.py) does a macroblock's whole path
+in registers and is what ``backend="auto"`` uses; this numpy code stays as the reference it is tested against
+(tests/test_dct_kernel.py) and as the fallback where the extension is not built (a source tree used without
+install), announced once by a RuntimeWarning. The colour conversion is elementwise float32 in both, in the same
+order, so its 8-bit roundings (where exact .5 ties are common) agree bit for bit; the DCTs sum in other orders, so
+a near-tie coefficient can differ by one step (about 1 in 10^5, like the batch-composition caveat above). The
+kernel's results do not depend on the batch.
 """
 
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable, Iterator
 from functools import lru_cache
 from typing import Any, Literal
 
 import numpy as np
 
-from data_pipeline.codecs.dct_tables import BLOCK, MACROBLOCK, NUM_CHANNELS, NUM_FREQS, ZIGZAG, quant_tables
+from data_pipeline.codecs.dct_tables import (
+    BLOCK,
+    MACROBLOCK,
+    NUM_CHANNELS,
+    NUM_FREQS,
+    ZIGZAG,
+    check_quality,
+    quant_tables,
+)
+
+try:
+    from data_pipeline.codecs import _dct_kernel
+except ImportError:  # a source tree used without `pip install -e .`: the numpy path serves, with a warning
+    _dct_kernel = None
 
 Upsampling = Literal["fancy", "nearest"]
+Backend = Literal["auto", "kernel", "numpy"]
 CHUNK_PIXELS = 1 << 16
 """Pixels per work chunk (whole images, at least one): small enough for the buffers to stay in cache."""
 
@@ -135,6 +158,63 @@ def _decode_bases(quality: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
     return _frozen(t * luma), _frozen(t * chroma), np.float32(128.0 * BLOCK / luma[0, 0])
 
 
+def kernel() -> Any:
+    """The compiled kernel module, or an error saying how to build it."""
+    if _dct_kernel is None:
+        raise RuntimeError(
+            "the sparse DCT codec's compiled kernel (data_pipeline/codecs/_dct_kernel.c) is not built: "
+            'run `pip install -e ".[test]"` (or `make setup`) in the project root'
+        )
+    return _dct_kernel
+
+
+_warned_numpy_fallback = False
+
+
+def use_kernel(backend: Backend) -> bool:
+    """Whether a call runs the compiled kernel: "auto" uses it when built and otherwise warns once and runs the
+    numpy reference; "kernel" requires it; "numpy" is the reference path."""
+    global _warned_numpy_fallback
+    if backend == "numpy":
+        return False
+    if backend == "kernel":
+        kernel()
+        return True
+    if backend != "auto":
+        raise ValueError(f"backend must be 'auto', 'kernel' or 'numpy', got {backend!r}")
+    if _dct_kernel is not None:
+        return True
+    if not _warned_numpy_fallback:
+        _warned_numpy_fallback = True
+        warnings.warn(
+            "data_pipeline.codecs._dct_kernel is not built (run `pip install -e .`): the sparse DCT codec runs "
+            "its numpy reference path, about 2-3x slower at 256x256",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    return False
+
+
+@lru_cache(maxsize=128)
+def kernel_tables(quality: int) -> np.ndarray:
+    """The kernel's constants (the Tables struct of _dct_kernel.c), float32 [269]: the DCT basis scaled by sqrt(8)
+    and its transpose (rows 0 and 4 become exactly +-1, so the DC and the other rational coefficients of integer samples are exact
+    sums), 8 * luma and 32 * chroma tables in natural order (the scale and, for chroma, the 2x2 sum's 1/4 folded
+    into one division), and the two colour matrices as float32, the same numbers the numpy path uses."""
+    luma, chroma = quant_tables(quality)
+    basis = dct_matrix() * np.sqrt(BLOCK)
+    basis[[0, 4]] = np.rint(basis[[0, 4]])  # +-1 up to float64 rounding: make it exact
+    parts = [
+        basis.reshape(-1),
+        basis.T.reshape(-1),
+        8.0 * luma.reshape(-1),
+        32.0 * chroma.reshape(-1),
+        RGB_TO_YCBCR.reshape(-1),
+        YCBCR_TO_RGB[[0, 1, 1, 2], [2, 1, 2, 1]],
+    ]
+    return _frozen(np.concatenate(parts))
+
+
 def check_rgb_batch(images: np.ndarray) -> np.ndarray:
     """The encoder's strict input contract: uint8 [B, H, W, 3] with H, W positive multiples of 16."""
     images = np.asarray(images)
@@ -173,9 +253,9 @@ def _chunks(total: int, size: int, make_buffers: Callable[[int], dict[str, np.nd
 def _encode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
     pixels = k * h * w * MACROBLOCK * MACROBLOCK
     return {
-        # Pixel order (image, h, w, dy, dx, y, x): each 8x8 luma block is 64 contiguous values and each macroblock
-        # 256, so one GEMM per chunk covers every block of every image (not one small GEMM per image).
-        "rgb": np.empty((k, h, w, 2, 2, BLOCK, BLOCK, 3), dtype=np.float32),
+        # Pixel order (colour, image, h, w, dy, dx, y, x): each 8x8 luma block is 64 contiguous values and each
+        # macroblock 256, so one GEMM per chunk covers every block of every image (not one small GEMM per image).
+        "rgb": np.empty((3, k, h, w, 2, 2, BLOCK, BLOCK), dtype=np.float32),
         "ycc": np.empty((3, pixels), dtype=np.float32),
         "pairs": np.empty((2, pixels // 2), dtype=np.float32),
         "luma": np.empty((NUM_FREQS, k, h * w, 4), dtype=np.float32),  # [zigzag, image, position, slot]
@@ -183,7 +263,9 @@ def _encode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
     }
 
 
-def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = True) -> np.ndarray:
+def rgb_to_dct_image(
+    images: np.ndarray, quality: int, *, channels_last: bool = True, backend: Backend = "auto"
+) -> np.ndarray:
     """uint8 RGB [B, H, W, 3] -> quantised DCT image int16 [B, H/16, W/16, 384] (or [B, 384, H/16, W/16]).
 
     Values are not clipped: with tables >= 1 they stay within +-1024 + 1.
@@ -192,6 +274,12 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
     bsz, height, width, _ = images.shape
     h, w = height // MACROBLOCK, width // MACROBLOCK
     hw = h * w
+    if use_kernel(backend):
+        out = np.empty((bsz, NUM_CHANNELS, h, w), dtype=np.int16)
+        counts = np.empty(bsz, dtype=np.int64)
+        images = np.ascontiguousarray(images)
+        kernel().encode_dense(images, kernel_tables(check_quality(quality)), out, counts, bsz, height, width)
+        return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
     out = np.empty((bsz, NUM_FREQS, 6, hw), dtype=np.int16)
     luma_basis, chroma_basis, dc_offset = _encode_bases(quality)
     colour = RGB_TO_YCBCR.astype(np.float32)
@@ -200,8 +288,15 @@ def rgb_to_dct_image(images: np.ndarray, quality: int, *, channels_last: bool = 
         for start, k, buf in _chunks(bsz, n, lambda size: _encode_buffers(size, h, w)):
             rgb, ycc, pairs, luma, chroma = buf["rgb"], buf["ycc"], buf["pairs"], buf["luma"], buf["chroma"]
             src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
-            np.copyto(rgb, src.transpose(0, 1, 4, 2, 5, 3, 6, 7), casting="unsafe")
-            np.matmul(colour, rgb.reshape(-1, 3).T, out=ycc)
+            np.copyto(rgb, src.transpose(7, 0, 1, 4, 2, 5, 3, 6), casting="unsafe")
+            # Elementwise (R * m0 + G * m1) + B * m2 in float32, the kernel's order: its 8-bit roundings, where
+            # exact .5 ties are common (Cb = (B - R) / 2 when R = G), then agree bit for bit.
+            planes, product = rgb.reshape(3, -1), pairs.reshape(-1)
+            for ch in range(3):
+                np.multiply(planes[0], colour[ch, 0], out=ycc[ch])
+                for src_ch in (1, 2):
+                    np.multiply(planes[src_ch], colour[ch, src_ch], out=product)
+                    ycc[ch] += product
             np.rint(ycc, out=ycc)  # 8-bit YCbCr, as every JPEG encoder stores it
             np.matmul(luma_basis, ycc[0].reshape(-1, NUM_FREQS).T, out=luma.reshape(NUM_FREQS, -1))
             # Chroma: sum horizontal pixel pairs (adjacent in memory); the GEMM sums the vertical ones.
@@ -274,7 +369,12 @@ def _decode_buffers(k: int, h: int, w: int) -> dict[str, np.ndarray]:
 
 
 def dct_image_to_rgb(
-    dct: np.ndarray, quality: int, *, upsampling: Upsampling = "fancy", channels_last: bool = True
+    dct: np.ndarray,
+    quality: int,
+    *,
+    upsampling: Upsampling = "fancy",
+    channels_last: bool = True,
+    backend: Backend = "auto",
 ) -> np.ndarray:
     """Quantised DCT image [B, h, w, 384] (or [B, 384, h, w]) -> uint8 RGB [B, 16h, 16w, 3]."""
     if upsampling not in ("fancy", "nearest"):
@@ -286,6 +386,15 @@ def dct_image_to_rgb(
     else:
         bsz, _, h, w = dct.shape
     hw, height, width = h * w, h * MACROBLOCK, w * MACROBLOCK
+    if use_kernel(backend):
+        # int16 holds every value the quantiser makes; wider input is clipped to it, as sparsify does
+        dense = dct if dct.dtype == np.int16 else np.clip(dct, -32768, 32767).astype(np.int16)
+        out = np.empty((bsz, height, width, 3), dtype=np.uint8)
+        kernel().decode_dense(
+            np.ascontiguousarray(dense), kernel_tables(check_quality(quality)), out, bsz, height, width,
+            upsampling == "fancy",
+        )
+        return out
     coefs = dct.reshape(bsz, NUM_FREQS, 6 * hw)
     luma_basis, chroma_basis, dc_offset = _decode_bases(quality)
     # Y carries +128.5 instead of +128: every RGB output then carries the +0.5 (the matrix's Y column is all
