@@ -359,40 +359,39 @@ static int decode_work_init(DecodeWork *w, Py_ssize_t height, Py_ssize_t width)
 
 /* ---------------------------------------------------------------------------------------------- sparsify */
 
-/* Channel-major coefficients of one image -> token rows (channel, position, value token); returns the count.
- * Zero runs are skipped four coefficients at a time. */
+/* Channel-major coefficients of one image -> token rows (channel, position, value token); returns the count,
+ * or capacity + 1 where there are more non-zeros than that. Runs of eight zeros are skipped with two 64-bit
+ * tests; other values are handled without branches: each writes a row at out[n] and only a non-zero one advances
+ * n (so a row may be written at out[capacity], the caller's EOS row, which it fills afterwards). */
 #define SPARSIFY_IMAGE(T)                                                                                       \
     static Py_ssize_t sparsify_image_##T(const int16_t *src, Py_ssize_t positions, int range, T *out,         \
                                          Py_ssize_t capacity, int64_t *clipped)                                 \
     {                                                                                                           \
         Py_ssize_t n = 0;                                                                                       \
+        int64_t clips = 0;                                                                                      \
         for (int c = 0; c < NCH; c++) {                                                                         \
             const int16_t *row = src + (Py_ssize_t)c * positions;                                               \
-            Py_ssize_t p = 0;                                                                                   \
-            while (p < positions) {                                                                             \
-                if (p + 4 <= positions) {                                                                       \
-                    uint64_t word;                                                                              \
-                    memcpy(&word, row + p, sizeof(word));                                                       \
-                    if (word == 0) {                                                                            \
-                        p += 4;                                                                                 \
-                        continue;                                                                               \
-                    }                                                                                           \
+            for (Py_ssize_t p0 = 0; p0 < positions; p0 += 8) {                                                  \
+                int end = positions - p0 < 8 ? (int)(positions - p0) : 8;                                       \
+                if (end == 8) {                                                                                 \
+                    uint64_t w[2];                                                                              \
+                    memcpy(w, row + p0, sizeof(w));                                                             \
+                    if ((w[0] | w[1]) == 0) continue;                                                           \
                 }                                                                                               \
-                int v = row[p];                                                                                 \
-                if (v != 0) {                                                                                   \
-                    if (n == capacity) return capacity + 1;                                                     \
-                    if (v > range || v < -range) {                                                              \
-                        ++*clipped;                                                                             \
-                        v = v > range ? range : -range;                                                         \
-                    }                                                                                           \
-                    out[3 * n] = (T)c;                                                                          \
-                    out[3 * n + 1] = (T)p;                                                                      \
-                    out[3 * n + 2] = (T)(v + range - (v > 0));                                                  \
-                    n++;                                                                                        \
+                for (int j = 0; j < end; j++) {                                                                 \
+                    int v = row[p0 + j];                                                                        \
+                    int clip = v < -range ? -range : v > range ? range : v;                                     \
+                    T *dst = out + 3 * n;                                                                       \
+                    dst[0] = (T)c;                                                                              \
+                    dst[1] = (T)(p0 + j);                                                                       \
+                    dst[2] = (T)(clip + range - (clip > 0));                                                    \
+                    clips += clip != v;                                                                         \
+                    n += v != 0;                                                                                \
+                    if (n > capacity) return capacity + 1;                                                      \
                 }                                                                                               \
-                p++;                                                                                            \
             }                                                                                                   \
         }                                                                                                       \
+        *clipped = clips;                                                                                       \
         return n;                                                                                               \
     }
 SPARSIFY_IMAGE(int16_t)

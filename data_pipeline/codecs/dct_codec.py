@@ -25,20 +25,19 @@ from data_pipeline.codecs.dct_images import as_rgb_batch
 from data_pipeline.codecs.dct_sequence import (
     SequenceError,
     SparseBatch,
+    rgb_to_sequences,
     sequence_from_bytes,
     sequence_to_bytes,
+    sequences_to_rgb,
     sparsify,
-    triples_to_dct_image,
 )
-from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
 from data_pipeline.codecs.jpeg_coefficients import read_jpeg_dct_batch
 from data_pipeline.codecs.metadata import SampleDecodeError, decode_metadata, encode_metadata
 
 
 def encode_with_stats(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> SparseBatch:
     """Images (see ``dct_images.as_rgb_batch`` for accepted forms) -> sequences and per-image clip counts."""
-    rgb = as_rgb_batch(images, config)
-    return sparsify(rgb_to_dct_image(rgb, config.quality, channels_last=False), config, channels_last=False)
+    return rgb_to_sequences(as_rgb_batch(images, config), config)
 
 
 def encode(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> list[np.ndarray]:
@@ -48,8 +47,7 @@ def encode(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) ->
 
 def decode(sequences: Sequence[np.ndarray] | np.ndarray, config: DCTCodecConfig) -> np.ndarray:
     """Token sequences (list or padded batch; partial ones decode up to where they stop) -> uint8 RGB [B, H, W, 3]."""
-    dct = triples_to_dct_image(sequences, config, channels_last=False)
-    return dct_image_to_rgb(dct, config.quality, upsampling=config.upsampling, channels_last=False)
+    return sequences_to_rgb(sequences, config)
 
 
 def encode_jpeg_files(

@@ -20,7 +20,17 @@ import numpy as np
 
 from data_pipeline.codecs.dct_config import DCTCodecConfig, Vocab
 from data_pipeline.codecs.dct_tables import NUM_CHANNELS
-from data_pipeline.codecs.dct_transform import check_dct_image
+from data_pipeline.codecs.dct_transform import (
+    Backend,
+    check_dct_image,
+    check_rgb_batch,
+    dct_image_to_rgb,
+    encode_dense_kernel,
+    kernel,
+    kernel_tables,
+    rgb_to_dct_image,
+    use_kernel,
+)
 
 
 class SequenceError(ValueError):
@@ -45,7 +55,9 @@ def _channel_major(dct: np.ndarray, config: DCTCodecConfig, channels_last: bool)
     return np.ascontiguousarray(chw).reshape(dct.shape[0], NUM_CHANNELS * config.num_positions)
 
 
-def sparsify(dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = True) -> SparseBatch:
+def sparsify(
+    dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = True, backend: Backend = "auto"
+) -> SparseBatch:
     """Quantised DCT images [B, h, w, 384] (or [B, 384, h, w]) -> one token sequence per image, with clip counts.
 
     The channel-major flattening makes np.flatnonzero return the coefficients already in sequence order
@@ -56,6 +68,8 @@ def sparsify(dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = T
     bsz, per_image = flat.shape
     if bsz == 0:
         return SparseBatch([], np.zeros(0, dtype=np.int64))
+    if use_kernel(backend):
+        return _sparsify_kernel(flat, config)
     positions = config.num_positions
     idx = np.flatnonzero(flat != 0)
     values = flat.reshape(-1)[idx]
@@ -86,6 +100,35 @@ def sparsify(dct: np.ndarray, config: DCTCodecConfig, *, channels_last: bool = T
         seq[-1] = eos
         sequences.append(seq)
     return SparseBatch(sequences, clipped)
+
+
+def _sparsify_kernel(flat: np.ndarray, config: DCTCodecConfig, counts: np.ndarray | None = None) -> SparseBatch:
+    """The kernel's sparsify: each image's non-zero count (from the encoder, or one counting pass) sizes the token
+    buffer exactly, then one pass writes the rows."""
+    vocab, bsz, positions = config.vocab, len(flat), config.num_positions
+    if flat.dtype != np.int16:
+        flat = np.clip(flat, -32768, 32767).astype(np.int16)
+    if counts is None:
+        counts = np.empty(bsz, dtype=np.int64)
+        kernel().count_nonzero(flat, counts, bsz, positions)
+    bounds = np.zeros(bsz + 1, dtype=np.int64)
+    np.cumsum(counts + 1, out=bounds[1:])
+    out = np.empty((int(bounds[-1]), 3), dtype=vocab.dtype)
+    clipped = np.empty(bsz, dtype=np.int64)
+    kernel().sparsify(flat, out, bounds, clipped, bsz, positions, vocab.value_range)
+    out[bounds[1:] - 1] = vocab.eos
+    return SparseBatch([out[bounds[b] : bounds[b + 1]] for b in range(bsz)], clipped)
+
+
+def rgb_to_sequences(images: np.ndarray, config: DCTCodecConfig, *, backend: Backend = "auto") -> SparseBatch:
+    """uint8 RGB [B, H, W, 3] (the codec's size) -> sequences and clip counts: ``rgb_to_dct_image`` then
+    ``sparsify``, with the kernel's non-zero counts handed over instead of counted again."""
+    images = check_rgb_batch(images)
+    if not use_kernel(backend):
+        dense = rgb_to_dct_image(images, config.quality, channels_last=False, backend="numpy")
+        return sparsify(dense, config, channels_last=False, backend="numpy")
+    dense, counts = encode_dense_kernel(images, config.quality)
+    return _sparsify_kernel(_channel_major(dense, config, channels_last=False), config, counts)
 
 
 def dct_image_to_triples(
@@ -149,6 +192,47 @@ def triples_to_dct_image(
     h, w = config.grid
     out = out.reshape(bsz, NUM_CHANNELS, h, w)
     return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
+
+
+def _kernel_rows(rows: np.ndarray) -> np.ndarray:
+    """Rows as the kernel reads them: C-contiguous int16 or int32. Other integer types are clipped to int32,
+    which keeps every id's class (regular, special, out of range) since all limits are far inside it."""
+    if rows.dtype in (np.dtype(np.int16), np.dtype(np.int32)):
+        return np.ascontiguousarray(rows)
+    info = np.iinfo(np.int32)
+    return np.clip(rows, info.min, info.max).astype(np.int32)
+
+
+def sequences_to_rgb(
+    sequences: Sequence[np.ndarray] | np.ndarray, config: DCTCodecConfig, *, backend: Backend = "auto"
+) -> np.ndarray:
+    """Token sequences (see ``triples_to_dct_image`` for what is read) -> uint8 RGB [B, H, W, 3].
+
+    The kernel scatters each sequence into a macroblock-ordered image in cache and decodes it there, instead of
+    building the dense channel-major batch; it checks the same token ranges and reports the same error.
+    """
+    if not use_kernel(backend):
+        dct = triples_to_dct_image(sequences, config, channels_last=False)
+        return dct_image_to_rgb(
+            dct, config.quality, upsampling=config.upsampling, channels_last=False, backend="numpy"
+        )
+    vocab = config.vocab
+    rows = [_kernel_rows(_as_rows(seq, i)) for i, seq in enumerate(sequences)]
+    out = np.empty((len(rows), config.height, config.width, 3), dtype=np.uint8)
+    bad = kernel().decode_tokens(
+        rows,
+        kernel_tables(config.quality),
+        out,
+        config.height,
+        config.width,
+        config.upsampling == "fancy",
+        vocab.value_range,
+    )
+    if bad is not None:
+        image, row = bad
+        _check_ranges(rows[image][: row + 1], vocab, f"sequence {image}")
+        raise AssertionError(f"_dct_kernel reported sequence {image} row {row}, which is in range")
+    return out
 
 
 def validate_sequence(seq: np.ndarray, vocab: Vocab, source: str = "sequence") -> np.ndarray:

@@ -41,7 +41,7 @@ import contextlib
 import warnings
 from collections.abc import Callable, Iterator
 from functools import lru_cache
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
@@ -138,15 +138,35 @@ _CHROMA_PAIR_INDEX = np.array(
 )
 
 
+RATIONAL_ZIGZAG = np.argsort(ZIGZAG)[[0, 4, 32, 36]]
+"""Zigzag index of the frequencies (u, v) with u, v in {0, 4}: their basis is +-1/8, so their DCT of integer
+samples is a sum of integers over 8, and exact .5 ties after the quantiser are common (the DC at quality 75:
+one block in 64)."""
+
+
+class EncodeBases(NamedTuple):
+    """What the numpy encoder's GEMMs use. The RATIONAL_ZIGZAG rows are +-1 patterns instead: the GEMM then sums
+    integers exactly (in any order), and one float32 division by 8 * table (32 * table for chroma, whose GEMM input
+    is a 2x2 sum) rounds them as the kernel does, exact ties included."""
+
+    luma: np.ndarray  # [64z, 64px], table folded in
+    chroma: np.ndarray  # [64z, 128 pair sums], mean and table folded in
+    luma_div: np.ndarray  # [4] float32, for the RATIONAL_ZIGZAG rows
+    chroma_div: np.ndarray
+
+
 @lru_cache(maxsize=128)
-def _encode_bases(quality: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
-    """Luma basis [64z, 64px], chroma basis [64z, 128 pair sums] (mean and table folded in), luma DC offset."""
+def _encode_bases(quality: int) -> EncodeBases:
     luma, chroma = (t.reshape(-1)[ZIGZAG].astype(np.float64)[:, None] for t in quant_tables(quality))
     t = _zigzag_dct()
-    return (
-        _frozen(t / luma),
-        _frozen(t[:, _CHROMA_PAIR_INDEX] * 0.25 / chroma),
-        np.float32(128.0 * BLOCK / luma[0, 0]),
+    luma_basis, chroma_basis = t / luma, t[:, _CHROMA_PAIR_INDEX] * 0.25 / chroma
+    exact = np.rint(8.0 * t[RATIONAL_ZIGZAG])
+    luma_basis[RATIONAL_ZIGZAG], chroma_basis[RATIONAL_ZIGZAG] = exact, exact[:, _CHROMA_PAIR_INDEX]
+    return EncodeBases(
+        _frozen(luma_basis),
+        _frozen(chroma_basis),
+        _frozen(8.0 * luma[RATIONAL_ZIGZAG, 0]),
+        _frozen(32.0 * chroma[RATIONAL_ZIGZAG, 0]),
     )
 
 
@@ -215,6 +235,17 @@ def kernel_tables(quality: int) -> np.ndarray:
     return _frozen(np.concatenate(parts))
 
 
+def encode_dense_kernel(images: np.ndarray, quality: int) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's encoder on a checked batch: DCT image int16 [B, 384, H/16, W/16] and each image's non-zero
+    count (which sparsify needs to size its output)."""
+    bsz, height, width, _ = images.shape
+    out = np.empty((bsz, NUM_CHANNELS, height // MACROBLOCK, width // MACROBLOCK), dtype=np.int16)
+    counts = np.empty(bsz, dtype=np.int64)
+    tables = kernel_tables(check_quality(quality))
+    kernel().encode_dense(np.ascontiguousarray(images), tables, out, counts, bsz, height, width)
+    return out, counts
+
+
 def check_rgb_batch(images: np.ndarray) -> np.ndarray:
     """The encoder's strict input contract: uint8 [B, H, W, 3] with H, W positive multiples of 16."""
     images = np.asarray(images)
@@ -275,13 +306,10 @@ def rgb_to_dct_image(
     h, w = height // MACROBLOCK, width // MACROBLOCK
     hw = h * w
     if use_kernel(backend):
-        out = np.empty((bsz, NUM_CHANNELS, h, w), dtype=np.int16)
-        counts = np.empty(bsz, dtype=np.int64)
-        images = np.ascontiguousarray(images)
-        kernel().encode_dense(images, kernel_tables(check_quality(quality)), out, counts, bsz, height, width)
+        out = encode_dense_kernel(images, quality)[0]
         return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
     out = np.empty((bsz, NUM_FREQS, 6, hw), dtype=np.int16)
-    luma_basis, chroma_basis, dc_offset = _encode_bases(quality)
+    bases = _encode_bases(quality)
     colour = RGB_TO_YCBCR.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
     with single_threaded_blas():
@@ -298,16 +326,19 @@ def rgb_to_dct_image(
                     np.multiply(planes[src_ch], colour[ch, src_ch], out=product)
                     ycc[ch] += product
             np.rint(ycc, out=ycc)  # 8-bit YCbCr, as every JPEG encoder stores it
-            np.matmul(luma_basis, ycc[0].reshape(-1, NUM_FREQS).T, out=luma.reshape(NUM_FREQS, -1))
+            np.matmul(bases.luma, ycc[0].reshape(-1, NUM_FREQS).T, out=luma.reshape(NUM_FREQS, -1))
             # Chroma: sum horizontal pixel pairs (adjacent in memory); the GEMM sums the vertical ones.
             np.add(ycc[1:, 0::2], ycc[1:, 1::2], out=pairs)
             for ch in (0, 1):
                 np.matmul(
-                    chroma_basis,
+                    bases.chroma,
                     pairs[ch].reshape(-1, 2 * NUM_FREQS).T,
                     out=chroma[ch].reshape(NUM_FREQS, -1),
                 )
-            luma[0] -= dc_offset
+            luma[0] -= np.float32(128 * NUM_FREQS)  # the DC row sums Y; the transform wants Y - 128
+            for i, z in enumerate(RATIONAL_ZIGZAG):
+                luma[z] /= bases.luma_div[i]
+                chroma[:, z] /= bases.chroma_div[i]
             np.rint(luma, out=luma)
             np.rint(chroma, out=chroma)
             dst = out[start : start + k]
