@@ -2,6 +2,9 @@
 
 ours encode = RGB uint8 batch -> token sequences (``dct_codec.encode``: colour, DCT, quantise, sparsify, tokens)
 ours decode = token sequences -> RGB uint8 batch (``dct_codec.decode``)
+Both run the compiled kernel (data_pipeline/codecs/_dct_kernel.c) when it is built, else the numpy reference;
+"codec_path" says which. Per-stage times (best thread CPU time, ms per image) are reported for both paths
+(``stage_ms_per_image`` and ``stage_ms_per_image_numpy``), measured in the same rounds.
 libjpeg encode = per image Image.fromarray + save JPEG (quality q, subsampling 4:2:0) to BytesIO
 libjpeg decode = per image Image.open(BytesIO) + load()
 
@@ -34,8 +37,12 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from data_pipeline.codecs.dct_codec import decode, encode  # noqa: E402
 from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
-from data_pipeline.codecs.dct_sequence import sparsify, triples_to_dct_image  # noqa: E402
-from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image  # noqa: E402
+from data_pipeline.codecs.dct_sequence import (  # noqa: E402
+    sequences_to_rgb,
+    sparsify,
+    triples_to_dct_image,
+)
+from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image, use_kernel  # noqa: E402
 
 
 def photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
@@ -94,32 +101,36 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, object]:
     seqs = encode(images, cfg)
     dense = rgb_to_dct_image(images, quality, channels_last=False)
     files = libjpeg_encode(images, quality)
-    t, cpu = best_of_interleaved(
-        {
-            "enc": lambda: encode(images, cfg),
-            "jenc": lambda: libjpeg_encode(images, quality),
-            "dec": lambda: decode(seqs, cfg),
-            "jdec": lambda: libjpeg_decode(files),
-            "dense_enc": lambda: rgb_to_dct_image(images, quality, channels_last=False),
-            "sparsify": lambda: sparsify(dense, cfg, channels_last=False),
-            "densify": lambda: triples_to_dct_image(seqs, cfg, channels_last=False),
-            "dense_dec": lambda: dct_image_to_rgb(dense, quality, channels_last=False),
-        },
-        repeats,
-    )
+    kernel_built = use_kernel("auto")
+    stage_fns: dict[str, Callable[[str], object]] = {
+        "rgb_to_dct_image": lambda b: rgb_to_dct_image(images, quality, channels_last=False, backend=b),
+        "sparsify": lambda b: sparsify(dense, cfg, channels_last=False, backend=b),
+        "triples_to_dct_image": lambda b: triples_to_dct_image(seqs, cfg, channels_last=False),
+        "dct_image_to_rgb": lambda b: dct_image_to_rgb(dense, quality, channels_last=False, backend=b),
+        "sequences_to_rgb": lambda b: sequences_to_rgb(seqs, cfg, backend=b),
+    }
+    backends = ["kernel", "numpy"] if kernel_built else ["numpy"]
+    fns: dict[str, Callable[[], object]] = {
+        "enc": lambda: encode(images, cfg),
+        "jenc": lambda: libjpeg_encode(images, quality),
+        "dec": lambda: decode(seqs, cfg),
+        "jdec": lambda: libjpeg_decode(files),
+    }
+    for b in backends:
+        for name, fn in stage_fns.items():
+            if not (b == "kernel" and name == "triples_to_dct_image"):  # numpy only: the kernel fuses it
+                fns[f"{b}:{name}"] = lambda fn=fn, b=b: fn(b)
+    t, cpu = best_of_interleaved(fns, repeats)
     t_enc, t_jenc, t_dec, t_jdec = t["enc"], t["jenc"], t["dec"], t["jdec"]
     with Image.open(io.BytesIO(files[0])) as im:
         pillow_first = np.asarray(im.convert("RGB"))
     ours_first = decode(seqs[:1], cfg)[0]
-    stage_names = {
-        "dense_enc": "rgb_to_dct_image",
-        "sparsify": "sparsify",
-        "densify": "triples_to_dct_image",
-        "dense_dec": "dct_image_to_rgb",
+    stages = {
+        b: {k.split(":")[1]: round(1e3 * cpu[k] / count, 4) for k in t if k.startswith(f"{b}:")} for b in backends
     }
-    stages = {name: round(1e3 * t[key] / count, 4) for key, name in stage_names.items()}
     r: dict[str, object] = {
         "images": count,
+        "codec_path": "kernel" if kernel_built else "numpy",
         "ours_encode_img_s": count / t_enc,
         "ours_decode_img_s": count / t_dec,
         "libjpeg_encode_img_s": count / t_jenc,
@@ -128,7 +139,8 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, object]:
         "decode_ratio": t_jdec / t_dec,
         "encode_ratio_cpu": cpu["jenc"] / cpu["enc"],
         "decode_ratio_cpu": cpu["jdec"] / cpu["dec"],
-        "stage_ms_per_image": stages,
+        "stage_ms_per_image": stages[backends[0]],
+        "stage_ms_per_image_numpy": stages["numpy"],
         "mean_triples_per_image": float(np.mean([len(s) - 1 for s in seqs])),
         "mean_jpeg_bytes_per_image": float(np.mean([len(f) for f in files])),
         "psnr_ours_db": psnr(ours_first, images[0]),

@@ -2,9 +2,9 @@
 
 Allowed differences, and why: the colour conversion, the 2x2 chroma sums, the rational DCT rows (DC, (0,4), (4,0),
 (4,4)), sparsify and the token scatter are computed identically in both, so they agree bit for bit. The other
-DCT coefficients are float32 sums in another order (numpy's BLAS GEMM against the kernel's separable 8x8 products),
-so a coefficient within float32 noise of a .5 tie can round the other way: at most one quantiser step, in at most
-ENCODE_MISMATCH of the coefficients (measured on the `photos` fixture: 0 to 1.3e-6 for qualities 10-90, 8.9e-6
+DCT coefficients are float32 sums in another order (numpy's BLAS GEMM against the kernel's separable even/odd
+8-point products), so a coefficient within float32 noise of a .5 tie can round the other way: at most one step, in
+at most ENCODE_MISMATCH of the coefficients (measured on the `photos` fixture: 0 to 1.3e-6 for qualities 10-90, 8.9e-6
 at 95, 3.7e-5 at 100 where the steps are smallest). Decoding likewise (the IDCT, upsampling and colour GEMMs of
 numpy against the kernel's float32 loops): at most one level in at most DECODE_MISMATCH of the RGB values
 (measured: 5e-6 to 2.4e-5).
@@ -59,7 +59,7 @@ def test_kernel_is_built() -> None:
     assert dct_transform.use_kernel("auto")
     assert callable(kernel().encode_dense)
     tables = kernel_tables(75)
-    assert tables.dtype == np.float32 and tables.shape == (269,)
+    assert tables.dtype == np.float32 and tables.shape == (205,)
     assert set(np.abs(tables[[0, 4 * 8]]).tolist()) == {1.0}  # rows 0 and 4 of the scaled basis: exactly +-1
 
 

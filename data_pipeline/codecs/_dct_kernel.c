@@ -13,13 +13,13 @@
  * float32 like the numpy GEMMs, in another order, so a near-tie can round the other way (rare; tests bound it).
  *
  * Python API (buffers are checked for size; dtypes and shapes are the caller's contract, see dct_transform.py):
- *   encode_dense(images u8 [B,H,W,3], tables f32 [269], out i16 [B,384,P], counts i64 [B])
+ *   encode_dense(images u8 [B,H,W,3], tables f32 [205], out i16 [B,384,P], counts i64 [B])
  *   count_nonzero(dense i16 [B,384,P], counts i64 [B])
  *   sparsify(dense i16 [B,384,P], out i16|i32 [n+B,3], clipped i64 [B], value_range, positions)
- *   decode_dense(dense i16 [B,384,P], tables f32 [269], out u8 [B,H,W,3], fancy)
- *   decode_tokens(list of i16|i32 [n_i,3], tables f32 [269], out u8 [B,H,W,3], fancy, value_range)
+ *   decode_dense(dense i16 [B,384,P], tables f32 [205], out u8 [B,H,W,3], fancy)
+ *   decode_tokens(list of i16|i32 [n_i,3], tables f32 [205], out u8 [B,H,W,3], fancy, value_range)
  *       -> None, or (image, row) of the first row with an out-of-range token
- * tables: float32 [269], the Tables struct below, built by dct_transform.kernel_tables. */
+ * tables: float32 [205], the Tables struct below, built by dct_transform.kernel_tables. */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <stdint.h>
@@ -41,68 +41,130 @@ static const int NATURAL[64] = {
 /* Everything numeric comes from Python (dct_transform.kernel_tables), so both paths use the same float32s. */
 typedef struct {
     float basis[64];      /* basis[u * 8 + x]: sqrt(8) * orthonormal DCT-II */
-    float basis_t[64];    /* its transpose */
-    float luma_div[64];   /* 8 * luma table, natural order: DCT with the scaled basis / this = quantised value */
-    float chroma_div[64]; /* 32 * chroma table: the chroma input is a sum of 2x2 samples, not their mean */
+    float luma_div[64];   /* 8 * luma table, transposed (index 8v + u): scaled DCT / this = quantised value */
+    float chroma_div[64]; /* 32 * chroma table, transposed: the chroma input is a 2x2 sum, not the mean */
     float rgb_to_ycc[9];  /* JFIF: [Y, Cb - 128, Cr - 128] = M @ [R, G, B] */
     float ycc_to_rgb[4];  /* JFIF inverse's non-trivial entries: R: Cr, G: Cb, Cr, B: Cb */
 } Tables;
 
 static inline float round_even(float x) { return (x + ROUND_MAGIC) - ROUND_MAGIC; }
 
-/* out = a @ b for 8x8 row-major matrices: out row i = sum_k a[i][k] * (row k of b), summed in order of k, so
- * the SSE2 path and the scalar one give the same bits. */
-static void matmul8(const float *a, const float *b, float *out)
+/* out = basis @ in, rows of 8 as vectors, by the basis's symmetry: row k is even (k even) or odd (k odd) about
+ * its middle, so output k is a 4-term sum of in[i] + in[7 - i] or in[i] - in[7 - i]; rows 0 and 4 are +-1, so
+ * their sums of integers are exact. The SSE2 and the scalar code do the same operations in the same order. */
+static void dct_rows(const float *basis, const float *in, float *out)
 {
 #ifdef __SSE2__
-    for (int i = 0; i < 8; i++) {
-        __m128 s = _mm_set1_ps(a[i * 8]);
-        __m128 lo = _mm_mul_ps(s, _mm_loadu_ps(b)), hi = _mm_mul_ps(s, _mm_loadu_ps(b + 4));
-        for (int k = 1; k < 8; k++) {
-            s = _mm_set1_ps(a[i * 8 + k]);
-            lo = _mm_add_ps(lo, _mm_mul_ps(s, _mm_loadu_ps(b + k * 8)));
-            hi = _mm_add_ps(hi, _mm_mul_ps(s, _mm_loadu_ps(b + k * 8 + 4)));
+    for (int h = 0; h < 8; h += 4) {
+        __m128 sum[4], diff[4];
+        for (int i = 0; i < 4; i++) {
+            __m128 a = _mm_loadu_ps(in + i * 8 + h), b = _mm_loadu_ps(in + (7 - i) * 8 + h);
+            sum[i] = _mm_add_ps(a, b);
+            diff[i] = _mm_sub_ps(a, b);
         }
-        _mm_storeu_ps(out + i * 8, lo);
-        _mm_storeu_ps(out + i * 8 + 4, hi);
+        for (int k = 0; k < 8; k++) {
+            const __m128 *src = k & 1 ? diff : sum;
+            const float *b = basis + k * 8;
+            __m128 acc = _mm_mul_ps(_mm_set1_ps(b[0]), src[0]);
+            for (int i = 1; i < 4; i++) acc = _mm_add_ps(acc, _mm_mul_ps(_mm_set1_ps(b[i]), src[i]));
+            _mm_storeu_ps(out + k * 8 + h, acc);
+        }
     }
 #else
-    for (int i = 0; i < 8; i++) {
-        float acc[8];
-        for (int x = 0; x < 8; x++) acc[x] = a[i * 8] * b[x];
-        for (int k = 1; k < 8; k++)
-            for (int x = 0; x < 8; x++) acc[x] += a[i * 8 + k] * b[k * 8 + x];
-        for (int x = 0; x < 8; x++) out[i * 8 + x] = acc[x];
+    float sum[4][8], diff[4][8];
+    for (int i = 0; i < 4; i++)
+        for (int x = 0; x < 8; x++) {
+            sum[i][x] = in[i * 8 + x] + in[(7 - i) * 8 + x];
+            diff[i][x] = in[i * 8 + x] - in[(7 - i) * 8 + x];
+        }
+    for (int k = 0; k < 8; k++) {
+        const float(*src)[8] = k & 1 ? diff : sum;
+        const float *b = basis + k * 8;
+        for (int x = 0; x < 8; x++)
+            out[k * 8 + x] = ((b[0] * src[0][x] + b[1] * src[1][x]) + b[2] * src[2][x]) + b[3] * src[3][x];
     }
 #endif
 }
 
-/* Forward: B X B^T; inverse: B^T C B (B = the scaled basis, row = frequency). */
+/* out = basis^T @ in: out[i] = even + odd and out[7 - i] = even - odd, the even and odd frequencies' parts. */
+static void idct_rows(const float *basis, const float *in, float *out)
+{
+#ifdef __SSE2__
+    for (int h = 0; h < 8; h += 4) {
+        __m128 row[8];
+        for (int k = 0; k < 8; k++) row[k] = _mm_loadu_ps(in + k * 8 + h);
+        for (int i = 0; i < 4; i++) {
+            __m128 even = _mm_mul_ps(_mm_set1_ps(basis[i]), row[0]);
+            __m128 odd = _mm_mul_ps(_mm_set1_ps(basis[8 + i]), row[1]);
+            for (int k = 2; k < 8; k += 2) {
+                even = _mm_add_ps(even, _mm_mul_ps(_mm_set1_ps(basis[k * 8 + i]), row[k]));
+                odd = _mm_add_ps(odd, _mm_mul_ps(_mm_set1_ps(basis[(k + 1) * 8 + i]), row[k + 1]));
+            }
+            _mm_storeu_ps(out + i * 8 + h, _mm_add_ps(even, odd));
+            _mm_storeu_ps(out + (7 - i) * 8 + h, _mm_sub_ps(even, odd));
+        }
+    }
+#else
+    for (int i = 0; i < 4; i++)
+        for (int x = 0; x < 8; x++) {
+            float even = ((basis[i] * in[x] + basis[16 + i] * in[16 + x]) + basis[32 + i] * in[32 + x]) +
+                         basis[48 + i] * in[48 + x];
+            float odd = ((basis[8 + i] * in[8 + x] + basis[24 + i] * in[24 + x]) + basis[40 + i] * in[40 + x]) +
+                        basis[56 + i] * in[56 + x];
+            out[i * 8 + x] = even + odd;
+            out[(7 - i) * 8 + x] = even - odd;
+        }
+#endif
+}
+
+static void transpose8(const float *in, float *out)
+{
+#ifdef __SSE2__
+    for (int bi = 0; bi < 8; bi += 4)
+        for (int bj = 0; bj < 8; bj += 4) {
+            __m128 r0 = _mm_loadu_ps(in + bi * 8 + bj), r1 = _mm_loadu_ps(in + (bi + 1) * 8 + bj);
+            __m128 r2 = _mm_loadu_ps(in + (bi + 2) * 8 + bj), r3 = _mm_loadu_ps(in + (bi + 3) * 8 + bj);
+            _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+            _mm_storeu_ps(out + bj * 8 + bi, r0);
+            _mm_storeu_ps(out + (bj + 1) * 8 + bi, r1);
+            _mm_storeu_ps(out + (bj + 2) * 8 + bi, r2);
+            _mm_storeu_ps(out + (bj + 3) * 8 + bi, r3);
+        }
+#else
+    for (int i = 0; i < 8; i++)
+        for (int j = 0; j < 8; j++) out[j * 8 + i] = in[i * 8 + j];
+#endif
+}
+
+/* Samples X -> (B X B^T)^T: the coefficients transposed (index 8v + u), which is the kernel's block order. */
 static void forward_dct(const float *in, const Tables *t, float *out)
 {
-    float tmp[64];
-    matmul8(t->basis, in, tmp);
-    matmul8(tmp, t->basis_t, out);
+    float tmp[64], tmp_t[64];
+    dct_rows(t->basis, in, tmp);
+    transpose8(tmp, tmp_t);
+    dct_rows(t->basis, tmp_t, out);
 }
 
+/* Transposed coefficients C^T -> samples B^T C B = B^T (B^T C^T)^T. */
 static void inverse_dct(const float *in, const Tables *t, float *out)
 {
-    float tmp[64];
-    matmul8(t->basis_t, in, tmp);
-    matmul8(tmp, t->basis, out);
+    float tmp[64], tmp_t[64];
+    idct_rows(t->basis, in, tmp);
+    transpose8(tmp, tmp_t);
+    idct_rows(t->basis, tmp_t, out);
 }
 
-/* A macroblock's coefficients in kernel order: block (slot) after block, each in natural order;
+/* A macroblock's coefficients in kernel order: block (slot) after block, each transposed (index 8v + u);
  * MB_INDEX[channel] is where channel 6z + slot is. Reordering happens where a group is copied to or from the
  * channel-major image, which touches every value once anyway. */
 static int MB_INDEX[NCH];
 
 static void init_mb_index(void)
 {
-    for (int c = 0; c < NCH; c++) MB_INDEX[c] = (c % 6) * 64 + NATURAL[c / 6];
+    for (int c = 0; c < NCH; c++) MB_INDEX[c] = (c % 6) * 64 + (NATURAL[c / 6] % 8) * 8 + NATURAL[c / 6] / 8;
 }
 
-/* One block's DCT, quantised, in natural order. */
+/* One block's DCT, quantised, in kernel (transposed) order. */
 static void quantise_block(const float *samples, const Tables *t, const float *div, int16_t *out)
 {
     float coef[64];

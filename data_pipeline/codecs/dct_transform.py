@@ -217,18 +217,17 @@ def use_kernel(backend: Backend) -> bool:
 
 @lru_cache(maxsize=128)
 def kernel_tables(quality: int) -> np.ndarray:
-    """The kernel's constants (the Tables struct of _dct_kernel.c), float32 [269]: the DCT basis scaled by sqrt(8)
-    and its transpose (rows 0 and 4 become exactly +-1, so the DC and the other rational coefficients of integer samples are exact
-    sums), 8 * luma and 32 * chroma tables in natural order (the scale and, for chroma, the 2x2 sum's 1/4 folded
-    into one division), and the two colour matrices as float32, the same numbers the numpy path uses."""
+    """The kernel's constants (the Tables struct of _dct_kernel.c), float32 [205]: the DCT basis scaled by sqrt(8)
+    (rows 0 and 4 become exactly +-1, so the DC and the other rational coefficients of integer samples are exact
+    sums), 8 * luma and 32 * chroma tables transposed, the kernel's block order (the scale and, for chroma, the 2x2
+    sum's 1/4 folded into one division), and the two colour matrices as float32, the numbers the numpy path uses."""
     luma, chroma = quant_tables(quality)
     basis = dct_matrix() * np.sqrt(BLOCK)
     basis[[0, 4]] = np.rint(basis[[0, 4]])  # +-1 up to float64 rounding: make it exact
     parts = [
         basis.reshape(-1),
-        basis.T.reshape(-1),
-        8.0 * luma.reshape(-1),
-        32.0 * chroma.reshape(-1),
+        8.0 * luma.T.reshape(-1),
+        32.0 * chroma.T.reshape(-1),
         RGB_TO_YCBCR.reshape(-1),
         YCBCR_TO_RGB[[0, 1, 1, 2], [2, 1, 2, 1]],
     ]
