@@ -274,7 +274,7 @@ typedef struct {
     Py_ssize_t height, width; /* pixels */
     float *luma;              /* [height][width], clamped, + 128.5 (the +0.5 makes the final truncation round) */
     float *chroma;            /* [2][height/2][width/2], clamped to -128..127 */
-    float *wide;              /* [3][width]: three horizontally upsampled chroma rows */
+    float *wide;              /* [2][3][width]: a ring of three horizontally upsampled rows per chroma plane */
     float *full;              /* [2][width]: one output row of Cb and Cr */
 } DecodeWork;
 
@@ -338,22 +338,22 @@ static void vertical_row(const float *prev, const float *cur, const float *next,
     }
 }
 
-/* The sample planes -> interleaved uint8 RGB, one output row at a time. */
+/* Wide (horizontally upsampled) row r of chroma plane c, in the ring of three. */
+static float *wide_row(DecodeWork *w, int c, Py_ssize_t r) { return w->wide + (c * 3 + r % 3) * w->width; }
+
+/* The sample planes -> interleaved uint8 RGB, one output row at a time; each chroma row is widened once. */
 static void planes_to_rgb(DecodeWork *w, const float *m, int fancy, uint8_t *out)
 {
     Py_ssize_t width = w->width, cw = width / 2, ch = w->height / 2;
+    for (int c = 0; c < 2; c++) upsample_row(w->chroma + c * ch * cw, cw, fancy, wide_row(w, c, 0));
     for (Py_ssize_t y = 0; y < w->height; y++) {
         Py_ssize_t i = y / 2;
         int odd = (int)(y & 1);
         int edge = odd ? i == ch - 1 : i == 0;
         for (int c = 0; c < 2; c++) {
-            const float *plane = w->chroma + c * ch * cw;
-            float *wide = w->wide;
-            Py_ssize_t nb = odd ? (i + 1 < ch ? i + 1 : i) : (i > 0 ? i - 1 : i);
-            upsample_row(plane + i * cw, cw, fancy, wide);
-            upsample_row(plane + nb * cw, cw, fancy, wide + width);
-            const float *cur = wide, *other = wide + width;
-            vertical_row(other, cur, other, width, odd, edge, fancy, w->full + c * width);
+            if (!odd && i + 1 < ch) upsample_row(w->chroma + (c * ch + i + 1) * cw, cw, fancy, wide_row(w, c, i + 1));
+            const float *prev = wide_row(w, c, i > 0 ? i - 1 : i), *next = wide_row(w, c, i + 1 < ch ? i + 1 : i);
+            vertical_row(prev, wide_row(w, c, i), next, width, odd, edge, fancy, w->full + c * width);
         }
         const float *yy = w->luma + y * width, *cb = w->full, *cr = w->full + width;
         uint8_t *dst = out + y * width * 3;
@@ -410,12 +410,12 @@ static int decode_work_init(DecodeWork *w, Py_ssize_t height, Py_ssize_t width)
 {
     w->height = height;
     w->width = width;
-    size_t floats = (size_t)(height * width) + (size_t)(height * width) / 2 + 5 * (size_t)width;
+    size_t floats = (size_t)(height * width) + (size_t)(height * width) / 2 + 8 * (size_t)width;
     w->luma = malloc(floats * sizeof(float));
     if (!w->luma) return -1;
     w->chroma = w->luma + height * width;
     w->wide = w->chroma + (height * width) / 2;
-    w->full = w->wide + 3 * width;
+    w->full = w->wide + 6 * width;
     return 0;
 }
 
