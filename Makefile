@@ -10,7 +10,7 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 
 .PHONY: setup demo test lint clean
 
-$(STAMP): pyproject.toml setup.py data_pipeline/codecs/_dct_kernel.c
+$(STAMP): pyproject.toml setup.py $(wildcard data_pipeline/codecs/*.c data_pipeline/codecs/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
