@@ -9,7 +9,8 @@ Shard API (``DCTCodec``, the same contract as the plain image codec): ``encode(s
 
 The pieces: ``dct_tables`` (tables, zigzag, channel numbering), ``dct_transform`` (pixels <-> DCT image),
 ``dct_sequence`` (DCT image <-> tokens, bytes), ``dct_images`` (input conversions), ``dct_config`` (settings,
-vocabularies), ``jpeg_coefficients`` (JPEG files).
+vocabularies), ``jpeg_coefficients`` (JPEG files). encode/decode run the compiled kernel (``_dct_kernel.c``,
+built at install) where it is built, else the numpy reference with a one-time warning (see ``dct_transform``).
 """
 
 from __future__ import annotations

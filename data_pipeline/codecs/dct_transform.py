@@ -15,10 +15,10 @@ Decoder: multiply by the table -> inverse DCT -> + 128, clamp the planes to 0..2
 upsample chroma ("fancy": libjpeg's default triangle filter, 3/4 nearest + 1/4 next sample along each axis with
 edge replication; or "nearest": pixel replication) -> JFIF YCbCr -> RGB -> clip -> round to uint8.
 
-Speed: every stage is a whole-chunk array operation; a chunk is as many whole images as fit ~64k pixels, so the
-work buffers stay in cache and are reused. The colour conversion is one [3, 3] @ [3, pixels] GEMM and each 2-D
-DCT one GEMM of all 8x8 blocks of the chunk against a 64x64 basis whose rows are already in zigzag order, with the
-quantisation (and for chroma the 2x2 mean) folded in. The GEMMs are small, so BLAS runs single-threaded inside
+Speed (numpy path): every stage is a whole-chunk array operation; a chunk is as many whole images as fit ~64k
+pixels, so the work buffers stay in cache and are reused. The colour conversion is elementwise (see below) and each
+2-D DCT one GEMM of all 8x8 blocks of the chunk against a 64x64 basis whose rows are already in zigzag order, with
+the quantisation (and for chroma the 2x2 mean) folded in. The GEMMs are small, so BLAS runs single-threaded inside
 the codec (threadpoolctl): on a shared machine OpenBLAS's spinning worker threads made the same call up to 10x
 slower, and data loading gets its parallelism from worker processes anyway.
 
@@ -26,13 +26,15 @@ Float caveat: BLAS blocks a GEMM by its width, so the same image encoded in a ch
 near-tie the other way: about 1 coefficient in 10^5 differs by one step between batch compositions (and between
 machines with other BLAS kernels). Sequences are exact functions of the DCT image, never of the batch.
 
-Compiled kernel: ``_dct_kernel.c`` (built by ``pip install -e .``, see setup.py) does a macroblock's whole path
-in registers and is what ``backend="auto"`` uses; this numpy code stays as the reference it is tested against
-(tests/test_dct_kernel.py) and as the fallback where the extension is not built (a source tree used without
-install), announced once by a RuntimeWarning. The colour conversion is elementwise float32 in both, in the same
-order, so its 8-bit roundings (where exact .5 ties are common) agree bit for bit; the DCTs sum in other orders, so
-a near-tie coefficient can differ by one step (about 1 in 10^5, like the batch-composition caveat above). The
-kernel's results do not depend on the batch.
+Compiled kernel: ``_dct_kernel.c`` and ``dct_kernel_*.c`` (built by ``pip install -e .``, see setup.py) do a
+macroblock's whole path in registers, 2-3x faster at 256x256 (bench/README.md), and are what ``backend="auto"``
+uses; this numpy code stays as the reference they are tested against (tests/test_dct_kernel.py) and as the
+fallback where the extension is not built (a source tree used without install), announced once by a
+RuntimeWarning. Both convert colour elementwise in float32 in the same order, and both sum the rational DCT rows
+(DC, (0,4), (4,0), (4,4), basis +-1/8) exactly, so their 8-bit and quantiser roundings, where exact .5 ties are
+common, agree bit for bit; the other coefficients are float32 sums in other orders, so a near-tie can differ by one
+step (0 to 4e-5 of them, like the batch-composition caveat above). The kernel's results do not depend on the
+batch.
 """
 
 from __future__ import annotations
