@@ -72,7 +72,7 @@ def test_logit_laplace_density_integrates_to_one_and_matches_the_formula(mu, log
 
 def test_logit_normal_warmup_density_integrates_to_one_and_is_used_only_during_warmup(one_thread):
     x = torch.linspace(1e-7, 1 - 1e-7, 2_000_001, dtype=torch.float64)
-    logp = logit_normal_log_prob(x, torch.full_like(x, 0.7), torch.full_like(x, -0.5))
+    logp = logit_normal_log_prob(x, torch.full_like(x, 0.7), 0.6)
     assert float(torch.trapezoid(logp.exp(), x)) == pytest.approx(1.0, abs=2e-3)
     fam = small_family(gaussian_warmup_steps=5)
     images = fam.collate([{"image": im} for im in scenes(2)])["images"]
@@ -81,6 +81,25 @@ def test_logit_normal_warmup_density_integrates_to_one_and_is_used_only_during_w
              for s in (None, 0, 4, 5)}
     assert torch.equal(terms[0], terms[4]) and torch.equal(terms[5], terms[None])  # held-out ELB: the Laplace one
     assert not torch.allclose(terms[4], terms[5])
+    decoded_other_b = decoded.clone()
+    decoded_other_b[:, 3:] += 1.0  # the fixed-scale warm-up ignores the decoder's ln b
+    warm = fam.elb_terms(images, logits, decoded_other_b, torch.Generator().manual_seed(0), step=0)[0]
+    assert torch.equal(warm, terms[0])
+
+
+def test_logit_normal_likelihood_is_used_throughout_when_configured(one_thread):
+    fam = small_family(likelihood="logit_normal", gaussian_scale=0.2)
+    images = fam.collate([{"image": im} for im in scenes(2)])["images"]
+    logits, decoded = fam.build_modules()["dvae"](images, 1.0)
+    held_out = fam.elb_terms(images, logits, decoded, torch.Generator().manual_seed(0))[0]
+    noise = torch.rand(images.shape, generator=torch.Generator().manual_seed(0))
+    x = map_pixels((torch.round(images.float() * 255) + noise) / 256, fam.config.eps)
+    expected = (logit_normal_log_prob(x, decoded[:, :3].float(), 0.2) + math.log(0.8)).flatten(1).sum(1)
+    assert torch.allclose(held_out, expected, rtol=1e-5)
+    with pytest.raises(ValueError, match="model.likelihood"):
+        DVAEConfig(likelihood="laplace")
+    with pytest.raises(ValueError, match="model.gaussian_scale"):
+        DVAEConfig(gaussian_scale=0.0)
 
 
 def test_pixel_mapping_round_trips_and_stays_inside_the_support():

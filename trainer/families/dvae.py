@@ -92,16 +92,20 @@ class DVAEFamily(Family):
     def elb_terms(self, images: torch.Tensor, logits: torch.Tensor, decoded: torch.Tensor,
                   generator: torch.Generator | None = None, step: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Per image: log p(x | z) summed over pixel dimensions (density of pixels in [0, 1]) and KL(q || uniform)
-        summed over grid positions, both in nats. ``step`` (training only) selects the warm-up likelihood."""
+        summed over grid positions, both in nats. ``step`` (training only) selects the warm-up likelihood; held-out terms use ``config.likelihood``."""
         eps = self.config.eps
         target = images.float()
         if self.config.dequantize:
             noise = torch.rand(target.shape, generator=generator, device="cpu" if generator else target.device)
             target = (torch.round(target * 255) + noise.to(target.device)) / 256
         mu, log_b = decoded[:, :3].float(), decoded[:, 3:].float()
+        x = map_pixels(target, eps)
         warmup = step is not None and step < self.config.gaussian_warmup_steps
-        log_prob = logit_normal_log_prob if warmup else logit_laplace_log_prob
-        log_px = log_prob(map_pixels(target, eps), mu, log_b) + math.log(1 - 2 * eps)
+        if warmup or self.config.likelihood == "logit_normal":
+            log_px = logit_normal_log_prob(x, mu, self.config.gaussian_scale)
+        else:
+            log_px = logit_laplace_log_prob(x, mu, log_b)
+        log_px = log_px + math.log(1 - 2 * eps)
         return log_px.flatten(1).sum(dim=1), kl_to_uniform(logits, dim=1).flatten(1).sum(dim=1)
 
     def bits_per_dim(self, log_px: torch.Tensor, kl: torch.Tensor) -> torch.Tensor:
