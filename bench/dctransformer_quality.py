@@ -15,7 +15,8 @@ scored on held-out scenes of seed 1:
 - ``colourise``: given all luma, the chroma is drawn (``--cond-temperature``, 0 = argmax; ``--cond-samples K``
   averages K draws in pixel space, the posterior-mean estimate that PSNR rewards); RGB PSNR against
   the raw image, with grey chroma (the luma alone through the codec) as the naive baseline.
-- ``superres``: given the 2x box-downsampled image, the full sequence is drawn; RGB and luma (Y) PSNR against
+- ``superres`` / ``superres_full``: given the 2x box-downsampled image, the residual sequence (target minus the
+  bicubic hint's coefficients; ``superres_full``: the target's own sequence) is drawn; RGB and luma (Y) PSNR against
   bicubic upsampling of the same low-resolution image. 4:2:0 chroma caps the codec's RGB PSNR below bicubic's
   at this size, so the Y PSNR (luma is not subsampled) is the comparison the codec allows; both are printed with
   the codec's ceiling (the original image through the codec).
@@ -50,7 +51,7 @@ from trainer.families.dctransformer import DCTransformerConfig, DCTransformerFam
 from trainer.transformer import TransformerConfig  # noqa: E402
 
 MODELS = {"unconditional": {}, "no_context": {"use_context": False}, "colourise": {"mode": "colourise"},
-          "superres": {"mode": "superres"}}
+          "superres": {"mode": "superres"}, "superres_full": {"mode": "superres", "superres_target": "full"}}
 LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 OUT = os.path.join(ROOT, "runs", "dct_quality")
 

@@ -178,6 +178,8 @@ def test_bad_settings_are_refused():
         DCTransformerFamily(small(), {"codec": {"name": "image", "settings": {}}})
     with pytest.raises(ValueError, match="model.mode"):
         small(mode="inpaint")
+    with pytest.raises(ValueError, match="model.superres_target"):
+        small(mode="superres", superres_target="delta")
     fam = DCTransformerFamily(small(num_classes=3), INFO)
     with pytest.raises(ValueError, match="label in 0..2"):
         fam.collate([{"tokens": np.array([[384, CODEC.num_positions, 128]], dtype=np.int16), "label": 5}])
@@ -253,3 +255,45 @@ def test_superres_hint_is_the_bicubic_upsample_and_reaches_the_value_decoder_at_
     assert torch.equal(ids[0], torch.from_numpy(coded[:, 2].astype(np.int64)))  # the codec's own value ids
     assert int(model.hint_tokens(hint[:1], torch.tensor([[383]]), torch.tensor([[0]]))) == 2 * 64 or \
         dense[383, 0] != 0
+
+
+def test_dense_to_sequence_inverts_dense_before_on_codec_sequences(scenes):
+    from trainer.dct.chunks import dense_before, dense_to_sequence, pad_batch
+
+    fam = DCTransformerFamily(small(), INFO)
+    for s in scenes:
+        seq = torch.from_numpy(s["tokens"].astype(np.int64))
+        dense = dense_before(pad_batch([seq], fam.space), torch.tensor([len(seq)]), fam.space)[0]
+        assert torch.equal(dense_to_sequence(dense, fam.space), seq)
+
+
+@pytest.mark.parametrize("target", ["residual", "full"])
+def test_superres_targets_reconstruct_the_coded_image_and_residual_is_shorter(scenes, target):
+    """Given hint + the residual sequence (or the full sequence alone) decodes to the codec's own image."""
+    from trainer.dct.sampling import Conditioning
+
+    fam = DCTransformerFamily(small(mode="superres", superres_target=target), INFO)
+    seqs = [torch.from_numpy(s["tokens"].astype(np.int64)) for s in scenes]
+    images = np.stack([s["image"] for s in scenes])
+    batch = fam.conditioning(seqs, None, images)
+    given = batch.get("cond_dense")
+    assert (given is not None) == (target == "residual")
+    rgb = fam.tokens_to_rgb(batch["tokens"], Conditioning(dense=given))
+    assert np.array_equal(rgb, dct_codec.decode([s["tokens"] for s in scenes], CODEC))
+    if target == "residual":  # bicubic already explains most coefficients
+        assert torch.equal(given, batch["hint"].round())
+        assert batch["lengths"].float().mean() < 0.8 * np.mean([len(s) for s in seqs])
+
+
+def test_superres_residual_stopping_at_once_returns_the_hint():
+    """A residual model that emits EOS first leaves the bicubic hint through the codec, not a blank image."""
+    fam, model = family(chunk_size=16, mode="superres", max_triples=1)
+    src = fam.source_images(2)
+    out = (fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), images=src,
+                             temperature=0.0).permute(0, 2, 3, 1).numpy() * 255).round()
+    hint = fam.superres_hint(src).round().numpy().astype(np.int16).reshape(2, 384, *CODEC.grid)
+    from data_pipeline.codecs.dct_transform import dct_image_to_rgb
+
+    expected = dct_image_to_rgb(hint, CODEC.quality, upsampling=CODEC.upsampling, channels_last=False)
+    assert np.array_equal(out.astype(np.uint8), expected)
+    assert expected.std() > 5  # the scenes' objects are there

@@ -85,6 +85,18 @@ def dense_before(tokens: torch.Tensor, starts: torch.Tensor, space: TokenSpace) 
     return out[:, :dump].reshape(b, NUM_CHANNELS, p)
 
 
+def dense_to_sequence(dense: torch.Tensor, space: TokenSpace) -> torch.Tensor:
+    """A dense DCT image [384, P] -> its triples [n + 1, 3] in the codec's order (channel-major, positions
+    increasing) ending in EOS: the inverse of ``dense_before``. Values are clipped to the vocabulary's range."""
+    r = space.value_range
+    v = dense.round().long().clamp(-r, r)
+    c, p = v.nonzero(as_tuple=True)  # row-major: channel first, then position
+    vals = v[c, p]
+    rows = torch.stack([c, p, vals + r - (vals > 0).long()], dim=1)
+    eos = torch.tensor([[space.c_eos, space.p_eos, space.v_eos]], dtype=torch.long, device=dense.device)
+    return torch.cat([rows, eos])
+
+
 def chunk_rows(tokens: torch.Tensor, starts: torch.Tensor, size: int, space: TokenSpace
                ) -> tuple[torch.Tensor, torch.Tensor]:
     """(prev, target) [B, size, 3] of the chunks at ``starts``: target rows start.., prev rows start-1.."""

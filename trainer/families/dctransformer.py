@@ -6,7 +6,9 @@ CE(c) + CE(p) + CE(v) with impossible tokens masked (channels never decrease, po
 Variants (``mode``): "unconditional" (optionally with a class token), "colourise" (all luma given to the encoder,
 the sequence holds only chroma triples) and "superres" (the image downsampled ``superres_factor`` times is
 upsampled again (bicubic) and coded on the target's grid and quantisation: this "hint" DCT image goes into the
-encoder at the matching macroblocks and, at (c, p), into the value decoder, so low frequencies can be copied).
+encoder at the matching macroblocks and, at (c, p), into the value decoder). Super-resolution generates, by
+default (``superres_target: residual``), the sparse sequence of the target's coefficients minus the hint's: what
+the low-resolution image does not determine; ``full`` generates the target's own sequence.
 The codec settings come from the data set's manifest (``data_info["codec"]``), which
 every export carries in its config.json, so `dgm sample` decodes with exactly the training codec.
 """
@@ -26,13 +28,14 @@ from data_pipeline.codecs import dct_codec
 from data_pipeline.codecs.dct_config import DCTCodecConfig
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
-from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, pad_batch, triple_nll
+from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, dense_to_sequence, pad_batch, triple_nll
 from trainer.dct.model import DCTransformer, DecoderSizes, NetworkShape
 from trainer.dct.sampling import Conditioning, DrawSettings, generate
 from trainer.families.base import Engine, Family, StepContext
 from trainer.transformer import TransformerConfig
 
 MODES = ("unconditional", "colourise", "superres")
+SUPERRES_TARGETS = ("residual", "full")
 LN2 = math.log(2.0)
 
 
@@ -45,6 +48,9 @@ class DCTransformerConfig:
     num_classes: > 0 adds a class token to the encoder (labels must be in 0..num_classes-1).
     use_context: False zeroes the encoder's input: the baseline that ignores everything before the chunk.
     superres_factor: downsampling of the low-resolution condition (the low-res side must be a multiple of 16).
+    superres_target: "residual" (the sequence holds target minus hint coefficients, the hint is given to the
+        encoder like colourisation's luma: stopping early leaves the bicubic answer) or "full" (the target's own
+        sequence, the hint only as an input).
     max_triples: sampling stops here (0: the codec's longest possible sequence).
     """
 
@@ -53,6 +59,7 @@ class DCTransformerConfig:
     num_classes: int = 0
     use_context: bool = True
     superres_factor: int = 2
+    superres_target: str = "residual"
     max_triples: int = 0
     encoder: TransformerConfig = field(default_factory=lambda: TransformerConfig(n_layer=2, n_head=4, d_model=128))
     decoders: DecoderSizes = field(default_factory=DecoderSizes)
@@ -62,6 +69,8 @@ class DCTransformerConfig:
             raise ValueError(f"model.chunk_size must be >= 1, got {self.chunk_size}")
         if self.mode not in MODES:
             raise ValueError(f"model.mode must be unconditional, colourise or superres, got {self.mode!r}")
+        if self.superres_target not in SUPERRES_TARGETS:
+            raise ValueError(f"model.superres_target must be residual or full, got {self.superres_target!r}")
         if self.num_classes < 0 or self.superres_factor < 2 or self.max_triples < 0:
             raise ValueError("model.num_classes and model.max_triples must be >= 0, model.superres_factor >= 2")
 
@@ -120,6 +129,19 @@ class DCTransformerFamily(Family):
         dct = rgb_to_dct_image(up, self.codec.quality, channels_last=False)
         return torch.from_numpy(dct.reshape(b, dct.shape[1], -1).astype(np.float32))
 
+    def superres_residual(self, tokens: list[torch.Tensor], hint: torch.Tensor
+                          ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Full sequences and their hints -> (sequences of target minus rounded hint, the rounded hint [B, 384, P]).
+
+        The rounded hint is the given part of the image (added back by the encoder input and the decode), so the
+        model spends its triples only where bicubic upsampling is wrong; the residual is clipped to the value
+        range (two quantised coefficients differ by at most twice it; on shape scenes at q=90 by at most 22).
+        """
+        given = hint.round()
+        lengths = torch.tensor([len(t) for t in tokens], dtype=torch.long)
+        target = dense_before(pad_batch(tokens, self.space), lengths, self.space)
+        return [dense_to_sequence(target[i] - given[i], self.space) for i in range(len(tokens))], given
+
     def conditioning(self, tokens: list[torch.Tensor], labels: list[int] | None,
                      images: np.ndarray | None = None) -> dict[str, torch.Tensor]:
         """Per-mode targets and encoder conditioning for full token sequences (``images``: the originals, when
@@ -132,6 +154,8 @@ class DCTransformerFamily(Family):
         if self.config.mode == "superres":
             rgb = dct_codec.decode([t.numpy() for t in tokens], self.codec) if images is None else images
             out["hint"] = self.superres_hint(rgb)
+            if self.config.superres_target == "residual":
+                tokens, out["cond_dense"] = self.superres_residual(tokens, out["hint"])
         if self.config.num_classes:
             if labels is None or any(not 0 <= lab < self.config.num_classes for lab in labels):
                 raise ValueError(f"model.num_classes={self.config.num_classes}: every sample needs a label in "
