@@ -21,7 +21,8 @@ scored on held-out scenes of seed 1:
   at this size, so the Y PSNR (luma is not subsampled) is the comparison the codec allows; both are printed with
   the codec's ceiling (the original image through the codec).
 
-Trained weights go to runs/dct_quality/<model>.pt (``--eval-only`` rescores them). Last stdout line: one JSON object.
+Trained weights go to runs/dct_quality/<model>.pt (``--eval-only`` rescores them; ``--init PREFIX`` continues
+training from runs/dct_quality/<PREFIX><model>.pt with a fresh optimiser and schedule). Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -154,6 +155,9 @@ class Experiment:
         if a.eval_only:
             model.load_state_dict(torch.load(path))
             return fam, model.eval()
+        if a.init:
+            model.load_state_dict(torch.load(os.path.join(OUT, f"{a.init}{name}.pt")))
+            print(f"[quality] {name}: continuing from {a.init}{name}.pt (fresh optimiser and schedule)", flush=True)
         full = self.batches(fam, self.train_tok, self.train_rgb)
         engine = PlainEngine(model, a.lr, a.steps)
         rng = np.random.default_rng(0)
@@ -247,6 +251,8 @@ def main() -> None:
     p.add_argument("--cond-samples", type=int, default=1,
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--init", default="", metavar="PREFIX",
+                   help="continue training from runs/dct_quality/<PREFIX><model>.pt (the weights of an earlier run)")
     args = p.parse_args()
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
