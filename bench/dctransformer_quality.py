@@ -78,13 +78,25 @@ class PlainEngine:
         self.sched.step()
 
 
-def psnr(a: np.ndarray, b: np.ndarray, luma: bool = False) -> float:
-    """Mean over images of the PSNR in dB (RGB, or luma Y = .299R + .587G + .114B)."""
+def psnr_each(a: np.ndarray, b: np.ndarray, luma: bool = False) -> np.ndarray:
+    """PSNR in dB of every image (RGB, or luma Y = .299R + .587G + .114B)."""
     a, b = a.astype(np.float64), b.astype(np.float64)
     if luma:
         a, b = a @ LUMA_WEIGHTS, b @ LUMA_WEIGHTS
     mse = np.mean((a - b) ** 2, axis=tuple(range(1, a.ndim)))
-    return float(np.mean(10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))))
+    return 10 * np.log10(255.0**2 / np.maximum(mse, 1e-10))
+
+
+def psnr(a: np.ndarray, b: np.ndarray, luma: bool = False) -> float:
+    """Mean over images of the PSNR in dB."""
+    return float(np.mean(psnr_each(a, b, luma)))
+
+
+def paired(model: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
+    """Per-image PSNR differences: mean, its standard error, and the share of images where the model wins."""
+    d = model - baseline
+    return {"mean_gain_db": float(d.mean()), "gain_stderr_db": float(d.std(ddof=1) / np.sqrt(len(d))),
+            "images_won": float((d > 0).mean())}
 
 
 def scene_stats(images: np.ndarray) -> tuple[Counter, Counter]:
@@ -219,7 +231,9 @@ class Experiment:
         if name == "colourise":
             luma = [t[(CHANNEL_SLOT[np.minimum(t[:, 0], 383)] < NUM_LUMA_SLOTS) | (t[:, 0] >= 384)]
                     for t in self.held_tok[:n]]
-            out["grey_chroma_psnr"] = psnr(dct_codec.decode(luma, self.codec), truth)
+            grey = dct_codec.decode(luma, self.codec)
+            out["grey_chroma_psnr"] = psnr(grey, truth)
+            out.update({f"vs_grey_{k}": v for k, v in paired(psnr_each(imgs, truth), psnr_each(grey, truth)).items()})
         else:
             small = truth.reshape(n, 16, 2, 16, 2, 3).astype(np.float32).mean(axis=(2, 4))
             small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
@@ -229,6 +243,8 @@ class Experiment:
                         "superres_psnr_y": psnr(imgs, truth, True), "hint_through_codec_psnr": psnr(hint, truth),
                         "hint_through_codec_psnr_y": psnr(hint, truth, True),
                         "codec_ceiling_psnr_y": psnr(ceiling, truth, True)})
+            out.update({f"vs_bicubic_y_{k}": v for k, v in
+                        paired(psnr_each(imgs, truth, True), psnr_each(bicubic, truth, True)).items()})
         return out
 
 
