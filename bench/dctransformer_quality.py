@@ -163,7 +163,7 @@ class Experiment:
         fam = self.family(name)
         torch.manual_seed(0)
         model = fam.build_modules()["model"]
-        path = os.path.join(OUT, f"{name}.pt")
+        path = os.path.join(OUT, f"{a.tag}{name}.pt")
         if a.eval_only:
             model.load_state_dict(torch.load(path))
             return fam, model.eval()
@@ -202,7 +202,7 @@ class Experiment:
         gen = torch.Generator().manual_seed(0)
         if fam.config.mode == "unconditional":
             imgs = to_uint8(fam.sample_images({"model": model}, a.samples, gen, temperature=a.sample_temperature))
-            save_strip(imgs, f"{name}_samples.png")
+            save_strip(imgs, f"{a.tag}{name}_samples.png")
             s_count, s_col = scene_stats(imgs)
             d_count, d_col = scene_stats(dct_codec.decode(self.held_tok, self.codec))
             r_count, r_col = scene_stats(self.held_rgb)
@@ -225,7 +225,7 @@ class Experiment:
         draws = [fam.sample_images({"model": model}, n, gen, images=truth, temperature=a.cond_temperature)
                  for _ in range(a.cond_samples)]
         imgs = to_uint8(torch.stack(draws).mean(dim=0))
-        save_strip(np.concatenate([truth[:8], imgs[:8]]), f"{name}_samples.png")
+        save_strip(np.concatenate([truth[:8], imgs[:8]]), f"{a.tag}{name}_samples.png")
         ceiling = dct_codec.decode(self.held_tok[:n], self.codec)
         out[f"{name}_psnr"], out["codec_ceiling_psnr"] = psnr(imgs, truth), psnr(ceiling, truth)
         if name == "colourise":
@@ -267,6 +267,8 @@ def main() -> None:
     p.add_argument("--cond-samples", type=int, default=1,
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")
     p.add_argument("--eval-only", action="store_true")
+    p.add_argument("--tag", default="", metavar="PREFIX",
+                   help="names this run's weights and sample strips runs/dct_quality/<PREFIX><model>.*")
     p.add_argument("--init", default="", metavar="PREFIX",
                    help="continue training from runs/dct_quality/<PREFIX><model>.pt (the weights of an earlier run)")
     args = p.parse_args()
