@@ -103,6 +103,11 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.labels:
         options["labels"] = [int(x) for x in args.labels.split(",")]
         args.n = len(options["labels"])
+    if args.mean_of != 1:
+        if family.name != "dctransformer":
+            raise ValueError(f"{args.export}: --mean-of averages draws of a conditional DCTransformer; a "
+                             f"{family.name!r} export does not take it")
+        options["mean_of"] = args.mean_of
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
     out = args.out or os.path.join(args.export, "samples.png")
@@ -206,6 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
     p.add_argument("--keep", type=int, default=0, help="keep only the best N candidates (default: all)")
+    p.add_argument("--mean-of", type=int, default=1, metavar="K",
+                   help="conditional DCTransformer (colourise, superres): each image is the mean of K draws")
     commands["sample"] = cmd_sample
 
     from launch.cli_cluster import add_cluster_commands

@@ -171,6 +171,9 @@ def test_dgm_sample_cli_from_an_export(tmp_path):
     subprocess.run([sys.executable, "-m", "launch.cli", "sample", out, "--out", png, "--n", "2", "--top-k", "20"],
                    cwd=ROOT, check=True, capture_output=True)
     assert os.path.getsize(png) > 100
+    from launch.cli import main
+
+    assert main(["sample", out, "--out", png, "--n", "1", "--mean-of", "2"]) == 2  # unconditional: refused
 
 
 def test_bad_settings_are_refused():
@@ -297,3 +300,16 @@ def test_superres_residual_stopping_at_once_returns_the_hint():
     expected = dct_image_to_rgb(hint, CODEC.quality, upsampling=CODEC.upsampling, channels_last=False)
     assert np.array_equal(out.astype(np.uint8), expected)
     assert expected.std() > 5  # the scenes' objects are there
+
+
+def test_mean_of_draws_averages_conditional_samples_and_is_refused_unconditionally():
+    fam, model = family(chunk_size=16, mode="superres", max_triples=24)
+    src = fam.source_images(2)
+    gen = torch.Generator().manual_seed(4)
+    draws = [fam.sample_images({"model": model}, 2, gen, images=src) for _ in range(3)]
+    mean = fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(4), images=src, mean_of=3)
+    torch.testing.assert_close(mean, sum(draws) / 3)
+    assert not torch.equal(draws[0], draws[1])  # the draws differ, so the mean is not one of them
+    ufam, umodel = family(chunk_size=16, max_triples=8)
+    with pytest.raises(ValueError, match="conditional model"):
+        ufam.sample_images({"model": umodel}, 1, torch.Generator(), mean_of=2)

@@ -275,7 +275,15 @@ class DCTransformerFamily(Family):
         return dct_image_to_rgb(dct, self.codec.quality, upsampling=self.codec.upsampling, channels_last=False)
 
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
-                      **options: Any) -> torch.Tensor:
-        seq, cond = self.sample_tokens(modules["model"], n, generator, **options)
-        rgb = self.tokens_to_rgb(seq, cond)
-        return torch.from_numpy(rgb).permute(0, 3, 1, 2).float() / 255.0
+                      mean_of: int = 1, **options: Any) -> torch.Tensor:
+        """Images [n, 3, H, W] in [0, 1]. ``mean_of`` > 1 (conditional modes) averages that many draws per
+        condition in pixel space: the posterior-mean estimate, which PSNR rewards over any single draw."""
+        if mean_of < 1 or (mean_of > 1 and self.config.mode == "unconditional"):
+            raise ValueError(f"mean_of={mean_of}: averaging draws needs a conditional model (colourise or "
+                             f"superres) and mean_of >= 1; this model is {self.config.mode}")
+        total = None
+        for _ in range(mean_of):
+            seq, cond = self.sample_tokens(modules["model"], n, generator, **options)
+            rgb = torch.from_numpy(self.tokens_to_rgb(seq, cond)).permute(0, 3, 1, 2).float() / 255.0
+            total = rgb if total is None else total + rgb
+        return total / mean_of
