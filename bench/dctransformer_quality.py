@@ -222,9 +222,8 @@ class Experiment:
             return out
         n = min(a.conditional, a.eval)
         truth = self.held_rgb[:n]
-        draws = [fam.sample_images({"model": model}, n, gen, images=truth, temperature=a.cond_temperature)
-                 for _ in range(a.cond_samples)]
-        imgs = to_uint8(torch.stack(draws).mean(dim=0))
+        imgs = to_uint8(fam.sample_images({"model": model}, n, gen, images=truth, temperature=a.cond_temperature,
+                                          mean_of=a.cond_samples))
         save_strip(np.concatenate([truth[:8], imgs[:8]]), f"{a.tag}{name}_samples.png")
         ceiling = dct_codec.decode(self.held_tok[:n], self.codec)
         out[f"{name}_psnr"], out["codec_ceiling_psnr"] = psnr(imgs, truth), psnr(ceiling, truth)
