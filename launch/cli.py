@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import sys
 from collections.abc import Callable
@@ -104,9 +105,9 @@ def cmd_sample(args: argparse.Namespace) -> int:
         options["labels"] = [int(x) for x in args.labels.split(",")]
         args.n = len(options["labels"])
     if args.mean_of != 1:
-        if family.name != "dctransformer":
-            raise ValueError(f"{args.export}: --mean-of averages draws of a conditional DCTransformer; a "
-                             f"{family.name!r} export does not take it")
+        if "mean_of" not in inspect.signature(family.sample_images).parameters:
+            raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
+                             "conditional DCTransformer exports do")
         options["mean_of"] = args.mean_of
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
