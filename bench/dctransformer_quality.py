@@ -8,7 +8,9 @@ scored on held-out scenes of seed 1:
 
 - ``unconditional`` / ``no_context``: held-out bits per image (every chunk of every sequence, exact NLL); the
   no-context model is the same network with the encoder's input zeroed, so it sees only the triples of its own
-  chunk. Samples (temperature ``--sample-temperature``) are parsed by the scenes' analyser (shape_analysis):
+  chunk. Samples (``--sample-temperature``, ``--sample-top-k``, ``--sample-top-p``) are scored by the model itself
+  (their bits per image: at temperature 1 an estimate of the model's entropy, near the held-out bits when sampling
+  and training agree) and parsed by the scenes' analyser (shape_analysis):
   object-count and colour histograms against the held-out images through the same codec (what a perfect model
   of the sequences would produce) and against the raw held-out images; the total-variation distance of two
   disjoint halves of the held-out set is printed as the sampling-noise floor.
@@ -22,7 +24,8 @@ scored on held-out scenes of seed 1:
   the codec's ceiling (the original image through the codec).
 
 Trained weights go to runs/dct_quality/<model>.pt (``--eval-only`` rescores them; ``--init PREFIX`` continues
-training from runs/dct_quality/<PREFIX><model>.pt with a fresh optimiser and schedule). Last stdout line: one JSON object.
+training from runs/dct_quality/<PREFIX><model>.pt with a fresh optimiser and schedule); ``--device cuda`` trains and
+samples on a GPU. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -102,6 +105,11 @@ def paired(model: np.ndarray, baseline: np.ndarray) -> dict[str, float]:
 def scene_stats(images: np.ndarray) -> tuple[Counter, Counter]:
     objs = [analyse_scene(im) for im in images]
     return Counter(len(o) for o in objs), Counter(o["colour"] for ob in objs for o in ob)
+
+
+def share(counts: Counter) -> dict[str, float]:
+    total = max(sum(counts.values()), 1)
+    return {k: round(v / total, 3) for k, v in sorted(counts.items())}
 
 
 def tv(a: Counter, b: Counter) -> float:
@@ -204,7 +212,8 @@ class Experiment:
                                                                                   self.held_rgb)
         gen = torch.Generator(self.device).manual_seed(0)
         if fam.config.mode == "unconditional":
-            seq, cond = fam.sample_tokens(model, a.samples, gen, temperature=a.sample_temperature)
+            seq, cond = fam.sample_tokens(model, a.samples, gen, temperature=a.sample_temperature,
+                                          top_k=a.sample_top_k, top_p=a.sample_top_p)
             imgs = fam.tokens_to_rgb(seq, cond)
             drawn = [s[s[:, 0] != fam.space.c_pad] for s in seq.cpu().numpy()]
             # Sampler consistency: at temperature 1 the samples' bits under the model estimate its entropy, which
@@ -222,6 +231,7 @@ class Experiment:
             out.update({f"{name}_count_hist": json.dumps(dict(sorted(s_count.items()))),
                         "data_codec_count_hist": json.dumps(dict(sorted(d_count.items()))),
                         "data_raw_count_hist": json.dumps(dict(sorted(r_count.items()))),
+                        f"{name}_colour_share": json.dumps(share(s_col)), "data_codec_colour_share": json.dumps(share(d_col)),
                         f"{name}_count_tv_vs_codec_data": tv(s_count, d_count),
                         f"{name}_count_tv_vs_raw_data": tv(s_count, r_count),
                         f"{name}_colour_tv_vs_codec_data": tv(s_col, d_col),
@@ -272,6 +282,8 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=64)
     p.add_argument("--conditional", type=int, default=64, help="held-out images scored by PSNR")
     p.add_argument("--sample-temperature", type=float, default=1.0)
+    p.add_argument("--sample-top-k", type=int, default=0, help="unconditional draws: keep the k likeliest (0: all)")
+    p.add_argument("--sample-top-p", type=float, default=1.0, help="unconditional draws: nucleus mass (1: all)")
     p.add_argument("--cond-temperature", type=float, default=0.0, help="0: argmax")
     p.add_argument("--cond-samples", type=int, default=1,
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")
