@@ -108,13 +108,18 @@ def scene_stats(images: np.ndarray) -> tuple[Counter, Counter]:
 
 
 def share(counts: Counter) -> dict[str, float]:
+    """Each key's fraction of the total (an empty counter gives no keys)."""
     total = max(sum(counts.values()), 1)
-    return {k: round(v / total, 3) for k, v in sorted(counts.items())}
+    return {k: v / total for k, v in sorted(counts.items())}
 
 
 def tv(a: Counter, b: Counter) -> float:
-    na, nb = max(sum(a.values()), 1), max(sum(b.values()), 1)
-    return 0.5 * sum(abs(a[k] / na - b[k] / nb) for k in set(a) | set(b))
+    sa, sb = share(a), share(b)
+    return 0.5 * sum(abs(sa.get(k, 0.0) - sb.get(k, 0.0)) for k in set(sa) | set(sb))
+
+
+def rounded_share(counts: Counter) -> str:
+    return json.dumps({k: round(v, 3) for k, v in share(counts).items()})
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -223,15 +228,14 @@ class Experiment:
             out["data_mean_triples"] = float(np.mean([len(t) for t in self.held_tok]))
             save_strip(imgs, f"{a.tag}{name}_samples.png")
             s_count, s_col = scene_stats(imgs)
-            d_count, d_col = scene_stats(dct_codec.decode(self.held_tok, self.codec))
             r_count, r_col = scene_stats(self.held_rgb)
-            half = a.eval // 2
-            h1 = scene_stats(dct_codec.decode(self.held_tok[:half], self.codec))
-            h2 = scene_stats(dct_codec.decode(self.held_tok[half:], self.codec))
+            held_codec, half = dct_codec.decode(self.held_tok, self.codec), a.eval // 2
+            h1, h2 = scene_stats(held_codec[:half]), scene_stats(held_codec[half:])
+            d_count, d_col = h1[0] + h2[0], h1[1] + h2[1]
             out.update({f"{name}_count_hist": json.dumps(dict(sorted(s_count.items()))),
                         "data_codec_count_hist": json.dumps(dict(sorted(d_count.items()))),
                         "data_raw_count_hist": json.dumps(dict(sorted(r_count.items()))),
-                        f"{name}_colour_share": json.dumps(share(s_col)), "data_codec_colour_share": json.dumps(share(d_col)),
+                        f"{name}_colour_share": rounded_share(s_col), "data_codec_colour_share": rounded_share(d_col),
                         f"{name}_count_tv_vs_codec_data": tv(s_count, d_count),
                         f"{name}_count_tv_vs_raw_data": tv(s_count, r_count),
                         f"{name}_colour_tv_vs_codec_data": tv(s_col, d_col),

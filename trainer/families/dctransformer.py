@@ -243,10 +243,9 @@ class DCTransformerFamily(Family):
         imgs = [source.sample(len(source) - 1 - i).image for i in range(n)]
         return np.stack([np.repeat(i, 3, axis=2) if i.shape[2] == 1 else i for i in imgs])
 
-    def sample_tokens(self, model: nn.Module, n: int, generator: torch.Generator | None = None,
-                      labels: list[int] | None = None, images: np.ndarray | None = None,
-                      use_cache: bool = True, **draw: Any) -> tuple[torch.Tensor, Conditioning]:
-        """Drawn sequences [n, L, 3] and the conditioning they were drawn under."""
+    def sampling_condition(self, model: nn.Module, n: int, labels: list[int] | None = None,
+                           images: np.ndarray | None = None) -> Conditioning:
+        """What ``n`` draws are conditioned on: class labels, given luma (colourise), the hint (superres)."""
         device = next(model.parameters()).device
         cond = Conditioning(use_context=self.config.use_context, allowed=self._allowed(torch.empty(0, device=device)))
         if self.config.num_classes:
@@ -260,9 +259,20 @@ class DCTransformerFamily(Family):
                                       originals)
             cond.dense = extra["cond_dense"].to(device) if "cond_dense" in extra else None
             cond.hint = extra["hint"].to(device) if "hint" in extra else None
-        seq = generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond,
-                       DrawSettings(**draw), generator, use_cache)
-        return seq, cond
+        return cond
+
+    def draw_tokens(self, model: nn.Module, n: int, cond: Conditioning, generator: torch.Generator | None = None,
+                    use_cache: bool = True, **draw: Any) -> torch.Tensor:
+        """Sequences [n, L, 3] drawn under ``cond`` (temperature / top_k / top_p in ``draw``)."""
+        return generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond,
+                        DrawSettings(**draw), generator, use_cache)
+
+    def sample_tokens(self, model: nn.Module, n: int, generator: torch.Generator | None = None,
+                      labels: list[int] | None = None, images: np.ndarray | None = None,
+                      use_cache: bool = True, **draw: Any) -> tuple[torch.Tensor, Conditioning]:
+        """Drawn sequences [n, L, 3] and the conditioning they were drawn under."""
+        cond = self.sampling_condition(model, n, labels, images)
+        return self.draw_tokens(model, n, cond, generator, use_cache, **draw), cond
 
     def tokens_to_rgb(self, seq: torch.Tensor, cond: Conditioning) -> np.ndarray:
         """Drawn sequences (+ given coefficients) -> uint8 RGB [n, H, W, 3]."""
@@ -275,15 +285,18 @@ class DCTransformerFamily(Family):
         return dct_image_to_rgb(dct, self.codec.quality, upsampling=self.codec.upsampling, channels_last=False)
 
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
-                      mean_of: int = 1, **options: Any) -> torch.Tensor:
+                      mean_of: int = 1, labels: list[int] | None = None, images: np.ndarray | None = None,
+                      **draw: Any) -> torch.Tensor:
         """Images [n, 3, H, W] in [0, 1]. ``mean_of`` > 1 (conditional modes) averages that many draws per
         condition in pixel space: the posterior-mean estimate, which PSNR rewards over any single draw."""
         if mean_of < 1 or (mean_of > 1 and self.config.mode == "unconditional"):
             raise ValueError(f"mean_of={mean_of}: averaging draws needs a conditional model (colourise or "
                              f"superres) and mean_of >= 1; this model is {self.config.mode}")
+        model = modules["model"]
+        cond = self.sampling_condition(model, n, labels, images)  # built once, shared by every draw
         total = None
         for _ in range(mean_of):
-            seq, cond = self.sample_tokens(modules["model"], n, generator, **options)
+            seq = self.draw_tokens(model, n, cond, generator, **draw)
             rgb = torch.from_numpy(self.tokens_to_rgb(seq, cond)).permute(0, 3, 1, 2).float() / 255.0
             total = rgb if total is None else total + rgb
         return total / mean_of
