@@ -24,8 +24,11 @@ scored on held-out scenes of seed 1:
   the codec's ceiling (the original image through the codec).
 
 Trained weights go to runs/dct_quality/<model>.pt (``--eval-only`` rescores them; ``--init PREFIX`` continues
-training from runs/dct_quality/<PREFIX><model>.pt with a fresh optimiser and schedule); ``--device cuda`` trains and
-samples on a GPU. Last stdout line: one JSON object.
+training from runs/dct_quality/<PREFIX><model>.pt with a fresh optimiser and schedule). On a lent GPU:
+``--device cuda --amp bf16`` (autocast; the loss stays float32), ``--minutes M`` (train for a wall-clock budget,
+the one-cycle schedule stretched over it), ``--workers N`` (scene generation and encoding in N processes); the
+training speed is printed as triples/s and, from a FLOP count of one step (torch's FlopCounterMode), achieved
+TFLOP/s and model FLOPs utilisation against ``--peak-tflops``. Last stdout line: one JSON object.
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ import os
 import sys
 import time
 from collections import Counter
+from contextlib import nullcontext
+from multiprocessing import Pool
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -43,6 +48,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from data_pipeline.codecs import dct_codec  # noqa: E402
 from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
@@ -60,16 +66,28 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 OUT = os.path.join(ROOT, "runs", "dct_quality")
 
 
-class PlainEngine:
-    """The Engine protocol over a torch module and AdamW with a one-cycle (warm-up, cosine) learning rate."""
+def one_cycle(progress: float) -> float:
+    """Learning-rate factor at ``progress`` in [0, 1]: linear warm-up over the first 5%, then cosine to zero
+    (OneCycleLR's shape, as a function of the fraction done, so a wall-clock budget can drive it)."""
+    if progress < 0.05:
+        return 0.04 + 0.96 * progress / 0.05
+    return 0.5 * (1 + np.cos(np.pi * min(1.0, (progress - 0.05) / 0.95)))
 
-    def __init__(self, module: torch.nn.Module, lr: float, steps: int) -> None:
-        self.module = module
-        self.opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
-        self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+
+class PlainEngine:
+    """The Engine protocol over a torch module and AdamW with a one-cycle learning rate; ``autocast`` (bf16 on a
+    GPU) wraps the forward only, so the loss the family computes from the logits stays float32."""
+
+    def __init__(self, module: torch.nn.Module, lr: float, autocast: torch.dtype | None = None) -> None:
+        self.module, self.lr, self.progress = module, lr, 0.0
+        self.opt = torch.optim.AdamW(module.parameters(), lr=lr * one_cycle(0.0), betas=(0.9, 0.95),
+                                     weight_decay=0.01)
+        device = next(module.parameters()).device.type
+        self.autocast = (lambda: torch.autocast(device, dtype=autocast)) if autocast else nullcontext
 
     def __call__(self, *args, **kwargs):
-        return self.module(*args, **kwargs)
+        with self.autocast():
+            return self.module(*args, **kwargs)
 
     def backward(self, loss: torch.Tensor) -> None:
         loss.backward()
@@ -78,7 +96,8 @@ class PlainEngine:
     def step(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        self.sched.step()
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * one_cycle(self.progress)
 
 
 def psnr_each(a: np.ndarray, b: np.ndarray, luma: bool = False) -> np.ndarray:
@@ -130,30 +149,54 @@ def save_strip(images: np.ndarray, name: str) -> None:
     Image.fromarray(np.concatenate(list(images[:16]), axis=1)).save(os.path.join(OUT, name))
 
 
+def save_grid(images: np.ndarray, name: str, side: int = 8) -> None:
+    """The first side x side images as one PNG grid (2 px grey gutters)."""
+    n, h, w, _ = images[: side * side].shape
+    grid = np.full((side * (h + 2), side * (w + 2), 3), 128, dtype=np.uint8)
+    for i, im in enumerate(images[: side * side]):
+        r, c = divmod(i, side)
+        grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = im
+    Image.fromarray(grid).save(os.path.join(OUT, name))
+
+
+def scenes(seed: int, start: int, stop: int, quality: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Shape scenes start..stop-1 of ``seed`` (32x32, 2-4 objects) and their codec sequences."""
+    src = ShapesSource(ShapesConfig(num_samples=stop, resolution=32, seed=seed, max_objects=4))
+    rgb = np.stack([src.sample(i).image for i in range(start, stop)])
+    return rgb, dct_codec.encode(list(rgb), DCTCodecConfig(resolution=32, quality=quality, value_range=256))
+
+
+def scenes_parallel(seed: int, n: int, quality: int, workers: int) -> tuple[np.ndarray, list[np.ndarray]]:
+    """``scenes`` in ``workers`` processes (sample i depends on (seed, i) alone, so the split changes nothing)."""
+    if workers <= 1 or n < 1000:
+        return scenes(seed, 0, n, quality)
+    edges = np.linspace(0, n, workers + 1).astype(int)
+    with Pool(workers) as pool:
+        parts = pool.starmap(scenes, [(seed, int(a), int(b), quality) for a, b in zip(edges[:-1], edges[1:], strict=True)])
+    return np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]
+
+
 class Experiment:
     """Data, family construction, training and scoring shared by every model."""
 
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
         self.device = torch.device(args.device)
+        self.speed: dict[str, dict[str, float]] = {}
         self.codec = DCTCodecConfig(resolution=32, quality=args.quality, value_range=256)
         self.info = {"codec": {"name": "dct", "settings": self.codec.to_dict()},
                      "source": {"name": "shapes", "settings": {"num_samples": args.eval, "resolution": 32,
                                                                "seed": 1, "max_objects": 4}}}
-        train_src = ShapesSource(ShapesConfig(num_samples=args.train, resolution=32, seed=0, max_objects=4))
-        eval_src = ShapesSource(ShapesConfig(num_samples=args.eval, resolution=32, seed=1, max_objects=4))
         n_train = 1 if args.eval_only else args.train  # rescoring needs no training scenes
-        self.train_rgb = np.stack([train_src.sample(i).image for i in range(n_train)])
-        self.held_rgb = np.stack([eval_src.sample(i).image for i in range(args.eval)])
-        self.train_tok = dct_codec.encode(list(self.train_rgb), self.codec)
-        self.held_tok = dct_codec.encode(list(self.held_rgb), self.codec)
+        self.train_rgb, self.train_tok = scenes_parallel(0, n_train, args.quality, args.workers)
+        self.held_rgb, self.held_tok = scenes_parallel(1, args.eval, args.quality, args.workers)
         print(f"[quality] q={args.quality}: {args.train} train / {args.eval} held-out scenes, "
               f"{np.mean([len(t) for t in self.train_tok]):.1f} / {np.mean([len(t) for t in self.held_tok]):.1f} "
               "triples per image", flush=True)
 
     def family(self, name: str) -> DCTransformerFamily:
         a = self.args
-        cfg = DCTransformerConfig(chunk_size=a.chunk, encoder=TransformerConfig(n_layer=a.layers, n_head=4,
+        cfg = DCTransformerConfig(chunk_size=a.chunk, encoder=TransformerConfig(n_layer=a.layers, n_head=a.heads,
                                                                                  d_model=a.d_model),
                                   decoders=DecoderSizes(a.layers, a.layers, a.layers), **MODELS[name])
         return DCTransformerFamily(cfg, self.info)
@@ -166,10 +209,22 @@ class Experiment:
         return full
 
     def take(self, full: dict[str, torch.Tensor], idx: np.ndarray) -> dict[str, torch.Tensor]:
-        t = torch.from_numpy(idx)
+        t = torch.from_numpy(idx).to(next(iter(full.values())).device)
         out = {k: v[t] for k, v in full.items()}
         out["tokens"] = out["tokens"][:, : int(out["lengths"].max())]
         return {k: v.to(self.device) for k, v in out.items()}
+
+    def step_flops(self, fam: DCTransformerFamily, engine: PlainEngine, batch: dict[str, torch.Tensor]) -> int:
+        """Floating-point operations of one training step (forward + backward, matrix products and attention),
+        counted by running it under FlopCounterMode; the weights are restored afterwards."""
+        state = {k: v.clone() for k, v in engine.module.state_dict().items()}
+        opt_state = engine.opt.state_dict()
+        counter = FlopCounterMode(display=False)
+        with counter:
+            fam.train_step({"model": engine}, batch, StepContext(0, 0, 1, self.device, torch.float32))
+        engine.module.load_state_dict(state)
+        engine.opt.load_state_dict(opt_state)
+        return counter.get_total_flops()
 
     def train(self, name: str) -> tuple[DCTransformerFamily, torch.nn.Module]:
         a = self.args
@@ -183,17 +238,31 @@ class Experiment:
         if a.init:
             model.load_state_dict(torch.load(os.path.join(OUT, f"{a.init}{name}.pt"), map_location=self.device))
             print(f"[quality] {name}: continuing from {a.init}{name}.pt (fresh optimiser and schedule)", flush=True)
-        full = self.batches(fam, self.train_tok, self.train_rgb)
-        engine = PlainEngine(model, a.lr, a.steps)
+        full = {k: v.to(self.device) for k, v in self.batches(fam, self.train_tok, self.train_rgb).items()}
+        engine = PlainEngine(model, a.lr, torch.bfloat16 if a.amp == "bf16" else None)
         rng = np.random.default_rng(0)
-        t0, ema = time.perf_counter(), None
-        for step in range(a.steps):
+        flops = self.step_flops(fam, engine, self.take(full, np.arange(a.batch)))
+        budget = a.minutes * 60
+        t0, ema, step, triples = time.perf_counter(), None, 0, 0
+        while (step < a.steps) if not budget else (time.perf_counter() - t0 < budget):
+            elapsed = time.perf_counter() - t0
+            engine.progress = elapsed / budget if budget else step / a.steps
             b = self.take(full, rng.choice(a.train, a.batch, replace=False))
             m = fam.train_step({"model": engine}, b, StepContext(step, 0, 1, self.device, torch.float32))
+            triples += int(torch.clamp(b["lengths"] - fam.random_starts(b["lengths"], 1_000_003 * step),
+                                       max=fam.config.chunk_size).sum())
             ema = m["bits_per_triple"] if ema is None else 0.98 * ema + 0.02 * m["bits_per_triple"]
-            if step % 200 == 0 or step == a.steps - 1:
-                print(f"[quality] {name} step {step} bits/triple (ema) {ema:.3f} "
-                      f"({time.perf_counter() - t0:.0f}s)", flush=True)
+            if step % 200 == 0:
+                left = budget - elapsed if budget else (a.steps - step) * elapsed / max(step, 1)
+                print(f"[quality] {name} step {step} bits/triple (ema) {ema:.3f} ({elapsed:.0f}s, "
+                      f"{step / max(elapsed, 1e-9):.1f} steps/s, ETA {left:.0f}s)", flush=True)
+            step += 1
+        seconds = time.perf_counter() - t0
+        self.speed[name] = {"train_steps": step, "train_triples_per_s": triples / seconds,
+                            "train_tflops_per_s": flops * step / seconds / 1e12}
+        if a.peak_tflops:
+            self.speed[name]["train_mfu"] = self.speed[name]["train_tflops_per_s"] / a.peak_tflops
+        print(f"[quality] {name}: {step} steps in {seconds:.0f}s, {json.dumps(self.speed[name])}", flush=True)
         torch.save(model.state_dict(), path)
         return fam, model.eval()
 
@@ -227,6 +296,7 @@ class Experiment:
             out[f"{name}_sample_mean_triples"] = float(np.mean([len(s) for s in drawn]))
             out["data_mean_triples"] = float(np.mean([len(t) for t in self.held_tok]))
             save_strip(imgs, f"{a.tag}{name}_samples.png")
+            save_grid(imgs, f"{a.tag}{name}_samples_grid.png")
             s_count, s_col = scene_stats(imgs)
             r_count, r_col = scene_stats(self.held_rgb)
             held_codec, half = dct_codec.decode(self.held_tok, self.codec), a.eval // 2
@@ -293,6 +363,12 @@ def main() -> None:
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--device", default="cpu", help="torch device to train and sample on (cuda on a lent GPU)")
+    p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast of the forward pass")
+    p.add_argument("--minutes", type=float, default=0.0, help="> 0: train for this wall-clock time, not --steps")
+    p.add_argument("--workers", type=int, default=1, help="processes generating and encoding the scenes")
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--peak-tflops", type=float, default=0.0,
+                   help="the device's peak rate for --amp's dtype: > 0 adds model FLOPs utilisation")
     p.add_argument("--tag", default="", metavar="PREFIX",
                    help="names this run's weights and sample strips runs/dct_quality/<PREFIX><model>.*")
     p.add_argument("--init", default="", metavar="PREFIX",
@@ -306,6 +382,7 @@ def main() -> None:
         t = time.perf_counter()
         fam, model = exp.train(name)
         result[f"{name}_train_s"] = time.perf_counter() - t
+        result.update({f"{name}_{k}": v for k, v in exp.speed.get(name, {}).items()})
         result.update(exp.score(name, fam, model))
         print(f"[quality] {name}: {json.dumps({k: v for k, v in result.items() if k.startswith(name)})}", flush=True)
     print(json.dumps(result))

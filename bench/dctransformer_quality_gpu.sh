@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
+#
+#   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh
+#
+# 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
+#    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
+# 2. Configs A (d=256, 4 layers) and B (d=384, 6 layers) side by side on the one GPU for MINUTES each, 500,000 fresh
+#    scenes, bf16 autocast, chunk 64, batch 256; scored at temperature 1 on 512 held-out scenes with 1,024 samples.
+# 3. Both rescored with nucleus sampling (top-p 0.9).
+# Logs and sample grids land in $OUT (the device tool fetches at most 8 files). The image's python3 has torch but
+# not boto3 (imported by the data pipeline): wheels in .whl/ are installed first when present.
+set -euo pipefail
+OUT=${OUT:-runs/dct_quality/gpu}
+MINUTES=${MINUTES:-5.5}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu TRAIN=3000 EVAL=64 SAMPLES=16 MINUTES=0.05: a dry run of the script's logic
+TRAIN=${TRAIN:-500000}
+EVAL=${EVAL:-512}
+SAMPLES=${SAMPLES:-1024}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+if compgen -G ".whl/*.whl" >/dev/null; then
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+    export PYTHONPATH=/tmp/site
+fi
+# The codec's C kernel: carried prebuilt for the image's Python (cp312) or built here.
+python3 -c "from data_pipeline.codecs import _dct_kernel" >"$OUT/build.log" 2>&1 \
+    || python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
+{ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/device.txt"
+python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" \
+    | tee -a "$OUT/device.txt"
+
+BENCH="python3 bench/dctransformer_quality.py --models unconditional --quality 75 --device $DEVICE --amp bf16"
+BENCH="$BENCH --peak-tflops 989 --chunk 64 --batch 256"
+A="--d-model 256 --layers 4 --heads 4"
+B="--d-model 384 --layers 6 --heads 6"
+
+$BENCH $A --workers 16 --train $((TRAIN < 20000 ? TRAIN : 20000)) --minutes 0.42 --lr 1e-3 --eval 64 --samples 16 --tag gsolo_ \
+    >"$OUT/solo.log" 2>&1 || { tail -40 "$OUT/solo.log"; exit 1; }
+tail -n 3 "$OUT/solo.log" | head -n 2
+
+$BENCH $A --workers 8 --train "$TRAIN" --minutes "$MINUTES" --lr 1e-3 --eval "$EVAL" --samples "$SAMPLES" --tag g8a_ \
+    >"$OUT/g8a.log" 2>&1 &
+$BENCH $B --workers 8 --train "$TRAIN" --minutes "$MINUTES" --lr 6e-4 --eval "$EVAL" --samples "$SAMPLES" --tag g8b_ \
+    >"$OUT/g8b.log" 2>&1 &
+wait || true
+for run in g8a g8b; do
+    grep -E "step|unconditional:" "$OUT/$run.log" | tail -n 4
+    cp "runs/dct_quality/${run}_unconditional_samples_grid.png" "$OUT/${run}_t1_grid.png" || true
+done
+
+$BENCH $A --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 --tag g8a_ >"$OUT/g8a_p09.log" 2>&1 &
+$BENCH $B --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 --tag g8b_ >"$OUT/g8b_p09.log" 2>&1 &
+wait || true
+tail -n 2 "$OUT"/g8*_p09.log | grep "unconditional:" || true
+for run in g8a g8b; do cp "runs/dct_quality/${run}_unconditional_samples_grid.png" "$OUT/${run}_p09_grid.png" || true; done
+for f in device.txt build.log solo.log g8a.log g8b.log g8a_p09.log g8b_p09.log; do
+    echo "=== $f"; cat "$OUT/$f"
+done >"$OUT/all_logs.txt" 2>&1 || true
+rm -f "$OUT"/device.txt "$OUT"/*.log
