@@ -1,19 +1,26 @@
 #!/usr/bin/env bash
 # The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
 #
-#   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh
+#   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
+#   CONFIGS=a MINUTES=7.5 INIT_PARTS=weights/g9a bash bench/dctransformer_quality_gpu.sh    # continue config A
 #
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
-# 2. Configs A (d=256, 4 layers) and B (d=384, 6 layers) side by side on the one GPU for MINUTES each, 500,000 fresh
-#    scenes, bf16 autocast, chunk 64, batch 256; scored at temperature 1 on 512 held-out scenes with 1,024 samples.
-# 3. Both rescored with nucleus sampling (top-p 0.9).
-# Logs and sample grids land in $OUT (the device tool fetches at most 8 files). The image's python3 has torch but
-# not boto3 (imported by the data pipeline): wheels in .whl/ are installed first when present.
+# 2. Config A (d=256, 4 layers) and, with CONFIGS="a b", B (d=384, 6 layers) side by side on the one GPU for
+#    MINUTES each: 500,000 fresh scenes, bf16 autocast, chunk 64, batch BATCH (256); scored at temperature 1 on 512
+#    held-out scenes with 1,024 samples. INIT_PARTS: a folder of A's weights split by bench/weight_parts.py (carried
+#    with the call), continued with a fresh schedule.
+# 3. Rescored with nucleus sampling (top-p 0.9).
+# $OUT receives all_logs.txt, the temperature-1 sample grids and A's weights as bf16 parts of <= 13 MB
+# (bench/weight_parts.py join), within the device tool's 8 files. The image's python3 has torch but not boto3
+# (imported by the data pipeline): wheels in .whl/ are installed first when present.
 set -euo pipefail
 OUT=${OUT:-runs/dct_quality/gpu}
 MINUTES=${MINUTES:-5.5}
-DEVICE=${DEVICE:-cuda}  # DEVICE=cpu TRAIN=3000 EVAL=64 SAMPLES=16 MINUTES=0.05: a dry run of the script's logic
+CONFIGS=${CONFIGS:-a b}
+BATCH=${BATCH:-256}
+INIT_PARTS=${INIT_PARTS:-}
+DEVICE=${DEVICE:-cuda}  # DEVICE=cpu AMP=none TRAIN=3000 EVAL=64 SAMPLES=16 MINUTES=0.05: a dry run of the logic
 TRAIN=${TRAIN:-500000}
 EVAL=${EVAL:-512}
 SAMPLES=${SAMPLES:-1024}
@@ -30,31 +37,39 @@ python3 -c "from data_pipeline.codecs import _dct_kernel" >"$OUT/build.log" 2>&1
 python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())" \
     | tee -a "$OUT/device.txt"
 
-BENCH="python3 bench/dctransformer_quality.py --models unconditional --quality 75 --device $DEVICE --amp bf16"
-BENCH="$BENCH --peak-tflops 989 --chunk 64 --batch 256"
-A="--d-model 256 --layers 4 --heads 4"
-B="--d-model 384 --layers 6 --heads 6"
+BENCH="python3 bench/dctransformer_quality.py --models unconditional --quality 75 --device $DEVICE --amp ${AMP:-bf16}"
+BENCH="$BENCH --peak-tflops 989 --chunk 64 --batch $BATCH"
+declare -A SHAPE=([a]="--d-model 256 --layers 4 --heads 4" [b]="--d-model 384 --layers 6 --heads 6")
+declare -A LR=([a]="${LR_A:-1e-3}" [b]="${LR_B:-6e-4}")
+INIT_A=""
+if [ -n "$INIT_PARTS" ]; then
+    python3 bench/weight_parts.py join "$INIT_PARTS" runs/dct_quality/ginit_unconditional.pt
+    INIT_A="--init ginit_"
+fi
 
-$BENCH $A --workers 16 --train $((TRAIN < 20000 ? TRAIN : 20000)) --minutes 0.42 --lr 1e-3 --eval 64 --samples 16 --tag gsolo_ \
-    >"$OUT/solo.log" 2>&1 || { tail -40 "$OUT/solo.log"; exit 1; }
+$BENCH ${SHAPE[a]} --workers 16 --train $((TRAIN < 20000 ? TRAIN : 20000)) --minutes 0.42 --lr 1e-3 --eval 64 \
+    --samples 16 --tag gsolo_ >"$OUT/solo.log" 2>&1 || { tail -40 "$OUT/solo.log"; exit 1; }
 tail -n 3 "$OUT/solo.log" | head -n 2
 
-$BENCH $A --workers 8 --train "$TRAIN" --minutes "$MINUTES" --lr 1e-3 --eval "$EVAL" --samples "$SAMPLES" --tag g8a_ \
-    >"$OUT/g8a.log" 2>&1 &
-$BENCH $B --workers 8 --train "$TRAIN" --minutes "$MINUTES" --lr 6e-4 --eval "$EVAL" --samples "$SAMPLES" --tag g8b_ \
-    >"$OUT/g8b.log" 2>&1 &
-wait || true
-for run in g8a g8b; do
-    grep -E "step|unconditional:" "$OUT/$run.log" | tail -n 4
-    cp "runs/dct_quality/${run}_unconditional_samples_grid.png" "$OUT/${run}_t1_grid.png" || true
+for c in $CONFIGS; do
+    init=""; [ "$c" = a ] && init="$INIT_A"
+    $BENCH ${SHAPE[$c]} $init --workers 8 --train "$TRAIN" --minutes "$MINUTES" --lr "${LR[$c]}" --eval "$EVAL" \
+        --samples "$SAMPLES" --tag "g8${c}_" >"$OUT/g8$c.log" 2>&1 &
 done
+wait || true
+for c in $CONFIGS; do
+    grep -E "step|unconditional:" "$OUT/g8$c.log" | tail -n 4
+    cp "runs/dct_quality/g8${c}_unconditional_samples_grid.png" "$OUT/g8${c}_t1_grid.png" || true
+done
+python3 bench/weight_parts.py split runs/dct_quality/g8a_unconditional.pt "$OUT" --bf16 || true
 
-$BENCH $A --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 --tag g8a_ >"$OUT/g8a_p09.log" 2>&1 &
-$BENCH $B --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 --tag g8b_ >"$OUT/g8b_p09.log" 2>&1 &
+for c in $CONFIGS; do
+    $BENCH ${SHAPE[$c]} --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 \
+        --tag "g8${c}_" >"$OUT/g8${c}_p09.log" 2>&1 &
+done
 wait || true
 tail -n 2 "$OUT"/g8*_p09.log | grep "unconditional:" || true
-for run in g8a g8b; do cp "runs/dct_quality/${run}_unconditional_samples_grid.png" "$OUT/${run}_p09_grid.png" || true; done
 for f in device.txt build.log solo.log g8a.log g8b.log g8a_p09.log g8b_p09.log; do
-    echo "=== $f"; cat "$OUT/$f"
+    [ -f "$OUT/$f" ] && { echo "=== $f"; cat "$OUT/$f"; }
 done >"$OUT/all_logs.txt" 2>&1 || true
 rm -f "$OUT"/device.txt "$OUT"/*.log
