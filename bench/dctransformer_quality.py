@@ -48,6 +48,7 @@ sys.path.insert(0, ROOT)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
+from scene_counter import COLOURS, load_or_train  # noqa: E402  (bench/, beside this script)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from data_pipeline.codecs import dct_codec  # noqa: E402
@@ -135,6 +136,11 @@ def share(counts: Counter) -> dict[str, float]:
 def tv(a: Counter, b: Counter) -> float:
     sa, sb = share(a), share(b)
     return 0.5 * sum(abs(sa.get(k, 0.0) - sb.get(k, 0.0)) for k in set(sa) | set(sb))
+
+
+def counter_stats(counts: np.ndarray, colours: np.ndarray) -> tuple[Counter, Counter]:
+    """Histograms of total counts and of objects per colour from the scene counter's per-image predictions."""
+    return Counter(counts.tolist()), Counter({c: int(colours[:, i].sum()) for i, c in enumerate(COLOURS)})
 
 
 def rounded_share(counts: Counter) -> str:
@@ -279,6 +285,27 @@ class Experiment:
         bits = nats / np.log(2)
         return bits / len(tokens), bits / triples
 
+    def counter_scores(self, name: str, samples: np.ndarray, held_codec: np.ndarray) -> dict[str, float | str]:
+        """The scene counter's histograms of the samples against its histograms of the held-out scenes through the
+        codec (halves: its sampling floor), and its own error: accuracy on its validation scenes and the distance
+        between its held-out histograms and the held-out scenes' true ones."""
+        counter, validation = load_or_train(self.args.quality)
+        s_count, s_col = counter_stats(*counter.predict(samples))
+        half = len(held_codec) // 2
+        h1, h2 = (counter_stats(*counter.predict(held_codec[sl])) for sl in (slice(0, half), slice(half, None)))
+        h_count, h_col = h1[0] + h2[0], h1[1] + h2[1]
+        src = ShapesSource(ShapesConfig(num_samples=len(held_codec), resolution=32, seed=1, max_objects=4))
+        objs = [src.sample(i).attributes["objects"] for i in range(len(held_codec))]
+        t_count, t_col = Counter(len(o) for o in objs), Counter(ob["colour"] for o in objs for ob in o)
+        return {f"{name}_counter_count_hist": json.dumps(dict(sorted(s_count.items()))),
+                "data_counter_count_hist": json.dumps(dict(sorted(h_count.items()))),
+                f"{name}_counter_colour_share": rounded_share(s_col),
+                f"{name}_counter_count_tv": tv(s_count, h_count), f"{name}_counter_colour_tv": tv(s_col, h_col),
+                f"{name}_counter_mean_count": float(sum(k * v for k, v in s_count.items()) / len(samples)),
+                "counter_halves_count_tv": tv(h1[0], h2[0]), "counter_halves_colour_tv": tv(h1[1], h2[1]),
+                "counter_bias_count_tv": tv(h_count, t_count), "counter_bias_colour_tv": tv(h_col, t_col),
+                **{f"counter_validation_{k}": v for k, v in validation.items()}}
+
     def score(self, name: str, fam: DCTransformerFamily, model: torch.nn.Module) -> dict[str, float | str]:
         a = self.args
         out: dict[str, float | str] = {}
@@ -313,6 +340,9 @@ class Experiment:
                         f"{name}_mean_count": sum(k * v for k, v in s_count.items()) / a.samples,
                         "data_codec_mean_count": sum(k * v for k, v in d_count.items()) / a.eval,
                         "held_out_halves_count_tv": tv(h1[0], h2[0]), "held_out_halves_colour_tv": tv(h1[1], h2[1])})
+            np.savez_compressed(os.path.join(OUT, f"{a.tag}{name}_samples.npz"), images=imgs)
+            if a.counter:
+                out.update(self.counter_scores(name, imgs, held_codec))
             return out
         n = min(a.conditional, a.eval)
         truth = self.held_rgb[:n]
@@ -361,6 +391,8 @@ def main() -> None:
     p.add_argument("--cond-temperature", type=float, default=0.0, help="0: argmax")
     p.add_argument("--cond-samples", type=int, default=1,
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")
+    p.add_argument("--counter", action="store_true",
+                   help="also score unconditional samples with the scene counter (bench/scene_counter.py, a CNN)")
     p.add_argument("--eval-only", action="store_true")
     p.add_argument("--device", default="cpu", help="torch device to train and sample on (cuda on a lent GPU)")
     p.add_argument("--amp", choices=("none", "bf16"), default="none", help="autocast of the forward pass")
