@@ -68,23 +68,33 @@ OUT = os.path.join(ROOT, "runs", "dct_quality")
 
 
 def one_cycle(progress: float) -> float:
-    """Learning-rate factor at ``progress`` in [0, 1]: linear warm-up over the first 5%, then cosine to zero
-    (OneCycleLR's shape, as a function of the fraction done, so a wall-clock budget can drive it)."""
+    """Learning-rate factor at ``progress`` in [0, 1] of a wall-clock budget: linear warm-up over the first 5%,
+    then cosine to zero (OneCycleLR's outline as a function of the fraction done; beta1 stays fixed)."""
     if progress < 0.05:
         return 0.04 + 0.96 * progress / 0.05
     return 0.5 * (1 + np.cos(np.pi * min(1.0, (progress - 0.05) / 0.95)))
 
 
 class PlainEngine:
-    """The Engine protocol over a torch module and AdamW with a one-cycle learning rate; ``autocast`` (bf16 on a
-    GPU) wraps the forward only, so the loss the family computes from the logits stays float32."""
+    """The Engine protocol over a torch module and AdamW with a one-cycle learning rate: torch's OneCycleLR over
+    ``steps`` (the schedule of runs 1-7), or ``one_cycle`` of ``progress`` (set by the caller) when ``steps`` is
+    None. ``autocast`` (bf16 on a GPU) wraps the forward only, so the loss computed from the logits stays float32."""
 
-    def __init__(self, module: torch.nn.Module, lr: float, autocast: torch.dtype | None = None) -> None:
+    def __init__(self, module: torch.nn.Module, lr: float, steps: int | None,
+                 autocast: torch.dtype | None = None) -> None:
         self.module, self.lr, self.progress = module, lr, 0.0
-        self.opt = torch.optim.AdamW(module.parameters(), lr=lr * one_cycle(0.0), betas=(0.9, 0.95),
-                                     weight_decay=0.01)
+        self.opt = torch.optim.AdamW(module.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.01)
+        self.sched = None
+        if steps:
+            self.sched = torch.optim.lr_scheduler.OneCycleLR(self.opt, max_lr=lr, total_steps=steps, pct_start=0.05)
+        else:
+            self.set_lr()
         device = next(module.parameters()).device.type
         self.autocast = (lambda: torch.autocast(device, dtype=autocast)) if autocast else nullcontext
+
+    def set_lr(self) -> None:
+        for group in self.opt.param_groups:
+            group["lr"] = self.lr * one_cycle(self.progress)
 
     def __call__(self, *args, **kwargs):
         with self.autocast():
@@ -97,8 +107,10 @@ class PlainEngine:
     def step(self) -> None:
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        for group in self.opt.param_groups:
-            group["lr"] = self.lr * one_cycle(self.progress)
+        if self.sched is not None:
+            self.sched.step()
+        else:
+            self.set_lr()
 
 
 def psnr_each(a: np.ndarray, b: np.ndarray, luma: bool = False) -> np.ndarray:
@@ -222,14 +234,17 @@ class Experiment:
 
     def step_flops(self, fam: DCTransformerFamily, engine: PlainEngine, batch: dict[str, torch.Tensor]) -> int:
         """Floating-point operations of one training step (forward + backward, matrix products and attention),
-        counted by running it under FlopCounterMode; the weights are restored afterwards."""
+        counted by running it under FlopCounterMode; weights, optimiser and schedule are restored afterwards."""
         state = {k: v.clone() for k, v in engine.module.state_dict().items()}
         opt_state = engine.opt.state_dict()
+        sched_state = engine.sched.state_dict() if engine.sched is not None else None
         counter = FlopCounterMode(display=False)
         with counter:
             fam.train_step({"model": engine}, batch, StepContext(0, 0, 1, self.device, torch.float32))
         engine.module.load_state_dict(state)
         engine.opt.load_state_dict(opt_state)
+        if sched_state is not None:
+            engine.sched.load_state_dict(sched_state)
         return counter.get_total_flops()
 
     def train(self, name: str) -> tuple[DCTransformerFamily, torch.nn.Module]:
@@ -245,14 +260,14 @@ class Experiment:
             model.load_state_dict(torch.load(os.path.join(OUT, f"{a.init}{name}.pt"), map_location=self.device))
             print(f"[quality] {name}: continuing from {a.init}{name}.pt (fresh optimiser and schedule)", flush=True)
         full = {k: v.to(self.device) for k, v in self.batches(fam, self.train_tok, self.train_rgb).items()}
-        engine = PlainEngine(model, a.lr, torch.bfloat16 if a.amp == "bf16" else None)
+        budget = a.minutes * 60
+        engine = PlainEngine(model, a.lr, None if budget else a.steps, torch.bfloat16 if a.amp == "bf16" else None)
         rng = np.random.default_rng(0)
         flops = self.step_flops(fam, engine, self.take(full, np.arange(a.batch)))
-        budget = a.minutes * 60
         t0, ema, step, triples = time.perf_counter(), None, 0, 0
         while (step < a.steps) if not budget else (time.perf_counter() - t0 < budget):
             elapsed = time.perf_counter() - t0
-            engine.progress = elapsed / budget if budget else step / a.steps
+            engine.progress = elapsed / budget if budget else 0.0
             b = self.take(full, rng.choice(a.train, a.batch, replace=False))
             m = fam.train_step({"model": engine}, b, StepContext(step, 0, 1, self.device, torch.float32))
             triples += int(torch.clamp(b["lengths"] - fam.random_starts(b["lengths"], 1_000_003 * step),
