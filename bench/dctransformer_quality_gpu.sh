@@ -2,7 +2,7 @@
 # The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
 #
 #   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
-#   CONFIGS=a MINUTES=7.5 INIT_PARTS=weights/g9a bash bench/dctransformer_quality_gpu.sh    # continue config A
+#   CONFIGS=a MINUTES=7.5 INIT_PARTS=runs/dct_quality/g9a_parts bash bench/dctransformer_quality_gpu.sh  # continue A
 #
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
