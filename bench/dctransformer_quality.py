@@ -329,7 +329,9 @@ class Experiment:
         gen = torch.Generator(self.device).manual_seed(0)
         if fam.config.mode == "unconditional":
             seq, cond = fam.sample_tokens(model, a.samples, gen, temperature=a.sample_temperature,
-                                          top_k=a.sample_top_k, top_p=a.sample_top_p)
+                                          top_k=a.sample_top_k, top_p=a.sample_top_p,
+                                          value_temperature=a.sample_value_temperature,
+                                          value_top_p=a.sample_value_top_p)
             imgs = fam.tokens_to_rgb(seq, cond)
             drawn = [s[s[:, 0] != fam.space.c_pad] for s in seq.cpu().numpy()]
             # Sampler consistency: at temperature 1 the samples' bits under the model estimate its entropy, which
@@ -403,6 +405,10 @@ def main() -> None:
     p.add_argument("--sample-temperature", type=float, default=1.0)
     p.add_argument("--sample-top-k", type=int, default=0, help="unconditional draws: keep the k likeliest (0: all)")
     p.add_argument("--sample-top-p", type=float, default=1.0, help="unconditional draws: nucleus mass (1: all)")
+    p.add_argument("--sample-value-temperature", type=float, default=None,
+                   help="unconditional draws: the value decoder's temperature (default: --sample-temperature)")
+    p.add_argument("--sample-value-top-p", type=float, default=None,
+                   help="unconditional draws: the value decoder's nucleus mass (default: --sample-top-p)")
     p.add_argument("--cond-temperature", type=float, default=0.0, help="0: argmax")
     p.add_argument("--cond-samples", type=int, default=1,
                    help="> 1: the conditional output is the pixel mean of this many draws (a posterior-mean estimate)")

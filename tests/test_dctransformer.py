@@ -16,6 +16,7 @@ from data_pipeline.codecs.dct_config import DCTCodecConfig
 from data_pipeline.sources.shapes import ShapesConfig, ShapesSource
 from trainer.dct.chunks import channel_mask, chunk_rows, position_mask, triple_nll, value_mask
 from trainer.dct.model import DecoderSizes
+from trainer.dct.sampling import DrawSettings
 from trainer.export import load_export, write_export
 from trainer.families.dctransformer import DCTransformerConfig, DCTransformerFamily
 from trainer.transformer import TransformerConfig
@@ -147,6 +148,19 @@ def test_kv_cached_sampling_draws_the_tokens_of_prefix_recomputation():
     body = rows[: int(end.float().argmax()) if end.any() else len(rows)]
     dc, dp = body[1:, 0] - body[:-1, 0], body[1:, 1] - body[:-1, 1]
     assert ((dc > 0) | ((dc == 0) & (dp > 0))).all()
+
+
+def test_value_draw_settings_change_the_values_only():
+    assert DrawSettings(0.7, 5, 0.9).for_values() == DrawSettings(0.7, 5, 0.9)
+    assert DrawSettings(0.7, 5, 0.9, value_temperature=1.0, value_top_p=1.0).for_values() == DrawSettings(1.0, 5, 1.0)
+    fam, model = family(chunk_size=8, max_triples=3)
+    greedy, _ = fam.sample_tokens(model, 16, torch.Generator().manual_seed(0), temperature=0.0)
+    mixed, _ = fam.sample_tokens(model, 16, torch.Generator().manual_seed(0), temperature=0.0, value_temperature=1.0)
+    assert (greedy[:, 0, 0] < 384).all()  # the first triple is a regular coefficient, so its value is drawn
+    assert torch.equal(greedy[:, 0, :2], mixed[:, 0, :2])  # where it goes is still the argmax
+    assert not torch.equal(greedy[:, 0, 2], mixed[:, 0, 2])  # its value is now sampled
+    again, _ = fam.sample_tokens(model, 16, torch.Generator().manual_seed(0), temperature=0.0, value_temperature=0.0)
+    assert torch.equal(again, greedy)
 
 
 @pytest.mark.parametrize("mode", ["unconditional", "colourise", "superres"])

@@ -31,9 +31,20 @@ class Conditioning:
 
 @dataclass
 class DrawSettings:
+    """How tokens are drawn; ``value_*`` (None: as the others) lets the value decoder be drawn differently from
+    where the coefficients go (channel, position): a nucleus cut on positions drops stray coefficients without
+    narrowing the values that carry an object's colour."""
+
     temperature: float = 1.0
     top_k: int = 0
     top_p: float = 1.0
+    value_temperature: float | None = None
+    value_top_p: float | None = None
+
+    def for_values(self) -> DrawSettings:
+        t = self.temperature if self.value_temperature is None else self.value_temperature
+        p = self.top_p if self.value_top_p is None else self.value_top_p
+        return DrawSettings(t, self.top_k, p)
 
 
 def encoder_input(seq: torch.Tensor, space: TokenSpace, cond: Conditioning) -> torch.Tensor:
@@ -60,8 +71,10 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
     done = torch.zeros(n, dtype=torch.bool, device=device)
     pad = torch.tensor(space.pad, device=device)
 
-    def draw_one(logits: torch.Tensor, ok: torch.Tensor) -> torch.Tensor:
-        return sample_logits(masked(logits, ok), draw.temperature, draw.top_k, draw.top_p, generator)
+    value_draw = draw.for_values()
+
+    def draw_one(logits: torch.Tensor, ok: torch.Tensor, how: DrawSettings = draw) -> torch.Tensor:
+        return sample_logits(masked(logits, ok), how.temperature, how.top_k, how.top_p, generator)
 
     while seq.shape[1] < max_triples and not bool(done.all()):
         memory = model.encode(encoder_input(seq, space, cond), cond.labels, cond.hint)
@@ -94,7 +107,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             else:
                 h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(cs, 1), torch.stack(ps, 1),
                                          hint=cond.hint)[:, -1]
-            v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0])
+            v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0], value_draw)
             v = v if teacher is None else teacher[:, t, 2]
             triple = torch.where(done[:, None], pad, torch.stack([c, p, v], dim=1))
             seq = torch.cat([seq, triple[:, None]], dim=1)
