@@ -59,6 +59,7 @@ from data_pipeline.sources.shapes import ShapesConfig, ShapesSource  # noqa: E40
 from trainer.dct.model import DecoderSizes  # noqa: E402
 from trainer.families.base import StepContext  # noqa: E402
 from trainer.families.dctransformer import DCTransformerConfig, DCTransformerFamily  # noqa: E402
+from trainer.images import save_grid  # noqa: E402
 from trainer.transformer import TransformerConfig  # noqa: E402
 
 MODELS = {"unconditional": {}, "no_context": {"use_context": False}, "colourise": {"mode": "colourise"},
@@ -165,16 +166,6 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
 
 def save_strip(images: np.ndarray, name: str) -> None:
     Image.fromarray(np.concatenate(list(images[:16]), axis=1)).save(os.path.join(OUT, name))
-
-
-def save_grid(images: np.ndarray, name: str, side: int = 8) -> None:
-    """The first side x side images as one PNG grid (2 px grey gutters)."""
-    n, h, w, _ = images[: side * side].shape
-    grid = np.full((side * (h + 2), side * (w + 2), 3), 128, dtype=np.uint8)
-    for i, im in enumerate(images[: side * side]):
-        r, c = divmod(i, side)
-        grid[r * (h + 2) + 1: r * (h + 2) + 1 + h, c * (w + 2) + 1: c * (w + 2) + 1 + w] = im
-    Image.fromarray(grid).save(os.path.join(OUT, name))
 
 
 def scenes(seed: int, start: int, stop: int, quality: int) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -340,7 +331,8 @@ class Experiment:
             out[f"{name}_sample_mean_triples"] = float(np.mean([len(s) for s in drawn]))
             out["data_mean_triples"] = float(np.mean([len(t) for t in self.held_tok]))
             save_strip(imgs, f"{a.tag}{name}_samples.png")
-            save_grid(imgs, f"{a.tag}{name}_samples_grid.png")
+            save_grid(torch.from_numpy(imgs[:64]).permute(0, 3, 1, 2).float() / 255,
+                      os.path.join(OUT, f"{a.tag}{name}_samples_grid.png"), nrow=8)
             s_count, s_col = scene_stats(imgs)
             r_count, r_col = scene_stats(self.held_rgb)
             held_codec, half = dct_codec.decode(self.held_tok, self.codec), a.eval // 2
