@@ -168,20 +168,25 @@ def save_strip(images: np.ndarray, name: str) -> None:
     Image.fromarray(np.concatenate(list(images[:16]), axis=1)).save(os.path.join(OUT, name))
 
 
-def scenes(seed: int, start: int, stop: int, quality: int) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Shape scenes start..stop-1 of ``seed`` (32x32, 2-4 objects) and their codec sequences."""
-    src = ShapesSource(ShapesConfig(num_samples=stop, resolution=32, seed=seed, max_objects=4))
+def scene_source(seed: int, n: int) -> ShapesSource:
+    """The bench's scenes: 32x32, 2-4 objects (seed 0 trains, seed 1 is held out)."""
+    return ShapesSource(ShapesConfig(num_samples=n, resolution=32, seed=seed, max_objects=4))
+
+
+def scenes(seed: int, start: int, stop: int, codec: DCTCodecConfig) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Scenes start..stop-1 of ``seed`` and their codec sequences."""
+    src = scene_source(seed, stop)
     rgb = np.stack([src.sample(i).image for i in range(start, stop)])
-    return rgb, dct_codec.encode(list(rgb), DCTCodecConfig(resolution=32, quality=quality, value_range=256))
+    return rgb, dct_codec.encode(list(rgb), codec)
 
 
-def scenes_parallel(seed: int, n: int, quality: int, workers: int) -> tuple[np.ndarray, list[np.ndarray]]:
+def scenes_parallel(seed: int, n: int, codec: DCTCodecConfig, workers: int) -> tuple[np.ndarray, list[np.ndarray]]:
     """``scenes`` in ``workers`` processes (sample i depends on (seed, i) alone, so the split changes nothing)."""
     if workers <= 1 or n < 1000:
-        return scenes(seed, 0, n, quality)
+        return scenes(seed, 0, n, codec)
     edges = np.linspace(0, n, workers + 1).astype(int)
     with Pool(workers) as pool:
-        parts = pool.starmap(scenes, [(seed, int(a), int(b), quality) for a, b in zip(edges[:-1], edges[1:], strict=True)])
+        parts = pool.starmap(scenes, [(seed, int(a), int(b), codec) for a, b in zip(edges[:-1], edges[1:], strict=True)])
     return np.concatenate([p[0] for p in parts]), [t for p in parts for t in p[1]]
 
 
@@ -197,8 +202,8 @@ class Experiment:
                      "source": {"name": "shapes", "settings": {"num_samples": args.eval, "resolution": 32,
                                                                "seed": 1, "max_objects": 4}}}
         n_train = 1 if args.eval_only else args.train  # rescoring needs no training scenes
-        self.train_rgb, self.train_tok = scenes_parallel(0, n_train, args.quality, args.workers)
-        self.held_rgb, self.held_tok = scenes_parallel(1, args.eval, args.quality, args.workers)
+        self.train_rgb, self.train_tok = scenes_parallel(0, n_train, self.codec, args.workers)
+        self.held_rgb, self.held_tok = scenes_parallel(1, args.eval, self.codec, args.workers)
         print(f"[quality] q={args.quality}: {args.train} train / {args.eval} held-out scenes, "
               f"{np.mean([len(t) for t in self.train_tok]):.1f} / {np.mean([len(t) for t in self.held_tok]):.1f} "
               "triples per image", flush=True)
@@ -300,7 +305,7 @@ class Experiment:
         half = len(held_codec) // 2
         h1, h2 = (counter_stats(*counter.predict(held_codec[sl])) for sl in (slice(0, half), slice(half, None)))
         h_count, h_col = h1[0] + h2[0], h1[1] + h2[1]
-        src = ShapesSource(ShapesConfig(num_samples=len(held_codec), resolution=32, seed=1, max_objects=4))
+        src = scene_source(1, len(held_codec))
         objs = [src.sample(i).attributes["objects"] for i in range(len(held_codec))]
         t_count, t_col = Counter(len(o) for o in objs), Counter(ob["colour"] for o in objs for ob in o)
         return {f"{name}_counter_count_hist": json.dumps(dict(sorted(s_count.items()))),
