@@ -24,6 +24,9 @@ class ShardInfo:
     sha256: str
     first_index: int
     offsets: list[int] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    """Each sample's sequence length (rows, end token included) for codecs that write variable-length sequences;
+    empty for the others."""
 
 
 @dataclass
@@ -44,6 +47,11 @@ class Manifest:
     @property
     def shard_counts(self) -> list[int]:
         return [s.count for s in self.shards]
+
+    @property
+    def sequence_lengths(self) -> list[int]:
+        """Every sample's sequence length in dataset order ([] when the codec writes none)."""
+        return [n for s in self.shards for n in s.lengths]
 
     def shard_url(self, i: int) -> str:
         return storage.join(self.url, self.shards[i].name)
@@ -89,6 +97,10 @@ def parse_manifest(text: str, url: str) -> Manifest:
         _require(isinstance(info.count, int) and info.count > 0, url, f"shards[{i}].count must be a positive int")
         _require(isinstance(info.sha256, str) and len(info.sha256) == 64, url, f"shards[{i}].sha256 is malformed")
         _require("/" not in info.name and info.name.endswith(".tar"), url, f"shards[{i}].name {info.name!r} is bad")
+        _require(isinstance(info.lengths, list) and (not info.lengths or len(info.lengths) == info.count), url,
+                 f"shards[{i}].lengths must list one length per sample ({info.count}), got {len(info.lengths)}")
+        _require(all(isinstance(n, int) and n >= 1 for n in info.lengths), url,
+                 f"shards[{i}].lengths must be positive ints")
         shards.append(info)
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return Manifest(

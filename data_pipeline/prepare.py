@@ -121,27 +121,38 @@ def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
     source = build_source(config.source, config.source_settings)
     codec = build_codec(config.codec, config.codec_settings)
 
-    def fill(writer: wds.TarWriter) -> None:
+    length_of = getattr(codec, "sequence_length", None)  # codecs writing variable-length sequences have one
+
+    def fill(writer: wds.TarWriter) -> list[int] | None:
+        lengths = []
         for i in range(plan.first, plan.stop):
             sample = source.sample(i)
-            writer.write({"__key__": sample.key, **codec.encode(sample)})
+            fields = codec.encode(sample)
+            writer.write({"__key__": sample.key, **fields})
+            if length_of is not None:
+                lengths.append(length_of(fields))
+        return lengths if length_of is not None else None
 
     return publish_shard(config.output, plan, fill)
 
 
-def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], None]) -> ShardInfo:
-    """``fill`` writes the shard's samples into a local temporary tar; it is then moved/uploaded whole to
-    ``output`` and its info file (count, size, sha256, index, plan fingerprint) written beside it."""
+def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], list[int] | None]) -> ShardInfo:
+    """``fill`` writes the shard's samples into a local temporary tar (returning their sequence lengths, or None);
+    it is then moved/uploaded whole to ``output`` and its info file (count, size, sha256, index, lengths, plan
+    fingerprint) written beside it."""
     target = storage.join(output, plan.name)
     fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="dgm-shard-")
     try:
         with os.fdopen(fd, "wb") as f, wds.TarWriter(f, mtime=0) as writer:
-            fill(writer)
+            lengths = fill(writer) or []
         digest = storage.sha256_of(tmp)
         offsets = sample_offsets(tmp)
         if len(offsets) != plan.stop - plan.first:
             raise ValueError(f"shard {target}: wrote {len(offsets)} samples, the plan says {plan.stop - plan.first}")
-        info = ShardInfo(plan.name, len(offsets), os.path.getsize(tmp), digest, plan.first, offsets[::INDEX_STRIDE])
+        if lengths and len(lengths) != len(offsets):
+            raise ValueError(f"shard {target}: {len(lengths)} sequence lengths for {len(offsets)} samples")
+        info = ShardInfo(plan.name, len(offsets), os.path.getsize(tmp), digest, plan.first, offsets[::INDEX_STRIDE],
+                         lengths)
         storage.upload_file(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -198,9 +209,10 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     codec = build_codec(config.codec, config.codec_settings)
     plans = plan_shards(config, len(source))
     infos: dict[int, ShardInfo] = {}
+    wants_lengths = hasattr(codec, "sequence_length")
     for plan in plans:
         info = finished_info(config.output, plan)
-        if info is not None:
+        if info is not None and (info.lengths or not wants_lengths):  # shards from before lengths: rewritten
             infos[plan.index] = info
     todo = [p for p in plans if p.index not in infos]
     tokenizer = write_tokenizer(config, source)
@@ -234,6 +246,11 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     )
     if tokenizer is not None:
         manifest.extra["tokenizer"] = tokenizer
+    if lengths := manifest.sequence_lengths:
+        manifest.extra["sequence_length"] = {"min": min(lengths), "mean": round(sum(lengths) / len(lengths), 2),
+                                             "max": max(lengths), "total": sum(lengths)}
     save_manifest(config.output, manifest)
     say(f"[prepare] wrote manifest with {manifest.total} samples in {len(plans)} shards")
+    if "sequence_length" in manifest.extra:
+        say(f"[prepare] sequence lengths (rows per sample): {manifest.extra['sequence_length']}")
     return manifest

@@ -198,3 +198,41 @@ def test_unknown_scheme_and_unreachable_s3_are_named(monkeypatch):
 def test_world_size_must_divide_partitions(digits):
     with pytest.raises(OrderError, match="does not divide data.partitions"):
         rank_batches(digits, stream_cfg(global_batch=25), 0, 5)
+
+
+def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_them(tmp_path):
+    import tarfile
+
+    out = str(tmp_path / "dct")
+    cfg = PrepareConfig(output=out, source="shapes", source_settings={"num_samples": 40, "resolution": 32},
+                        codec="dct", codec_settings={"resolution": 32, "quality": 75}, samples_per_shard=16,
+                        parallel=False)
+    prepare_dataset(cfg, report=lambda _: None)
+    m = load_manifest(out)
+    codec = build_codec("dct", m.codec["settings"])
+    read = []
+    for shard in m.shards:
+        with tarfile.open(os.path.join(out, shard.name)) as tar:
+            for member in tar:
+                if member.name.endswith(".dct"):
+                    read.append(len(codec.decode({"dct": tar.extractfile(member).read()})["tokens"]))
+    assert [len(s.lengths) for s in m.shards] == [16, 16, 8]
+    assert m.sequence_lengths == read and len(set(read)) > 5
+    assert m.extra["sequence_length"] == {"min": min(read), "mean": round(sum(read) / 40, 2), "max": max(read),
+                                          "total": sum(read)}
+    # a shard finished by a dgm that recorded no lengths is written again, not listed without them
+    info_path = os.path.join(out, "shard-000001.tar.info.json")
+    info = json.load(open(info_path))
+    info["shard"]["lengths"] = []
+    json.dump(info, open(info_path, "w"))
+    lines: list[str] = []
+    prepare_dataset(cfg, report=lines.append)
+    assert "(2 already done)" in lines[0]
+    assert load_manifest(out).sequence_lengths == read
+    # a manifest whose lengths do not match its counts is refused, naming the field
+    p = os.path.join(out, "manifest.json")
+    data = json.load(open(p))
+    data["shards"][2]["lengths"] = data["shards"][2]["lengths"][:-1]
+    json.dump(data, open(p, "w"))
+    with pytest.raises(DatasetError, match=r"shards\[2\].lengths must list one length per sample \(8\), got 7"):
+        load_manifest(out)

@@ -15,6 +15,7 @@ built at install) where it is built, else the numpy reference with a one-time wa
 
 from __future__ import annotations
 
+import io
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -88,6 +89,11 @@ class DCTCodec:
             raise SampleDecodeError(f"sample {sample.key}: {e}") from e
         self.clipped_total += int(batch.clipped[0])
         return {"dct": sequence_to_bytes(batch.sequences[0], self.vocab), **encode_metadata(sample)}
+
+    def sequence_length(self, fields: dict[str, bytes]) -> int:
+        """Rows of the sequence in ``encode``'s fields (end token included): recorded per sample in the manifest,
+        so a trainer can size its padding and token budgets without reading a shard."""
+        return int(np.load(io.BytesIO(fields["dct"]), allow_pickle=False).shape[0])
 
     def decode(self, fields: dict[str, Any]) -> dict[str, Any]:
         """Shard fields -> {"tokens": int16 [n + 1, 3], "label"?, "caption"?, "attributes"?}; bad bytes raise."""
