@@ -24,7 +24,7 @@ demo: setup
 	$(DGM) prepare $(DEMO_CONFIG)
 	$(DGM) train $(DEMO_CONFIG)
 	$(DGM) export $(DEMO_CONFIG)
-	$(DGM) sample runs/demo/export --out runs/demo/samples/export-samples.png --n 30
+	$(DGM) sample runs/demo/export --out runs/demo/samples/export-samples.png --n 36 --top-p 0.9
 	@echo "demo results: runs/demo (checkpoints/, export/model.safetensors, samples/*.png, tensorboard/)"
 
 test: setup

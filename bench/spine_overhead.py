@@ -1,7 +1,7 @@
 """Framework overhead: dgm's training steps/s against a minimal hand-written loop, and time to the first step.
 
-Both run 2 ranks on this machine with the same model (the demo's image GPT), batch and DeepSpeed config (ZeRO-2,
-fp32). The reference is plain torch + deepspeed under torchrun: no Ray, no streaming, batches already in memory.
+Both run 2 ranks on this machine with the same model (configs/digits_igpt.yaml's image GPT, the demo's until
+2026-11-26), batch and DeepSpeed config (ZeRO-2, fp32). The reference is plain torch + deepspeed under torchrun: no Ray, no streaming, batches already in memory.
 
     .venv/bin/python bench/spine_overhead.py [--steps 60]
 
@@ -31,7 +31,7 @@ from trainer.families.image_gpt import ImageGPT
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
 
-cfg, _ = load_config(os.path.join(sys.argv[1], "configs", "demo.yaml"))
+cfg, _ = load_config(os.path.join(sys.argv[1], "configs", "digits_igpt.yaml"))
 steps = int(sys.argv[2])
 deepspeed.init_distributed(dist_backend="gloo")
 rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
@@ -85,7 +85,7 @@ def dgm(steps: int) -> tuple[float, float]:
         data = os.path.join(tmp, "data")
         prepare_dataset(PrepareConfig(output=data, source="digits", source_settings={"split": "all"},
                                       samples_per_shard=128, parallel=False), report=lambda _: None)
-        cfg, raw = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
+        cfg, raw = load_config(os.path.join(ROOT, "configs", "digits_igpt.yaml"), [
             f"run_dir={tmp}/run", f"data.train={data}", "data.eval=", f"trainer.steps={steps}",
             f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=1", "trainer.log_every=20",
             f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}"])

@@ -1,5 +1,6 @@
 """Streaming throughput: samples/s and MB/s from local shards and from S3 (moto on loopback), 1 and 2 loader
-workers, 64x64 RGB shape scenes; plus the rate at which the demo's training consumes samples, measured here too.
+workers, 64x64 RGB shape scenes; plus the rate at which the digits image-GPT job (configs/digits_igpt.yaml, the
+`make demo` job until 2026-11-26; the keys keep the name "demo") consumes samples, measured here too.
 
     .venv/bin/python bench/stream_throughput.py [--samples 4096] [--skip-train]
 
@@ -41,10 +42,10 @@ def measure(url: str, workers: int, cache_dir: str, epochs: int = 1) -> dict[str
 
 
 def demo_data(folder: str) -> str:
-    """The demo's training data, written as `dgm prepare configs/demo.yaml` writes it."""
+    """The digits job's training data, written as `dgm prepare configs/digits_igpt.yaml` writes it."""
     from launch.config import load_config
 
-    cfg, _ = load_config(os.path.join(ROOT, "configs", "demo.yaml"))
+    cfg, _ = load_config(os.path.join(ROOT, "configs", "digits_igpt.yaml"))
     spec = cfg.data.prepare
     prepare_dataset(PrepareConfig(output=folder, source=spec.source, source_settings=spec.splits["train"],
                                   codec=spec.codec, codec_settings=spec.codec_settings,
@@ -53,12 +54,12 @@ def demo_data(folder: str) -> str:
 
 
 def demo_consumption(steps: int, data: str) -> float:
-    """Samples/s the demo training consumes (2 ranks, ZeRO-2 via Ray), from a short run of the demo config."""
+    """Samples/s the digits job consumes (2 ranks, ZeRO-2 via Ray), from a short run of its config."""
     from launch.config import load_config
     from launch.train import run_training
 
     with tempfile.TemporaryDirectory() as tmp:
-        cfg, raw = load_config(os.path.join(ROOT, "configs", "demo.yaml"), [
+        cfg, raw = load_config(os.path.join(ROOT, "configs", "digits_igpt.yaml"), [
             f"run_dir={tmp}/run", f"data.train={data}", "data.eval=", f"trainer.steps={steps}",
             f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=1",
             f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}", f"trainer.log_every={steps}"])

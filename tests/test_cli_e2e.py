@@ -1,4 +1,5 @@
-"""The README's path through the real `dgm` command: prepare (Ray tasks), train (2 ranks, ZeRO-2), export, sample."""
+"""The README's main job (`make demo`: configs/demo.yaml, the DCTransformer on shape scenes) through the real
+`dgm` command: prepare (Ray tasks), train (2 ranks, ZeRO-2), export, sample; shrunk to seconds by overrides."""
 
 from __future__ import annotations
 
@@ -23,13 +24,17 @@ def test_prepare_train_export_sample_through_the_cli(tmp_path):
     over = [f"run_dir={run}", f"data.train={run}/data/train", f"data.eval={run}/data/eval", "name=cli",
             "trainer.steps=20", "trainer.log_every=5", "trainer.eval_every=20", "trainer.sample_every=10",
             "trainer.checkpoint_every=10", "trainer.schedule.total_steps=20", "trainer.schedule.warmup_steps=2",
-            "model.transformer.n_layer=2", "model.transformer.d_model=32"]
+            "trainer.num_samples=4", "data.prepare.splits.train.num_samples=600",
+            "data.prepare.splits.eval.num_samples=64", "data.prepare.samples_per_shard=128",
+            "model.encoder.n_layer=1", "model.encoder.d_model=32", "model.decoders.channel_layers=1",
+            "model.decoders.position_layers=1", "model.decoders.value_layers=1", "model.chunk_size=32"]
     config = os.path.join(ROOT, "configs", "demo.yaml")
     prep = dgm("prepare", config, *over)
     assert prep.returncode == 0, prep.stderr[-3000:]
     assert "[prepare shards]" in prep.stdout and "wrote manifest" in prep.stdout
     manifest = json.load(open(run / "data" / "train" / "manifest.json"))
-    assert sum(s["count"] for s in manifest["shards"]) == 1618  # the digits' train split (90%)
+    assert sum(s["count"] for s in manifest["shards"]) == 600 and len(manifest["shards"]) == 5
+    assert manifest["codec"]["name"] == "dct" and all(s["count"] and s["sha256"] for s in manifest["shards"])
 
     train = dgm("train", config, *over)
     assert train.returncode == 0, train.stderr[-3000:]
@@ -41,7 +46,8 @@ def test_prepare_train_export_sample_through_the_cli(tmp_path):
     exp = dgm("export", config, *over)
     assert exp.returncode == 0, exp.stderr[-3000:]
     png = tmp_path / "grid.png"
-    smp = dgm("sample", str(run / "export"), "--out", str(png), "--labels", "0,1,2,3,4,5,6,7,8,9")
+    smp = dgm("sample", str(run / "export"), "--out", str(png), "--n", "9", "--top-p", "0.9")
     assert smp.returncode == 0, smp.stderr[-3000:]
-    assert Image.open(png).size[0] > 100
+    assert "9 samples" in smp.stdout
+    assert Image.open(png).size[0] >= 3 * 32
     assert sorted(os.listdir(run / "samples")) == ["step-00000010.png", "step-00000020.png"]
