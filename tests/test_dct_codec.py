@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import tarfile
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -337,6 +338,60 @@ def test_jpeg_grey_crop_requantize_and_fallback(photos: dict[str, np.ndarray], t
     with Image.open(CHINA) as im:
         expected = rgb_to_dct_image(as_rgb_batch([np.asarray(im.convert("RGB"))], cfg), 75)[0]
     assert np.array_equal(fallback, expected)
+
+
+def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[str, np.ndarray],
+                                                                    tmp_path: Path) -> None:
+    """`dgm prepare` of an image folder with jpeg_source: a fitting JPEG's tokens are its stored coefficients; a
+    file the coefficient path cannot serve (other quality, 4:4:4, rotated by EXIF, PNG) is encoded from pixels."""
+    from data_pipeline.manifest import load_manifest
+    from data_pipeline.prepare import PrepareConfig, prepare_dataset
+    from data_pipeline.sources import build_source
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    img = photos["coffee"][:64, :64]
+    _pillow_jpeg(img, 75, folder / "a_fits.jpg")
+    _pillow_jpeg(photos["chelsea"][:64, :64], 90, folder / "b_q90.jpg")
+    Image.fromarray(photos["astronaut"][:64, :64]).save(folder / "c_444.jpg", quality=75, subsampling=0)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # rotated 180 degrees: the stored blocks are not the upright image
+    Image.fromarray(photos["china"][:64, :64]).save(folder / "d_rotated.jpg", quality=75, subsampling=2, exif=exif)
+    Image.fromarray(photos["astronaut"][64:128, :64]).save(folder / "e.png")
+    files = sorted(folder.iterdir())
+    source = build_source("image_folder", {"path": str(folder)})
+    assert [source.sample(i).source_file is not None for i in range(5)] == [True, True, True, False, False]
+
+    def tokens(jpeg_source: str) -> list[np.ndarray]:
+        out = tmp_path / jpeg_source
+        prepare_dataset(PrepareConfig(output=str(out), source="image_folder", source_settings={"path": str(folder)},
+                                      codec="dct", codec_settings={"resolution": 64, "jpeg_source": jpeg_source},
+                                      samples_per_shard=8, parallel=False), report=lambda _: None)
+        m = load_manifest(str(out))
+        assert m.codec["settings"]["jpeg_source"] == jpeg_source
+        codec = DCTCodec(DCTCodecConfig.from_dict(m.codec["settings"]))
+        with tarfile.open(out / m.shards[0].name) as tar:
+            return [codec.decode({"dct": tar.extractfile(f).read()})["tokens"] for f in tar if f.name.endswith(".dct")]
+
+    cfg = DCTCodecConfig(resolution=64)
+    pixels = [encode([source.sample(i).image], cfg)[0] for i in range(5)]
+    stored = encode_jpeg_files([files[0]], cfg).sequences[0]
+    coeff = tokens("coefficients")
+    assert np.array_equal(coeff[0], stored)
+    assert all(np.array_equal(a, b) for a, b in zip(coeff[1:], pixels[1:], strict=True))
+    requant = tokens("requantize")
+    assert np.array_equal(requant[0], stored)
+    assert np.array_equal(requant[1], encode_jpeg_files([files[1]], cfg, requantize=True).sequences[0])
+    assert not np.array_equal(requant[1], pixels[1])
+    assert all(np.array_equal(a, b) for a, b in zip(requant[2:], pixels[2:], strict=True))
+    assert all(np.array_equal(a, b) for a, b in zip(tokens("pixels"), pixels, strict=True))
+    codec = DCTCodec(DCTCodecConfig(resolution=64, jpeg_source="coefficients"))
+    for i in range(5):
+        codec.encode(source.sample(i))
+    assert codec.coefficient_files == 1 and len(codec.pixel_fallbacks) == 2
+    assert "b_q90.jpg" in codec.pixel_fallbacks[0] and "c_444.jpg" in codec.pixel_fallbacks[1]
+    with pytest.raises(ValueError, match="jpeg_source must be one of"):
+        DCTCodecConfig(resolution=64, jpeg_source="bytes")
 
 
 def test_corrupt_jpeg_files_name_the_file(photos: dict[str, np.ndarray], tmp_path: Path) -> None:

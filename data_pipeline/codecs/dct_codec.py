@@ -16,6 +16,7 @@ built at install) where it is built, else the numpy reference with a one-time wa
 from __future__ import annotations
 
 import io
+import logging
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -33,8 +34,10 @@ from data_pipeline.codecs.dct_sequence import (
     sequences_to_rgb,
     sparsify,
 )
-from data_pipeline.codecs.jpeg_coefficients import read_jpeg_dct_batch
+from data_pipeline.codecs.jpeg_coefficients import JPEGReadError, read_jpeg_dct, read_jpeg_dct_batch
 from data_pipeline.codecs.metadata import SampleDecodeError, decode_metadata, encode_metadata
+
+log = logging.getLogger(__name__)
 
 
 def encode_with_stats(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> SparseBatch:
@@ -73,6 +76,10 @@ class DCTCodec:
         self.config = config
         self.clipped_total = 0
         """Values clipped to +-value_range over every sample this instance encoded."""
+        self.coefficient_files = 0
+        """JPEG files encoded from their stored coefficients (``jpeg_source``), no pixel decode."""
+        self.pixel_fallbacks: list[str] = []
+        """JPEG files the coefficient path could not serve, with the reason: encoded from their pixels."""
 
     @property
     def vocab(self) -> Vocab:
@@ -84,11 +91,26 @@ class DCTCodec:
     def encode(self, sample: Any) -> dict[str, bytes]:
         """A source Sample (uint8 image HxWx1 or HxWx3, optional label/caption/attributes) -> shard fields."""
         try:
-            batch = encode_with_stats([sample.image], self.config)
+            batch = self._from_file(sample) or encode_with_stats([sample.image], self.config)
         except (TypeError, ValueError) as e:
             raise SampleDecodeError(f"sample {sample.key}: {e}") from e
         self.clipped_total += int(batch.clipped[0])
         return {"dct": sequence_to_bytes(batch.sequences[0], self.vocab), **encode_metadata(sample)}
+
+    def _from_file(self, sample: Any) -> SparseBatch | None:
+        """The sequence from the JPEG file's own coefficients, or None (pixels wanted, no file, or a file the
+        coefficient path cannot serve: recorded in ``pixel_fallbacks`` and logged)."""
+        path = getattr(sample, "source_file", None)
+        if self.config.jpeg_source == "pixels" or not path:
+            return None
+        try:
+            dct = read_jpeg_dct(path, self.config, requantize=self.config.jpeg_source == "requantize")
+        except JPEGReadError as e:
+            self.pixel_fallbacks.append(str(e))
+            log.warning("dct codec: %s; encoding its pixels instead", e)
+            return None
+        self.coefficient_files += 1
+        return sparsify(dct[None], self.config)
 
     def sequence_length(self, fields: dict[str, bytes]) -> int:
         """Rows of the sequence in ``encode``'s fields (end token included): recorded per sample in the manifest,

@@ -27,6 +27,7 @@ from data_pipeline.codecs.dct_tables import MACROBLOCK, NUM_CHANNELS, check_qual
 SizePolicy = Literal["error", "crop", "pad"]
 AlphaPolicy = Literal["white", "drop"]
 Upsampling = Literal["fancy", "nearest"]
+JPEGSource = Literal["pixels", "coefficients", "requantize"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,12 @@ class DCTCodecConfig:
     alpha: RGBA input is composited on white ("white") or its alpha channel is dropped ("drop").
         Grey input ([H, W] or [H, W, 1]) is replicated to R = G = B, which gives exactly zero chroma.
     upsampling: chroma upsampling of the decoder ("fancy" = libjpeg's default triangle filter, or "nearest").
+    jpeg_source: where a JPEG file's sequence comes from when the source hands over the file itself (an image
+        folder without ``resolution``): "pixels" decodes and re-encodes it; "coefficients" takes the file's own
+        quantised coefficients (no decode, no second rounding) when its tables are this quality's and it is
+        4:2:0 YCbCr or grey; "requantize" also takes files of another quality, re-quantised in the coefficient
+        domain. A file the coefficient path cannot serve (other sampling, colour space or size) is encoded from
+        its pixels, and counted.
     """
 
     resolution: int | tuple[int, int]
@@ -165,6 +172,7 @@ class DCTCodecConfig:
     size_policy: SizePolicy = "error"
     alpha: AlphaPolicy = "white"
     upsampling: Upsampling = "fancy"
+    jpeg_source: JPEGSource = "pixels"
     vocab: Vocab = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -178,6 +186,7 @@ class DCTCodecConfig:
             ("size_policy", ("error", "crop", "pad")),
             ("alpha", ("white", "drop")),
             ("upsampling", ("fancy", "nearest")),
+            ("jpeg_source", ("pixels", "coefficients", "requantize")),
         ):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -30,6 +30,9 @@ class Sample:
     label: int | None = None
     caption: str | None = None
     attributes: dict | None = None
+    source_file: str | None = None
+    """The file ``image`` was decoded from, set only when the image is that file's content unchanged (no resize,
+    rotation or crop): a codec that can read the file's own encoding (JPEG coefficients) may use it instead."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.key, str) or not KEY_PATTERN.match(self.key):

@@ -12,6 +12,8 @@ Conversions to uint8 RGB: EXIF orientation is applied; grey (L, 1, I;16, I, F) i
 (I;16, and I holding values above 255, scaled by 1/257; others clipped to 0..255); images with alpha (RGBA, LA, PA, P with transparency) are composited on white; other
 modes (P, CMYK, YCbCr) go through Pillow's RGB conversion. With `resolution`, the centred square of side
 min(w, h) is resized to resolution x resolution (Lanczos), i.e. shorter side resized then centre-cropped.
+Without `resolution`, an upright (EXIF orientation 1 or none) YCbCr or grey JPEG also hands over its path
+(`Sample.source_file`), so the DCT codec can take its stored coefficients (`jpeg_source`) instead of its pixels.
 """
 from __future__ import annotations
 
@@ -36,6 +38,7 @@ _SKIMAGE_PHOTOS = (
     "retina.jpg", "rocket.jpg",
 )
 _SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
+ORIENTATION_TAG = 0x0112  # EXIF orientation: 1 means the stored pixels are upright
 _DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 
@@ -112,8 +115,15 @@ def to_rgb(img: Image.Image) -> Image.Image:
 
 def load_image(path: Path, resolution: int | None = None) -> np.ndarray:
     """Decode one file to uint8 HxWx3 RGB (resized and centre-cropped when `resolution` is given)."""
+    return _load(path, resolution)[0]
+
+
+def _load(path: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
+    """(uint8 HxWx3 RGB, whether it is a JPEG file's own YCbCr or grey content, unrotated and unresized)."""
     try:
         with Image.open(path) as opened:
+            plain = (resolution is None and opened.format == "JPEG" and opened.mode in ("RGB", "L")
+                     and opened.getexif().get(ORIENTATION_TAG, 1) == 1)
             img = to_rgb(ImageOps.exif_transpose(opened))
             if resolution is not None:
                 w, h = img.size
@@ -121,7 +131,7 @@ def load_image(path: Path, resolution: int | None = None) -> np.ndarray:
                 left, top = (w - s) // 2, (h - s) // 2
                 img = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
                                  box=(left, top, left + s, top + s))
-            return np.array(img, dtype=np.uint8)
+            return np.array(img, dtype=np.uint8), plain
     except _DECODE_ERRORS as e:
         raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
 
@@ -203,6 +213,7 @@ class ImageFolderSource:
     def sample(self, index: int) -> Sample:
         i = check_index(index, len(self), self.name)
         rel, path, size, mode = self._entries[i]
-        image = load_image(path, self.config.resolution)
+        image, plain = _load(path, self.config.resolution)
         return Sample(key=self._keys[i], image=image,
-                      attributes={"path": rel, "original_size": size, "original_mode": mode})
+                      attributes={"path": rel, "original_size": size, "original_mode": mode},
+                      source_file=str(path) if plain else None)
