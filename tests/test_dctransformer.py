@@ -150,6 +150,44 @@ def test_kv_cached_sampling_draws_the_tokens_of_prefix_recomputation():
     assert ((dc > 0) | ((dc == 0) & (dp > 0))).all()
 
 
+@pytest.mark.parametrize("mode", ["unconditional", "colourise"])
+def test_sampler_scores_each_triple_as_training_does_across_chunks(scenes, mode, monkeypatch):
+    """Replaying a data sequence through ``generate`` (chunk after chunk: the encoder rebuilt from the triples
+    drawn so far, the decoders' caches restarted) gives every triple the log-probability the training loss gives
+    it: sampling draws from the distribution that was trained."""
+    import trainer.dct.sampling as sampling
+
+    fam, model = family(chunk_size=16, mode=mode, num_classes=7)
+    model = model.double()
+    batch = fam.collate(scenes)
+    tokens, lengths = batch["tokens"], batch["lengths"]
+    longest = int(lengths.max())
+    assert longest > 3 * 16  # several chunks
+    with torch.no_grad():
+        trained = torch.cat([fam.chunk_nll(model, batch, torch.full_like(lengths, s))[0]
+                             for s in range(0, longest, 16)], dim=1)[:, :longest]
+    seen: list[torch.Tensor] = []
+    real_draw = sampling.sample_logits
+
+    def spy(logits, *args):
+        seen.append(torch.log_softmax(logits.double(), -1))
+        return real_draw(logits, *args)
+
+    monkeypatch.setattr(sampling, "sample_logits", spy)
+    cond = fam.sampling_condition(model, len(scenes), labels=batch["labels"].tolist(),
+                                  images=np.stack([s["image"] for s in scenes]))
+    teacher = torch.cat([tokens, torch.tensor(fam.space.pad).repeat(len(scenes), 8, 1)], dim=1)
+    sampling.generate(model, len(scenes), fam.space, 16, longest + 8, cond, DrawSettings(),
+                      torch.Generator().manual_seed(0), teacher=teacher)
+    replayed = torch.zeros_like(trained)
+    for t in range(longest):
+        for k, logp in enumerate(seen[3 * t: 3 * t + 3]):
+            tok = tokens[:, t, k].clamp(max=logp.shape[-1] - 1)
+            replayed[:, t] -= logp.gather(1, tok[:, None])[:, 0]
+    real = tokens[:, :longest, 0] != fam.space.c_pad
+    torch.testing.assert_close(replayed[real], trained[real], rtol=1e-6, atol=1e-6)
+
+
 def test_value_draw_settings_change_the_values_only():
     assert DrawSettings(0.7, 5, 0.9).for_values() == DrawSettings(0.7, 5, 0.9)
     assert DrawSettings(0.7, 5, 0.9, value_temperature=1.0, value_top_p=1.0).for_values() == DrawSettings(1.0, 5, 1.0)

@@ -9,6 +9,7 @@ import shutil
 import pytest
 
 from data_pipeline.codecs import build_codec
+from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
 from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from data_pipeline.stream import RankStream, StreamConfig
@@ -236,3 +237,18 @@ def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_th
     json.dump(data, open(p, "w"))
     with pytest.raises(DatasetError, match=r"shards\[2\].lengths must list one length per sample \(8\), got 7"):
         load_manifest(out)
+
+
+def test_dct_prepare_of_upscaled_digits_has_luma_only(tmp_path):
+    out = str(tmp_path / "digits-dct")
+    prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "all", "upscale": 2},
+                                  codec="dct", codec_settings={"resolution": 16, "quality": 90},
+                                  samples_per_shard=600, parallel=False), report=lambda _: None)
+    m = load_manifest(out)
+    assert m.total == 1797 and m.extra["image_shape"] == [16, 16, 1] and len(m.sequence_lengths) == 1797
+    codec = build_codec("dct", m.codec["settings"])
+    stream = RankStream(m, stream_cfg(global_batch=32), codec.decode, 0, 1)
+    tokens = [x["tokens"] for x in next(iter(stream.iterate(max_epochs=1)))]
+    body = [t[:-1] for t in tokens]
+    # grey digits: every coefficient is luma (slots 0-3 of a macroblock); chroma, DC included, is exactly zero
+    assert all(len(b) and (CHANNEL_SLOT[b[:, 0]] < 4).all() for b in body)
