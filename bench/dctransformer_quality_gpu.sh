@@ -3,6 +3,8 @@
 #
 #   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
 #   CONFIGS=a MINUTES=7.5 INIT_PARTS=runs/dct_quality/g9a_parts bash bench/dctransformer_quality_gpu.sh  # continue A
+#   (the next lent GPU: also BATCH=1024 LR_A=2e-3, carrying runs/dct_quality/g9a_parts and
+#   runs/dct_quality/scene_counter_q75.pt, the codec kernel's cp312 build and .whl/)
 #
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
@@ -10,7 +12,9 @@
 #    MINUTES each: 500,000 fresh scenes, bf16 autocast, chunk 64, batch BATCH (256); scored at temperature 1 on 512
 #    held-out scenes with 1,024 samples. INIT_PARTS: a folder of A's weights split by bench/weight_parts.py (carried
 #    with the call), continued with a fresh schedule.
-# 3. Rescored with nucleus sampling (top-p 0.9).
+# 3. Rescored with nucleus sampling (top-p 0.9; and top-p 0.8 on channel and position with the values drawn at
+#    temperature 1). Every scoring also runs the scene counter (bench/scene_counter.py) when its cached weights
+#    (runs/dct_quality/scene_counter_q75.pt) are carried, or COUNTER=1 trains it here.
 # $OUT receives all_logs.txt, the temperature-1 sample grids and A's weights as bf16 parts of <= 13 MB
 # (bench/weight_parts.py join), within the device tool's 8 files. The image's python3 has torch but not boto3
 # (imported by the data pipeline): wheels in .whl/ are installed first when present.
@@ -39,6 +43,9 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_availa
 
 BENCH="python3 bench/dctransformer_quality.py --models unconditional --quality 75 --device $DEVICE --amp ${AMP:-bf16}"
 BENCH="$BENCH --peak-tflops 989 --chunk 64 --batch $BATCH"
+if [ -f runs/dct_quality/scene_counter_q75.pt ] || [ "${COUNTER:-0}" = 1 ]; then
+    BENCH="$BENCH --counter"
+fi
 declare -A SHAPE=([a]="--d-model 256 --layers 4 --heads 4" [b]="--d-model 384 --layers 6 --heads 6")
 declare -A LR=([a]="${LR_A:-1e-3}" [b]="${LR_B:-6e-4}")
 INIT_A=""
@@ -66,10 +73,12 @@ python3 bench/weight_parts.py split runs/dct_quality/g8a_unconditional.pt "$OUT"
 for c in $CONFIGS; do
     $BENCH ${SHAPE[$c]} --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.9 \
         --tag "g8${c}_" >"$OUT/g8${c}_p09.log" 2>&1 &
+    $BENCH ${SHAPE[$c]} --workers 8 --eval-only --eval "$EVAL" --samples "$SAMPLES" --sample-top-p 0.8 \
+        --sample-value-top-p 1.0 --tag "g8${c}_" >"$OUT/g8${c}_cp08.log" 2>&1 &
 done
 wait || true
-tail -n 2 "$OUT"/g8*_p09.log | grep "unconditional:" || true
-for f in device.txt build.log solo.log g8a.log g8b.log g8a_p09.log g8b_p09.log; do
+tail -n 2 "$OUT"/g8*_p09.log "$OUT"/g8*_cp08.log | grep "unconditional:" || true
+for f in device.txt build.log solo.log g8a.log g8b.log g8a_p09.log g8b_p09.log g8a_cp08.log g8b_cp08.log; do
     [ -f "$OUT/$f" ] && { echo "=== $f"; cat "$OUT/$f"; }
 done >"$OUT/all_logs.txt" 2>&1 || true
 rm -f "$OUT"/device.txt "$OUT"/*.log
