@@ -109,6 +109,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
                              "conditional DCTransformer exports do")
         options["mean_of"] = args.mean_of
+    for name in ("value_temperature", "value_top_p"):
+        if getattr(args, name) is not None:
+            if name not in family.extra_draw_settings:
+                raise ValueError(f"{args.export}: a {family.name!r} export has no separate value draw "
+                                 f"(--{name.replace('_', '-')}); DCTransformer exports do")
+            options[name] = getattr(args, name)
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
     out = args.out or os.path.join(args.export, "samples.png")
@@ -208,6 +214,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--value-temperature", type=float, default=None,
+                   help="DCTransformer: the value decoder's temperature (default: --temperature)")
+    p.add_argument("--value-top-p", type=float, default=None,
+                   help="DCTransformer: the value decoder's nucleus mass (default: --top-p); with --top-p < 1 "
+                        "and --value-top-p 1 the cut trims where coefficients go, not their values")
     p.add_argument("--labels", default="", help="comma-separated class labels (class-conditional models)")
     p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")

@@ -216,7 +216,7 @@ def test_export_load_sample(tmp_path, mode):
         assert np.abs(y_src - y_out).mean() < 20
 
 
-def test_dgm_sample_cli_from_an_export(tmp_path):
+def test_dgm_sample_cli_from_an_export(tmp_path, capsys):
     fam, model = family(chunk_size=16, max_triples=30)
     out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()})
     png = str(tmp_path / "s.png")
@@ -226,6 +226,16 @@ def test_dgm_sample_cli_from_an_export(tmp_path):
     from launch.cli import main
 
     assert main(["sample", out, "--out", png, "--n", "1", "--mean-of", "2"]) == 2  # unconditional: refused
+    os.remove(png)
+    assert main(["sample", out, "--out", png, "--n", "2", "--top-p", "0.8", "--value-top-p", "1.0"]) == 0
+    assert os.path.getsize(png) > 100
+    # another family has no separate value draw: refused by name, not a TypeError deep inside
+    from trainer.families.image_gpt import ImageGPTConfig, ImageGPTFamily
+
+    igpt = ImageGPTFamily(ImageGPTConfig(transformer=TransformerConfig(n_layer=1, n_head=2, d_model=16)), {})
+    other = write_export(str(tmp_path / "igpt"), igpt, {k: m.state_dict() for k, m in igpt.build_modules().items()})
+    assert main(["sample", other, "--out", png, "--n", "1", "--value-top-p", "1.0"]) == 2
+    assert "'image_gpt' export has no separate value draw (--value-top-p)" in capsys.readouterr().err
 
 
 def test_bad_settings_are_refused():

@@ -54,6 +54,8 @@ class Family(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
+    extra_draw_settings: ClassVar[tuple[str, ...]] = ()
+    """Keyword arguments ``sample_images`` takes besides temperature / top_k / top_p (for `dgm sample`)."""
 
     def __init__(self, config: Any, data_info: Mapping[str, Any]) -> None:
         self.config = config

@@ -86,6 +86,7 @@ def codec_config(data_info: Mapping[str, Any]) -> DCTCodecConfig:
 class DCTransformerFamily(Family):
     name = "dctransformer"
     config_cls = DCTransformerConfig
+    extra_draw_settings = ("value_temperature", "value_top_p")
 
     def __init__(self, config: DCTransformerConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
