@@ -3,7 +3,8 @@
 Shards are written independently (one Ray task each when Ray is available), each first to a local temporary file,
 then moved or uploaded whole; a small ``.info.json`` beside each finished shard records its size, count and
 sha256. Re-running an interrupted prepare skips every shard whose info matches the plan and writes the rest.
-The manifest is written last, so a dataset with a manifest is a complete dataset.
+For codecs of images, preview.png shows the first samples as stored. The manifest is written last, so a dataset
+with a manifest is a complete dataset.
 
 A caption tokenizer (``tokenizer_vocab_size``) is trained on this split's captions and written as tokenizer.model
 beside the manifest; a held-out split instead copies the train split's file byte for byte (``tokenizer_from``), so
@@ -31,6 +32,7 @@ from data_pipeline import storage
 from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer, TokenizerError
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
+from data_pipeline.preview import PREVIEW_COUNT, PREVIEW_NAME, grid_uint8, png_bytes
 from data_pipeline.sources import build_source
 
 log = logging.getLogger(__name__)
@@ -201,6 +203,17 @@ def write_tokenizer(config: PrepareConfig, source: Any) -> dict[str, Any] | None
     return tokenizer.info()
 
 
+def write_preview(config: PrepareConfig, source: Any, codec: Any, say: Callable[[str], None]) -> None:
+    """preview.png beside the manifest: the first samples as the codec stores them (codecs of images only)."""
+    preview = getattr(codec, "preview_images", None)
+    if preview is None:
+        return
+    n = min(PREVIEW_COUNT, len(source))
+    url = storage.join(config.output, PREVIEW_NAME)
+    storage.write_bytes(url, png_bytes(grid_uint8(preview([source.sample(i) for i in range(n)]))))
+    say(f"[prepare] preview of the first {n} samples as stored: {url}")
+
+
 def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None = None) -> Manifest:
     """Write every missing shard, then the manifest. Uses Ray tasks when ``parallel`` and Ray is initialised."""
     if not config.output:
@@ -235,6 +248,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         for plan in todo:
             infos[plan.index] = write_shard(config, plan)
             progress.update()
+    write_preview(config, source, codec, say)
     manifest = Manifest(
         source={"name": config.source, "settings": source.settings()},
         codec={"name": config.codec, "settings": codec.settings()},

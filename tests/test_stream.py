@@ -6,12 +6,15 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from data_pipeline.codecs import build_codec
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
 from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
+from data_pipeline.sources import build_source
 from data_pipeline.stream import RankStream, StreamConfig
 from sharding.sample_order import OrderError, StreamState
 
@@ -63,6 +66,9 @@ def test_manifest_records_shards_and_settings(digits):
     assert m.codec["name"] == "image"
     assert all(len(s.sha256) == 64 and s.bytes > 0 for s in m.shards)
     assert m.extra["image_shape"] == [8, 8, 1]
+    preview = np.asarray(Image.open(os.path.join(digits, "preview.png")))  # 36 digits, 8x8 scaled to 64
+    first = build_source("digits", m.source["settings"]).sample(0).image[..., 0]
+    assert preview.shape == (398, 398, 3) and np.array_equal(preview[2:66:8, 2:66:8, 0], first) and first.any()
 
 
 @pytest.mark.parametrize("world", [1, 2, 3])
@@ -221,6 +227,12 @@ def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_th
     assert m.sequence_lengths == read and len(set(read)) > 5
     assert m.extra["sequence_length"] == {"min": min(read), "mean": round(sum(read) / 40, 2), "max": max(read),
                                           "total": sum(read)}
+    # preview.png: the first 36 scenes as the shards hold them (through the codec), 6 x 6 cells of 64 pixels
+    preview = np.asarray(Image.open(os.path.join(out, "preview.png")))
+    assert preview.shape == (6 * 66 + 2, 6 * 66 + 2, 3)
+    first = build_source("shapes", m.source["settings"]).sample(0)
+    stored = codec.decode_images([codec.decode(codec.encode(first))["tokens"]])[0]
+    assert np.array_equal(preview[2:66:2, 2:66:2], stored)
     # a shard finished by a dgm that recorded no lengths is written again, not listed without them
     info_path = os.path.join(out, "shard-000001.tar.info.json")
     info = json.load(open(info_path))

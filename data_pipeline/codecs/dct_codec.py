@@ -128,6 +128,11 @@ class DCTCodec:
             raise SampleDecodeError(str(e)) from e
         return {**out, **decode_metadata(fields)}
 
+    def preview_images(self, samples: list[Any]) -> np.ndarray:
+        """What the shards hold, as images for the data set's preview grid: each sample through the codec and
+        back (quantisation and 4:2:0 chroma included), the pictures a model trained on them can at best draw."""
+        return self.decode_images([self.decode(self.encode(s))["tokens"] for s in samples])
+
     def decode_images(self, sequences: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Token sequences -> uint8 RGB [B, H, W, 3] (for samples and previews)."""
         return decode(sequences, self.config)
