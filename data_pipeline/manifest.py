@@ -57,9 +57,21 @@ class Manifest:
         return storage.join(self.url, self.shards[i].name)
 
     def to_json(self) -> str:
+        """Indented JSON, each shard's lengths on one line (a million samples add megabytes, not a million
+        lines); an empty ``lengths`` is left out, so manifests of other codecs read as before."""
         data = asdict(self)
         data.pop("url")
-        return json.dumps(data, indent=1, sort_keys=True)
+        rows = {}
+        for i, shard in enumerate(data["shards"]):
+            if shard["lengths"]:
+                rows[f"@lengths-{i}@"] = json.dumps(shard["lengths"], separators=(",", ":"))
+                shard["lengths"] = f"@lengths-{i}@"
+            else:
+                del shard["lengths"]
+        text = json.dumps(data, indent=1, sort_keys=True)
+        for placeholder, row in rows.items():
+            text = text.replace(f'"{placeholder}"', row, 1)
+        return text
 
 
 def manifest_url(dataset_url: str) -> str:
@@ -97,11 +109,16 @@ def parse_manifest(text: str, url: str) -> Manifest:
         _require(isinstance(info.count, int) and info.count > 0, url, f"shards[{i}].count must be a positive int")
         _require(isinstance(info.sha256, str) and len(info.sha256) == 64, url, f"shards[{i}].sha256 is malformed")
         _require("/" not in info.name and info.name.endswith(".tar"), url, f"shards[{i}].name {info.name!r} is bad")
-        _require(isinstance(info.lengths, list) and (not info.lengths or len(info.lengths) == info.count), url,
+        _require(isinstance(info.lengths, list), url, f"shards[{i}].lengths must be a list of ints")
+        _require(not info.lengths or len(info.lengths) == info.count, url,
                  f"shards[{i}].lengths must list one length per sample ({info.count}), got {len(info.lengths)}")
-        _require(all(isinstance(n, int) and n >= 1 for n in info.lengths), url,
+        _require(all(type(n) is int and n >= 1 for n in info.lengths), url,
                  f"shards[{i}].lengths must be positive ints")
         shards.append(info)
+    listed = [bool(s.lengths) for s in shards]
+    if any(listed) and not all(listed):
+        raise DatasetError(f"{url}: shards[{listed.index(False)}].lengths is missing: every shard lists its "
+                           "samples' sequence lengths or none does")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return Manifest(
         source=data["source"], codec=data["codec"], shards=shards, extra=data.get("extra", {}), url=base

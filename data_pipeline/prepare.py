@@ -32,7 +32,7 @@ from data_pipeline import storage
 from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer, TokenizerError
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
-from data_pipeline.preview import PREVIEW_COUNT, PREVIEW_NAME, grid_uint8, png_bytes
+from data_pipeline.preview import PREVIEW_CELL, PREVIEW_COUNT, PREVIEW_NAME, fit_cell, grid_uint8, png_bytes
 from data_pipeline.sources import build_source
 
 log = logging.getLogger(__name__)
@@ -204,13 +204,22 @@ def write_tokenizer(config: PrepareConfig, source: Any) -> dict[str, Any] | None
 
 
 def write_preview(config: PrepareConfig, source: Any, codec: Any, say: Callable[[str], None]) -> None:
-    """preview.png beside the manifest: the first samples as the codec stores them (codecs of images only)."""
+    """preview.png beside the manifest: the first samples as the codec stores them (codecs of images only). A
+    preview that cannot be made is reported and skipped: it never stops the manifest."""
     preview = getattr(codec, "preview_images", None)
     if preview is None:
         return
     n = min(PREVIEW_COUNT, len(source))
     url = storage.join(config.output, PREVIEW_NAME)
-    storage.write_bytes(url, png_bytes(grid_uint8(preview([source.sample(i) for i in range(n)]))))
+    try:
+        images = list(preview([source.sample(i) for i in range(n)]))
+        if len({img.shape for img in images}) > 1 or max(images[0].shape[:2]) > PREVIEW_CELL:
+            images = [fit_cell(img) for img in images]  # photos: one cell size, a bounded grid
+        grid = grid_uint8(images)
+        storage.write_bytes(url, png_bytes(grid))
+    except (ValueError, OSError, storage.StorageError) as e:
+        say(f"[prepare] no preview: {type(e).__name__}: {e}")
+        return
     say(f"[prepare] preview of the first {n} samples as stored: {url}")
 
 
@@ -225,7 +234,8 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     wants_lengths = hasattr(codec, "sequence_length")
     for plan in plans:
         info = finished_info(config.output, plan)
-        if info is not None and (info.lengths or not wants_lengths):  # shards from before lengths: rewritten
+        # shards written without lengths (an older dgm) or with a damaged list are written again
+        if info is not None and (len(info.lengths) == info.count if wants_lengths else not info.lengths):
             infos[plan.index] = info
     todo = [p for p in plans if p.index not in infos]
     tokenizer = write_tokenizer(config, source)

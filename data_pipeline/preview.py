@@ -11,6 +11,7 @@ from PIL import Image
 
 PREVIEW_NAME = "preview.png"
 PREVIEW_COUNT = 36
+PREVIEW_CELL = 128  # pixels: a photo folder's preview stays a few hundred KB
 
 
 def grid_uint8(images: Sequence[np.ndarray] | np.ndarray, nrow: int | None = None, min_cell: int = 64) -> np.ndarray:
@@ -31,6 +32,20 @@ def grid_uint8(images: Sequence[np.ndarray] | np.ndarray, nrow: int | None = Non
         y, x = pad + r * (hh + pad), pad + col * (ww + pad)
         grid[y:y + hh, x:x + ww] = imgs[i]
     return grid
+
+
+def fit_cell(image: np.ndarray, cell: int = PREVIEW_CELL) -> np.ndarray:
+    """An image of any size -> uint8 [cell, cell, 3]: shrunk to fit (aspect kept, Pillow's thumbnail) and centred
+    on white; images already that small only gain the white margin, so every preview cell has one size."""
+    img = np.asarray(image)
+    pil = Image.fromarray(img[..., 0] if img.shape[2] == 1 else img).convert("RGB")
+    if max(pil.size) > cell:
+        pil.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+    out = np.full((cell, cell, 3), 255, dtype=np.uint8)
+    w, h = pil.size
+    top, left = (cell - h) // 2, (cell - w) // 2
+    out[top:top + h, left:left + w] = np.asarray(pil)
+    return out
 
 
 def png_bytes(grid: np.ndarray) -> bytes:

@@ -99,6 +99,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
     family, modules, _ = load_export(args.export)
     options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
+    for name in ("value_temperature", "value_top_p"):
+        if getattr(args, name) is not None:
+            if name not in family.extra_draw_settings:
+                raise ValueError(f"{args.export}: a {family.name!r} export has no separate value draw "
+                                 f"(--{name.replace('_', '-')}); DCTransformer exports do")
+            options[name] = getattr(args, name)
     if args.prompt or args.rerank:
         return _sample_prompt(args, family, modules, options)
     if args.labels:
@@ -109,12 +115,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
             raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
                              "conditional DCTransformer exports do")
         options["mean_of"] = args.mean_of
-    for name in ("value_temperature", "value_top_p"):
-        if getattr(args, name) is not None:
-            if name not in family.extra_draw_settings:
-                raise ValueError(f"{args.export}: a {family.name!r} export has no separate value draw "
-                                 f"(--{name.replace('_', '-')}); DCTransformer exports do")
-            options[name] = getattr(args, name)
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
     out = args.out or os.path.join(args.export, "samples.png")

@@ -350,10 +350,10 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
 
     folder = tmp_path / "photos"
     folder.mkdir()
-    img = photos["coffee"][:64, :64]
+    img = photos["astronaut"][:64, :64]
     _pillow_jpeg(img, 75, folder / "a_fits.jpg")
     _pillow_jpeg(photos["chelsea"][:64, :64], 90, folder / "b_q90.jpg")
-    Image.fromarray(photos["astronaut"][:64, :64]).save(folder / "c_444.jpg", quality=75, subsampling=0)
+    Image.fromarray(photos["coffee"][:64, :64]).save(folder / "c_444.jpg", quality=75, subsampling=0)
     exif = Image.Exif()
     exif[0x0112] = 3  # rotated 180 degrees: the stored blocks are not the upright image
     Image.fromarray(photos["china"][:64, :64]).save(folder / "d_rotated.jpg", quality=75, subsampling=2, exif=exif)
@@ -376,6 +376,7 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     cfg = DCTCodecConfig(resolution=64)
     pixels = [encode([source.sample(i).image], cfg)[0] for i in range(5)]
     stored = encode_jpeg_files([files[0]], cfg).sequences[0]
+    assert not np.array_equal(stored, pixels[0])  # decoding and re-encoding this file rounds differently
     coeff = tokens("coefficients")
     assert np.array_equal(coeff[0], stored)
     assert all(np.array_equal(a, b) for a, b in zip(coeff[1:], pixels[1:], strict=True))
@@ -388,8 +389,11 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     codec = DCTCodec(DCTCodecConfig(resolution=64, jpeg_source="coefficients"))
     for i in range(5):
         codec.encode(source.sample(i))
-    assert codec.coefficient_files == 1 and len(codec.pixel_fallbacks) == 2
-    assert "b_q90.jpg" in codec.pixel_fallbacks[0] and "c_444.jpg" in codec.pixel_fallbacks[1]
+    assert codec.coefficient_files == 1 and len(codec.pixel_fallbacks) == 4
+    assert "b_q90.jpg: its quantisation tables are not this quality's (jpeg_source: requantize takes them)" in \
+        codec.pixel_fallbacks[0]
+    assert "c_444.jpg" in codec.pixel_fallbacks[1] and "pixel_fallback" not in codec.pixel_fallbacks[1]
+    assert all("came as pixels, not a file" in r for r in codec.pixel_fallbacks[2:])  # rotated JPEG, PNG
     with pytest.raises(ValueError, match="jpeg_source must be one of"):
         DCTCodecConfig(resolution=64, jpeg_source="bytes")
 

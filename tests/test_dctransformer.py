@@ -216,7 +216,7 @@ def test_export_load_sample(tmp_path, mode):
         assert np.abs(y_src - y_out).mean() < 20
 
 
-def test_dgm_sample_cli_from_an_export(tmp_path, capsys):
+def test_dgm_sample_cli_from_an_export(tmp_path, capsys, monkeypatch):
     fam, model = family(chunk_size=16, max_triples=30)
     out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()})
     png = str(tmp_path / "s.png")
@@ -227,8 +227,19 @@ def test_dgm_sample_cli_from_an_export(tmp_path, capsys):
 
     assert main(["sample", out, "--out", png, "--n", "1", "--mean-of", "2"]) == 2  # unconditional: refused
     os.remove(png)
+    import trainer.families.dctransformer as dct_family
+
+    drawn_with: list[DrawSettings] = []
+
+    class Recorded(DrawSettings):
+        def __init__(self, **kw) -> None:
+            super().__init__(**kw)
+            drawn_with.append(self)
+
+    monkeypatch.setattr(dct_family, "DrawSettings", Recorded)
     assert main(["sample", out, "--out", png, "--n", "2", "--top-p", "0.8", "--value-top-p", "1.0"]) == 0
     assert os.path.getsize(png) > 100
+    assert [(d.top_p, d.value_top_p, d.value_temperature) for d in drawn_with] == [(0.8, 1.0, None)]
     # another family has no separate value draw: refused by name, not a TypeError deep inside
     from trainer.families.image_gpt import ImageGPTConfig, ImageGPTFamily
 

@@ -242,13 +242,42 @@ def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_th
     prepare_dataset(cfg, report=lines.append)
     assert "(2 already done)" in lines[0]
     assert load_manifest(out).sequence_lengths == read
-    # a manifest whose lengths do not match its counts is refused, naming the field
+    # the lengths sit on one line per shard; a manifest whose lengths are wrong is refused, naming the field
     p = os.path.join(out, "manifest.json")
-    data = json.load(open(p))
-    data["shards"][2]["lengths"] = data["shards"][2]["lengths"][:-1]
-    json.dump(data, open(p, "w"))
-    with pytest.raises(DatasetError, match=r"shards\[2\].lengths must list one length per sample \(8\), got 7"):
-        load_manifest(out)
+    text = open(p).read()
+    assert json.dumps(read[16:32], separators=(",", ":")) in text
+    for i, bad, message in [
+        (2, lambda v: v[:-1], r"shards\[2\].lengths must list one length per sample \(8\), got 7"),
+        (1, lambda v: None, r"shards\[1\].lengths must be a list of ints"),
+        (0, lambda v: [True] * len(v), r"shards\[0\].lengths must be positive ints"),
+        (1, lambda v: [], r"shards\[1\].lengths is missing: every shard lists"),
+    ]:
+        data = json.loads(text)
+        data["shards"][i]["lengths"] = bad(data["shards"][i]["lengths"])
+        json.dump(data, open(p, "w"))
+        with pytest.raises(DatasetError, match=message):
+            load_manifest(out)
+    # a shard info whose lengths do not match its count is not reused: that shard is written again
+    info = json.load(open(info_path))
+    info["shard"]["lengths"] = info["shard"]["lengths"][:-2]
+    json.dump(info, open(info_path, "w"))
+    lines.clear()
+    prepare_dataset(cfg, report=lines.append)
+    assert "(2 already done)" in lines[0] and load_manifest(out).sequence_lengths == read
+
+
+def test_preview_of_an_image_folder_with_mixed_sizes(tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, shape in [("wide.png", (60, 300, 3)), ("tall.png", (500, 90, 3)), ("grey.png", (40, 40))]:
+        Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / name)
+    out = str(tmp_path / "ds")
+    prepare_dataset(PrepareConfig(output=out, source="image_folder", source_settings={"path": str(folder)},
+                                  parallel=False), report=lambda _: None)
+    assert load_manifest(out).total == 3
+    preview = np.asarray(Image.open(os.path.join(out, "preview.png")))
+    assert preview.shape == (2 * 130 + 2, 2 * 130 + 2, 3)  # 2 x 2 cells of 128 pixels: every image fitted
 
 
 def test_dct_prepare_of_upscaled_digits_has_luma_only(tmp_path):

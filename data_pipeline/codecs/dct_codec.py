@@ -38,6 +38,17 @@ from data_pipeline.codecs.jpeg_coefficients import JPEGReadError, read_jpeg_dct,
 from data_pipeline.codecs.metadata import SampleDecodeError, decode_metadata, encode_metadata
 
 log = logging.getLogger(__name__)
+FALLBACK_WARNINGS = 5  # per codec instance (one per shard written)
+
+
+def coefficient_refusal(error: JPEGReadError, path: str) -> str:
+    """Why a file's coefficients could not be taken, in the codec's terms (not the reader's Python arguments)."""
+    cause = error.__cause__
+    if cause is not None and not isinstance(cause, JPEGReadError):
+        return f"{path}: {cause}"
+    if "quantisation table" in str(error):
+        return f"{path}: its quantisation tables are not this quality's (jpeg_source: requantize takes them)"
+    return str(error)
 
 
 def encode_with_stats(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> SparseBatch:
@@ -99,18 +110,27 @@ class DCTCodec:
 
     def _from_file(self, sample: Any) -> SparseBatch | None:
         """The sequence from the JPEG file's own coefficients, or None (pixels wanted, no file, or a file the
-        coefficient path cannot serve: recorded in ``pixel_fallbacks`` and logged)."""
+        coefficient path cannot serve: recorded in ``pixel_fallbacks``, the first few logged)."""
+        if self.config.jpeg_source == "pixels":
+            return None
         path = getattr(sample, "source_file", None)
-        if self.config.jpeg_source == "pixels" or not path:
+        if not path:
+            self._fallback(f"sample {sample.key} came as pixels, not a file (only an image folder without "
+                           "resolution hands over its JPEG files)")
             return None
         try:
             dct = read_jpeg_dct(path, self.config, requantize=self.config.jpeg_source == "requantize")
         except JPEGReadError as e:
-            self.pixel_fallbacks.append(str(e))
-            log.warning("dct codec: %s; encoding its pixels instead", e)
+            self._fallback(coefficient_refusal(e, str(path)))
             return None
         self.coefficient_files += 1
         return sparsify(dct[None], self.config)
+
+    def _fallback(self, reason: str) -> None:
+        self.pixel_fallbacks.append(reason)
+        if len(self.pixel_fallbacks) <= FALLBACK_WARNINGS:
+            more = " (further ones are not logged)" if len(self.pixel_fallbacks) == FALLBACK_WARNINGS else ""
+            log.warning("dct codec, jpeg_source=%s: %s; encoded from pixels%s", self.config.jpeg_source, reason, more)
 
     def sequence_length(self, fields: dict[str, bytes]) -> int:
         """Rows of the sequence in ``encode``'s fields (end token included): recorded per sample in the manifest,
@@ -128,10 +148,10 @@ class DCTCodec:
             raise SampleDecodeError(str(e)) from e
         return {**out, **decode_metadata(fields)}
 
-    def preview_images(self, samples: list[Any]) -> np.ndarray:
+    def preview_images(self, samples: list[Any]) -> list[np.ndarray]:
         """What the shards hold, as images for the data set's preview grid: each sample through the codec and
         back (quantisation and 4:2:0 chroma included), the pictures a model trained on them can at best draw."""
-        return self.decode_images([self.decode(self.encode(s))["tokens"] for s in samples])
+        return list(self.decode_images([self.decode(self.encode(s))["tokens"] for s in samples]))
 
     def decode_images(self, sequences: Sequence[np.ndarray] | np.ndarray) -> np.ndarray:
         """Token sequences -> uint8 RGB [B, H, W, 3] (for samples and previews)."""

@@ -45,9 +45,9 @@ class ImageCodec:
         )
         return {"png": buf.getvalue(), **encode_metadata(sample, self.config.keep)}
 
-    def preview_images(self, samples: list[Any]) -> np.ndarray:
+    def preview_images(self, samples: list[Any]) -> list[np.ndarray]:
         """What the shards hold, as images for the data set's preview grid (PNG is lossless: the images)."""
-        return np.stack([self.decode(self.encode(s))["image"] for s in samples])
+        return [self.decode(self.encode(s))["image"] for s in samples]
 
     def decode(self, fields: dict[str, Any]) -> dict[str, Any]:
         key = fields.get("__key__", "?")

@@ -122,7 +122,7 @@ def _load(path: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
     """(uint8 HxWx3 RGB, whether it is a JPEG file's own YCbCr or grey content, unrotated and unresized)."""
     try:
         with Image.open(path) as opened:
-            plain = (resolution is None and opened.format == "JPEG" and opened.mode in ("RGB", "L")
+            plain = (resolution is None and opened.format in ("JPEG", "MPO") and opened.mode in ("RGB", "L")
                      and opened.getexif().get(ORIENTATION_TAG, 1) == 1)
             img = to_rgb(ImageOps.exif_transpose(opened))
             if resolution is not None:
