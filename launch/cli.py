@@ -8,6 +8,8 @@ import os
 import sys
 from collections.abc import Callable
 
+from launch.arg_types import at_least, int_list, positive, probability_mass
+
 EPILOG = "Overrides: any config key as dotted.path=value (YAML value), e.g. trainer.optim.lr=3e-4 zero.stage=3"
 
 
@@ -108,8 +110,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.prompt or args.rerank:
         return _sample_prompt(args, family, modules, options)
     if args.labels:
-        options["labels"] = [int(x) for x in args.labels.split(",")]
-        args.n = len(options["labels"])
+        options["labels"] = args.labels
+        args.n = len(args.labels)
     if args.mean_of != 1:
         if "mean_of" not in inspect.signature(family.sample_images).parameters:
             raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
@@ -194,7 +196,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--address", default="", help="existing Ray cluster address, or 'auto'")
-    p.add_argument("--stop-after", type=int, default=0, help="stop after this many steps of this invocation")
+    p.add_argument("--stop-after", type=at_least(0, int), default=0, help="stop after this many steps of this invocation")
     commands["train"] = cmd_train
 
     p = sub.add_parser("export", help="checkpoint -> safetensors + config.json loadable with torch alone",
@@ -209,21 +211,26 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loads an export folder with torch alone and writes a grid of samples.")
     p.add_argument("export", help="export folder written by `dgm export`")
     p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png)")
-    p.add_argument("--n", type=int, default=16, help="number of samples")
+    p.add_argument("--n", type=positive(int), default=16, help="number of samples")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--value-temperature", type=float, default=None,
+    p.add_argument("--temperature", type=at_least(0.0, meaning="0 draws greedily"), default=1.0,
+                   help="softmax temperature; 0 draws the most likely token")
+    p.add_argument("--top-k", type=at_least(0, int, "0 keeps every token"), default=0,
+                   help="draw among the K most likely tokens (0: all)")
+    p.add_argument("--top-p", type=probability_mass, default=1.0,
+                   help="nucleus sampling: the smallest set of tokens holding this mass, in (0, 1] (1: all)")
+    p.add_argument("--value-temperature", type=at_least(0.0, meaning="0 draws greedily"), default=None,
                    help="DCTransformer: the value decoder's temperature (default: --temperature)")
-    p.add_argument("--value-top-p", type=float, default=None,
+    p.add_argument("--value-top-p", type=probability_mass, default=None,
                    help="DCTransformer: the value decoder's nucleus mass (default: --top-p); with --top-p < 1 "
                         "and --value-top-p 1 the cut trims where coefficients go, not their values")
-    p.add_argument("--labels", default="", help="comma-separated class labels (class-conditional models)")
+    p.add_argument("--labels", type=int_list, default=None,
+                   help="comma-separated class labels, one sample each (class-conditional models)")
     p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
-    p.add_argument("--keep", type=int, default=0, help="keep only the best N candidates (default: all)")
-    p.add_argument("--mean-of", type=int, default=1, metavar="K",
+    p.add_argument("--keep", type=at_least(0, int, "0 keeps all"), default=0,
+                   help="keep only the best N candidates (default: all)")
+    p.add_argument("--mean-of", type=at_least(1, int), default=1, metavar="K",
                    help="conditional DCTransformer (colourise, superres): each image is the mean of K draws")
     commands["sample"] = cmd_sample
 

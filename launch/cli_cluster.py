@@ -6,6 +6,7 @@ import argparse
 import os
 from collections.abc import Callable
 
+from launch.arg_types import at_least, positive
 from launch.train import PROJECT_ROOT
 
 Command = Callable[[argparse.Namespace], int]
@@ -83,8 +84,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
 
 def _add_resources(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus", type=float, default=0.0, help="CPUs the job's driver reserves")
-    p.add_argument("--gpus", type=float, default=0.0, help="GPUs (fractions below 1 allowed)")
+    p.add_argument("--cpus", type=at_least(0.0), default=0.0, help="CPUs the job's driver reserves")
+    p.add_argument("--gpus", type=at_least(0.0), default=0.0, help="GPUs (fractions below 1 allowed)")
     p.add_argument("--memory", default="", help="memory, e.g. 4GiB")
 
 
@@ -127,6 +128,6 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
     q = qsub.add_parser("run", help="run the queue against a cluster (survives restarts: state is in the file)")
     q.add_argument("--queue", default=default_queue)
     q.add_argument("--address", default="", help=ADDRESS_HELP)
-    q.add_argument("--poll", type=float, default=5.0)
+    q.add_argument("--poll", type=positive(float), default=5.0, help="seconds between scheduling rounds")
     q.add_argument("--once", action="store_true", help="one scheduling round, then exit")
     commands["queue"] = cmd_queue

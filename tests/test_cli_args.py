@@ -1,0 +1,53 @@
+"""Numeric CLI flags: a bad value is refused by argparse, naming the flag, before any work starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from launch.cli import build_parser
+
+
+def _refused(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        build_parser().parse_args(argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("flag", "value", "reason"), [
+    ("--top-p", "0", "outside (0, 1]"),
+    ("--top-p", "1.5", "outside (0, 1]"),
+    ("--top-p", "nan", "not a finite number"),
+    ("--value-top-p", "-0.2", "outside (0, 1]"),
+    ("--temperature", "-1", "below 0.0 (0 draws greedily)"),
+    ("--value-temperature", "inf", "not a finite number"),
+    ("--top-k", "-3", "below 0 (0 keeps every token)"),
+    ("--top-k", "2.5", "not an integer"),
+    ("--n", "0", "must be above 0"),
+    ("--mean-of", "0", "below 1"),
+    ("--keep", "-1", "below 0"),
+    ("--labels", "1,x", "not a comma-separated list of integers"),
+    ("--labels", "2,-1", "class labels are 0 or more"),
+])
+def test_sample_flags_refuse_bad_values_by_name(capsys: pytest.CaptureFixture[str], flag: str, value: str,
+                                                reason: str) -> None:
+    err = _refused(capsys, ["sample", "runs/x/export", f"{flag}={value}"])
+    assert f"argument {flag}" in err and reason in err
+
+
+def test_sample_flags_accept_their_edge_values() -> None:
+    args = build_parser().parse_args(["sample", "e", "--top-p", "1", "--temperature", "0", "--top-k", "0",
+                                      "--n", "1", "--mean-of", "1", "--labels", "0,3,3"])
+    assert (args.top_p, args.temperature, args.top_k, args.n, args.labels) == (1.0, 0.0, 0, 1, [0, 3, 3])
+    assert args.value_top_p is None and args.value_temperature is None
+
+
+@pytest.mark.parametrize("argv", [
+    ["train", "configs/demo.yaml", "--stop-after", "-5"],
+    ["submit", "configs/demo.yaml", "--cpus", "-1"],
+    ["submit", "configs/demo.yaml", "--gpus", "nan"],
+    ["queue", "run", "--poll", "0"],
+])
+def test_other_numeric_flags_refuse_bad_values(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    err = _refused(capsys, argv)
+    assert f"argument {argv[-2]}" in err
