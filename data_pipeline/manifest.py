@@ -10,6 +10,7 @@ from data_pipeline import storage
 
 FORMAT_VERSION = 1
 MANIFEST_NAME = "manifest.json"
+EXAMPLES_KEPT = 5  # encoding examples a manifest keeps over all its shards
 
 
 class DatasetError(ValueError):
@@ -27,6 +28,10 @@ class ShardInfo:
     lengths: list[int] = field(default_factory=list)
     """Each sample's sequence length (rows, end token included) for codecs that write variable-length sequences;
     empty for the others."""
+    encoding: dict[str, Any] = field(default_factory=dict)
+    """What the codec reported of this shard's encodes (codecs with ``encode_report``): counts such as values
+    clipped or JPEG files read for their coefficients, and under ``examples`` the first reasons for anything the
+    user may want to fix; empty for other codecs."""
 
 
 @dataclass
@@ -53,6 +58,18 @@ class Manifest:
         """Every sample's sequence length in dataset order ([] when the codec writes none)."""
         return [n for s in self.shards for n in s.lengths]
 
+    @property
+    def encoding(self) -> dict[str, Any]:
+        """The shards' encoding reports summed (counts) and joined (the first ``EXAMPLES_KEPT`` examples)."""
+        total: dict[str, Any] = {}
+        for shard in self.shards:
+            for key, value in shard.encoding.items():
+                if key == "examples":
+                    total["examples"] = (total.get("examples", []) + value)[:EXAMPLES_KEPT]
+                else:
+                    total[key] = total.get(key, 0) + value
+        return total
+
     def shard_url(self, i: int) -> str:
         return storage.join(self.url, self.shards[i].name)
 
@@ -68,6 +85,8 @@ class Manifest:
                 shard["lengths"] = f"@lengths-{i}@"
             else:
                 del shard["lengths"]
+            if not shard["encoding"]:
+                del shard["encoding"]
         text = json.dumps(data, indent=1, sort_keys=True)
         for placeholder, row in rows.items():
             text = text.replace(f'"{placeholder}"', row, 1)
@@ -114,6 +133,7 @@ def parse_manifest(text: str, url: str) -> Manifest:
                  f"shards[{i}].lengths must list one length per sample ({info.count}), got {len(info.lengths)}")
         _require(all(type(n) is int and n >= 1 for n in info.lengths), url,
                  f"shards[{i}].lengths must be positive ints")
+        _check_encoding(info.encoding, url, f"shards[{i}].encoding")
         shards.append(info)
     listed = [bool(s.lengths) for s in shards]
     if any(listed) and not all(listed):
@@ -123,6 +143,16 @@ def parse_manifest(text: str, url: str) -> Manifest:
     return Manifest(
         source=data["source"], codec=data["codec"], shards=shards, extra=data.get("extra", {}), url=base
     )
+
+
+def _check_encoding(encoding: Any, url: str, where: str) -> None:
+    _require(isinstance(encoding, dict), url, f"{where} must be an object")
+    for key, value in encoding.items():
+        if key == "examples":
+            _require(isinstance(value, list) and all(isinstance(v, str) for v in value), url,
+                     f"{where}.examples must be a list of strings")
+        else:
+            _require(type(value) is int and value >= 0, url, f"{where}.{key} must be a count (an int >= 0)")
 
 
 def load_manifest(dataset_url: str) -> Manifest:

@@ -135,13 +135,14 @@ def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
                 lengths.append(length_of(fields))
         return lengths if length_of is not None else None
 
-    return publish_shard(config.output, plan, fill)
+    return publish_shard(config.output, plan, fill, getattr(codec, "encode_report", None))
 
 
-def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], list[int] | None]) -> ShardInfo:
+def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], list[int] | None],
+                  report: Callable[[], dict[str, Any]] | None = None) -> ShardInfo:
     """``fill`` writes the shard's samples into a local temporary tar (returning their sequence lengths, or None);
-    it is then moved/uploaded whole to ``output`` and its info file (count, size, sha256, index, lengths, plan
-    fingerprint) written beside it."""
+    it is then moved/uploaded whole to ``output`` and its info file (count, size, sha256, index, lengths, the
+    codec's ``report`` of the encodes, plan fingerprint) written beside it."""
     target = storage.join(output, plan.name)
     fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="dgm-shard-")
     try:
@@ -154,7 +155,7 @@ def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], 
         if lengths and len(lengths) != len(offsets):
             raise ValueError(f"shard {target}: {len(lengths)} sequence lengths for {len(offsets)} samples")
         info = ShardInfo(plan.name, len(offsets), os.path.getsize(tmp), digest, plan.first, offsets[::INDEX_STRIDE],
-                         lengths)
+                         lengths, report() if report is not None else {})
         storage.upload_file(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -223,6 +224,13 @@ def write_preview(config: PrepareConfig, source: Any, codec: Any, say: Callable[
     say(f"[prepare] preview of the first {n} samples as stored: {url}")
 
 
+def describe_encoding(encoding: dict[str, Any], codec: str) -> str:
+    """One line of the codec's summed encoding report; the counts a user acts on first, then examples."""
+    counts = ", ".join(f"{key.replace('_', ' ')} {value}" for key, value in encoding.items() if key != "examples")
+    examples = encoding.get("examples", [])
+    return f"{codec} codec: {counts}" + (f"; for example: {' | '.join(examples)}" if examples else "")
+
+
 def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None = None) -> Manifest:
     """Write every missing shard, then the manifest. Uses Ray tasks when ``parallel`` and Ray is initialised."""
     if not config.output:
@@ -277,4 +285,6 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     say(f"[prepare] wrote manifest with {manifest.total} samples in {len(plans)} shards")
     if "sequence_length" in manifest.extra:
         say(f"[prepare] sequence lengths (rows per sample): {manifest.extra['sequence_length']}")
+    if encoding := manifest.encoding:
+        say(f"[prepare] {describe_encoding(encoding, config.codec)}")
     return manifest

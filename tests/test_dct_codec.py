@@ -362,16 +362,25 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     source = build_source("image_folder", {"path": str(folder)})
     assert [source.sample(i).source_file is not None for i in range(5)] == [True, True, True, False, False]
 
+    said: dict[str, list[str]] = {}
+    encodings: dict[str, dict] = {}
+
     def tokens(jpeg_source: str) -> list[np.ndarray]:
         out = tmp_path / jpeg_source
+        said[jpeg_source] = []
         prepare_dataset(PrepareConfig(output=str(out), source="image_folder", source_settings={"path": str(folder)},
                                       codec="dct", codec_settings={"resolution": 64, "jpeg_source": jpeg_source},
-                                      samples_per_shard=8, parallel=False), report=lambda _: None)
+                                      samples_per_shard=3, parallel=False), report=said[jpeg_source].append)
         m = load_manifest(str(out))
         assert m.codec["settings"]["jpeg_source"] == jpeg_source
+        encodings[jpeg_source] = m.encoding
+        # shards [a_fits, b_q90, c_444] and [d_rotated, e.png]: files the coefficient path could not serve
+        expected = {"coefficients": [2, 2], "requantize": [1, 2], "pixels": [None, None]}[jpeg_source]
+        assert [shard.encoding.get("from_pixels") for shard in m.shards] == expected
         codec = DCTCodec(DCTCodecConfig.from_dict(m.codec["settings"]))
-        with tarfile.open(out / m.shards[0].name) as tar:
-            return [codec.decode({"dct": tar.extractfile(f).read()})["tokens"] for f in tar if f.name.endswith(".dct")]
+        return [codec.decode({"dct": tar.extractfile(f).read()})["tokens"]
+                for shard in m.shards for tar in [tarfile.open(out / shard.name)]
+                for f in tar if f.name.endswith(".dct")]
 
     cfg = DCTCodecConfig(resolution=64)
     pixels = [encode([source.sample(i).image], cfg)[0] for i in range(5)]
@@ -386,6 +395,15 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     assert not np.array_equal(requant[1], pixels[1])
     assert all(np.array_equal(a, b) for a, b in zip(requant[2:], pixels[2:], strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(tokens("pixels"), pixels, strict=True))
+    # the manifest sums the shards' encoding reports (samples_per_shard 3: two shards) and prepare says it
+    assert encodings["coefficients"] == {"clipped_values": 0, "from_coefficients": 1, "from_pixels": 4,
+                                         "examples": encodings["coefficients"]["examples"]}
+    assert "b_q90.jpg: its quantisation tables are not this quality's" in encodings["coefficients"]["examples"][0]
+    assert len(encodings["coefficients"]["examples"]) == 4  # two per shard
+    assert (encodings["requantize"]["from_coefficients"], encodings["requantize"]["from_pixels"]) == (2, 3)
+    assert encodings["pixels"] == {"clipped_values": 0}
+    assert any(line.startswith("[prepare] dct codec: clipped values 0, from coefficients 1, from pixels 4; "
+                               "for example: ") and "b_q90.jpg" in line for line in said["coefficients"])
     codec = DCTCodec(DCTCodecConfig(resolution=64, jpeg_source="coefficients"))
     for i in range(5):
         codec.encode(source.sample(i))
@@ -523,3 +541,20 @@ def test_shard_codec_contract(small_batch: np.ndarray) -> None:
         codec.encode(
             SimpleNamespace(key="k8", image=small_batch[0][:40], label=None, caption=None, attributes=None)
         )
+
+
+def test_codec_report_counts_clipped_values_and_says_what_to_raise(photos: dict[str, np.ndarray]) -> None:
+    """Coefficients beyond value_range are clipped (lossy): the shard's report counts them and names the setting."""
+    img = photos["astronaut"][:64, :64]
+    narrow = DCTCodec(DCTCodecConfig(resolution=64, quality=95, value_range=8))
+    wide = DCTCodec(DCTCodecConfig(resolution=64, quality=95))
+    sample = SimpleNamespace(key="a", image=img, label=None, caption=None, attributes=None)
+    narrow.encode(sample)
+    wide.encode(sample)
+    expected = int(encode_with_stats([img], narrow.config).clipped[0])
+    assert expected > 0
+    report = narrow.encode_report()
+    assert report["clipped_values"] == expected
+    assert report["examples"] == [f"{expected} coefficient values clipped to +-8 (raise codec_settings.value_range "
+                                  "to keep them)"]
+    assert wide.encode_report() == {"clipped_values": 0}

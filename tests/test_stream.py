@@ -257,6 +257,27 @@ def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_th
         json.dump(data, open(p, "w"))
         with pytest.raises(DatasetError, match=message):
             load_manifest(out)
+    # each shard's codec report (values clipped) is summed; a manifest from before reports reads as none
+    data = json.loads(text)
+    assert [shard["encoding"] for shard in data["shards"]] == [{"clipped_values": 0}] * 3
+    for i, bad, message in [
+        (1, [], r"shards\[1\].encoding must be an object"),
+        (0, {"clipped_values": -1}, r"shards\[0\].encoding.clipped_values must be a count"),
+        (2, {"clipped_values": 1.5}, r"shards\[2\].encoding.clipped_values must be a count"),
+        (2, {"examples": "clipped"}, r"shards\[2\].encoding.examples must be a list of strings"),
+    ]:
+        data = json.loads(text)
+        data["shards"][i]["encoding"] = bad
+        json.dump(data, open(p, "w"))
+        with pytest.raises(DatasetError, match=message):
+            load_manifest(out)
+    data = json.loads(text)
+    for shard in data["shards"]:
+        del shard["encoding"]
+    json.dump(data, open(p, "w"))
+    assert load_manifest(out).encoding == {}
+    open(p, "w").write(text)
+    assert load_manifest(out).encoding == {"clipped_values": 0}
     # a shard info whose lengths do not match its count is not reused: that shard is written again
     info = json.load(open(info_path))
     info["shard"]["lengths"] = info["shard"]["lengths"][:-2]

@@ -39,6 +39,7 @@ from data_pipeline.codecs.metadata import SampleDecodeError, decode_metadata, en
 
 log = logging.getLogger(__name__)
 FALLBACK_WARNINGS = 5  # per codec instance (one per shard written)
+FALLBACK_EXAMPLES = 2  # reasons a shard's encoding report keeps
 
 
 def coefficient_refusal(error: JPEGReadError, path: str) -> str:
@@ -131,6 +132,22 @@ class DCTCodec:
         if len(self.pixel_fallbacks) <= FALLBACK_WARNINGS:
             more = " (further ones are not logged)" if len(self.pixel_fallbacks) == FALLBACK_WARNINGS else ""
             log.warning("dct codec, jpeg_source=%s: %s; encoded from pixels%s", self.config.jpeg_source, reason, more)
+
+    def encode_report(self) -> dict[str, Any]:
+        """What this instance's encodes did, for the shard's info and the manifest: values clipped to the value
+        range and, when JPEG files are wanted for their coefficients, how many were read that way and how many were
+        encoded from pixels instead, with the first reasons under ``examples``."""
+        report: dict[str, Any] = {"clipped_values": self.clipped_total}
+        examples = []
+        if self.clipped_total:
+            examples.append(f"{self.clipped_total} coefficient values clipped to +-{self.config.value_range} "
+                            "(raise codec_settings.value_range to keep them)")
+        if self.config.jpeg_source != "pixels":
+            report |= {"from_coefficients": self.coefficient_files, "from_pixels": len(self.pixel_fallbacks)}
+            examples += self.pixel_fallbacks[:FALLBACK_EXAMPLES]
+        if examples:
+            report["examples"] = examples
+        return report
 
     def sequence_length(self, fields: dict[str, bytes]) -> int:
         """Rows of the sequence in ``encode``'s fields (end token included): recorded per sample in the manifest,
