@@ -35,12 +35,16 @@ def test_prepare_train_export_sample_through_the_cli(tmp_path):
     manifest = json.load(open(run / "data" / "train" / "manifest.json"))
     assert sum(s["count"] for s in manifest["shards"]) == 600 and len(manifest["shards"]) == 5
     assert manifest["codec"]["name"] == "dct" and all(s["count"] and s["sha256"] for s in manifest["shards"])
+    assert all(s["encoding"] == {"clipped_values": 0} for s in manifest["shards"])
+    assert "[prepare] dct codec: clipped values 0" in prep.stdout
 
     train = dgm("train", config, *over)
     assert train.returncode == 0, train.stderr[-3000:]
     out = train.stdout + train.stderr
     assert "[memory] model" in out and "[train] step 20/20" in out and "ETA" in out
     assert out.count("[train] step 10/20") == 1, "each progress line is printed once"
+    assert "Failed to query Ray Train Controller" not in out and "FutureWarning" not in out, \
+        "library chatter a user cannot act on is silenced (trainer.ray_env.quiet_worker_noise)"
     assert (run / "checkpoints" / "latest").read_text() == "step-00000020"
 
     exp = dgm("export", config, *over)

@@ -36,11 +36,26 @@ def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
     for key, value in worker_env().items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env()}, log_to_driver=True)
+        ray.init(address=address, runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": quiet_worker_noise},
+                 log_to_driver=True)
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
-             runtime_env={"env_vars": worker_env()}, log_to_driver=True, configure_logging=False)
+             runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": quiet_worker_noise},
+             log_to_driver=True, configure_logging=False)
     return True
+
+
+def quiet_worker_noise() -> None:
+    """Ray worker setup: silence library chatter a user cannot act on, so training logs show training.
+    - The embedded cluster runs without the dashboard, so without Ray's state API, which Ray Train's placement-group
+      cleaner polls every second, warning each time (hundreds of lines a run). Its job, removing a dead
+      controller's placement group, is done there by the cluster ending with the driver.
+    - DeepSpeed's ZeRO-2 calls torch's deprecated ``all_gather_into_tensor`` spelling, a FutureWarning per rank."""
+    import logging
+    import warnings
+
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
 def absolute(url: str) -> str:
