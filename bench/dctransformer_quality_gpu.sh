@@ -2,9 +2,9 @@
 # The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
 #
 #   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
-#   CONFIGS=a MINUTES=7.5 INIT_PARTS=runs/dct_quality/g9a_parts bash bench/dctransformer_quality_gpu.sh  # continue A
-#   (the next lent GPU: also BATCH=1024 LR_A=2e-3, carrying runs/dct_quality/g9a_parts and
-#   runs/dct_quality/scene_counter_q75.pt, the codec kernel's cp312 build and .whl/)
+#   CONFIGS=a MINUTES=7 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # the next lent GPU
+#   (carrying the codec kernel's cp312 build and .whl/; run 8's weights lived in the ignored runs/ folder and did
+#   not outlive their session, so A starts from scratch unless INIT_PARTS names weights carried into the call)
 #
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
