@@ -7,9 +7,9 @@ import os
 import torch
 
 from trainer.checkpoint import CheckpointError, CheckpointStore
-from trainer.export import write_export
+from trainer.export import check_replaceable, write_export
 from trainer.families import family_class
-from trainer.typed_config import from_dict
+from trainer.typed_config import ConfigError, from_dict
 
 
 def consolidated_state(checkpoint_dir: str, network: str) -> dict[str, torch.Tensor]:
@@ -25,6 +25,7 @@ def consolidated_state(checkpoint_dir: str, network: str) -> dict[str, torch.Ten
 
 def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None) -> str:
     """Export the given (default: latest) checkpoint of a run to ``out_dir``; returns ``out_dir``."""
+    check_replaceable(out_dir)  # before the consolidation's minutes, not after
     store = CheckpointStore(checkpoint_root, staging=os.path.join(os.path.dirname(os.path.abspath(out_dir)), ".staging"))
     tag = tag or store.latest()
     if tag is None:
@@ -32,8 +33,12 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
     meta = store.read_meta(tag)
     if meta.zero_stage == 0:
         raise CheckpointError(f"{checkpoint_root}/{tag}: export reads ZeRO checkpoints (stage >= 1)")
-    cls = family_class(meta.family)
-    family = cls(from_dict(cls.config_cls, meta.config.get("model") or {}, "model"), meta.data_info)
+    try:
+        cls = family_class(meta.family)
+        family = cls(from_dict(cls.config_cls, meta.config.get("model") or {}, "model"), meta.data_info)
+    except (ConfigError, ValueError) as e:
+        raise CheckpointError(f"{checkpoint_root}/{tag}: its meta.json does not rebuild a {meta.family!r} model "
+                              f"({e})") from e
     path = store.local_copy(tag)
     states = {name: consolidated_state(path, name) for name in meta.engines}
     return write_export(out_dir, family, states, {"step": meta.step, "checkpoint": f"{checkpoint_root}/{tag}"})

@@ -67,7 +67,9 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], sh
 
 def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
                  extra: Mapping[str, Any] | None = None) -> str:
-    """Write an export folder atomically (``<out>.partial`` renamed at the end). Returns ``out_dir``."""
+    """Write an export folder atomically (``<out>.partial`` renamed at the end) where ``check_replaceable``
+    allows. Returns ``out_dir``."""
+    check_replaceable(out_dir)
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -97,19 +99,46 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     return out_dir
 
 
+def check_replaceable(out_dir: str) -> None:
+    """An export replaces only a missing or empty folder or an earlier export: never a folder of other files (a run
+    directory, ``.``), which ``--out`` could otherwise name by mistake and lose."""
+    if not os.path.lexists(out_dir):
+        return
+    if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+        raise ExportError(f"{out_dir}: exists and is not a folder; give --out a new or empty folder")
+    entries = os.listdir(out_dir)
+    if not entries:
+        return
+    try:
+        with open(os.path.join(out_dir, CONFIG), encoding="utf-8") as f:
+            earlier = json.load(f)
+        is_export = isinstance(earlier, dict) and earlier.get("format") == EXPORT_FORMAT
+    except (OSError, ValueError):
+        is_export = False
+    if not is_export:
+        raise ExportError(f"{out_dir}: holds {len(entries)} entries and is not an earlier export (no {CONFIG} of "
+                          f"format {EXPORT_FORMAT}); an export replaces its folder whole, so it will not write "
+                          "there: give --out a new or empty folder")
+
+
 def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
     """Rebuild a family and its networks from an export folder, after checking every file's sha256."""
     cfg_path = os.path.join(export_dir, CONFIG)
     if not os.path.exists(cfg_path):
         raise ExportError(f"{export_dir}: not an export folder (no {CONFIG})")
     try:
-        with open(cfg_path) as f:
+        with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{cfg_path}: not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ExportError(f"{cfg_path}: must be a JSON object, got {type(config).__name__}")
     if config.get("format") != EXPORT_FORMAT:
         raise ExportError(f"{cfg_path}: unknown export format {config.get('format')!r}")
-    for name, digest in config.get("files", {}).items():
+    files = config.get("files")
+    if not isinstance(files, dict) or WEIGHTS not in files or not all(isinstance(d, str) for d in files.values()):
+        raise ExportError(f"{cfg_path}: 'files' must map each exported file, {WEIGHTS} included, to its sha256")
+    for name, digest in files.items():
         path = os.path.join(export_dir, name)
         if not os.path.exists(path):
             raise ExportError(f"{path}: missing from the export")
@@ -122,17 +151,30 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
         raise ExportError(f"{cfg_path}: cannot rebuild the model ({e})") from e
     family.attach_export(export_dir)
     modules = family.build_modules()
-    with safe_open(os.path.join(export_dir, WEIGHTS), framework="pt", device=device) as f:
-        keys = set(f.keys())
-        for name, module in modules.items():
-            prefix = name + "."
-            state = {k[len(prefix):]: f.get_tensor(k) for k in keys if k.startswith(prefix)}
-            try:
-                module.load_state_dict(state, strict=True)
-            except RuntimeError as e:
-                raise ExportError(f"{export_dir}: weights of {name!r} do not fit the model ({e})") from e
-            module.to(device).eval()
+    weights = os.path.join(export_dir, WEIGHTS)
+    try:
+        with safe_open(weights, framework="pt", device=device) as f:
+            keys = set(f.keys())
+            tensors = {name: {k[len(name) + 1:]: f.get_tensor(k) for k in keys if k.startswith(name + ".")}
+                       for name in modules}
+    except Exception as e:  # safetensors raises its own SafetensorError
+        raise ExportError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    for name, module in modules.items():
+        try:
+            module.load_state_dict(tensors[name], strict=True)
+        except RuntimeError as e:
+            raise ExportError(f"{export_dir}: weights of {name!r} do not fit the model built from {CONFIG} "
+                              f"({_first_problems(str(e))})") from e
+        module.to(device).eval()
     return family, modules, config
+
+
+def _first_problems(message: str, keep: int = 2) -> str:
+    """torch lists every mismatched tensor (hundreds of lines when a size setting differs): the first few and a
+    count."""
+    problems = [line.strip() for line in message.splitlines()[1:] if line.strip()] or [message]
+    more = f"; and {len(problems) - keep} more" if len(problems) > keep else ""
+    return "; ".join(problems[:keep]) + more
 
 
 def load_export_url(url: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:

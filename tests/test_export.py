@@ -1,0 +1,78 @@
+"""The export folder contract: an export never replaces a folder of other files, and a damaged or mismatched export
+is refused in one line that names the file and what is wrong."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from trainer.export import CONFIG, WEIGHTS, ExportError, load_export, write_export
+from trainer.families.image_gpt import ImageGPTConfig, ImageGPTFamily
+from trainer.transformer import TransformerConfig
+
+
+def tiny(d_model: int = 16) -> tuple[ImageGPTFamily, dict]:
+    fam = ImageGPTFamily(ImageGPTConfig(transformer=TransformerConfig(n_layer=2, n_head=2, d_model=d_model)), {})
+    return fam, {k: m.state_dict() for k, m in fam.build_modules().items()}
+
+
+def edit_config(out: str, change) -> None:
+    path = os.path.join(out, CONFIG)
+    with open(path) as f:
+        config = json.load(f)
+    with open(path, "w") as f:
+        json.dump(change(config), f)
+
+
+def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp_path):
+    fam, states = tiny()
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "notes.txt").write_text("keep me")
+    with pytest.raises(ExportError, match=f"{run}: holds 2 entries and is not an earlier export"):
+        write_export(str(run), fam, states)
+    assert (run / "notes.txt").read_text() == "keep me" and (run / "checkpoints").is_dir()
+    assert not (tmp_path / "run.partial").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ExportError, match="exists and is not a folder"):
+        write_export(str(tmp_path / "file"), fam, states)
+    (tmp_path / "empty").mkdir()
+    write_export(str(tmp_path / "empty"), fam, states)
+    out = write_export(str(tmp_path / "export"), fam, states, {"step": 1})
+    write_export(out, fam, states, {"step": 2})  # an earlier export is replaced whole
+    assert load_export(out)[2]["step"] == 2
+
+
+def test_a_damaged_export_config_is_named(tmp_path):
+    fam, states = tiny()
+    out = write_export(str(tmp_path / "export"), fam, states)
+    original = open(os.path.join(out, CONFIG)).read()
+    cases = [
+        (lambda c: [c], "must be a JSON object, got list"),
+        (lambda c: {k: v for k, v in c.items() if k != "files"}, "'files' must map each exported file"),
+        (lambda c: {**c, "files": {}}, f"'files' must map each exported file, {WEIGHTS} included"),
+        (lambda c: {**c, "files": ["model.safetensors"]}, "'files' must map each exported file"),
+    ]
+    for change, message in cases:
+        edit_config(out, change)
+        with pytest.raises(ExportError, match=f"{CONFIG}: .*{message}"):
+            load_export(out)
+        open(os.path.join(out, CONFIG), "w").write(original)
+    with open(os.path.join(out, CONFIG), "wb") as f:
+        f.write(b"\xff\xfe not utf-8")
+    with pytest.raises(ExportError, match=f"{CONFIG}: not valid JSON"):
+        load_export(out)
+
+
+def test_weights_that_do_not_fit_the_config_are_summarised(tmp_path):
+    fam, states = tiny()
+    out = write_export(str(tmp_path / "export"), fam, states)
+    edit_config(out, lambda c: {**c, "model": {**c["model"], "transformer": {**c["model"]["transformer"],
+                                                                             "d_model": 32}}})
+    with pytest.raises(ExportError) as info:
+        load_export(out)
+    message = str(info.value)
+    assert "weights of 'model' do not fit the model built from config.json (size mismatch for" in message
+    assert "more)" in message and "\n" not in message and len(message) < 600
