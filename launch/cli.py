@@ -241,9 +241,22 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """argparse stops collecting ``key=value`` overrides at the first flag; those given after one
+    (``dgm train cfg.yaml --stop-after 5 trainer.lr=1e-3``) are added here instead of being refused."""
+    args, extra = parser.parse_known_args(argv)
+    takes_overrides = hasattr(args, "overrides")
+    refused = [x for x in extra if not (takes_overrides and "=" in x and not x.startswith("-"))]
+    if refused:
+        parser.error(f"unrecognized arguments: {' '.join(refused)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)
     from launch.errors import USER_ERRORS
 
     try:

@@ -51,3 +51,18 @@ def test_sample_flags_accept_their_edge_values() -> None:
 def test_other_numeric_flags_refuse_bad_values(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
     err = _refused(capsys, argv)
     assert f"argument {argv[-2]}" in err
+
+
+def test_overrides_may_follow_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import parse_args
+
+    args = parse_args(build_parser(), ["train", "c.yaml", "a=1", "--stop-after", "5", "trainer.steps=9"])
+    assert (args.overrides, args.stop_after) == (["a=1", "trainer.steps=9"], 5)
+    args = parse_args(build_parser(), ["prepare", "c.yaml", "--no-ray", "data.prepare.samples_per_shard=8"])
+    assert args.overrides == ["data.prepare.samples_per_shard=8"] and args.no_ray
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["train", "c.yaml", "--stop-after", "5", "--bogus"])
+    assert "unrecognized arguments: --bogus" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args(build_parser(), ["sample", "export", "--n", "2", "key=value"])  # sample takes no overrides
+    assert "unrecognized arguments: key=value" in capsys.readouterr().err
