@@ -92,17 +92,21 @@ def _info_url(output: str, plan: ShardPlan) -> str:
 
 
 def finished_info(output: str, plan: ShardPlan) -> ShardInfo | None:
-    """The info of a shard already written by an earlier run of the same plan, or None."""
+    """The info of a shard already written by an earlier run of the same plan, or None (then it is written again):
+    also None for a damaged info file or a shard whose size is not the recorded one (truncated, overwritten),
+    so a re-run repairs what it would otherwise list in the manifest with a checksum that cannot match."""
     url = _info_url(output, plan)
-    if not storage.exists(url) or not storage.exists(storage.join(output, plan.name)):
+    shard_url = storage.join(output, plan.name)
+    if not storage.exists(url) or not storage.exists(shard_url):
         return None
     try:
         data = json.loads(storage.read_bytes(url))
-    except (ValueError, storage.StorageError):
+        if not isinstance(data, dict) or data.get("fingerprint") != plan.fingerprint:
+            return None
+        info = ShardInfo(**data["shard"])
+        return info if storage.size(shard_url) == info.bytes else None
+    except (ValueError, TypeError, KeyError, storage.StorageError):
         return None
-    if data.get("fingerprint") != plan.fingerprint:
-        return None
-    return ShardInfo(**data["shard"])
 
 
 def sample_offsets(tar_path: str) -> list[int]:

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from data_pipeline import storage
 from data_pipeline.codecs import build_codec
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
 from data_pipeline.manifest import DatasetError, load_manifest
@@ -115,13 +116,20 @@ def test_prepare_rerun_finishes_only_missing_shards(tmp_path):
     before = {n: os.path.getmtime(os.path.join(out, n)) for n in os.listdir(out) if n.endswith(".tar")}
     os.remove(os.path.join(out, "shard-000003.tar"))
     os.remove(os.path.join(out, "manifest.json"))
+    with open(os.path.join(out, "shard-000001.tar"), "r+b") as f:  # truncated: its info no longer fits it
+        f.truncate(5000)
+    with open(os.path.join(out, "shard-000005.tar.info.json"), "w") as f:  # a damaged info file
+        f.write("[]")
     lines: list[str] = []
     prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "all"},
                                   samples_per_shard=SPS, parallel=False), report=lines.append)
-    assert any("6 already done" in line for line in lines)
+    assert any("4 already done" in line for line in lines)
     after = {n: os.path.getmtime(os.path.join(out, n)) for n in before}
-    assert [n for n in before if after[n] != before[n]] == ["shard-000003.tar"]
-    assert load_manifest(out).total == 1797
+    assert sorted(n for n in before if after[n] != before[n]) == ["shard-000001.tar", "shard-000003.tar",
+                                                                  "shard-000005.tar"]
+    manifest = load_manifest(out)
+    assert manifest.total == 1797
+    assert all(storage.sha256_of(os.path.join(out, s.name)) == s.sha256 for s in manifest.shards)
 
 
 def test_prepare_to_s3_streams_the_same_samples(s3_bucket, digits, tmp_path):
