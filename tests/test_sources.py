@@ -66,6 +66,9 @@ def test_build_source_names_the_bad_name_key_or_value() -> None:
         build_source("shapes", {"resolutoin": 64})
     with pytest.raises(TypeError, match="'resolution' must be int"):
         build_source("shapes", {"resolution": "64"})
+    with pytest.raises(ValueError, match=r"'num_samples' must be int, got '1e4' \(YAML reads numbers like 1e4 as "
+                                         r"text: write 10000 or 1.0e4\)"):  # a ValueError too: the CLI's one line
+        build_source("shapes", {"num_samples": "1e4"})
     with pytest.raises(TypeError, match="'seed' must be int"):
         build_source("shapes", {"seed": True})
     with pytest.raises(TypeError, match="'split' must be one of"):

@@ -106,6 +106,21 @@ def _describe(hint: Any) -> str:
     return getattr(hint, "__name__", None) or str(hint)
 
 
+class SettingsError(TypeError, ValueError):
+    """A setting of the wrong type: a TypeError for callers, a ValueError for the CLI's one-line user errors."""
+
+
+def _number_hint(value: Any) -> str:
+    """YAML 1.1 reads ``1e4`` (no dot) as text: say so when a string would have been a fine number."""
+    if isinstance(value, str):
+        try:
+            float(value)
+        except ValueError:
+            return ""
+        return " (YAML reads numbers like 1e4 as text: write 10000 or 1.0e4)"
+    return ""
+
+
 def config_from_settings(config_cls: type[C], settings: Mapping[str, Any] | None, where: str) -> C:
     """Build a typed config dataclass from plain settings, naming the offending key on any mismatch.
 
@@ -113,7 +128,7 @@ def config_from_settings(config_cls: type[C], settings: Mapping[str, Any] | None
     """
     settings = {} if settings is None else settings
     if not isinstance(settings, Mapping):
-        raise TypeError(f"{where}: settings must be a mapping, got {type(settings).__name__}")
+        raise SettingsError(f"{where}: settings must be a mapping, got {type(settings).__name__}")
     fields = {f.name: f for f in dataclasses.fields(config_cls)}  # type: ignore[arg-type]
     hints = typing.get_type_hints(config_cls)
     values: dict[str, Any] = {}
@@ -123,7 +138,8 @@ def config_from_settings(config_cls: type[C], settings: Mapping[str, Any] | None
             raise ValueError(f"{where}: unknown setting {key!r} (known settings: {known})")
         hint = hints[key]
         if not _matches(value, hint):
-            raise TypeError(f"{where}: setting {key!r} must be {_describe(hint)}, got {value!r}")
+            raise SettingsError(f"{where}: setting {key!r} must be {_describe(hint)}, got {value!r}"
+                                f"{_number_hint(value)}")
         if hint is float and isinstance(value, int):
             value = float(value)
         values[key] = value
