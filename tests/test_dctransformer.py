@@ -386,3 +386,15 @@ def test_mean_of_draws_averages_conditional_samples_and_is_refused_unconditional
     ufam, umodel = family(chunk_size=16, max_triples=8)
     with pytest.raises(ValueError, match="conditional model"):
         ufam.sample_images({"model": umodel}, 1, torch.Generator(), mean_of=2)
+
+
+def test_sampling_labels_must_be_the_models_classes():
+    fam, model = family(num_classes=3, max_triples=20)
+    with pytest.raises(ValueError, match=r"labels \[1, 3\]: this dctransformer model has 3 classes \(0..2\)"):
+        fam.sampling_condition(model, 2, labels=[1, 3])
+    with pytest.raises(ValueError, match=r"labels \[1\]: one label per sample, 2 samples"):
+        fam.sampling_condition(model, 2, labels=[1])
+    assert fam.sampling_condition(model, 2, labels=[2, 0]).labels.tolist() == [2, 0]
+    plain, model = family(max_triples=20)
+    with pytest.raises(ValueError, match="not class-conditional"):
+        plain.sample_images({"model": model}, 1, torch.Generator(), labels=[0])

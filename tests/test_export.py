@@ -76,3 +76,20 @@ def test_weights_that_do_not_fit_the_config_are_summarised(tmp_path):
     message = str(info.value)
     assert "weights of 'model' do not fit the model built from config.json (size mismatch for" in message
     assert "more)" in message and "\n" not in message and len(message) < 600
+
+
+def test_sample_labels_are_checked_against_the_models_classes(tmp_path, capsys):
+    from launch.cli import main
+
+    fam, states = tiny()  # class-conditional, 10 classes
+    out = write_export(str(tmp_path / "igpt"), fam, states)
+    png = str(tmp_path / "s.png")
+    assert main(["sample", out, "--out", png, "--labels", "3,12"]) == 2
+    assert "labels [3, 12]: this image_gpt model has 10 classes (0..9)" in capsys.readouterr().err
+    assert not os.path.exists(png)
+    assert main(["sample", out, "--out", png, "--labels", "9,0"]) == 0 and os.path.getsize(png) > 100
+    plain = ImageGPTFamily(ImageGPTConfig(class_conditional=False,
+                                          transformer=TransformerConfig(n_layer=1, n_head=2, d_model=16)), {})
+    out = write_export(str(tmp_path / "plain"), plain, {k: m.state_dict() for k, m in plain.build_modules().items()})
+    assert main(["sample", out, "--out", png, "--labels", "1"]) == 2
+    assert "labels [1]: this image_gpt model is not class-conditional" in capsys.readouterr().err

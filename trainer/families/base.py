@@ -9,7 +9,7 @@ Everything here must work with torch alone, so exported models load without Deep
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
@@ -93,6 +93,27 @@ class Family(ABC):
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
                       **options: Any) -> torch.Tensor:
         """``n`` samples as images [n, C, H, W] with values in [0, 1]."""
+
+    @property
+    def sample_classes(self) -> int:
+        """How many class labels ``sample_images(labels=...)`` takes (0: none, not class-conditional)."""
+        return 0
+
+    def checked_labels(self, labels: Sequence[int] | None, n: int | None = None) -> list[int] | None:
+        """``labels`` for ``sample_images`` (one per sample when ``n`` is given), refused by value when the model
+        has no such class (an embedding lookup would fail with a bare IndexError, or an unconditional model would
+        silently ignore them)."""
+        if labels is None:
+            return None
+        labels = [int(x) for x in labels]
+        if n is not None and len(labels) != n:
+            raise ValueError(f"labels {labels}: one label per sample, {n} samples")
+        k = self.sample_classes
+        if not k:
+            raise ValueError(f"labels {labels}: this {self.name} model is not class-conditional")
+        if any(not 0 <= x < k for x in labels):
+            raise ValueError(f"labels {labels}: this {self.name} model has {k} classes (0..{k - 1})")
+        return labels
 
     def export_files(self) -> dict[str, bytes]:
         """Extra files an export must carry (tokenizer, codec settings...)."""

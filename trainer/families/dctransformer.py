@@ -88,6 +88,10 @@ class DCTransformerFamily(Family):
     config_cls = DCTransformerConfig
     extra_draw_settings = ("value_temperature", "value_top_p")
 
+    @property
+    def sample_classes(self) -> int:
+        return self.config.num_classes
+
     def __init__(self, config: DCTransformerConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         self.codec = codec_config(data_info)
@@ -247,6 +251,7 @@ class DCTransformerFamily(Family):
     def sampling_condition(self, model: nn.Module, n: int, labels: list[int] | None = None,
                            images: np.ndarray | None = None) -> Conditioning:
         """What ``n`` draws are conditioned on: class labels, given luma (colourise), the hint (superres)."""
+        labels = self.checked_labels(labels, n)
         device = next(model.parameters()).device
         cond = Conditioning(use_context=self.config.use_context, allowed=self._allowed(torch.empty(0, device=device)))
         if self.config.num_classes:

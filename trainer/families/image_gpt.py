@@ -131,14 +131,19 @@ class ImageGPTFamily(Family):
             pixels = torch.cat([pixels, nxt[:, None]], dim=1)
         return pixels
 
+    @property
+    def sample_classes(self) -> int:
+        return self.config.num_classes if self.config.class_conditional else 0
+
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
                       **options: Any) -> torch.Tensor:
         model = modules["model"]
         device = next(model.parameters()).device
-        labels = options.pop("labels", None)
+        labels = self.checked_labels(options.pop("labels", None))
         if labels is None:
             labels = [i % self.config.num_classes if self.config.class_conditional else self.config.num_classes
                       for i in range(n)]
+        n = len(labels)
         start = torch.as_tensor(labels, dtype=torch.long, device=device)
         pixels = self.generate(model, start, generator, **options)
         return (pixels.float() / (self.config.levels - 1)).reshape(n, 1, self.height, self.width)
