@@ -162,6 +162,8 @@ def load_manifest(dataset_url: str) -> Manifest:
         text = storage.read_bytes(url).decode("utf-8")
     except storage.StorageError as e:
         raise DatasetError(f"dataset {dataset_url}: cannot read its manifest ({e})") from e
+    except UnicodeDecodeError as e:
+        raise DatasetError(f"{url}: not UTF-8 text, so not a manifest ({e})") from e
     return parse_manifest(text, url)
 
 

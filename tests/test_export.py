@@ -93,3 +93,18 @@ def test_sample_labels_are_checked_against_the_models_classes(tmp_path, capsys):
     out = write_export(str(tmp_path / "plain"), plain, {k: m.state_dict() for k, m in plain.build_modules().items()})
     assert main(["sample", out, "--out", png, "--labels", "1"]) == 2
     assert "labels [1]: this image_gpt model is not class-conditional" in capsys.readouterr().err
+
+
+def test_sample_out_naming_a_folder_and_a_garbled_latest_are_named(tmp_path, capsys):
+    from launch.cli import main
+    from trainer.checkpoint import CheckpointError, CheckpointStore
+
+    fam, states = tiny()
+    out = write_export(str(tmp_path / "igpt"), fam, states)
+    assert main(["sample", out, "--out", str(tmp_path)]) == 2
+    assert f"{tmp_path}: is a folder; give the PNG file to write" in capsys.readouterr().err
+    assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.png")]
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "latest").write_bytes(b"\xff\xfestep")
+    with pytest.raises(CheckpointError, match="latest points at .*, which is not a complete checkpoint"):
+        CheckpointStore(str(tmp_path / "ckpt")).latest()

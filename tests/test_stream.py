@@ -200,6 +200,9 @@ def test_manifest_of_unknown_version_or_missing_is_refused(copy_of, tmp_path):
         load_manifest(copy_of)
     with pytest.raises(DatasetError, match="cannot read its manifest"):
         load_manifest(str(tmp_path / "nothing-here"))
+    open(p, "wb").write(b"\xff\xfe{}")
+    with pytest.raises(DatasetError, match="manifest.json: not UTF-8 text, so not a manifest"):
+        load_manifest(copy_of)
 
 
 def test_unknown_scheme_and_unreachable_s3_are_named(monkeypatch):

@@ -89,7 +89,7 @@ class CheckpointStore:
         url = storage.join(self.root, LATEST)
         if not storage.exists(url):
             return None
-        tag = storage.read_bytes(url).decode().strip()
+        tag = storage.read_bytes(url).decode("utf-8", errors="replace").strip()
         if not tag.startswith("step-") or not storage.exists(storage.join(self.root, tag, META)):
             raise CheckpointError(f"{url} points at {tag!r}, which is not a complete checkpoint")
         return tag

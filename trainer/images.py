@@ -18,9 +18,16 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, min_cell: int = 64
 
 
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
-    """Write the grid atomically (temp file + rename) and return its path."""
+    """Write the grid atomically (temp file + rename) and return its path; ``path`` names a PNG file, not a
+    folder."""
+    if os.path.isdir(path):
+        raise ValueError(f"{path}: is a folder; give the PNG file to write, e.g. {os.path.join(path, 'samples.png')}")
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
-    Image.fromarray(grid_array(images, nrow)).save(tmp)
-    os.replace(tmp, path)
+    try:
+        Image.fromarray(grid_array(images, nrow)).save(tmp, format="PNG")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
     return path
