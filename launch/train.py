@@ -8,8 +8,10 @@ from typing import Any
 
 from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
+from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.loop import SUMMARY, RunSpec, train_worker
 from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, worker_env
+from trainer.typed_config import ConfigError
 
 __all__ = ["PROJECT_ROOT", "TrainingFailed", "absolute", "ensure_ray", "run_spec", "run_training", "user_error_of",
            "worker_env"]
@@ -37,6 +39,12 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     load_manifest(cfg.data.train)
     if cfg.data.eval:
         load_manifest(cfg.data.eval)
+    # every rank checks how the data splits over the world; checked here too, before a cluster starts for nothing
+    try:
+        check_batch_split(cfg.data.stream.global_batch, cfg.cluster.workers)
+        rank_partitions(cfg.data.stream.partitions, cfg.cluster.workers, 0)
+    except OrderError as e:
+        raise ConfigError(f"data.stream with cluster.workers={cfg.cluster.workers}: {e}") from e
     spec = run_spec(cfg, raw, stop_after)
     os.makedirs(spec.run_dir, exist_ok=True)
     ensure_ray(cfg.cluster.address, cfg.cluster.object_store_mb)

@@ -87,3 +87,22 @@ def test_cli_refuses_a_split_without_an_output_before_writing_anything(tmp_path,
 def test_tokenize_section_needs_the_dvae_export(capsys):
     assert main(["tokenize", "configs/t2i_prior.yaml", "data.tokenize.dvae_export="]) == 2
     assert "data.tokenize.dvae_export" in capsys.readouterr().err
+
+
+def test_train_checks_the_data_split_over_the_workers_before_starting_ray(digits_data, tmp_path, monkeypatch):
+    import launch.train
+    from launch.train import run_training
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the data split was checked")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+
+    for override, message in [
+        ("data.stream.global_batch=33", "cluster.workers=2: global batch 33 is not divisible by world size 2"),
+        ("data.stream.partitions=9", "cluster.workers=2: world size 2 does not divide data.partitions=9"),
+    ]:
+        cfg, raw = load_config(DIGITS, [f"data.train={digits_data['train']}", "data.eval=",
+                                        f"run_dir={tmp_path}", "cluster.workers=2", override])
+        with pytest.raises(ConfigError, match=message):
+            run_training(cfg, raw)
