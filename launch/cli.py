@@ -30,8 +30,11 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
+    from data_pipeline.codecs import build_codec
     from data_pipeline.prepare import PrepareConfig, prepare_dataset
+    from data_pipeline.sources import build_source
     from launch.train import ensure_ray
+    from trainer.typed_config import ConfigError
 
     cfg, _ = _config(args)
     spec = cfg.data.prepare
@@ -40,11 +43,21 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 2
     outputs = _split_outputs(cfg, spec.splits, "data.prepare.splits")
     # The train split first: it trains the caption tokenizer that the other splits copy.
+    plans = []
     for split, settings in sorted(spec.splits.items(), key=lambda kv: kv[0] != "train"):
-        out = outputs[split]
-        pc = PrepareConfig(output=out, source=spec.source, source_settings=settings, codec=spec.codec,
-                           codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
-                           parallel=not args.no_ray, **spec.tokenizer_settings(split, cfg.data.train))
+        where = "data.prepare"
+        try:
+            pc = PrepareConfig(output=outputs[split], source=spec.source, source_settings=settings, codec=spec.codec,
+                               codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
+                               parallel=not args.no_ray, **spec.tokenizer_settings(split, cfg.data.train))
+            where = f"data.prepare.splits.{split}"
+            build_source(spec.source, settings)  # every split's settings checked before any split is written
+            where = "data.prepare.codec_settings"
+            build_codec(spec.codec, spec.codec_settings)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{args.config}: {where}: {e}") from e
+        plans.append(pc)
+    for pc in plans:
         if pc.parallel:
             ensure_ray(args.address)
         prepare_dataset(pc)

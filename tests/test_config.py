@@ -84,6 +84,20 @@ def test_cli_refuses_a_split_without_an_output_before_writing_anything(tmp_path,
     assert not out.exists()
 
 
+@pytest.mark.parametrize("override, message", [
+    ("data.prepare.splits.eval.num_samples=0", "data.prepare.splits.eval: shapes: num_samples must be >= 1, got 0"),
+    ("data.prepare.splits.eval.bogus=1", "data.prepare.splits.eval: source 'shapes': unknown setting 'bogus'"),
+    ("data.prepare.samples_per_shard=0", "data.prepare: samples_per_shard must be >= 1, got 0"),
+    ("data.prepare.codec_settings.quality=0", "data.prepare.codec_settings: JPEG quality must be an integer"),
+])
+def test_prepare_checks_every_split_before_writing_any(tmp_path, capsys, override, message):
+    """A bad eval split is found before the train split's minutes of shards, and named by its key path."""
+    args = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval", override]
+    assert main(["prepare", "configs/demo.yaml", "--no-ray", *args]) == 2
+    assert message in capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
 def test_tokenize_section_needs_the_dvae_export(capsys):
     assert main(["tokenize", "configs/t2i_prior.yaml", "data.tokenize.dvae_export="]) == 2
     assert "data.tokenize.dvae_export" in capsys.readouterr().err
