@@ -20,10 +20,13 @@ def _resources(args: argparse.Namespace):
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
+    from launch.clusters import node_shapes
     from launch.jobs import submit_training_job
 
+    # an autoscaling cluster may add nodes its running ones lack (a GPU type): its file says which can exist
+    shapes = node_shapes(args.cluster_file) if args.cluster_file else ()
     job_id = submit_training_job(args.address, args.config, args.overrides, PROJECT_ROOT, args.job_id,
-                                 _resources(args))
+                                 _resources(args), node_shapes=shapes)
     print(job_id)
     return 0
 
@@ -98,6 +101,9 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
     p.add_argument("overrides", nargs="*")
     p.add_argument("--address", default="", help=ADDRESS_HELP)
     p.add_argument("--job-id", default=None)
+    p.add_argument("--cluster-file", default="", metavar="CLUSTER.yaml",
+                   help="an autoscaling cluster's file (e.g. launch/clusters/aws.yaml): a request that fits a node "
+                        "type it may add is accepted and waits for that node, not refused as infeasible")
     _add_resources(p)
     commands["submit"] = cmd_submit
 

@@ -182,6 +182,19 @@ def test_impossible_resources_refused_at_submission(cluster: LocalRayCluster, cl
 
 
 @pytest.mark.slow
+def test_submit_cli_weighs_the_cluster_files_node_types(cluster: LocalRayCluster, capsys: pytest.CaptureFixture[str],
+                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.cli import main
+
+    monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
+    argv = ["submit", "configs/demo.yaml", "--address", cluster.address, "--gpus", "64"]
+    assert main(argv) == 2
+    assert "no node has any GPU" in capsys.readouterr().err  # the live node alone
+    assert main([*argv, "--cluster-file", "launch/clusters/aws.yaml"]) == 2
+    assert "it asks for 64 GPU but the largest node has 8 GPU" in capsys.readouterr().err  # p4d.24xlarge counted
+
+
+@pytest.mark.slow
 def test_missing_or_wrong_token(cluster: LocalRayCluster, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for var in ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
         monkeypatch.delenv(var, raising=False)
