@@ -132,7 +132,11 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
         raise ConfigError(f"family: unknown family {family!r}; known: {sorted(FAMILIES)}")
     model_raw = raw.pop("model", None)
     cfg = from_dict(ExperimentConfig, raw)
-    cfg.model = from_dict(family_class(family).config_cls, model_raw, "model")
+    cls = family_class(family)
+    cfg.model = from_dict(cls.config_cls, model_raw, "model")
+    if cfg.zero.stage > cls.max_zero_stage:
+        raise ConfigError(f"zero.stage: {cfg.zero.stage}, but the {family} family trains with ZeRO stages up to "
+                          f"{cls.max_zero_stage} ({cls.zero_stage_limit})")
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", cfg.name)
     return cfg

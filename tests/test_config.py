@@ -54,6 +54,13 @@ def test_bad_values_name_the_key(override, message):
         load_config(DIGITS, [override])
 
 
+def test_a_zero_stage_the_family_cannot_train_under_is_refused():
+    with pytest.raises(ConfigError, match=r"zero.stage: 3, but the slsa_gan family trains with ZeRO stages up to 2 "
+                                          r"\(the classifier's EMA copy"):
+        load_config(os.path.join(ROOT, "configs", "gan_ring.yaml"), ["zero.stage=3"])
+    assert load_config(os.path.join(ROOT, "configs", "gan_ring.yaml"), ["zero.stage=2"])[0].zero.stage == 2
+
+
 def test_bad_files_are_named(tmp_path):
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(str(tmp_path / "none.yaml"))

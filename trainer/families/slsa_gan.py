@@ -118,6 +118,8 @@ def labelled_share(key: str, seed: int) -> float:
 class SLSAGanFamily(Family):
     name = "slsa_gan"
     config_cls = SLSAGanConfig
+    max_zero_stage = 2
+    zero_stage_limit = "the classifier's EMA copy is updated from whole parameters, which stage 3 partitions"
 
     def __init__(self, config: SLSAGanConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
