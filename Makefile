@@ -27,9 +27,11 @@ demo: setup
 	$(DGM) sample runs/demo/export --out runs/demo/samples/export-samples.png --n 36 --top-p 0.9
 	@echo "demo results: runs/demo (checkpoints/, export/model.safetensors, samples/*.png, tensorboard/)"
 
-test: setup
-	$(PY) -m ruff check .
+test: lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(PY) -m ruff check .
 
 clean:
 	rm -rf runs .cache
