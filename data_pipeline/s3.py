@@ -67,7 +67,13 @@ class StorageError(RuntimeError):
 
 
 class StorageNotFoundError(StorageError):
-    """The object, file or bucket does not exist (callers probing for optional files catch just this)."""
+    """The object or file does not exist (callers probing for optional files catch just this)."""
+
+
+class BucketNotFoundError(StorageError):
+    """The bucket itself does not exist: a typo or the wrong endpoint far more often than an empty place, so it is
+    not a StorageNotFoundError and probes (exists, a checkpoint root's ``latest``) report it instead of answering
+    "nothing there" and letting a run start over from step 0."""
 
 
 @dataclass
@@ -174,7 +180,9 @@ def _client_error(url: str, e: ClientError) -> StorageError:
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     message = err.get("Message") or code
     if code == "NoSuchBucket":
-        return StorageNotFoundError(url, f"bucket not found ({message})")
+        return BucketNotFoundError(
+            url, f"bucket not found at {describe_endpoint()} ({message}); check the name and the endpoint, or create it"
+        )
     if code in _NOT_FOUND_CODES or status == 404:
         return StorageNotFoundError(url, "not found")
     if code in _DENIED_CODES or status == 403:

@@ -20,12 +20,13 @@ from contextlib import contextmanager, suppress
 from typing import TYPE_CHECKING, Any, BinaryIO
 
 from data_pipeline import s3
-from data_pipeline.s3 import S3Settings, StorageError, StorageNotFoundError, configure_s3
+from data_pipeline.s3 import BucketNotFoundError, S3Settings, StorageError, StorageNotFoundError, configure_s3
 
 if TYPE_CHECKING:
     from data_pipeline.shard_cache import ShardCache
 
 __all__ = [
+    "BucketNotFoundError",
     "S3Settings",
     "ShardCache",
     "StorageError",
@@ -147,16 +148,16 @@ def atomic_write(path: str, fill: Callable[[BinaryIO], None]) -> None:
 
 
 def exists(url: str) -> bool:
-    """True for an existing file/object, or a folder (S3: a prefix with at least one object under it)."""
+    """True for an existing file/object, or a folder (S3: a prefix with at least one object under it).
+
+    A missing bucket is a BucketNotFoundError, not False: "nothing there" would let a resuming run start over.
+    """
     if _scheme(url) == "local":
         return os.path.exists(local_path(url))
     _, key = s3.split_url(url, need_key=False)
-    try:
-        if key and not key.endswith("/") and s3.head(url) is not None:
-            return True
-        return next(iter(s3.list_keys(url)), None) is not None
-    except StorageNotFoundError:  # the bucket itself is missing
-        return False
+    if key and not key.endswith("/") and s3.head(url) is not None:
+        return True
+    return next(iter(s3.list_keys(url)), None) is not None
 
 
 def size(url: str) -> int:

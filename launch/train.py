@@ -9,6 +9,7 @@ from typing import Any
 from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
+from trainer.checkpoint import CheckpointStore
 from trainer.loop import SUMMARY, RunSpec, train_worker
 from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, worker_env
 from trainer.typed_config import ConfigError
@@ -46,6 +47,8 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     except OrderError as e:
         raise ConfigError(f"data.stream with cluster.workers={cfg.cluster.workers}: {e}") from e
     spec = run_spec(cfg, raw, stop_after)
+    # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
+    CheckpointStore(spec.checkpoint_root).latest()
     os.makedirs(spec.run_dir, exist_ok=True)
     ensure_ray(cfg.cluster.address, cfg.cluster.object_store_mb)
     from ray.train import FailureConfig, RunConfig, ScalingConfig

@@ -4,8 +4,10 @@ import os
 
 import pytest
 
+from data_pipeline.storage import StorageError
 from launch.cli import main
 from launch.config import load_config
+from trainer.checkpoint import CheckpointError
 from trainer.families.image_gpt import ImageGPTConfig
 from trainer.typed_config import ConfigError
 
@@ -126,4 +128,26 @@ def test_train_checks_the_data_split_over_the_workers_before_starting_ray(digits
         cfg, raw = load_config(DIGITS, [f"data.train={digits_data['train']}", "data.eval=",
                                         f"run_dir={tmp_path}", "cluster.workers=2", override])
         with pytest.raises(ConfigError, match=message):
+            run_training(cfg, raw)
+
+
+def test_train_checks_the_checkpoint_root_before_starting_ray(digits_data, tmp_path, monkeypatch, s3_server):
+    """A mistyped bucket would otherwise look like "no checkpoint yet": the run would start over from step 0."""
+    import launch.train
+    from launch.train import run_training
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the checkpoint root was checked")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "latest").write_text("step-00000009")
+    for root, error, message in [
+        ("s3://no-such-bucket-y/run", StorageError, "no-such-bucket-y/run/latest: bucket not found"),
+        (str(broken), CheckpointError, "points at 'step-00000009', which is not a complete checkpoint"),
+    ]:
+        cfg, raw = load_config(DIGITS, [f"data.train={digits_data['train']}", "data.eval=",
+                                        f"run_dir={tmp_path}/run", f"checkpoint_root={root}"])
+        with pytest.raises(error, match=message):
             run_training(cfg, raw)

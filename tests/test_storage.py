@@ -16,8 +16,15 @@ import boto3
 import pytest
 
 from data_pipeline import s3, storage
-from data_pipeline.storage import ShardCache, StorageError, StorageNotFoundError, configure_s3
+from data_pipeline.storage import (
+    BucketNotFoundError,
+    ShardCache,
+    StorageError,
+    StorageNotFoundError,
+    configure_s3,
+)
 from tests.fixtures_s3 import FlakyS3Proxy, free_port
+from trainer.checkpoint import CheckpointStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -127,10 +134,15 @@ def test_missing_is_not_found(root: str, tmp_path) -> None:
         storage.upload_file(str(tmp_path / "absent"), url)
 
 
-def test_missing_bucket(s3_server: str) -> None:
-    assert not storage.exists("s3://no-such-bucket-x/k") and not storage.exists("s3://no-such-bucket-x")
-    with pytest.raises(StorageNotFoundError, match=r"s3://no-such-bucket-x/k: bucket not found"):
+def test_missing_bucket_is_reported_not_taken_for_empty(s3_server: str) -> None:
+    for url in ("s3://no-such-bucket-x/k", "s3://no-such-bucket-x", "s3://no-such-bucket-x/run/"):
+        with pytest.raises(BucketNotFoundError, match=rf"^{url}: bucket not found at {s3_server}"):
+            storage.exists(url)
+    with pytest.raises(BucketNotFoundError, match=r"s3://no-such-bucket-x/k: bucket not found"):
         storage.write_bytes("s3://no-such-bucket-x/k", b"x")
+    # a resuming run must not see "no checkpoint yet" and start over at step 0
+    with pytest.raises(BucketNotFoundError, match=r"no-such-bucket-x/run/latest: bucket not found"):
+        CheckpointStore("s3://no-such-bucket-x/run").latest()
     with pytest.raises(StorageError, match="no object key"):
         storage.read_bytes("s3://bucket-only")
 
