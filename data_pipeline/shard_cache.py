@@ -25,6 +25,10 @@ from data_pipeline.s3 import StorageError
 _STALE_TMP_SECONDS = 3600
 
 
+class ChecksumMismatchError(StorageError):
+    """The bytes read are not the ones expected: the shard itself is bad (unlike an outage, retrying will not help)."""
+
+
 def _normalize_sha256(url: str, sha256: str | None) -> str | None:
     if sha256 is None:
         return None
@@ -113,7 +117,7 @@ class ShardCache:
     def _verify(self, url: str, path: str, expected: str) -> None:
         actual = file_sha256(path)
         if actual != expected:
-            raise StorageError(url, f"sha256 mismatch: expected {expected}, actual {actual}")
+            raise ChecksumMismatchError(url, f"sha256 mismatch: expected {expected}, actual {actual}")
 
     @staticmethod
     def _touch(path: str) -> bool:

@@ -21,6 +21,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from data_pipeline import storage
 from data_pipeline.manifest import DatasetError, Manifest
+from data_pipeline.shard_cache import ChecksumMismatchError
 from sharding.sample_order import (
     EpochOrder,
     StreamState,
@@ -57,13 +58,23 @@ class StreamConfig:
             raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
 
 
+class ShardUnavailableError(DatasetError):
+    """A shard that storage cannot serve now (access denied, outage, missing bucket, unreadable file): not a
+    corrupt shard, so data.stream.on_corrupt=skip never skips it (skipping would train on empty batches)."""
+
+
 class ShardOpener:
-    """Opens shards for reading: local files directly, remote ones through the shard cache; checks sha256 once."""
+    """Opens shards for reading: local files directly, remote ones through the shard cache; checks sha256 once.
+
+    ``bad_shards`` holds the shards found corrupt or missing under on_corrupt=skip, for every epoch and partition
+    this opener serves, so each is tried and reported once.
+    """
 
     def __init__(self, manifest: Manifest, config: StreamConfig) -> None:
         self.manifest = manifest
         self.config = config
         self.verified: set[int] = set()
+        self.bad_shards: set[int] = set()
         self._cache: storage.ShardCache | None = None
 
     def _local_path(self, i: int) -> str:
@@ -75,8 +86,12 @@ class ShardOpener:
                 self._cache = storage.ShardCache(cache_dir, self.config.cache_max_bytes)
             try:
                 path = self._cache.fetch(url, info.sha256 if self.config.verify_sha256 else None)
+            except storage.StorageNotFoundError as e:
+                raise DatasetError(f"shard {url}: missing (listed in the manifest, not in storage)") from e
+            except ChecksumMismatchError as e:
+                raise DatasetError(f"shard {url}: {e.problem}") from e
             except storage.StorageError as e:
-                raise DatasetError(f"shard {url}: {e}") from e
+                raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
             self.verified.add(i)
             return path
         path = url[len("file://") :] if url.startswith("file://") else url
@@ -84,9 +99,12 @@ class ShardOpener:
             raise DatasetError(f"shard {url}: missing (listed in the manifest, not on disk)")
         if self.config.verify_sha256 and i not in self.verified:
             digest = hashlib.sha256()
-            with open(path, "rb") as f:
-                for chunk in iter(lambda: f.read(1 << 20), b""):
-                    digest.update(chunk)
+            try:
+                with open(path, "rb") as f:
+                    for chunk in iter(lambda: f.read(1 << 20), b""):
+                        digest.update(chunk)
+            except OSError as e:
+                raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
             if digest.hexdigest() != info.sha256:
                 raise DatasetError(
                     f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {digest.hexdigest()[:12]}...)"
@@ -106,7 +124,11 @@ class ShardOpener:
             k = min(offset // stride, len(info.offsets) - 1)
             seen, start = k * stride, info.offsets[k]
         try:
-            with open(path, "rb") as f:
+            f = open(path, "rb")
+        except OSError as e:
+            raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
+        try:
+            with f:
                 f.seek(start)
                 for sample in group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f)):
                     if seen >= offset:
@@ -130,15 +152,14 @@ class PartitionReader:
         self._cursor_shard = -1
         self._cursor_pos = -1
         self._cursor_end = -1
-        self.skipped_shards = 0
-        self.bad_shards: set[int] = set()
+        self.newly_skipped: list[int] = []
 
     def _open_at(self, e: int) -> None:
         shard, offset = self.order.locate(e)
         self._cursor_shard = shard
         self._cursor_end = self.order.shard_span(shard)[1]
         self._cursor_pos = e
-        self._cursor = self.opener.samples(shard, offset) if shard not in self.bad_shards else None
+        self._cursor = self.opener.samples(shard, offset) if shard not in self.opener.bad_shards else None
 
     def _next_raw(self) -> tuple[int, dict[str, Any] | None]:
         e = self._cursor_pos
@@ -156,12 +177,16 @@ class PartitionReader:
             sample = self.decode(raw)
             sample["key"] = raw["__key__"]
             return e, sample
+        except ShardUnavailableError:
+            raise
         except (DatasetError, ValueError) as err:
+            problem = str(err) if str(err).startswith("shard ") else f"shard {url}: {err}"
             if not self.skip_bad:
-                raise DatasetError(str(err) if str(err).startswith("shard ") else f"shard {url}: {err}") from err
-            log.warning("skipping corrupt shard %s: %s", url, err)
-            self.bad_shards.add(shard)
-            self.skipped_shards += 1
+                raise DatasetError(problem) from err
+            if shard not in self.opener.bad_shards:
+                log.warning("data.stream.on_corrupt=skip: skipping %s", problem)
+                self.opener.bad_shards.add(shard)
+                self.newly_skipped.append(shard)
             self._cursor = None
             return e, None
 
@@ -207,7 +232,7 @@ def _as_is(item: Any) -> Any:
     return item
 
 
-Share = tuple[int, int, list[dict[str, Any]], int]  # (epoch, batch, samples, shards skipped meanwhile)
+Share = tuple[int, int, list[dict[str, Any]], list[int]]  # (epoch, batch, samples, shards first skipped meanwhile)
 
 
 class _WorkerShares(IterableDataset):
@@ -233,10 +258,12 @@ class _WorkerShares(IterableDataset):
             ]
             for b in range(first, order.num_batches):
                 samples: list[dict[str, Any]] = []
-                before = sum(r.skipped_shards for r in readers)
                 for r in readers:
                     samples.extend(r.items(*order.batch_range(r.partition, b)))
-                yield epoch, b, samples, sum(r.skipped_shards for r in readers) - before
+                skipped = [i for r in readers for i in r.newly_skipped]
+                for r in readers:
+                    r.newly_skipped.clear()
+                yield epoch, b, samples, skipped
             epoch, first = epoch + 1, 0
 
 
@@ -249,7 +276,12 @@ class RankStream:
         self.owned = rank_partitions(config.partitions, world_size, rank)
         self.manifest, self.config, self.decode = manifest, config, decode
         self.state = state or StreamState()
-        self.skipped_shards = 0
+        self.skipped: set[int] = set()
+
+    @property
+    def skipped_shards(self) -> int:
+        """How many distinct shards this rank skipped as corrupt or missing (data.stream.on_corrupt=skip)."""
+        return len(self.skipped)
 
     def epoch_order(self, epoch: int) -> EpochOrder:
         return epoch_order(self.manifest, self.config, epoch)
@@ -271,7 +303,7 @@ class RankStream:
             if len(pending) == workers:
                 if any(p[:2] != pending[0][:2] for p in pending):
                     raise RuntimeError(f"loader workers out of step: {[p[:2] for p in pending]}")
-                yield (*pending[0][:2], [s for p in pending for s in p[2]], sum(p[3] for p in pending))
+                yield (*pending[0][:2], [s for p in pending for s in p[2]], [i for p in pending for i in p[3]])
                 pending = []
 
     def __iter__(self) -> Iterator[list[dict[str, Any]]]:
@@ -281,7 +313,7 @@ class RankStream:
         """Micro-batches from the current state on; after each yield, ``state`` points at the next batch."""
         totals: dict[int, int] = {}
         for epoch, b, samples, skipped in self._shares(max_epochs):
-            self.skipped_shards += skipped
+            self.skipped.update(skipped)
             if epoch not in totals:
                 totals = {epoch: self.epoch_order(epoch).num_batches}
             self.state = StreamState(epoch, b + 1) if b + 1 < totals[epoch] else StreamState(epoch + 1, 0)

@@ -16,7 +16,7 @@ from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
 from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from data_pipeline.sources import build_source
-from data_pipeline.stream import RankStream, StreamConfig
+from data_pipeline.stream import RankStream, ShardUnavailableError, StreamConfig
 from sharding.sample_order import OrderError, StreamState
 
 SPS = 257  # 1797 digits -> 7 shards (the last one short): no world size or worker count here divides 7
@@ -178,11 +178,33 @@ def test_corrupt_shard_can_be_skipped_with_a_counter(copy_of, caplog):
     with pytest.raises(DatasetError, match="shard-000004.tar: sha256 mismatch"):
         _stream_all(copy_of)
     m = load_manifest(copy_of)
-    s = RankStream(m, stream_cfg(on_corrupt="skip"), build_codec("image").decode, 0, 1)
-    batches = list(s.iterate(max_epochs=1))
-    seen = [x["key"] for b in batches for x in b if x["valid"]]
-    assert s.skipped_shards >= 1 and "skipping corrupt shard" in caplog.text
-    assert len(seen) == 1797 - SPS and len(batches) == -(-1797 // 24)
+    for workers in (0, 2):  # the shard straddles partitions (and workers): still one shard skipped, one warning
+        caplog.clear()
+        s = RankStream(m, stream_cfg(on_corrupt="skip", num_workers=workers), build_codec("image").decode, 0, 1)
+        batches = list(s.iterate(max_epochs=2))
+        seen = [x["key"] for b in batches for x in b if x["valid"]]
+        assert s.skipped_shards == 1 and s.skipped == {4}
+        if workers == 0:  # loader workers log in their own processes
+            warnings = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+            assert len(warnings) == 1 and warnings[0].count("shard-000004") == 1, warnings
+            assert warnings[0].startswith("data.stream.on_corrupt=skip: skipping shard ")
+        assert len(seen) == 2 * (1797 - SPS) and len(batches) == 2 * -(-1797 // 24)
+
+
+def test_skip_does_not_skip_a_shard_storage_cannot_serve(s3_bucket, digits, tmp_path, flaky_s3):
+    """Access denied is an outage, not corruption: on_corrupt=skip must stop, not train on empty batches.
+    A shard deleted from the bucket is missing data, which skip does skip."""
+    url = f"{s3_bucket}/denied"
+    _prepare(url)
+    m = load_manifest(url)
+    cfg = stream_cfg(on_corrupt="skip", cache_dir=str(tmp_path / "c"))
+    flaky_s3.fail_next(10**6, status=403)
+    with pytest.raises(ShardUnavailableError, match=rf"^shard {url}/shard-\d+.tar: cannot be read: access denied"):
+        next(iter(RankStream(m, cfg, build_codec("image").decode, 0, 1)))
+    flaky_s3.reset()
+    storage.delete(f"{url}/shard-000003.tar")
+    s = RankStream(m, cfg, build_codec("image").decode, 0, 1)
+    assert sum(x["valid"] for b in s.iterate(max_epochs=1) for x in b) == 1797 - SPS and s.skipped == {3}
 
 
 def test_missing_shard_is_named(copy_of):
