@@ -362,3 +362,32 @@ def test_s3_stream_seeks_and_detects_a_changed_object(s3_bucket: str) -> None:
         storage.write_bytes(url, b"replaced")  # the next ranged request is pinned to the old ETag
         with pytest.raises(StorageError, match=rf"{url}: the object changed while it was being read"):
             f.read(10)
+
+
+def test_checkpoint_local_copy_never_reuses_a_cut_download(s3_bucket: str, tmp_path, monkeypatch) -> None:
+    """A download of an s3:// checkpoint cut short must not pass for the checkpoint on the next try."""
+    root = f"{s3_bucket}/ckpt"
+    files = {"meta.json": b"{}", "model/ds/state.pt": b"w" * 1000, "rng-rank0.safetensors": b"r"}
+    for name, data in files.items():
+        storage.write_bytes(f"{root}/step-00000001/{name}", data)
+    store = CheckpointStore(root, staging=str(tmp_path))
+    real, calls = storage.download_file, []
+
+    def cut(url: str, local: str) -> None:
+        calls.append(url)
+        if len(calls) == 2:
+            raise StorageError(url, "connection reset (injected)")
+        real(url, local)
+
+    monkeypatch.setattr(storage, "download_file", cut)
+    with pytest.raises(StorageError, match="injected"):
+        store.local_copy("step-00000001")
+    final = tmp_path / "dgm-ckpt-load-rank0" / "step-00000001"
+    assert not final.exists()
+    (final / "model").mkdir(parents=True)  # a copy left by an older dgm: meta.json there, the rest missing
+    (final / "meta.json").write_bytes(b"{}")
+    path = store.local_copy("step-00000001")
+    assert path == str(final) and len(calls) == 2 + len(files)
+    assert {n: (final / n).read_bytes() for n in files} == files
+    assert store.local_copy("step-00000001") == path and len(calls) == 2 + len(files)  # complete: reused
+    assert sorted(os.listdir(final.parent)) == ["step-00000001"]

@@ -35,6 +35,7 @@ from data_pipeline import storage
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+DOWNLOADED = ".downloaded"  # in a local copy of an s3:// checkpoint: every file of it is there
 META = "meta.json"
 DONE = "_uploaded"
 FORMAT = 1
@@ -234,8 +235,17 @@ class CheckpointStore:
                 raise CheckpointError(f"checkpoint {path} does not exist")
             return path
         path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", tag)
-        if not os.path.exists(os.path.join(path, META)):
-            storage.download_dir(storage.join(self.root, tag), path)
+        if os.path.exists(os.path.join(path, DOWNLOADED)):
+            return path
+        # Download beside the final folder and rename it into place: a download cut short (crash, outage) is never
+        # taken for a checkpoint on the next try, which starts over.
+        partial = f"{path}.partial"
+        for stale in (path, partial):
+            shutil.rmtree(stale, ignore_errors=True)
+        storage.download_dir(storage.join(self.root, tag), partial)
+        with open(os.path.join(partial, DOWNLOADED), "w"):
+            pass
+        os.replace(partial, path)
         return path
 
     def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:
