@@ -2,7 +2,8 @@
 
 Shards are written independently (one Ray task each when Ray is available), each first to a local temporary file,
 then moved or uploaded whole; a small ``.info.json`` beside each finished shard records its size, count and
-sha256. Re-running an interrupted prepare skips every shard whose info matches the plan and writes the rest.
+sha256. Re-running an interrupted prepare skips every shard whose info matches the plan and writes the rest; a
+different complete data set at the output is refused unless ``overwrite`` (see data_pipeline.dataset_output).
 For codecs of images, preview.png shows the first samples as stored. The manifest is written last, so a dataset
 with a manifest is a complete dataset.
 
@@ -31,6 +32,7 @@ import webdataset as wds
 from data_pipeline import storage
 from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer, TokenizerError
 from data_pipeline.codecs import build_codec
+from data_pipeline.dataset_output import FINGERPRINT_KEY, check_output, remove_leftovers
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
 from data_pipeline.preview import PREVIEW_CELL, PREVIEW_COUNT, PREVIEW_NAME, fit_cell, grid_uint8, png_bytes
 from data_pipeline.sources import build_source
@@ -52,6 +54,7 @@ class PrepareConfig:
     parallel: bool = True
     tokenizer_vocab_size: int = 0  # > 0: train a caption tokenizer of this size on this split's captions
     tokenizer_from: str = ""  # a dataset URL whose tokenizer.model this split copies (held-out splits)
+    overwrite: bool = False  # replace a different complete data set at ``output`` (otherwise refused)
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -75,6 +78,13 @@ def _fingerprint(config: PrepareConfig) -> str:
     spec = json.dumps([config.source, config.source_settings, config.codec, config.codec_settings,
                        config.samples_per_shard], sort_keys=True)
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
+
+
+def check_prepare_output(config: PrepareConfig, say: Callable[[str], None] | None = None) -> None:
+    """Refuse (or, with ``overwrite``, retire) a different complete data set at ``config.output``; run for every
+    split before any is written."""
+    check_output(config.output, _fingerprint(config), overwrite=config.overwrite,
+                 say=say or (lambda line: print(line, flush=True)))
 
 
 def plan_shards(config: PrepareConfig, total: int) -> list[ShardPlan]:
@@ -241,6 +251,8 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         raise ValueError("prepare: an output URL (folder or s3://bucket/prefix) is required")
     source = build_source(config.source, config.source_settings)
     codec = build_codec(config.codec, config.codec_settings)
+    say = report or (lambda line: print(line, flush=True))
+    check_prepare_output(config, say)
     plans = plan_shards(config, len(source))
     infos: dict[int, ShardInfo] = {}
     wants_lengths = hasattr(codec, "sequence_length")
@@ -251,7 +263,6 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
             infos[plan.index] = info
     todo = [p for p in plans if p.index not in infos]
     tokenizer = write_tokenizer(config, source)
-    say = report or (lambda line: print(line, flush=True))
     say(f"[prepare] {len(source)} samples of {config.source!r} -> {len(plans)} shards at {config.output} "
         f"({len(infos)} already done)")
     progress = Progress(len(plans), "prepare shards", say)
@@ -277,7 +288,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         shards=[infos[p.index] for p in plans],
         format_version=FORMAT_VERSION,
         extra={"samples_per_shard": config.samples_per_shard, "index_stride": INDEX_STRIDE,
-               "image_shape": list(source.sample(0).image.shape)},
+               "image_shape": list(source.sample(0).image.shape), FINGERPRINT_KEY: plans[0].fingerprint},
         url=config.output,
     )
     if tokenizer is not None:
@@ -287,6 +298,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
                                              "max": max(lengths), "total": sum(lengths)}
     save_manifest(config.output, manifest)
     say(f"[prepare] wrote manifest with {manifest.total} samples in {len(plans)} shards")
+    remove_leftovers(config.output, [p.name for p in plans], say)
     if "sequence_length" in manifest.extra:
         say(f"[prepare] sequence lengths (rows per sample): {manifest.extra['sequence_length']}")
     if encoding := manifest.encoding:

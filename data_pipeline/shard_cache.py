@@ -71,16 +71,18 @@ class ShardCache:
         base = re.sub(r"[^A-Za-z0-9._-]", "_", url.rstrip("/").rsplit("/", 1)[-1])[-80:]
         return os.path.join(self._data, f"{key}-{base}")
 
-    def fetch(self, url: str, sha256: str | None = None) -> str:
+    def fetch(self, url: str, sha256: str | None = None, verify: bool = True) -> str:
         """A local path holding the bytes of ``url``, downloaded on a miss and verified against ``sha256``.
 
-        A mismatch is a StorageError naming the URL, the expected and the actual digest; the bad download is not
-        kept. Open the path promptly: an entry can be evicted once newer ones push the cache past its limit.
+        A mismatch is a ChecksumMismatchError naming the URL, the expected and the actual digest; the bad download
+        is not kept. ``verify=False`` skips the check but still keys the entry by ``sha256``, so an object
+        rewritten at the same URL (a new manifest digest) is downloaded again, never served stale. Open the path
+        promptly: an entry can be evicted once newer ones push the cache past its limit.
         """
         expected = _normalize_sha256(url, sha256)
         if not storage.is_remote(url):
             path = storage.local_path(url)
-            if expected is not None:
+            if expected is not None and verify:
                 self._verify(url, path, expected)
             return path
         path = self.path_for(url, expected)
@@ -94,7 +96,7 @@ class ShardCache:
             tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
             try:
                 storage.download_file(url, tmp)
-                if expected is not None:
+                if expected is not None and verify:
                     self._verify(url, tmp, expected)
                 os.replace(tmp, path)
             finally:

@@ -85,7 +85,7 @@ class ShardOpener:
                 cache_dir = self.config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dgm", "shards")
                 self._cache = storage.ShardCache(cache_dir, self.config.cache_max_bytes)
             try:
-                path = self._cache.fetch(url, info.sha256 if self.config.verify_sha256 else None)
+                path = self._cache.fetch(url, info.sha256, verify=self.config.verify_sha256)
             except storage.StorageNotFoundError as e:
                 raise DatasetError(f"shard {url}: missing (listed in the manifest, not in storage)") from e
             except ChecksumMismatchError as e:

@@ -31,7 +31,7 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
     from data_pipeline.codecs import build_codec
-    from data_pipeline.prepare import PrepareConfig, prepare_dataset
+    from data_pipeline.prepare import PrepareConfig, check_prepare_output, prepare_dataset
     from data_pipeline.sources import build_source
     from launch.train import ensure_ray
     from trainer.typed_config import ConfigError
@@ -49,7 +49,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         try:
             pc = PrepareConfig(output=outputs[split], source=spec.source, source_settings=settings, codec=spec.codec,
                                codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
-                               parallel=not args.no_ray, **spec.tokenizer_settings(split, cfg.data.train))
+                               parallel=not args.no_ray, overwrite=args.overwrite,
+                               **spec.tokenizer_settings(split, cfg.data.train))
             where = f"data.prepare.splits.{split}"
             build_source(spec.source, settings)  # every split's settings checked before any split is written
             where = "data.prepare.codec_settings"
@@ -57,6 +58,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{args.config}: {where}: {e}") from e
         plans.append(pc)
+    for pc in plans:  # a split over a different data set is refused before any split is written
+        check_prepare_output(pc)
     for pc in plans:
         if pc.parallel:
             ensure_ray(args.address)
@@ -79,7 +82,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     for split, source in spec.inputs.items():
         out = outputs[split]
         print(f"[tokenize] {split}: {source} -> {out} with the dVAE {spec.dvae_export}")
-        tokenise_dataset(source, spec.dvae_export, out, workers=spec.workers, batch_size=spec.batch_size)
+        tokenise_dataset(source, spec.dvae_export, out, workers=spec.workers, batch_size=spec.batch_size,
+                         overwrite=args.overwrite)
     return 0
 
 
@@ -194,6 +198,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--no-ray", action="store_true", help="write shards in this process instead of Ray tasks")
     p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different data set already at an output (refused otherwise)")
     commands["prepare"] = cmd_prepare
 
     p = sub.add_parser("tokenize", help="image shards -> caption-id + dVAE-code shards (text-to-image stage 2 data)",
@@ -201,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "loads the dVAE once); re-running finishes only the missing shards.", epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a different data set already at an output (refused otherwise)")
     commands["tokenize"] = cmd_tokenize
 
     p = sub.add_parser("train", help="train with DeepSpeed ZeRO on a Ray Train worker group",

@@ -1,6 +1,7 @@
 """Configs: typed, validated before anything starts, with errors naming the key's full path."""
 
 import os
+import shutil
 
 import pytest
 
@@ -151,3 +152,14 @@ def test_train_checks_the_checkpoint_root_before_starting_ray(digits_data, tmp_p
                                         f"run_dir={tmp_path}/run", f"checkpoint_root={root}"])
         with pytest.raises(error, match=message):
             run_training(cfg, raw)
+
+
+def test_prepare_refuses_a_split_over_a_different_dataset_before_writing_any(digits_data, tmp_path, capsys):
+    """data.eval points at a complete data set of another plan: refused, and the train split is not written."""
+    eval_copy = str(tmp_path / "eval")
+    shutil.copytree(digits_data["holdout"], eval_copy)
+    before = sorted(os.listdir(eval_copy))
+    args = [f"data.train={tmp_path}/train", f"data.eval={eval_copy}"]
+    assert main(["prepare", DIGITS, "--no-ray", *args]) == 2
+    assert f"{eval_copy}: already holds a different data set (" in capsys.readouterr().err
+    assert sorted(os.listdir(tmp_path)) == ["eval"] and sorted(os.listdir(eval_copy)) == before

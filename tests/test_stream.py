@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -347,3 +348,57 @@ def test_dct_prepare_of_upscaled_digits_has_luma_only(tmp_path):
     body = [t[:-1] for t in tokens]
     # grey digits: every coefficient is luma (slots 0-3 of a macroblock); chroma, DC included, is exactly zero
     assert all(len(b) and (CHANNEL_SLOT[b[:, 0]] < 4).all() for b in body)
+
+
+def _files(folder: str) -> dict[str, bytes]:
+    return {n: open(os.path.join(folder, n), "rb").read() for n in sorted(os.listdir(folder))}
+
+
+def test_prepare_refuses_to_write_over_a_different_dataset(tmp_path):
+    """Another plan at the same output would break the complete data set there shard by shard: refused; with
+    overwrite it is replaced whole, and the shards the new one does not list are removed."""
+    out = str(tmp_path / "ds")
+    _prepare(out)
+    before = _files(out)
+    bigger = PrepareConfig(output=out, source="digits", source_settings={"split": "all"}, samples_per_shard=300,
+                           parallel=False)
+    with pytest.raises(DatasetError, match=rf"^{out}: already holds a different data set \(1797 samples in 7 shards, "
+                                           r"source 'digits', codec 'image'\).*--overwrite"):
+        prepare_dataset(bigger, report=lambda _: None)
+    assert _files(out) == before
+
+    lines: list[str] = []
+    prepare_dataset(dataclasses.replace(bigger, overwrite=True), report=lines.append)
+    assert any("--overwrite: replacing the data set" in line for line in lines)
+    assert any("removed 2 shard files of an earlier data set" in line for line in lines)
+    m = load_manifest(out)
+    assert [s.name for s in m.shards] == [f"shard-{i:06d}.tar" for i in range(6)] and m.total == 1797
+    assert sorted(n for n in os.listdir(out) if n.startswith("shard-000006")) == []
+    assert len(global_batches(out, stream_cfg(), 1)[0]) == -(-1797 // 24)
+
+    # the same plan again (this manifest records its fingerprint; an older one is matched through its shards' info)
+    lines.clear()
+    prepare_dataset(bigger, report=lines.append)
+    assert any("6 already done" in line for line in lines)
+    data = json.load(open(os.path.join(out, "manifest.json")))
+    del data["extra"]["fingerprint"]
+    json.dump(data, open(os.path.join(out, "manifest.json"), "w"))
+    lines.clear()
+    prepare_dataset(bigger, report=lines.append)
+    assert any("6 already done" in line for line in lines)
+    with pytest.raises(DatasetError, match="already holds a different data set"):
+        _prepare(out)
+
+
+def test_cached_shards_follow_a_rewrite_even_without_sha256_checks(s3_bucket, tmp_path):
+    """The cache keys entries by the manifest's digest even when it does not verify it: a data set rewritten at
+    the same URL is downloaded again, never served from the old copies."""
+    url = f"{s3_bucket}/rewritten"
+    _prepare(url)
+    cfg = stream_cfg(cache_dir=str(tmp_path / "cache"), verify_sha256=False)
+    first, _ = global_batches(url, cfg, 1)
+    prepare_dataset(PrepareConfig(output=url, source="digits", source_settings={"split": "train"},
+                                  samples_per_shard=SPS, parallel=False, overwrite=True), report=lambda _: None)
+    again, _ = global_batches(url, cfg, 1)
+    fresh, _ = global_batches(url, stream_cfg(cache_dir=str(tmp_path / "fresh")), 1)
+    assert again == fresh and again != first

@@ -193,3 +193,11 @@ def test_job_refuses_inputs_it_cannot_tokenise(tmp_path: Path, dvae_export: str)
     storage.write_bytes(os.path.join(plain, TOKENIZER_FILE), b"not a model")
     with pytest.raises(ValueError, match=f"{plain}/tokenizer.model: not a sentencepiece model"):
         tokenise_dataset(plain, dvae_export, str(tmp_path / "out"))
+
+
+def test_job_refuses_to_write_over_a_different_dataset(scenes: str, dvae_export: str) -> None:
+    before = {n: os.path.getmtime(os.path.join(scenes, n)) for n in os.listdir(scenes)}
+    with pytest.raises(DatasetError, match=rf"^{scenes}: already holds a different data set \(96 samples in 3 shards, "
+                                           r"source 'shapes', codec 'image'\)"):
+        tokenise_dataset(scenes, dvae_export, scenes, workers=1, report=lambda _: None)
+    assert {n: os.path.getmtime(os.path.join(scenes, n)) for n in os.listdir(scenes)} == before

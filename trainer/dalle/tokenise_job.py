@@ -31,6 +31,7 @@ from data_pipeline import storage
 from data_pipeline.caption_tokenizer import TOKENIZER_FILE, CaptionTokenizer
 from data_pipeline.codecs import build_codec
 from data_pipeline.codecs.tokens import TokenSample
+from data_pipeline.dataset_output import FINGERPRINT_KEY, check_output, remove_leftovers
 from data_pipeline.manifest import (
     FORMAT_VERSION,
     DatasetError,
@@ -193,8 +194,9 @@ class _ProgressLine:
 
 def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
                      batch_size: int = 64, samples_per_shard: int | None = None, progress: bool = True,
-                     report: Callable[[str], None] | None = None) -> Manifest:
-    """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``."""
+                     report: Callable[[str], None] | None = None, overwrite: bool = False) -> Manifest:
+    """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``;
+    a different complete data set there is refused unless ``overwrite`` (data_pipeline.dataset_output)."""
     if workers < 1 or batch_size < 1:
         raise ValueError(f"tokenise: workers and batch_size must be >= 1, got {workers} and {batch_size}")
     source = load_manifest(input_url)
@@ -213,8 +215,10 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
         raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")
     dvae_export_dir = absolute(dvae_export_dir)
     weights_sha = _weights_sha(dvae_export_dir)
-    shards = plan_output(source, per_shard, _fingerprint(source, weights_sha, tokenizer.sha256, per_shard))
+    fingerprint = _fingerprint(source, weights_sha, tokenizer.sha256, per_shard)
+    shards = plan_output(source, per_shard, fingerprint)
     say = report or (lambda line: print(line, flush=True))
+    check_output(output_url, fingerprint, overwrite=overwrite, say=say, job="tokenise")
     done = {s.plan.index: info for s in shards if (info := finished_info(output_url, s.plan)) is not None}
     todo = [s for s in shards if s.plan.index not in done]
     say(f"[tokenise] {source.total} images in {len(source.shards)} shards -> {len(shards)} token shards at "
@@ -252,9 +256,11 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
         extra={"samples_per_shard": per_shard, "index_stride": INDEX_STRIDE,
                "text_vocab": tokenizer.vocab_size, "image_vocab": codec_settings["image_vocab"],
                "image_grid": codec_settings["image_grid"], "image_shape": source.extra.get("image_shape"),
-               "tokenizer": tokenizer.info(), "dvae_export": dvae_export_dir, "dvae_weights_sha256": weights_sha},
+               "tokenizer": tokenizer.info(), "dvae_export": dvae_export_dir, "dvae_weights_sha256": weights_sha,
+               FINGERPRINT_KEY: fingerprint},
         url=output_url,
     )
     save_manifest(output_url, manifest)
     say(f"[tokenise] wrote manifest with {manifest.total} samples in {len(shards)} shards")
+    remove_leftovers(output_url, [s.plan.name for s in shards], say, job="tokenise")
     return manifest
