@@ -102,6 +102,8 @@ def local_path(url: str) -> str:
 def join(url: str, *parts: str) -> str:
     """Append path parts with '/': join("s3://b/run", "ckpt", "x.pt") -> "s3://b/run/ckpt/x.pt"."""
     kind = _scheme(url)
+    if kind == "s3":
+        s3.split_url(url, need_key=False)  # "s3://" + "x" must not become the local-looking "s3:/x"
     pieces = [p.strip("/") for p in parts if p.strip("/")]
     if kind == "local" and "://" not in url:
         return os.path.join(url, *pieces)

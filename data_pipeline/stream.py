@@ -135,7 +135,7 @@ class ShardOpener:
                         yield sample
                     seen += 1
         except (tarfile.TarError, OSError, ValueError) as e:
-            raise DatasetError(f"shard {url}: corrupt or truncated after {seen} samples ({e})") from e
+            raise DatasetError(f"shard {url}: corrupt or truncated at sample {seen} of {expected} ({e})") from e
         if seen != expected:
             raise DatasetError(f"shard {url}: holds {seen} samples, the manifest says {expected} (truncated?)")
 

@@ -68,6 +68,8 @@ def test_join_and_kinds() -> None:
     assert storage.join("s3://b/run/", "x") == "s3://b/run/x"
     assert storage.join("file:///tmp/a", "b") == "file:///tmp/a/b"
     assert storage.join("/tmp/a", "b", "c") == "/tmp/a/b/c"
+    with pytest.raises(StorageError, match="no bucket name"):
+        storage.join("s3://", "x")
     assert (
         storage.is_remote("s3://b/k") and not storage.is_remote("/x") and not storage.is_remote("file:///x")
     )
