@@ -4,7 +4,7 @@ Writers (``dgm prepare``, ``dgm tokenize``) name their shards shard-NNNNNN.tar a
 each shard's info file. Writing data set B where data set A is complete would overwrite A's shards one by one while
 A's manifest still lists their old checksums: A breaks the moment the first shard lands, and stays broken if B's
 job stops. So a different complete data set is refused unless the user asks to replace it, and then its manifest is
-removed first (A reads as incomplete, never as silently corrupt). After the new manifest is written, shard files of
+removed first, with its tokenizer and preview (A reads as incomplete, never as silently corrupt). After the new manifest is written, shard files of
 an earlier, larger data set that the new one does not list are removed.
 """
 
@@ -15,7 +15,9 @@ import re
 from collections.abc import Callable, Iterable
 
 from data_pipeline import storage
-from data_pipeline.manifest import DatasetError, Manifest, load_manifest, manifest_url
+from data_pipeline.caption_tokenizer import TOKENIZER_FILE
+from data_pipeline.manifest import MANIFEST_NAME, DatasetError, Manifest, manifest_url, parse_manifest
+from data_pipeline.preview import PREVIEW_NAME
 
 FINGERPRINT_KEY = "fingerprint"
 _SHARD_FILE = re.compile(r"^shard-\d{6}\.tar(\.info\.json)?$")
@@ -36,26 +38,28 @@ def _fingerprint_of(manifest: Manifest, output: str) -> str | None:
 
 def check_output(output: str, fingerprint: str, *, overwrite: bool, say: Callable[[str], None],
                  job: str = "prepare") -> None:
-    """Refuse ``output`` when it holds a complete data set of another plan; with ``overwrite``, remove that data
-    set's manifest so it reads as incomplete while the new one is written. A manifest that cannot be read is
-    reported and written over (that data set is unusable already)."""
+    """Refuse ``output`` when it holds a complete data set of another plan, or a manifest this dgm cannot read
+    (a newer format, damage: what it describes is unknown); with ``overwrite``, retire that data set first: its
+    manifest, tokenizer and preview are removed, so it reads as incomplete while the new one is written. Storage
+    errors (access denied, an outage) propagate: they say nothing about what is there."""
     url = manifest_url(output)
     if not storage.exists(url):
         return
+    data = storage.read_bytes(url)
     try:
-        existing = load_manifest(output)
-    except DatasetError as e:
-        say(f"[{job}] {url}: replacing a manifest that cannot be read ({e})")
-        return
-    if _fingerprint_of(existing, output) == fingerprint:
-        return
-    what = (f"{existing.total} samples in {len(existing.shards)} shards, source {existing.source.get('name')!r}, "
-            f"codec {existing.codec.get('name')!r}")
+        existing = parse_manifest(data.decode("utf-8"), url)
+        if _fingerprint_of(existing, output) == fingerprint:
+            return
+        what = (f"a different data set ({existing.total} samples in {len(existing.shards)} shards, source "
+                f"{existing.source.get('name')!r}, codec {existing.codec.get('name')!r})")
+    except (DatasetError, UnicodeDecodeError) as e:
+        what = f"a manifest this dgm cannot read ({e})"
     if not overwrite:
-        raise DatasetError(f"{output}: already holds a different data set ({what}); writing this one over it would "
-                           "break it. Choose another output, delete that data set, or pass --overwrite to replace it")
-    say(f"[{job}] --overwrite: replacing the data set at {output} ({what})")
-    storage.delete(url)
+        raise DatasetError(f"{output}: already holds {what}; writing this data set over it would break it. Choose "
+                           "another output, delete that data set, or pass --overwrite to replace it")
+    say(f"[{job}] --overwrite: replacing {what} at {output}")
+    for name in (MANIFEST_NAME, TOKENIZER_FILE, PREVIEW_NAME):
+        storage.delete(storage.join(output, name))
 
 
 def remove_leftovers(output: str, keep: Iterable[str], say: Callable[[str], None], job: str = "prepare") -> list[str]:
@@ -66,8 +70,10 @@ def remove_leftovers(output: str, keep: Iterable[str], say: Callable[[str], None
     base = output.rstrip("/")
     removed = []
     for item in storage.list_prefix(output):
-        name = item[len(base) + 1:] if item.startswith(base + "/") else item.rsplit("/", 1)[-1]
-        if _SHARD_FILE.match(name.replace("\\", "/")) and name not in wanted:
+        if not item.startswith(base + "/"):
+            continue  # spelled differently (S3:// listed as s3://): never guess which file it is
+        name = item[len(base) + 1:]
+        if _SHARD_FILE.match(name) and name not in wanted:
             storage.delete(item)
             removed.append(item)
     if removed:

@@ -174,15 +174,20 @@ def split_url(url: str, need_key: bool = True) -> tuple[str, str]:
     return bucket, key
 
 
+def bucket_not_found(url: str, detail: str = "") -> BucketNotFoundError:
+    said = f" ({detail})" if detail else ""
+    return BucketNotFoundError(
+        url, f"bucket not found at {describe_endpoint()}{said}; check the name and the endpoint, or create it"
+    )
+
+
 def _client_error(url: str, e: ClientError) -> StorageError:
     err = e.response.get("Error", {})
     code = str(err.get("Code", ""))
     status = e.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
     message = err.get("Message") or code
     if code == "NoSuchBucket":
-        return BucketNotFoundError(
-            url, f"bucket not found at {describe_endpoint()} ({message}); check the name and the endpoint, or create it"
-        )
+        return bucket_not_found(url, message)
     if code in _NOT_FOUND_CODES or status == 404:
         return StorageNotFoundError(url, "not found")
     if code in _DENIED_CODES or status == 403:
@@ -324,13 +329,23 @@ class ResumableReader(io.RawIOBase):
 
 
 def head(url: str) -> dict[str, Any] | None:
-    """The object's HEAD answer, or None when it does not exist."""
+    """The object's HEAD answer, or None when it does not exist; a missing bucket is a BucketNotFoundError.
+
+    A HEAD answer has no body, so S3 cannot say NoSuchBucket there: on a 404 the bucket is asked about itself
+    (one more request, on misses only), or a vanished bucket would read as a missing object.
+    """
     bucket, key = split_url(url)
     try:
         with errors(url):
             return client().head_object(Bucket=bucket, Key=key)
     except StorageNotFoundError:
-        return None
+        pass
+    try:
+        with errors(url):
+            client().head_bucket(Bucket=bucket)
+    except StorageNotFoundError as e:
+        raise bucket_not_found(url) from e
+    return None
 
 
 def list_keys(url: str) -> Iterator[str]:

@@ -66,15 +66,16 @@ class ShardUnavailableError(DatasetError):
 class ShardOpener:
     """Opens shards for reading: local files directly, remote ones through the shard cache; checks sha256 once.
 
-    ``bad_shards`` holds the shards found corrupt or missing under on_corrupt=skip, for every epoch and partition
-    this opener serves, so each is tried and reported once.
+    ``reported`` holds the shards already reported as skipped (on_corrupt=skip), so each is warned about and
+    counted once however many partitions and epochs cross it; what is skipped is decided by each partition
+    reader alone, so it never depends on which partitions share a worker.
     """
 
     def __init__(self, manifest: Manifest, config: StreamConfig) -> None:
         self.manifest = manifest
         self.config = config
         self.verified: set[int] = set()
-        self.bad_shards: set[int] = set()
+        self.reported: set[int] = set()
         self._cache: storage.ShardCache | None = None
 
     def _local_path(self, i: int) -> str:
@@ -152,6 +153,7 @@ class PartitionReader:
         self._cursor_shard = -1
         self._cursor_pos = -1
         self._cursor_end = -1
+        self.bad_shards: set[int] = set()
         self.newly_skipped: list[int] = []
 
     def _open_at(self, e: int) -> None:
@@ -159,7 +161,7 @@ class PartitionReader:
         self._cursor_shard = shard
         self._cursor_end = self.order.shard_span(shard)[1]
         self._cursor_pos = e
-        self._cursor = self.opener.samples(shard, offset) if shard not in self.opener.bad_shards else None
+        self._cursor = self.opener.samples(shard, offset) if shard not in self.bad_shards else None
 
     def _next_raw(self) -> tuple[int, dict[str, Any] | None]:
         e = self._cursor_pos
@@ -183,9 +185,10 @@ class PartitionReader:
             problem = str(err) if str(err).startswith("shard ") else f"shard {url}: {err}"
             if not self.skip_bad:
                 raise DatasetError(problem) from err
-            if shard not in self.opener.bad_shards:
+            self.bad_shards.add(shard)
+            if shard not in self.opener.reported:
                 log.warning("data.stream.on_corrupt=skip: skipping %s", problem)
-                self.opener.bad_shards.add(shard)
+                self.opener.reported.add(shard)
                 self.newly_skipped.append(shard)
             self._cursor = None
             return e, None

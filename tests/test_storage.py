@@ -136,10 +136,16 @@ def test_missing_is_not_found(root: str, tmp_path) -> None:
         storage.upload_file(str(tmp_path / "absent"), url)
 
 
-def test_missing_bucket_is_reported_not_taken_for_empty(s3_server: str) -> None:
+def test_missing_bucket_is_reported_not_taken_for_empty(s3_server: str, tmp_path) -> None:
     for url in ("s3://no-such-bucket-x/k", "s3://no-such-bucket-x", "s3://no-such-bucket-x/run/"):
         with pytest.raises(BucketNotFoundError, match=rf"^{url}: bucket not found at {s3_server}"):
             storage.exists(url)
+    # HEAD answers carry no error body: a vanished bucket must not read as a missing object (or shard)
+    for call in (storage.size, s3.head, lambda u: storage.download_file(u, str(tmp_path / "x"))):
+        with pytest.raises(BucketNotFoundError, match="bucket not found"):
+            call("s3://no-such-bucket-x/shard-000000.tar")
+    with pytest.raises(BucketNotFoundError, match="bucket not found"):
+        ShardCache(str(tmp_path / "cache"), 1 << 20).fetch("s3://no-such-bucket-x/shard-000000.tar")
     with pytest.raises(BucketNotFoundError, match=r"s3://no-such-bucket-x/k: bucket not found"):
         storage.write_bytes("s3://no-such-bucket-x/k", b"x")
     # a resuming run must not see "no checkpoint yet" and start over at step 0

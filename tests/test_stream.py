@@ -17,7 +17,8 @@ from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
 from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from data_pipeline.sources import build_source
-from data_pipeline.stream import RankStream, ShardUnavailableError, StreamConfig
+from data_pipeline.storage import StorageError
+from data_pipeline.stream import RankStream, ShardOpener, ShardUnavailableError, StreamConfig
 from sharding.sample_order import OrderError, StreamState
 
 SPS = 257  # 1797 digits -> 7 shards (the last one short): no world size or worker count here divides 7
@@ -369,7 +370,7 @@ def test_prepare_refuses_to_write_over_a_different_dataset(tmp_path):
 
     lines: list[str] = []
     prepare_dataset(dataclasses.replace(bigger, overwrite=True), report=lines.append)
-    assert any("--overwrite: replacing the data set" in line for line in lines)
+    assert any("--overwrite: replacing a different data set (1797 samples in 7 shards" in line for line in lines)
     assert any("removed 2 shard files of an earlier data set" in line for line in lines)
     m = load_manifest(out)
     assert [s.name for s in m.shards] == [f"shard-{i:06d}.tar" for i in range(6)] and m.total == 1797
@@ -402,3 +403,63 @@ def test_cached_shards_follow_a_rewrite_even_without_sha256_checks(s3_bucket, tm
     again, _ = global_batches(url, cfg, 1)
     fresh, _ = global_batches(url, stream_cfg(cache_dir=str(tmp_path / "fresh")), 1)
     assert again == fresh and again != first
+
+
+def test_skipping_a_shard_that_breaks_part_way_does_not_depend_on_workers_or_ranks(copy_of):
+    """Which samples survive a shard that breaks in the middle is decided per partition and epoch: the same with
+    any number of loader workers or ranks (a worker must not carry "this shard is bad" into other partitions)."""
+    path = os.path.join(copy_of, "shard-000003.tar")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) * 2 // 3)
+        f.write(b"\xff" * 4096)
+    decode = build_codec("image").decode
+    m = load_manifest(copy_of)
+
+    def survivors(workers: int, world: int) -> list[str]:
+        cfg = stream_cfg(on_corrupt="skip", verify_sha256=False, num_workers=workers)
+        keys, skipped = [], set()
+        for rank in range(world):
+            s = RankStream(m, cfg, decode, rank, world)
+            keys += [x["key"] for b in s.iterate(max_epochs=2) for x in b if x["valid"]]
+            skipped |= s.skipped
+        assert skipped == {3}
+        return sorted(keys)
+
+    readable = []  # shard 3's samples before the damage, read straight through
+    with pytest.raises(DatasetError, match="shard-000003.tar: (corrupt or truncated at sample|holds)"):
+        for raw in ShardOpener(m, stream_cfg(verify_sha256=False)).samples(3, 0):
+            readable.append(raw["__key__"])
+    alone = survivors(0, 1)
+    assert 0 < len(readable) < SPS and 0 < 2 * 1797 - len(alone) < 2 * SPS
+    assert all(alone.count(key) == 2 for key in readable)  # read in both epochs, wherever the partitions cut
+    assert survivors(2, 1) == alone and survivors(0, 2) == alone
+
+
+def test_prepare_refuses_an_unreadable_manifest_and_storage_errors(tmp_path, s3_bucket, flaky_s3):
+    """What cannot be read is not known to be replaceable: a manifest of a newer format or a damaged one is
+    refused without --overwrite; access denied is an error, never taken for "nothing there"."""
+    out = str(tmp_path / "ds")
+    _prepare(out)
+    manifest = os.path.join(out, "manifest.json")
+    data = json.load(open(manifest))
+    data["format_version"] = 99
+    json.dump(data, open(manifest, "w"))
+    storage.write_bytes(os.path.join(out, "tokenizer.model"), b"an older data set's tokenizer")
+    before = _files(out)
+    with pytest.raises(DatasetError, match=r"already holds a manifest this dgm cannot read \(.*format_version 99"):
+        _prepare(out)
+    assert _files(out) == before
+    lines: list[str] = []
+    prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "all"},
+                                  samples_per_shard=SPS, parallel=False, overwrite=True), report=lines.append)
+    assert any("--overwrite: replacing a manifest this dgm cannot read" in line for line in lines)
+    assert load_manifest(out).total == 1797 and not os.path.exists(os.path.join(out, "tokenizer.model"))
+
+    url = f"{s3_bucket}/denied-prepare"
+    _prepare(url)
+    flaky_s3.fail_next(10**6, status=403)
+    with pytest.raises(StorageError, match="access denied"):
+        prepare_dataset(PrepareConfig(output=url, source="digits", source_settings={"split": "train"},
+                                      samples_per_shard=SPS, parallel=False, overwrite=True), report=lambda _: None)
+    flaky_s3.reset()
+    assert load_manifest(url).total == 1797

@@ -21,7 +21,7 @@ from data_pipeline.prepare import PrepareConfig, prepare_dataset, sample_offsets
 from data_pipeline.sources import Sample
 from data_pipeline.stream import ShardOpener, StreamConfig
 from trainer.dalle.dvae import DVAEConfig
-from trainer.dalle.tokenise_job import plan_output, tokenise_dataset
+from trainer.dalle.tokenise_job import check_tokenise_output, plan_output, tokenise_dataset
 from trainer.export import load_export, write_export
 from trainer.families.dvae import DVAEFamily
 
@@ -200,4 +200,6 @@ def test_job_refuses_to_write_over_a_different_dataset(scenes: str, dvae_export:
     with pytest.raises(DatasetError, match=rf"^{scenes}: already holds a different data set \(96 samples in 3 shards, "
                                            r"source 'shapes', codec 'image'\)"):
         tokenise_dataset(scenes, dvae_export, scenes, workers=1, report=lambda _: None)
+    with pytest.raises(DatasetError, match=rf"^{scenes}: already holds a different data set"):
+        check_tokenise_output(scenes, dvae_export, scenes)  # what dgm tokenize runs for every split first
     assert {n: os.path.getmtime(os.path.join(scenes, n)) for n in os.listdir(scenes)} == before

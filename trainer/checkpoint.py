@@ -23,6 +23,7 @@ import os
 import shutil
 import tempfile
 import threading
+import uuid
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -237,15 +238,22 @@ class CheckpointStore:
         path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", tag)
         if os.path.exists(os.path.join(path, DOWNLOADED)):
             return path
-        # Download beside the final folder and rename it into place: a download cut short (crash, outage) is never
-        # taken for a checkpoint on the next try, which starts over.
-        partial = f"{path}.partial"
-        for stale in (path, partial):
-            shutil.rmtree(stale, ignore_errors=True)
-        storage.download_dir(storage.join(self.root, tag), partial)
-        with open(os.path.join(partial, DOWNLOADED), "w"):
-            pass
-        os.replace(partial, path)
+        # Download beside the final folder (a name of its own: an export may share this staging folder) and rename
+        # it into place: a download cut short (crash, outage) is never taken for a checkpoint; the next try starts over.
+        partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
+        try:
+            storage.download_dir(storage.join(self.root, tag), partial)
+            with open(os.path.join(partial, DOWNLOADED), "w"):
+                pass
+            if not os.path.exists(os.path.join(path, DOWNLOADED)):
+                shutil.rmtree(path, ignore_errors=True)  # what an older dgm or a cut download left
+                try:
+                    os.replace(partial, path)
+                except OSError:
+                    if not os.path.exists(os.path.join(path, DOWNLOADED)):  # not another process's complete copy
+                        raise
+        finally:
+            shutil.rmtree(partial, ignore_errors=True)
         return path
 
     def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:

@@ -192,13 +192,20 @@ class _ProgressLine:
                  f"{rate:.1f} images/s, ETA {eta:.0f}s")
 
 
-def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
-                     batch_size: int = 64, samples_per_shard: int | None = None, progress: bool = True,
-                     report: Callable[[str], None] | None = None, overwrite: bool = False) -> Manifest:
-    """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``;
-    a different complete data set there is refused unless ``overwrite`` (data_pipeline.dataset_output)."""
-    if workers < 1 or batch_size < 1:
-        raise ValueError(f"tokenise: workers and batch_size must be >= 1, got {workers} and {batch_size}")
+@dataclass
+class TokenisePlan:
+    """What a tokenisation job reads and how it splits its output: fixed before anything is written."""
+
+    source: Manifest
+    tokenizer: CaptionTokenizer
+    dvae_export_dir: str
+    weights_sha: str
+    per_shard: int
+    fingerprint: str
+
+
+def plan_tokenise(input_url: str, dvae_export_dir: str, samples_per_shard: int | None = None) -> TokenisePlan:
+    """Check the input data set, its tokenizer and the dVAE export; the plan's fingerprint names the output."""
     source = load_manifest(input_url)
     if source.codec.get("name") != "image":
         raise DatasetError(f"{input_url}: codec {source.codec.get('name')!r} is not the image codec (PNG + caption)")
@@ -215,7 +222,28 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
         raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")
     dvae_export_dir = absolute(dvae_export_dir)
     weights_sha = _weights_sha(dvae_export_dir)
-    fingerprint = _fingerprint(source, weights_sha, tokenizer.sha256, per_shard)
+    return TokenisePlan(source, tokenizer, dvae_export_dir, weights_sha, per_shard,
+                        _fingerprint(source, weights_sha, tokenizer.sha256, per_shard))
+
+
+def check_tokenise_output(input_url: str, dvae_export_dir: str, output_url: str, *, overwrite: bool = False,
+                          samples_per_shard: int | None = None) -> None:
+    """Refuse (or with ``overwrite`` retire) a different data set at ``output_url``: run for every split first."""
+    plan = plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
+    check_output(output_url, plan.fingerprint, overwrite=overwrite, say=lambda line: print(line, flush=True),
+                 job="tokenise")
+
+
+def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
+                     batch_size: int = 64, samples_per_shard: int | None = None, progress: bool = True,
+                     report: Callable[[str], None] | None = None, overwrite: bool = False) -> Manifest:
+    """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``;
+    a different complete data set there is refused unless ``overwrite`` (data_pipeline.dataset_output)."""
+    if workers < 1 or batch_size < 1:
+        raise ValueError(f"tokenise: workers and batch_size must be >= 1, got {workers} and {batch_size}")
+    plan = plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
+    source, tokenizer, per_shard = plan.source, plan.tokenizer, plan.per_shard
+    dvae_export_dir, weights_sha, fingerprint = plan.dvae_export_dir, plan.weights_sha, plan.fingerprint
     shards = plan_output(source, per_shard, fingerprint)
     say = report or (lambda line: print(line, flush=True))
     check_output(output_url, fingerprint, overwrite=overwrite, say=say, job="tokenise")
