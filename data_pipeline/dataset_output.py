@@ -3,9 +3,9 @@
 Writers (``dgm prepare``, ``dgm tokenize``) name their shards shard-NNNNNN.tar and resume by the plan fingerprint in
 each shard's info file. Writing data set B where data set A is complete would overwrite A's shards one by one while
 A's manifest still lists their old checksums: A breaks the moment the first shard lands, and stays broken if B's
-job stops. So a different complete data set is refused unless the user asks to replace it, and then its manifest is
-removed first, with its tokenizer and preview (A reads as incomplete, never as silently corrupt). After the new manifest is written, shard files of
-an earlier, larger data set that the new one does not list are removed.
+job stops. So a different complete data set is refused unless the user asks to replace it, and then its manifest,
+tokenizer and preview are removed first (A reads as incomplete, never as silently corrupt). After the new manifest
+is written, shard files of an earlier, larger data set that the new one does not list are removed.
 """
 
 from __future__ import annotations
