@@ -360,7 +360,8 @@ class Experiment:
             return out
         n = min(a.conditional, a.eval)
         truth = self.held_rgb[:n]
-        imgs = to_uint8(fam.sample_images({"model": model}, n, gen, images=truth, temperature=a.cond_temperature,
+        given = fam.low_resolution(truth) if fam.config.mode == "superres" else truth  # as trained: originals'
+        imgs = to_uint8(fam.sample_images({"model": model}, n, gen, images=given, temperature=a.cond_temperature,
                                           mean_of=a.cond_samples))
         save_strip(np.concatenate([truth[:8], imgs[:8]]), f"{a.tag}{name}_samples.png")
         ceiling = dct_codec.decode(self.held_tok[:n], self.codec)

@@ -150,7 +150,7 @@ def test_kv_cached_sampling_draws_the_tokens_of_prefix_recomputation():
     assert ((dc > 0) | ((dc == 0) & (dp > 0))).all()
 
 
-@pytest.mark.parametrize("mode", ["unconditional", "colourise"])
+@pytest.mark.parametrize("mode", ["unconditional", "colourise", "superres"])
 def test_sampler_scores_each_triple_as_training_does_across_chunks(scenes, mode, monkeypatch):
     """Replaying a data sequence through ``generate`` (chunk after chunk: the encoder rebuilt from the triples
     drawn so far, the decoders' caches restarted) gives every triple the log-probability the training loss gives
@@ -174,8 +174,8 @@ def test_sampler_scores_each_triple_as_training_does_across_chunks(scenes, mode,
         return real_draw(logits, *args)
 
     monkeypatch.setattr(sampling, "sample_logits", spy)
-    cond = fam.sampling_condition(model, len(scenes), labels=batch["labels"].tolist(),
-                                  images=np.stack([s["image"] for s in scenes]))
+    given = None if mode == "unconditional" else np.stack([s["image"] for s in scenes])
+    cond = fam.sampling_condition(model, len(scenes), labels=batch["labels"].tolist(), images=given)
     teacher = torch.cat([tokens, torch.tensor(fam.space.pad).repeat(len(scenes), 8, 1)], dim=1)
     sampling.generate(model, len(scenes), fam.space, 16, longest + 8, cond, DrawSettings(),
                       torch.Generator().manual_seed(0), teacher=teacher)
@@ -318,8 +318,9 @@ def test_superres_hint_is_the_bicubic_upsample_and_reaches_the_value_decoder_at_
 
     fam, model = family(chunk_size=16, mode="superres")
     images = np.stack([s["image"] for s in scenes[:2]])
-    hint = fam.superres_hint(images)
     small = images.reshape(2, 16, 2, 16, 2, 3).mean(axis=(2, 4)).round().astype(np.uint8)
+    assert np.array_equal(fam.low_resolution(images), small)
+    hint = fam.superres_hint(small)
     up = [np.asarray(Image.fromarray(s).resize((32, 32), Image.BICUBIC)) for s in small]
     coded = dct_codec.encode(up, CODEC)[0][:-1]  # the bicubic image's own sequence: the hint's non-zeros
     dense = hint[0].numpy()
@@ -367,7 +368,8 @@ def test_superres_residual_stopping_at_once_returns_the_hint():
     src = fam.source_images(2)
     out = (fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), images=src,
                              temperature=0.0).permute(0, 2, 3, 1).numpy() * 255).round()
-    hint = fam.superres_hint(src).round().numpy().astype(np.int16).reshape(2, 384, *CODEC.grid)
+    coded = dct_codec.decode(dct_codec.encode(list(src), CODEC), CODEC)  # full-size images go through the codec
+    hint = fam.superres_hint(fam.low_resolution(coded)).round().numpy().astype(np.int16).reshape(2, 384, *CODEC.grid)
     from data_pipeline.codecs.dct_transform import dct_image_to_rgb
 
     expected = dct_image_to_rgb(hint, CODEC.quality, upsampling=CODEC.upsampling, channels_last=False)
@@ -398,3 +400,41 @@ def test_sampling_labels_must_be_the_models_classes():
     plain, model = family(max_triples=20)
     with pytest.raises(ValueError, match="not class-conditional"):
         plain.sample_images({"model": model}, 1, torch.Generator(), labels=[0])
+
+
+def test_conditioning_images_are_checked_and_brought_to_the_codec():
+    fam, model = family(chunk_size=16, mode="colourise", max_triples=8)
+    with pytest.raises(ValueError, match=r"65 samples: the export's source 'shapes' holds 64 images .*--images"):
+        fam.sampling_condition(model, 65)
+    with pytest.raises(ValueError, match=r"images: 1 given for 2 samples"):
+        fam.sampling_condition(model, 2, images=fam.source_images(1))
+    grey_rgba = [np.full((32, 32), 90, np.uint8), np.full((32, 32, 4), 200, np.uint8)]
+    assert fam.condition_images(2, grey_rgba).shape == (2, 32, 32, 3)  # documented conversions
+    with pytest.raises(ValueError, match=r"image 0: size 40x40 \(HxW\) does not match the codec resolution 32x32"):
+        fam.sampling_condition(model, 1, images=[np.zeros((40, 40, 3), np.uint8)])
+    plain, umodel = family(max_triples=8)
+    with pytest.raises(ValueError, match="an unconditional model takes no images"):
+        plain.sample_images({"model": umodel}, 1, torch.Generator(), images=[np.zeros((32, 32, 3), np.uint8)])
+
+    # photos of many sizes, prepared without a resolution: the codec's size policy fits them, as in prepare
+    crop = DCTCodecConfig(resolution=32, quality=50, value_range=64, size_policy="crop")
+    photos = DCTransformerFamily(small(chunk_size=16, mode="colourise"),
+                                 {"codec": {"name": "dct", "settings": crop.to_dict()},
+                                  "source": {"name": "image_folder", "settings": {"path": "builtin:samples"}}})
+    assert photos.source_images(4).shape == (4, 32, 32, 3)
+
+
+def test_superres_takes_low_resolution_images_as_they_are():
+    """Given the H/2 x W/2 image itself, the hint is its bicubic upsample; given a full-size image, the hint is
+    built as training builds it from a shard (through the codec, then downsampled)."""
+    fam, model = family(chunk_size=16, mode="superres", max_triples=8)
+    full = fam.source_images(2)
+    small_images = fam.low_resolution(full)
+    cond = fam.sampling_condition(model, 2, images=list(small_images))
+    torch.testing.assert_close(cond.hint, fam.superres_hint(small_images))
+    torch.testing.assert_close(cond.dense, cond.hint.round())
+    coded = dct_codec.decode(dct_codec.encode(list(full), CODEC), CODEC)
+    torch.testing.assert_close(fam.sampling_condition(model, 2, images=full).hint,
+                               fam.superres_hint(fam.low_resolution(coded)))
+    out = fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), images=list(small_images))
+    assert out.shape == (2, 3, 32, 32)

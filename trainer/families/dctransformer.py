@@ -26,6 +26,7 @@ from torch import nn
 
 from data_pipeline.codecs import dct_codec
 from data_pipeline.codecs.dct_config import DCTCodecConfig
+from data_pipeline.codecs.dct_images import as_rgb_batch, to_rgb
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
 from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, dense_to_sequence, pad_batch, triple_nll
@@ -118,21 +119,25 @@ class DCTransformerFamily(Family):
         dense = dense_before(pad_batch([lum], self.space)[None, 0], torch.tensor([len(lum)]), self.space)[0]
         return torch.cat([body[~luma], tokens[-1:]]), dense
 
-    def superres_hint(self, rgb: np.ndarray) -> torch.Tensor:
-        """uint8 RGB [B, H, W, 3] -> box-downsample by the factor, bicubic back up, quantised DCT [B, 384, P].
+    def low_resolution(self, rgb: np.ndarray) -> np.ndarray:
+        """uint8 RGB [B, H, W, 3] -> the super-resolution condition: box-downsampled by the factor, uint8."""
+        f = self.config.superres_factor
+        b, h, w, _ = rgb.shape
+        small = rgb.reshape(b, h // f, f, w // f, f, 3).astype(np.float32).mean(axis=(2, 4))
+        return np.clip(np.rint(small), 0, 255).astype(np.uint8)
+
+    def superres_hint(self, small: np.ndarray) -> torch.Tensor:
+        """Low-resolution uint8 RGB [B, H/f, W/f, 3] -> bicubic back up, quantised DCT [B, 384, P].
 
         The condition carries only the low-resolution image; putting it on the target's grid and quantisation
         lets the model see, at each macroblock and each (channel, position), the naive (bicubic) answer.
         """
         from PIL import Image
 
-        f = self.config.superres_factor
-        b, h, w, _ = rgb.shape
-        small = rgb.reshape(b, h // f, f, w // f, f, 3).astype(np.float32).mean(axis=(2, 4))
-        small = np.clip(np.rint(small), 0, 255).astype(np.uint8)
+        h, w = self.codec.height, self.codec.width
         up = np.stack([np.asarray(Image.fromarray(s).resize((w, h), Image.BICUBIC)) for s in small])
         dct = rgb_to_dct_image(up, self.codec.quality, channels_last=False)
-        return torch.from_numpy(dct.reshape(b, dct.shape[1], -1).astype(np.float32))
+        return torch.from_numpy(dct.reshape(len(small), dct.shape[1], -1).astype(np.float32))
 
     def superres_residual(self, tokens: list[torch.Tensor], hint: torch.Tensor
                           ) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -149,8 +154,9 @@ class DCTransformerFamily(Family):
 
     def conditioning(self, tokens: list[torch.Tensor], labels: list[int] | None,
                      images: np.ndarray | None = None) -> dict[str, torch.Tensor]:
-        """Per-mode targets and encoder conditioning for full token sequences (``images``: the originals, when
-        known, for the super-resolution condition; otherwise the sequences' own decode)."""
+        """Per-mode targets and encoder conditioning for full token sequences. The super-resolution condition is
+        the low-resolution version of the sequences' own decode (all a data set of shards has), or of
+        ``images`` where a caller holds the originals and samples from their low-resolution versions alike."""
         out: dict[str, torch.Tensor] = {}
         if self.config.mode == "colourise":
             parts = [self.split_luma(t) for t in tokens]
@@ -158,7 +164,7 @@ class DCTransformerFamily(Family):
             out["cond_dense"] = torch.stack([p[1] for p in parts])
         if self.config.mode == "superres":
             rgb = dct_codec.decode([t.numpy() for t in tokens], self.codec) if images is None else images
-            out["hint"] = self.superres_hint(rgb)
+            out["hint"] = self.superres_hint(self.low_resolution(rgb))
             if self.config.superres_target == "residual":
                 tokens, out["cond_dense"] = self.superres_residual(tokens, out["hint"])
         if self.config.num_classes:
@@ -240,31 +246,56 @@ class DCTransformerFamily(Family):
         return self.config.max_triples or self.codec.max_sequence_length
 
     def source_images(self, n: int) -> np.ndarray:
-        """Conditioning images when none are given: the data set's own source, counted from its last index."""
+        """Conditioning images when none are given: the data set's own source, counted from its last index,
+        brought to the codec's size as prepare did (its size_policy)."""
         from data_pipeline.sources import build_source
 
         src_info = self.data_info.get("source") or {}
-        source = build_source(src_info.get("name", "shapes"), src_info.get("settings", {}))
-        imgs = [source.sample(len(source) - 1 - i).image for i in range(n)]
-        return np.stack([np.repeat(i, 3, axis=2) if i.shape[2] == 1 else i for i in imgs])
+        name = src_info.get("name", "shapes")
+        source = build_source(name, src_info.get("settings", {}))
+        if n > len(source):
+            raise ValueError(f"{n} samples: the export's source {name!r} holds {len(source)} images to condition "
+                             "on; ask for at most that many, or give images of your own (--images)")
+        return as_rgb_batch([source.sample(len(source) - 1 - i).image for i in range(n)], self.codec)
+
+    def condition_images(self, n: int, images: np.ndarray | list[np.ndarray] | None) -> np.ndarray:
+        """The ``n`` images a conditional draw starts from, uint8 [n, H, W, 3] at the codec's size, or
+        [n, H/f, W/f, 3] when a super-resolution model is given low-resolution images."""
+        if images is None:
+            return self.source_images(n)
+        if len(images) != n:
+            raise ValueError(f"images: {len(images)} given for {n} samples; give one per sample")
+        f, (h, w) = self.config.superres_factor, (self.codec.height, self.codec.width)
+        if self.config.mode == "superres" and all(np.shape(im)[:2] == (h // f, w // f) for im in images):
+            return np.stack([to_rgb(np.asarray(im), self.codec.alpha, f"image {i}") for i, im in enumerate(images)])
+        return as_rgb_batch(list(images), self.codec)
 
     def sampling_condition(self, model: nn.Module, n: int, labels: list[int] | None = None,
-                           images: np.ndarray | None = None) -> Conditioning:
-        """What ``n`` draws are conditioned on: class labels, given luma (colourise), the hint (superres)."""
+                           images: np.ndarray | list[np.ndarray] | None = None) -> Conditioning:
+        """What ``n`` draws are conditioned on: class labels, given luma (colourise), the hint (superres).
+
+        Super-resolution starts from ``images`` at H/f x W/f as they are, or from full-size ones through the
+        codec and then downsampled: exactly the condition training builds from a shard's sequence.
+        """
         labels = self.checked_labels(labels, n)
         device = next(model.parameters()).device
         cond = Conditioning(use_context=self.config.use_context, allowed=self._allowed(torch.empty(0, device=device)))
         if self.config.num_classes:
             labels = labels if labels is not None else [i % self.config.num_classes for i in range(n)]
             cond.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
-        if self.config.mode != "unconditional":
-            images = self.source_images(n) if images is None else np.asarray(images)
-            seqs = [torch.from_numpy(s.astype(np.int64)) for s in dct_codec.encode(list(images), self.codec)]
-            originals = images if images.shape[1:] == (self.codec.height, self.codec.width, 3) else None
-            extra = self.conditioning(seqs, None if not self.config.num_classes else list(cond.labels.tolist()),
-                                      originals)
-            cond.dense = extra["cond_dense"].to(device) if "cond_dense" in extra else None
-            cond.hint = extra["hint"].to(device) if "hint" in extra else None
+        if self.config.mode == "unconditional" and images is not None:
+            raise ValueError("images: an unconditional model takes no images to condition on")
+        if self.config.mode == "colourise":
+            seqs = dct_codec.encode(list(self.condition_images(n, images)), self.codec)
+            cond.dense = torch.stack([self.split_luma(torch.from_numpy(s.astype(np.int64)))[1]
+                                      for s in seqs]).to(device)
+        if self.config.mode == "superres":
+            rgb = self.condition_images(n, images)
+            if rgb.shape[1] == self.codec.height:
+                rgb = self.low_resolution(dct_codec.decode(dct_codec.encode(list(rgb), self.codec), self.codec))
+            hint = self.superres_hint(rgb)
+            cond.hint = hint.to(device)
+            cond.dense = hint.round().to(device) if self.config.superres_target == "residual" else None
         return cond
 
     def draw_tokens(self, model: nn.Module, n: int, cond: Conditioning, generator: torch.Generator | None = None,
