@@ -11,6 +11,7 @@ from collections.abc import Callable
 from launch.arg_types import at_least, int_list, positive, probability_mass
 
 EPILOG = "Overrides: any config key as dotted.path=value (YAML value), e.g. trainer.optim.lr=3e-4 zero.stage=3"
+DEFAULT_SAMPLES = 16
 
 
 def _config(args: argparse.Namespace):
@@ -127,10 +128,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                  f"(--{name.replace('_', '-')}); DCTransformer exports do")
             options[name] = getattr(args, name)
     if args.prompt or args.rerank:
+        args.n = DEFAULT_SAMPLES if args.n is None else args.n
         return _sample_prompt(args, family, modules, options)
+    if args.keep:
+        raise ValueError("--keep chooses among the candidates of --prompt; without a prompt every sample is kept")
     if args.labels:
         options["labels"] = args.labels
-        args.n = len(args.labels)
+        args.n = _count_given(args.n, len(args.labels), "--labels", "labels")
+    if args.images:
+        if "images" not in inspect.signature(family.sample_images).parameters:
+            raise ValueError(f"{args.export}: a {family.name!r} export does not condition on images (--images); "
+                             "colourisation and super-resolution DCTransformer exports do")
+        options["images"] = _load_images(args.images)
+        args.n = _count_given(args.n, len(options["images"]), f"--images {args.images}", "images")
+    args.n = DEFAULT_SAMPLES if args.n is None else args.n
     if args.mean_of != 1:
         if "mean_of" not in inspect.signature(family.sample_images).parameters:
             raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
@@ -142,6 +153,31 @@ def cmd_sample(args: argparse.Namespace) -> int:
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
+
+
+def _count_given(n: int | None, given: int, flag: str, what: str) -> int:
+    """The sample count when ``flag`` gives one item per sample; an explicit --n must agree."""
+    if n is not None and n != given:
+        raise ValueError(f"--n {n} with {flag}: it gives {given} {what}, one per sample; leave --n out")
+    return given
+
+
+def _load_images(path: str) -> list:
+    """The images of ``--images``: one JPEG/PNG file, or every one below a folder (sorted by relative path)."""
+    from pathlib import Path
+
+    from data_pipeline.sources.image_folder import find_images, load_image
+
+    where = Path(path)
+    if where.is_dir():
+        files = list(find_images(where).values())
+        if not files:
+            raise ValueError(f"--images {path}: the folder holds no .jpg, .jpeg or .png files")
+    elif where.is_file():
+        files = [where]
+    else:
+        raise ValueError(f"--images {path}: no such file or folder")
+    return [load_image(f) for f in files]
 
 
 def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> int:
@@ -234,7 +270,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Loads an export folder with torch alone and writes a grid of samples.")
     p.add_argument("export", help="export folder written by `dgm export`")
     p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png)")
-    p.add_argument("--n", type=positive(int), default=16, help="number of samples")
+    p.add_argument("--n", type=positive(int), default=None,
+                   help=f"number of samples (default {DEFAULT_SAMPLES}; one per --labels entry or --images file)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=at_least(0.0, meaning="0 draws greedily"), default=1.0,
                    help="softmax temperature; 0 draws the most likely token")
@@ -253,6 +290,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
     p.add_argument("--keep", type=at_least(0, int, "0 keeps all"), default=0,
                    help="keep only the best N candidates (default: all)")
+    p.add_argument("--images", default="", metavar="PATH",
+                   help="colourisation / super-resolution DCTransformer exports: condition on this image file or "
+                        "folder of them (default: the export's training source). Super-resolution takes images "
+                        "at half the model's size as they are, and full-size ones through the codec, downsampled")
     p.add_argument("--mean-of", type=at_least(1, int), default=1, metavar="K",
                    help="conditional DCTransformer (colourise, superres): each image is the mean of K draws")
     commands["sample"] = cmd_sample

@@ -438,3 +438,43 @@ def test_superres_takes_low_resolution_images_as_they_are():
                                fam.superres_hint(fam.low_resolution(coded)))
     out = fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), images=list(small_images))
     assert out.shape == (2, 3, 32, 32)
+
+
+def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
+    """--images FILE|DIR: super-resolution from low-resolution PNGs, colourisation from full-size ones; every
+    bad path, file or count is one line naming it."""
+    from PIL import Image
+
+    from launch.cli import main
+
+    fam, model = family(chunk_size=16, mode="superres", max_triples=20)
+    export = write_export(str(tmp_path / "sr"), fam, {"model": model.state_dict()})
+    folder = tmp_path / "small"
+    folder.mkdir()
+    for i, img in enumerate(fam.low_resolution(fam.source_images(3))):
+        Image.fromarray(img).save(folder / f"{i}.png")
+    png = str(tmp_path / "sr.png")
+    assert main(["sample", export, "--images", str(folder), "--out", png]) == 0
+    assert "[sample] 3 samples" in capsys.readouterr().out and Image.open(png).size[0] > 3 * 32
+
+    (folder / "broken.png").write_bytes(b"\x89PNG not really")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for argv, message in [
+        (["--images", str(folder)], "broken.png: cannot decode image"),
+        (["--images", str(folder / "0.png"), "--n", "2"], "--n 2 with --images"),
+        (["--images", str(tmp_path / "nope")], "no such file or folder"),
+        (["--images", str(empty)], "holds no .jpg, .jpeg or .png files"),
+        (["--keep", "2"], "--keep chooses among the candidates of --prompt"),
+    ]:
+        assert main(["sample", export, "--out", png, *argv]) == 2, argv
+        assert message in capsys.readouterr().err, argv
+
+    cfam, cmodel = family(chunk_size=16, mode="colourise", max_triples=20)
+    colour = write_export(str(tmp_path / "col"), cfam, {"model": cmodel.state_dict()})
+    Image.fromarray(cfam.source_images(1)[0]).convert("L").save(tmp_path / "grey.png")
+    assert main(["sample", colour, "--images", str(tmp_path / "grey.png"), "--out", png]) == 0
+    ufam, umodel = family(chunk_size=16, max_triples=20)
+    plain = write_export(str(tmp_path / "plain"), ufam, {"model": umodel.state_dict()})
+    assert main(["sample", plain, "--images", str(tmp_path / "grey.png"), "--out", png]) == 2
+    assert "an unconditional model takes no images" in capsys.readouterr().err
