@@ -478,3 +478,16 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     plain = write_export(str(tmp_path / "plain"), ufam, {"model": umodel.state_dict()})
     assert main(["sample", plain, "--images", str(tmp_path / "grey.png"), "--out", png]) == 2
     assert "an unconditional model takes no images" in capsys.readouterr().err
+
+
+def test_draws_cut_by_the_sampling_limit_are_reported(caplog):
+    fam, model = family(chunk_size=8, max_triples=4)
+    with caplog.at_level("WARNING"):
+        seq, _ = fam.sample_tokens(model, 6, torch.Generator().manual_seed(0), temperature=1.0)
+    running = int((seq[:, 2, 0] < fam.space.c_eos).sum())  # still drawing coefficients at the last free slot
+    assert running > 0 and f"{running} of 6 draws reached the sampling limit of 4 triples" in caplog.text
+    caplog.clear()
+    roomy, roomy_model = family(chunk_size=8, max_triples=0)
+    with caplog.at_level("WARNING"):
+        roomy.sample_tokens(roomy_model, 1, torch.Generator().manual_seed(0), temperature=0.0, top_k=1)
+    assert "sampling limit" not in caplog.text

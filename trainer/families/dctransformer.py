@@ -15,6 +15,7 @@ every export carries in its config.json, so `dgm sample` decodes with exactly th
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from trainer.dct.sampling import Conditioning, DrawSettings, generate
 from trainer.families.base import Engine, Family, StepContext
 from trainer.transformer import TransformerConfig
 
+log = logging.getLogger(__name__)
 MODES = ("unconditional", "colourise", "superres")
 SUPERRES_TARGETS = ("residual", "full")
 LN2 = math.log(2.0)
@@ -300,9 +302,18 @@ class DCTransformerFamily(Family):
 
     def draw_tokens(self, model: nn.Module, n: int, cond: Conditioning, generator: torch.Generator | None = None,
                     use_cache: bool = True, **draw: Any) -> torch.Tensor:
-        """Sequences [n, L, 3] drawn under ``cond`` (temperature / top_k / top_p in ``draw``)."""
-        return generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond,
-                        DrawSettings(**draw), generator, use_cache)
+        """Sequences [n, L, 3] drawn under ``cond`` (temperature / top_k / top_p in ``draw``); draws that reach
+        the sampling limit are ended there, with a warning (their images lack what would have followed)."""
+        limit = self.max_triples()
+        seq = generate(model, n, self.space, self.config.chunk_size, limit, cond, DrawSettings(**draw), generator,
+                       use_cache)
+        if seq.shape[1] == limit:
+            cut = int((seq[:, -1, 0] == self.space.c_eos).sum()) if limit == 1 else int(
+                ((seq[:, -1, 0] == self.space.c_eos) & (seq[:, -2, 0] < self.space.c_eos)).sum())
+            if cut:
+                log.warning("%d of %d draws reached the sampling limit of %d triples (model.max_triples) and were "
+                            "ended there: their images lack the coefficients that would have followed", cut, n, limit)
+        return seq
 
     def sample_tokens(self, model: nn.Module, n: int, generator: torch.Generator | None = None,
                       labels: list[int] | None = None, images: np.ndarray | None = None,
