@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from collections.abc import Callable
 
 from launch.arg_types import at_least, positive
@@ -75,19 +76,35 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from launch import job_queue
 
     if args.queue_command == "add":
-        job = job_queue.enqueue_training(args.queue, args.config, args.overrides, PROJECT_ROOT, _resources(args),
+        resources = _resources(args)
+        if not resources.request():
+            print("[queue] warning: no --cpus/--gpus/--memory: the job books nothing, so it starts at once and "
+                  "priorities cannot order it against others", file=sys.stderr)
+        job = job_queue.enqueue_training(args.queue, args.config, args.overrides, PROJECT_ROOT, resources,
                                          args.priority)
         print(f"{job.job_id} queued (priority {job.priority}, {job.resources})")
-    elif args.once:
-        for job in job_queue.run_once(args.queue, args.address):
+        return 0
+    if args.queue_command == "stop":
+        job_queue.list_jobs(args.queue)  # a mistyped queue file is named, not created
+        job = job_queue.JobQueue(args.queue).stop(args.job_id)
+        print(f"{job.job_id} {job.state} ({job.reason})")
+        return 0
+    from launch.clusters import max_total, node_shapes
+
+    scale = {"node_shapes": node_shapes(args.cluster_file), "max_total": max_total(args.cluster_file)} \
+        if args.cluster_file else {}
+    if args.once:
+        for job in job_queue.run_once(args.queue, args.address, **scale):
             print(f"{job.job_id:28s} {job.state:10s} {job.reason}")
     else:
-        job_queue.run_forever(args.queue, args.address, poll_s=args.poll)
+        job_queue.run_forever(args.queue, args.address, poll_s=args.poll, **scale)
     return 0
 
 
-def _add_resources(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--cpus", type=at_least(0.0), default=0.0, help="CPUs the job's driver reserves")
+def _add_resources(p: argparse.ArgumentParser, queued: bool = False) -> None:
+    cpus = ("CPUs the job needs in all (the queue books them; its Ray Train workers claim them)" if queued
+            else "CPUs the job's driver reserves")
+    p.add_argument("--cpus", type=at_least(0.0), default=0.0, help=cpus)
     p.add_argument("--gpus", type=at_least(0.0), default=0.0, help="GPUs (fractions below 1 allowed)")
     p.add_argument("--memory", default="", help="memory, e.g. 4GiB")
 
@@ -130,10 +147,16 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
     q.add_argument("overrides", nargs="*")
     q.add_argument("--queue", default=default_queue)
     q.add_argument("--priority", type=int, default=0)
-    _add_resources(q)
+    _add_resources(q, queued=True)
+    q = qsub.add_parser("stop", help="stop a queued job (at once) or a running one (on the runner's next round)")
+    q.add_argument("job_id")
+    q.add_argument("--queue", default=default_queue)
     q = qsub.add_parser("run", help="run the queue against a cluster (survives restarts: state is in the file)")
     q.add_argument("--queue", default=default_queue)
     q.add_argument("--address", default="", help=ADDRESS_HELP)
+    q.add_argument("--cluster-file", default="", metavar="CLUSTER.yaml",
+                   help="an autoscaling cluster's file: jobs that fit node types it may add wait for them instead "
+                        "of failing as impossible")
     q.add_argument("--poll", type=positive(float), default=5.0, help="seconds between scheduling rounds")
     q.add_argument("--once", action="store_true", help="one scheduling round, then exit")
     commands["queue"] = cmd_queue

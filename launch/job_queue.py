@@ -37,6 +37,7 @@ from launch.jobs import (
     JobsClient,
     NodeResources,
     amount,
+    check_job_id,
     describe,
     infeasibility,
     new_job_id,
@@ -77,6 +78,7 @@ class QueuedJob:
     submitted_at: float | None = None
     finished_at: float | None = None
     stop_requested: bool = False
+    submit_failures: int = 0
 
     def effective_priority(self, now: float, policy: QueuePolicy) -> float:
         return self.priority + policy.aging_per_hour * max(0.0, now - self.enqueued_at) / 3600.0
@@ -166,16 +168,23 @@ class JobQueue:
             return []
         try:
             data = json.loads(self.path.read_text())
+            if not isinstance(data, dict):
+                raise ValueError(f"expected a JSON object, got {type(data).__name__}")
             if data.get("version") != FORMAT_VERSION:
                 raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
             return [QueuedJob.from_dict(j) for j in data["jobs"]]
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ClusterError(f"queue file {self.path} is unreadable ({e}); it was left untouched") from None
 
     def _write(self, jobs: list[QueuedJob]) -> None:
         payload = json.dumps({"version": FORMAT_VERSION, "jobs": [j.to_dict() for j in jobs]}, indent=1)
         fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
         try:
+            # mkstemp makes the file owner-only: keep the queue's own mode (a shared queue stays shared)
+            umask = os.umask(0)
+            os.umask(umask)
+            mode = self.path.stat().st_mode & 0o777 if self.path.exists() else 0o666 & ~umask
+            os.fchmod(fd, mode)
             with os.fdopen(fd, "w") as f:
                 f.write(payload)
                 f.flush()
@@ -190,7 +199,7 @@ class JobQueue:
                 job_id: str | None = None, runtime_env: Mapping[str, Any] | None = None,
                 metadata: Mapping[str, str] | None = None, reserve_in_ray: bool = True) -> QueuedJob:
         """Add a job; it starts when a `QueueRunner` round finds it ranked and fitting."""
-        job_id = job_id or new_job_id("dgmq")
+        job_id = check_job_id(job_id or new_job_id("dgmq"))
         with self.locked() as jobs:
             if any(j.job_id == job_id for j in jobs):
                 raise ClusterError(f"queue {self.path} already has a job {job_id}")
@@ -223,9 +232,17 @@ class QueueRunner:
     """Runs rounds: track submitted jobs in Ray, then start what the policy allows."""
 
     def __init__(self, queue: JobQueue | str | Path, address: str, *, token: str | None = None,
-                 policy: QueuePolicy = QueuePolicy(), log: Callable[[str], Any] = print) -> None:
+                 policy: QueuePolicy = QueuePolicy(), log: Callable[[str], Any] = print,
+                 node_shapes: list[dict[str, float]] | None = None, max_total: dict[str, float] | None = None,
+                 max_submit_failures: int = 5) -> None:
+        """``node_shapes`` / ``max_total``: what an autoscaling cluster can add (launch.clusters.node_shapes and
+        max_total of its file); without them a job is judged by the nodes this runner has seen."""
         self.queue = queue if isinstance(queue, JobQueue) else JobQueue(queue)
         self.address, self.token, self.policy, self.log = address, token, policy, log
+        self.node_shapes, self.max_total = list(node_shapes or []), dict(max_total or {})
+        self.max_submit_failures = max_submit_failures
+        self._seen_shapes: list[dict[str, float]] = []
+        self._seen_total: dict[str, float] = {}
 
     def run_once(self) -> list[QueuedJob]:
         """One round; returns all jobs after it. Raises ClusterError when the cluster cannot be reached."""
@@ -242,7 +259,8 @@ class QueueRunner:
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
             free = {k: min(cluster.available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in cluster.total.items()}
-            queued = [j for j in jobs if j.state == QUEUED and self._feasible(j, cluster.total, cluster.nodes, now)]
+            self._remember(cluster.total, cluster.nodes)
+            queued = [j for j in jobs if j.state == QUEUED and self._feasible(j, now)]
             start, reasons = plan(queued, free, now, self.policy)
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
@@ -261,27 +279,46 @@ class QueueRunner:
                 self.log(f"queue round failed, retrying in {poll_s:g} s: {e}")
             time.sleep(poll_s)
 
-    def _feasible(self, job: QueuedJob, total: Mapping[str, float], nodes: list[NodeResources],
-                  now: float) -> bool:
-        """Fail jobs that can never run here, instead of letting them wait forever."""
+    def _remember(self, total: Mapping[str, float], nodes: list[NodeResources]) -> None:
+        """Node shapes and cluster totals seen so far: a spot node gone for a while still counts as possible."""
+        for node in nodes:
+            if dict(node.total) not in self._seen_shapes:
+                self._seen_shapes.append(dict(node.total))
+        for k, v in total.items():
+            self._seen_total[k] = max(self._seen_total.get(k, 0.0), v)
+
+    def _feasible(self, job: QueuedJob, now: float) -> bool:
+        """Fail jobs that can never run here, instead of letting them wait forever: judged against every node
+        this runner has seen and every node type the cluster file says can be added, not the nodes up now."""
         need = job.resources.request()
-        shapes = [n.total for n in nodes] if job.reserve_in_ray else [total]  # an entrypoint sits on one node
-        problem = infeasibility(need, shapes) if need else None
+        if not need:
+            return True
+        if job.reserve_in_ray:  # an entrypoint sits on one node
+            shapes = self._seen_shapes + self.node_shapes
+        else:
+            shapes = [self._seen_total] + ([self.max_total] if self.max_total else [])
+        problem = infeasibility(need, shapes)
         if problem:
             job.state, job.finished_at = FAILED, now
             job.reason = f"can never run on the cluster at {self.address}: needs {describe(need)}; {problem}"
+            if not self.node_shapes and not self.max_total:
+                job.reason += " (judged by the nodes seen; an autoscaling cluster: run the queue with --cluster-file)"
             self.log(f"{job.job_id}: {job.reason}")
         return problem is None
 
     def _track(self, client: JobsClient, job: QueuedJob, now: float) -> None:
         try:
             info = client.info(job.job_id)
+            if job.stop_requested and not info.terminal:
+                info = client.stop(job.job_id, wait_s=0.0)
         except JobNotFoundError:
             job.state, job.finished_at = FAILED, now
             job.reason = f"no longer known to the cluster at {self.address} (was the cluster restarted?)"
             return
-        if job.stop_requested and not info.terminal:
-            info = client.stop(job.job_id, wait_s=0.0)
+        except ClusterError as e:  # one job's trouble must not stop the round for the others
+            job.reason = f"state unknown this round: {e}"
+            self.log(f"{job.job_id}: {job.reason}")
+            return
         job.state = _RAY_TO_STATE.get(info.status, RUNNING)
         if job.state in FINISHED:
             job.finished_at = now
@@ -296,12 +333,33 @@ class QueueRunner:
             client.submit(job.entrypoint, resources=res, job_id=job.job_id, runtime_env=job.runtime_env,
                           metadata=meta, check_resources=False)
         except ClusterError as e:
-            if "already exists" not in str(e):  # else: submitted by a runner that died before saving; adopt it
-                job.reason = f"submission failed, will retry: {e}"
+            if "already exists" not in str(e):
+                job.submit_failures += 1
+                if job.submit_failures >= self.max_submit_failures:
+                    job.state, job.finished_at = FAILED, time.time()
+                    job.reason = f"submission failed {job.submit_failures} times, giving up: {e}"
+                else:
+                    job.reason = (f"submission failed ({job.submit_failures} of {self.max_submit_failures} tries), "
+                                  f"will retry: {e}")
+                self.log(f"{job.job_id}: {job.reason}")
+                return
+            if not self._ours(client, job):
+                job.state, job.finished_at = FAILED, time.time()
+                job.reason = (f"the cluster at {self.address} already has another job with id {job.job_id} "
+                              "(not submitted by this queue); queue this one under a new id")
                 self.log(f"{job.job_id}: {job.reason}")
                 return
         job.state, job.reason, job.submitted_at = RUNNING, "submitted", time.time()
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
+
+    def _ours(self, client: JobsClient, job: QueuedJob) -> bool:
+        """Whether the cluster's job with this id is this queue entry, submitted by a runner that died before
+        saving (adopt it), rather than another job that happens to share the id."""
+        try:
+            info = client.info(job.job_id)
+        except ClusterError:
+            return False
+        return info.metadata.get("dgm.queue") == str(self.queue.path) and info.entrypoint == job.entrypoint
 
 
 def enqueue(queue_file: str | Path, entrypoint: str, resources: JobResources, priority: int = 0,
@@ -326,6 +384,8 @@ def enqueue_training(queue_file: str | Path, config_path: str, overrides: list[s
 
 
 def list_jobs(queue_file: str | Path) -> list[QueuedJob]:
+    if not Path(queue_file).is_file():
+        raise ClusterError(f"queue file {queue_file} does not exist (`dgm queue add` creates it)")
     return JobQueue(queue_file).list_jobs()
 
 

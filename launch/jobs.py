@@ -12,6 +12,7 @@ Why not use `JobSubmissionClient` directly from the CLI:
 from __future__ import annotations
 
 import asyncio
+import fnmatch
 import json
 import logging
 import math
@@ -41,7 +42,7 @@ TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # Folders that never belong in a job's working_dir (Ray also honours the project's .gitignore and .rayignore).
 DEFAULT_EXCLUDES = ("/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/",
                     "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/")
-INLINE_CONFIG_LIMIT = 256 * 1024
+INLINE_CONFIG_LIMIT = 96 * 1024  # carried in an environment variable: Linux caps one at 128 KiB
 _MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                  "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -282,6 +283,8 @@ class JobsClient:
                runtime_env: Mapping[str, Any] | None = None, metadata: Mapping[str, str] | None = None,
                check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = ()) -> str:
         """Submit `entrypoint` (a shell command); returns the job id."""
+        if job_id is not None:
+            check_job_id(job_id)
         if check_resources:
             self.check_feasible(resources, node_shapes)
         meta = {"dgm.resources": json.dumps(resources.to_dict()), **(metadata or {})}
@@ -357,6 +360,17 @@ def _to_info(d: Any) -> JobInfo:
                    end_time=seconds(d.end_time), exit_code=d.driver_exit_code, metadata=dict(d.metadata or {}))
 
 
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+def check_job_id(job_id: str) -> str:
+    """A job id Ray's REST paths and the queue's file names can carry: letters, digits, '.', '_', '-'."""
+    if not _JOB_ID.fullmatch(job_id or ""):
+        raise ValueError(f"job id {job_id!r}: use 1-128 letters, digits, '.', '_' or '-', starting with a letter or "
+                         "digit (a '/' or space makes the job impossible to query or stop afterwards)")
+    return job_id
+
+
 def new_job_id(prefix: str = "dgm") -> str:
     """Readable, unique, sortable by time: dgm-20250101-120000-1a2b3c."""
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
@@ -403,15 +417,17 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
                       env_vars: Mapping[str, str] | None = None) -> JobSpec:
     """The job that runs `dgm train CONFIG --address auto OVERRIDES...` in a copy of the project.
 
-    A config inside the project travels with it; one outside is carried in the runtime env and written to
+    A config inside the project travels with it; one outside it (or in a folder the upload leaves out, such as
+    runs/) is carried in the runtime env and written to
     `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts.
     """
+    check_job_id(job_id)
     root = Path(project_dir).resolve()
     config = Path(config_path).resolve()
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
     env = dict(env_vars or {})
-    if config.is_relative_to(root):
+    if config.is_relative_to(root) and not _excluded(config.relative_to(root).as_posix()):
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
     else:
@@ -426,6 +442,18 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
         prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
     return JobSpec(entrypoint=prelude + training_entrypoint(config_in_job, overrides),
                    runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
+
+
+def _excluded(relative: str) -> bool:
+    """Whether DEFAULT_EXCLUDES keeps a project file (POSIX path relative to the project) out of the job."""
+    parts = relative.split("/")[:-1]
+    for pattern in DEFAULT_EXCLUDES:
+        name = pattern.strip("/")
+        if pattern.startswith("/") and parts[:1] == [name]:
+            return True
+        if not pattern.startswith("/") and any(fnmatch.fnmatch(p, name) for p in parts):
+            return True
+    return False
 
 
 def submit_training_job(address: str, config_path: str, overrides: list[str], project_dir: str,

@@ -23,7 +23,7 @@ from launch.job_queue import (
     enqueue_training,
     plan,
 )
-from launch.jobs import ClusterError, JobNotFoundError, JobResources
+from launch.jobs import ClusterError, JobNotFoundError, JobResources, NodeResources
 from tests.fixtures_ray_cluster import LocalRayCluster, start_local_cluster
 
 NOW = 1_000_000.0
@@ -164,3 +164,70 @@ def test_queue_on_a_real_cluster_with_restart(cluster: LocalRayCluster, tmp_path
     assert hi.submitted_at <= lo.submitted_at < big.submitted_at  # priority first, then backfill, big last
     assert big.submitted_at >= max(hi.finished_at, lo.finished_at)  # it never ran over the small ones
     assert any(line.startswith("big: started") for line in lines)
+
+
+def _node(node_id: str, **total: float) -> NodeResources:
+    return NodeResources(node_id, "10.0.0.1", False, dict(total))
+
+
+def test_a_node_gone_for_a_while_does_not_fail_the_jobs_that_need_it(tmp_path: Path) -> None:
+    """Spot workers come and go: a job is judged against every node seen and every node type the cluster file
+    can add, so it waits instead of failing for good; what no node can ever hold still fails at once."""
+    q = JobQueue(tmp_path / "q.json")
+    gpu_job = q.enqueue("echo", JobResources(num_gpus=1), job_id="gpu")
+    spread = q.enqueue("echo", JobResources(num_gpus=4), job_id="spread", reserve_in_ray=False)
+    runner = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None)
+    runner._remember({"CPU": 8.0, "GPU": 1.0}, [_node("a", CPU=4.0), _node("b", CPU=4.0, GPU=1.0)])
+    runner._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])  # the GPU node is reclaimed
+    assert runner._feasible(gpu_job, 0.0) and gpu_job.state == QUEUED
+
+    fresh = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None)  # has only ever seen CPU nodes
+    fresh._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])
+    assert not fresh._feasible(gpu_job, 0.0) and gpu_job.state == FAILED
+    assert "no node has any GPU" in gpu_job.reason and "--cluster-file" in gpu_job.reason
+
+    gpu_job.state = QUEUED
+    scaled = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None,
+                         node_shapes=[{"CPU": 8.0, "GPU": 1.0}], max_total={"CPU": 32.0, "GPU": 4.0})
+    scaled._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])
+    assert scaled._feasible(gpu_job, 0.0) and scaled._feasible(spread, 0.0)  # 4 one-GPU nodes hold the spread job
+    spread.resources = JobResources(num_gpus=5)
+    assert not scaled._feasible(spread, 0.0) and "5 GPU" in spread.reason
+
+
+def test_queue_file_problems_are_named(tmp_path: Path) -> None:
+    from launch.job_queue import list_jobs
+
+    with pytest.raises(ClusterError, match="does not exist"):
+        list_jobs(tmp_path / "typo.json")
+    assert not (tmp_path / "typo.json.lock").exists()
+    path = tmp_path / "q.json"
+    q = JobQueue(path)
+    with pytest.raises(ValueError, match="job id 'team/a'"):
+        q.enqueue("echo", JobResources(), job_id="team/a")
+    q.enqueue("echo", JobResources(), job_id="a")
+    path.chmod(0o664)
+    q.enqueue("echo", JobResources(), job_id="b")
+    assert path.stat().st_mode & 0o777 == 0o664  # a shared queue stays readable by its group
+    path.write_text("[]")
+    with pytest.raises(ClusterError, match="unreadable .*expected a JSON object, got list"):
+        q.list_jobs()
+
+
+@pytest.mark.slow
+def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_adopted(
+        cluster: LocalRayCluster, tmp_path: Path) -> None:
+    from launch.jobs import JobsClient
+
+    JobsClient(cluster.address, token=cluster.token).submit(sleeper(0.1), job_id="taken-elsewhere",
+                                                            check_resources=False)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue(sleeper(0.1), JobResources(), job_id="taken-elsewhere")
+    q.enqueue("echo", JobResources(), job_id="broken", runtime_env={"working_dir": str(tmp_path / "gone")})
+    runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None, max_submit_failures=2)
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert jobs["taken-elsewhere"].state == FAILED, jobs["taken-elsewhere"].reason
+    assert "already has another job with id taken-elsewhere" in jobs["taken-elsewhere"].reason
+    assert jobs["broken"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["broken"].reason
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert jobs["broken"].state == FAILED and "failed 2 times, giving up" in jobs["broken"].reason

@@ -245,3 +245,25 @@ def test_training_job_ships_project_and_config(cluster: LocalRayCluster, client:
         assert "SHIPPED ['configs', 'launch']" in logs  # .venv, runs, .cache, .git stay home
     assert "'--address', 'auto', 'steps=3'" in client.logs(ids["inside"])
     assert "'name=a b'" in client.logs(ids["outside"])
+
+
+def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) -> None:
+    """A job id with '/' or spaces could never be queried or stopped; a config under an excluded folder (runs/)
+    would not be in the shipped project: it travels inline instead."""
+    for bad in ("team/a", "a b", "", "-x"):
+        with pytest.raises(ValueError, match="job id"):
+            jobs.check_job_id(bad)
+    assert jobs.check_job_id("gan-1.v2_b") == "gan-1.v2_b"
+    project = tmp_path / "proj"
+    (project / "runs" / "exp").mkdir(parents=True)
+    (project / "configs").mkdir()
+    (project / "runs" / "exp" / "cfg.yaml").write_text("name: x\n")
+    (project / "configs" / "cfg.yaml").write_text("name: y\n")
+    inline = jobs.training_job_spec(str(project / "runs" / "exp" / "cfg.yaml"), [], str(project), "job-1")
+    assert inline.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: x\n"
+    assert "train .dgm_submitted/job-1.yaml" in inline.entrypoint
+    shipped = jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
+    assert "DGM_SUBMITTED_CONFIG" not in shipped.runtime_env.get("env_vars", {})
+    assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")
+    with pytest.raises(ValueError, match="job id 'a/b'"):
+        jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "a/b")

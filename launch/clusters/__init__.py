@@ -129,3 +129,16 @@ def node_shapes(config: dict[str, Any] | str | Path) -> list[dict[str, float]]:
             if resources:
                 shapes.append(resources)
     return shapes
+
+
+def max_total(config: dict[str, Any] | str | Path) -> dict[str, float]:
+    """Every resource the cluster can hold at once at full scale: the head plus each worker type times its
+    max_workers (what a job spread over many nodes, such as a Ray Train worker group, can at most be given)."""
+    if not isinstance(config, dict):
+        config = load_cluster_config(config)
+    total: dict[str, float] = {}
+    for name, node in config.get("available_node_types", {}).items():
+        count = 1 if name == config.get("head_node_type") else int(node.get("max_workers", 0))
+        for k, v in (node.get("resources") or {}).items():
+            total[k] = total.get(k, 0.0) + float(v) * count
+    return total
