@@ -231,3 +231,15 @@ def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_ad
     assert jobs["broken"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["broken"].reason
     jobs = {j.job_id: j for j in runner.run_once()}
     assert jobs["broken"].state == FAILED and "failed 2 times, giving up" in jobs["broken"].reason
+
+
+def test_queue_cli_stop_and_listing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    path = str(tmp_path / "q.json")
+    assert main(["jobs", "--queue", path]) == 2 and "does not exist" in capsys.readouterr().err
+    assert main(["queue", "stop", "x", "--queue", path]) == 2 and "does not exist" in capsys.readouterr().err
+    JobQueue(path).enqueue("echo", JobResources(num_cpus=1), job_id="a")
+    assert main(["queue", "stop", "a", "--queue", path]) == 0
+    assert "a stopped (stopped before it started)" in capsys.readouterr().out
+    assert main(["jobs", "--queue", path]) == 0 and "stopped" in capsys.readouterr().out
