@@ -20,6 +20,7 @@ queue id is its Ray submission id).
 from __future__ import annotations
 
 import contextlib
+import copy
 import fcntl
 import json
 import os
@@ -151,15 +152,27 @@ class JobQueue:
     def locked(self, write: bool = True) -> Iterator[list[QueuedJob]]:
         """Read the jobs under an exclusive lock; what the block leaves in the list is written back atomically.
 
-        A runner holds the lock for a whole round (seconds at most), so an `enqueue` never interleaves with it.
+        Held only around file reads and writes (never across cluster calls), so `enqueue`, `stop` and listing
+        answer at once even while a runner uploads a project for minutes.
         """
-        with open(self.path.with_name(self.path.name + ".lock"), "a") as lock:
+        with self._flock(".lock"):
+            jobs = self._read()
+            yield jobs
+            if write:
+                self._write(jobs)
+
+    @contextlib.contextmanager
+    def runner_turn(self) -> Iterator[None]:
+        """One runner round at a time (a second runner waits), without blocking the CLI's `locked` calls."""
+        with self._flock(".runner.lock"):
+            yield
+
+    @contextlib.contextmanager
+    def _flock(self, suffix: str) -> Iterator[None]:
+        with open(self.path.with_name(self.path.name + suffix), "a") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                jobs = self._read()
-                yield jobs
-                if write:
-                    self._write(jobs)
+                yield
             finally:
                 fcntl.flock(lock, fcntl.LOCK_UN)
 
@@ -245,28 +258,37 @@ class QueueRunner:
         self._seen_total: dict[str, float] = {}
 
     def run_once(self) -> list[QueuedJob]:
-        """One round; returns all jobs after it. Raises ClusterError when the cluster cannot be reached."""
+        """One round; returns all jobs after it. Raises ClusterError when the cluster cannot be reached.
+
+        The round works on a copy of the queue read under the file lock, talks to the cluster without it, and
+        merges its results back under it (`_merge`): jobs enqueued or stopped meanwhile are kept.
+        """
         client = JobsClient(self.address, token=self.token)
-        with self.queue.locked() as jobs:
+        with self.queue.runner_turn():
+            with self.queue.locked(write=False) as jobs:
+                work = copy.deepcopy(jobs)
+            before = {j.job_id: j.state for j in work}
             now = time.time()
-            for job in jobs:
+            for job in work:
                 if job.state == RUNNING:
                     self._track(client, job, now)
             cluster = client.cluster_resources()
             booked: dict[str, float] = {}
-            for job in jobs:
+            for job in work:
                 if job.state == RUNNING:
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
             free = {k: min(cluster.available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in cluster.total.items()}
             self._remember(cluster.total, cluster.nodes)
-            queued = [j for j in jobs if j.state == QUEUED and self._feasible(j, now)]
+            queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
             start, reasons = plan(queued, free, now, self.policy)
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
             for job in start:
                 self._submit(client, job)
-            return sorted(jobs, key=lambda j: j.seq)
+            with self.queue.locked() as jobs:
+                _merge(jobs, {j.job_id: j for j in work}, before)
+                return sorted(jobs, key=lambda j: j.seq)
 
     def run_forever(self, poll_s: float = 5.0, until_idle: bool = False) -> None:
         """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty."""
@@ -360,6 +382,27 @@ class QueueRunner:
         except ClusterError:
             return False
         return info.metadata.get("dgm.queue") == str(self.queue.path) and info.entrypoint == job.entrypoint
+
+
+_RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures")
+
+
+def _merge(current: list[QueuedJob], worked: Mapping[str, QueuedJob], before: Mapping[str, str]) -> None:
+    """Fold a round's results (``worked``, from a copy read when it began in states ``before``) into the queue as
+    it is now. Jobs enqueued meanwhile are left alone; a stop requested meanwhile wins: a job the round left
+    queued stays stopped, one the round just started is stopped on the next round."""
+    for job in current:
+        done = worked.get(job.job_id)
+        if done is None:
+            continue
+        stopped_meanwhile = job.state == STOPPED and before.get(job.job_id) == QUEUED
+        stop = job.stop_requested or stopped_meanwhile
+        for name in _RUNNER_FIELDS:
+            setattr(job, name, getattr(done, name))
+        if stop and job.state == QUEUED:
+            job.state, job.reason, job.finished_at = STOPPED, "stopped before it started", time.time()
+        elif stop and job.state == RUNNING:
+            job.stop_requested, job.reason = True, "stop requested"
 
 
 def enqueue(queue_file: str | Path, entrypoint: str, resources: JobResources, priority: int = 0,

@@ -243,3 +243,29 @@ def test_queue_cli_stop_and_listing(tmp_path: Path, capsys: pytest.CaptureFixtur
     assert main(["queue", "stop", "a", "--queue", path]) == 0
     assert "a stopped (stopped before it started)" in capsys.readouterr().out
     assert main(["jobs", "--queue", path]) == 0 and "stopped" in capsys.readouterr().out
+
+
+def test_a_round_keeps_what_the_cli_changed_meanwhile(tmp_path: Path) -> None:
+    """A round talks to the cluster without holding the file lock: jobs enqueued or stopped while it ran survive
+    its write-back, and a job it started just as it was stopped is stopped on the next round."""
+    import copy
+
+    from launch.job_queue import _merge
+
+    q = JobQueue(tmp_path / "q.json")
+    for name in ("a", "b", "c"):
+        q.enqueue("echo", JobResources(num_cpus=1), job_id=name)
+    work = copy.deepcopy(q.list_jobs())  # what a round read when it began
+    before = {j.job_id: j.state for j in work}
+    work[0].state, work[0].reason = RUNNING, "submitted"  # the round starts a, leaves b waiting, fails c
+    work[1].reason = "waiting for 1 CPU, 0 free"
+    work[2].state, work[2].reason = FAILED, "can never run"
+    q.stop("a")  # meanwhile, from the CLI
+    q.stop("b")
+    q.enqueue("echo", JobResources(), job_id="d")
+    with q.locked() as jobs:
+        _merge(jobs, {j.job_id: j for j in work}, before)
+    after = {j.job_id: j for j in q.list_jobs()}
+    assert (after["a"].state, after["a"].stop_requested, after["a"].reason) == (RUNNING, True, "stop requested")
+    assert (after["b"].state, after["b"].reason) == (STOPPED, "stopped before it started")
+    assert after["c"].state == FAILED and after["d"].state == QUEUED
