@@ -128,20 +128,28 @@ def cmd_sample(args: argparse.Namespace) -> int:
                                  f"(--{name.replace('_', '-')}); DCTransformer exports do")
             options[name] = getattr(args, name)
     if args.prompt or args.rerank:
+        if args.labels or args.images:
+            raise ValueError("--labels and --images condition image exports; a --prompt draws from the caption")
         args.n = DEFAULT_SAMPLES if args.n is None else args.n
         return _sample_prompt(args, family, modules, options)
     if args.keep:
         raise ValueError("--keep chooses among the candidates of --prompt; without a prompt every sample is kept")
+    counts = {}  # one sample per label / per image: every count given must agree
+    if args.n is not None:
+        counts["--n"] = args.n
     if args.labels:
         options["labels"] = args.labels
-        args.n = _count_given(args.n, len(args.labels), "--labels", "labels")
+        counts["--labels"] = len(args.labels)
     if args.images:
         if "images" not in inspect.signature(family.sample_images).parameters:
             raise ValueError(f"{args.export}: a {family.name!r} export does not condition on images (--images); "
                              "colourisation and super-resolution DCTransformer exports do")
         options["images"] = _load_images(args.images)
-        args.n = _count_given(args.n, len(options["images"]), f"--images {args.images}", "images")
-    args.n = DEFAULT_SAMPLES if args.n is None else args.n
+        counts[f"--images {args.images}"] = len(options["images"])
+    if len(set(counts.values())) > 1:
+        raise ValueError("sample counts disagree: " + ", ".join(f"{k} gives {v}" for k, v in counts.items())
+                         + " (one sample per label and per image)")
+    args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     if args.mean_of != 1:
         if "mean_of" not in inspect.signature(family.sample_images).parameters:
             raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
@@ -153,13 +161,6 @@ def cmd_sample(args: argparse.Namespace) -> int:
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
-
-
-def _count_given(n: int | None, given: int, flag: str, what: str) -> int:
-    """The sample count when ``flag`` gives one item per sample; an explicit --n must agree."""
-    if n is not None and n != given:
-        raise ValueError(f"--n {n} with {flag}: it gives {given} {what}, one per sample; leave --n out")
-    return given
 
 
 def _load_images(path: str) -> list:

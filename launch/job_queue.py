@@ -169,7 +169,12 @@ class JobQueue:
 
     @contextlib.contextmanager
     def _flock(self, suffix: str) -> Iterator[None]:
-        with open(self.path.with_name(self.path.name + suffix), "a") as lock:
+        path = self.path.with_name(self.path.name + suffix)
+        fresh = not path.exists()
+        with open(path, "a") as lock:
+            if fresh and self.path.exists():  # a shared queue's lock files are as shared as the queue
+                with contextlib.suppress(OSError):
+                    os.fchmod(lock.fileno(), self.path.stat().st_mode & 0o777)
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
                 yield
@@ -350,10 +355,14 @@ class QueueRunner:
 
     def _submit(self, client: JobsClient, job: QueuedJob) -> None:
         res = job.resources if job.reserve_in_ray else JobResources()
-        meta = {**job.metadata, "dgm.queue": str(self.queue.path), "dgm.priority": str(job.priority)}
+        meta = {**job.metadata, "dgm.queue": str(self.queue.path.resolve()), "dgm.priority": str(job.priority)}
         try:
             client.submit(job.entrypoint, resources=res, job_id=job.job_id, runtime_env=job.runtime_env,
                           metadata=meta, check_resources=False)
+        except ValueError as e:  # an entry written before ids were checked: this job can never be submitted
+            job.state, job.finished_at, job.reason = FAILED, time.time(), str(e)
+            self.log(f"{job.job_id}: {job.reason}")
+            return
         except ClusterError as e:
             if "already exists" not in str(e):
                 job.submit_failures += 1
@@ -365,7 +374,11 @@ class QueueRunner:
                                   f"will retry: {e}")
                 self.log(f"{job.job_id}: {job.reason}")
                 return
-            if not self._ours(client, job):
+            ours = self._ours(client, job)
+            if ours is None:
+                job.reason = "a job with this id exists on the cluster; checking whether it is this one next round"
+                return
+            if not ours:
                 job.state, job.finished_at = FAILED, time.time()
                 job.reason = (f"the cluster at {self.address} already has another job with id {job.job_id} "
                               "(not submitted by this queue); queue this one under a new id")
@@ -374,14 +387,16 @@ class QueueRunner:
         job.state, job.reason, job.submitted_at = RUNNING, "submitted", time.time()
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
 
-    def _ours(self, client: JobsClient, job: QueuedJob) -> bool:
+    def _ours(self, client: JobsClient, job: QueuedJob) -> bool | None:
         """Whether the cluster's job with this id is this queue entry, submitted by a runner that died before
-        saving (adopt it), rather than another job that happens to share the id."""
+        saving (adopt it), rather than another job that happens to share the id; None when it cannot be told."""
         try:
             info = client.info(job.job_id)
         except ClusterError:
-            return False
-        return info.metadata.get("dgm.queue") == str(self.queue.path) and info.entrypoint == job.entrypoint
+            return None
+        queue = info.metadata.get("dgm.queue", "")
+        same_queue = bool(queue) and Path(queue).resolve() == self.queue.path.resolve()
+        return same_queue and info.entrypoint == job.entrypoint
 
 
 _RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures")
@@ -399,7 +414,7 @@ def _merge(current: list[QueuedJob], worked: Mapping[str, QueuedJob], before: Ma
         stop = job.stop_requested or stopped_meanwhile
         for name in _RUNNER_FIELDS:
             setattr(job, name, getattr(done, name))
-        if stop and job.state == QUEUED:
+        if stop and job.state in (QUEUED, FAILED) and before.get(job.job_id) == QUEUED:
             job.state, job.reason, job.finished_at = STOPPED, "stopped before it started", time.time()
         elif stop and job.state == RUNNING:
             job.stop_requested, job.reason = True, "stop requested"

@@ -12,7 +12,6 @@ Why not use `JobSubmissionClient` directly from the CLI:
 from __future__ import annotations
 
 import asyncio
-import fnmatch
 import json
 import logging
 import math
@@ -34,6 +33,7 @@ from ray.job_submission import JobSubmissionClient
 
 # Ray's SDK logs an INFO line on every closed log stream, which would land in the middle of `dgm logs --follow`.
 logging.getLogger("ray.dashboard.modules.job.sdk").setLevel(logging.WARNING)
+log = logging.getLogger(__name__)
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
@@ -427,7 +427,7 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
     env = dict(env_vars or {})
-    if config.is_relative_to(root) and not _excluded(config.relative_to(root).as_posix()):
+    if config.is_relative_to(root) and not _excluded(root, config):
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
     else:
@@ -444,15 +444,17 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
                    runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
 
 
-def _excluded(relative: str) -> bool:
-    """Whether DEFAULT_EXCLUDES keeps a project file (POSIX path relative to the project) out of the job."""
-    parts = relative.split("/")[:-1]
-    for pattern in DEFAULT_EXCLUDES:
-        name = pattern.strip("/")
-        if pattern.startswith("/") and parts[:1] == [name]:
+def _excluded(root: Path, path: Path) -> bool:
+    """Whether the project upload leaves ``path`` out: Ray's own matching of DEFAULT_EXCLUDES and the project's
+    .gitignore / .rayignore (Ray honours both), applied to the file and each folder above it."""
+    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
+
+    matchers = [_get_excludes(root, list(DEFAULT_EXCLUDES)),
+                *get_excludes_from_ignore_files(root, include_gitignore=True, logger=log)]
+    while path != root:
+        if any(match(path) for match in matchers):
             return True
-        if not pattern.startswith("/") and any(fnmatch.fnmatch(p, name) for p in parts):
-            return True
+        path = path.parent
     return False
 
 

@@ -438,6 +438,11 @@ def test_superres_takes_low_resolution_images_as_they_are():
                                fam.superres_hint(fam.low_resolution(coded)))
     out = fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), images=list(small_images))
     assert out.shape == (2, 3, 32, 32)
+    mixed = fam.sampling_condition(model, 2, images=[small_images[0], full[1]])  # each image by its own size
+    torch.testing.assert_close(mixed.hint[0], cond.hint[0])
+    torch.testing.assert_close(mixed.hint[1], fam.superres_hint(fam.low_resolution(coded))[1])
+    with pytest.raises(ValueError, match=r"image 1: size 20x20 \(HxW\) does not match the codec resolution 32x32"):
+        fam.sampling_condition(model, 2, images=[small_images[0], np.zeros((20, 20, 3), np.uint8)])
 
 
 def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
@@ -462,7 +467,7 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     empty.mkdir()
     for argv, message in [
         (["--images", str(folder)], "broken.png: cannot decode image"),
-        (["--images", str(folder / "0.png"), "--n", "2"], "--n 2 with --images"),
+        (["--images", str(folder / "0.png"), "--n", "2"], "sample counts disagree: --n gives 2, --images"),
         (["--images", str(tmp_path / "nope")], "no such file or folder"),
         (["--images", str(empty)], "holds no .jpg, .jpeg or .png files"),
         (["--keep", "2"], "--keep chooses among the candidates of --prompt"),

@@ -224,8 +224,11 @@ def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_ad
     q = JobQueue(tmp_path / "q.json")
     q.enqueue(sleeper(0.1), JobResources(), job_id="taken-elsewhere")
     q.enqueue("echo", JobResources(), job_id="broken", runtime_env={"working_dir": str(tmp_path / "gone")})
+    with q.locked() as entries:  # an entry from before ids were checked
+        entries.append(QueuedJob(job_id="team/a", name="old", entrypoint="echo", resources=JobResources(), seq=9))
     runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None, max_submit_failures=2)
     jobs = {j.job_id: j for j in runner.run_once()}
+    assert jobs["team/a"].state == FAILED and "job id 'team/a'" in jobs["team/a"].reason
     assert jobs["taken-elsewhere"].state == FAILED, jobs["taken-elsewhere"].reason
     assert "already has another job with id taken-elsewhere" in jobs["taken-elsewhere"].reason
     assert jobs["broken"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["broken"].reason

@@ -259,9 +259,14 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
     (project / "configs").mkdir()
     (project / "runs" / "exp" / "cfg.yaml").write_text("name: x\n")
     (project / "configs" / "cfg.yaml").write_text("name: y\n")
+    (project / "exp" / "out").mkdir(parents=True)
+    (project / "exp" / "out" / "cfg.yaml").write_text("name: z\n")
+    (project / ".gitignore").write_text("out/\n")  # Ray leaves out what .gitignore names, at any depth
     inline = jobs.training_job_spec(str(project / "runs" / "exp" / "cfg.yaml"), [], str(project), "job-1")
     assert inline.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: x\n"
     assert "train .dgm_submitted/job-1.yaml" in inline.entrypoint
+    ignored = jobs.training_job_spec(str(project / "exp" / "out" / "cfg.yaml"), [], str(project), "job-3")
+    assert ignored.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: z\n"
     shipped = jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
     assert "DGM_SUBMITTED_CONFIG" not in shipped.runtime_env.get("env_vars", {})
     assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")

@@ -27,7 +27,7 @@ from torch import nn
 
 from data_pipeline.codecs import dct_codec
 from data_pipeline.codecs.dct_config import DCTCodecConfig
-from data_pipeline.codecs.dct_images import as_rgb_batch, to_rgb
+from data_pipeline.codecs.dct_images import as_rgb_batch, fit_size, to_rgb
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
 from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, dense_to_sequence, pad_batch, triple_nll
@@ -261,16 +261,30 @@ class DCTransformerFamily(Family):
         return as_rgb_batch([source.sample(len(source) - 1 - i).image for i in range(n)], self.codec)
 
     def condition_images(self, n: int, images: np.ndarray | list[np.ndarray] | None) -> np.ndarray:
-        """The ``n`` images a conditional draw starts from, uint8 [n, H, W, 3] at the codec's size, or
-        [n, H/f, W/f, 3] when a super-resolution model is given low-resolution images."""
+        """The ``n`` images a colourisation draw starts from, uint8 [n, H, W, 3] at the codec's size."""
         if images is None:
             return self.source_images(n)
         if len(images) != n:
             raise ValueError(f"images: {len(images)} given for {n} samples; give one per sample")
-        f, (h, w) = self.config.superres_factor, (self.codec.height, self.codec.width)
-        if self.config.mode == "superres" and all(np.shape(im)[:2] == (h // f, w // f) for im in images):
-            return np.stack([to_rgb(np.asarray(im), self.codec.alpha, f"image {i}") for i, im in enumerate(images)])
         return as_rgb_batch(list(images), self.codec)
+
+    def low_resolution_condition(self, n: int, images: np.ndarray | list[np.ndarray] | None) -> np.ndarray:
+        """Super-resolution's ``n`` low-resolution images, uint8 [n, H/f, W/f, 3]: each given image of that size
+        as it is, any other brought to the codec's size, through the codec and downsampled (as collate does)."""
+        f, (h, w) = self.config.superres_factor, (self.codec.height, self.codec.width)
+        if images is not None and len(images) != n:
+            raise ValueError(f"images: {len(images)} given for {n} samples; give one per sample")
+        given = list(images) if images is not None else list(self.source_images(n))
+        small = [i for i, im in enumerate(given) if np.shape(im)[:2] == (h // f, w // f)]
+        out = np.empty((n, h // f, w // f, 3), dtype=np.uint8)
+        for i in small:
+            out[i] = to_rgb(np.asarray(given[i]), self.codec.alpha, f"image {i}")
+        full = [i for i in range(n) if i not in set(small)]
+        if full:
+            rgb = np.stack([fit_size(to_rgb(np.asarray(given[i]), self.codec.alpha, f"image {i}"), self.codec,
+                                     f"image {i}") for i in full])
+            out[full] = self.low_resolution(dct_codec.decode(dct_codec.encode(list(rgb), self.codec), self.codec))
+        return out
 
     def sampling_condition(self, model: nn.Module, n: int, labels: list[int] | None = None,
                            images: np.ndarray | list[np.ndarray] | None = None) -> Conditioning:
@@ -292,10 +306,7 @@ class DCTransformerFamily(Family):
             cond.dense = torch.stack([self.split_luma(torch.from_numpy(s.astype(np.int64)))[1]
                                       for s in seqs]).to(device)
         if self.config.mode == "superres":
-            rgb = self.condition_images(n, images)
-            if rgb.shape[1] == self.codec.height:
-                rgb = self.low_resolution(dct_codec.decode(dct_codec.encode(list(rgb), self.codec), self.codec))
-            hint = self.superres_hint(rgb)
+            hint = self.superres_hint(self.low_resolution_condition(n, images))
             cond.hint = hint.to(device)
             cond.dense = hint.round().to(device) if self.config.superres_target == "residual" else None
         return cond
