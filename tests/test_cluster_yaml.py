@@ -10,7 +10,14 @@ import ray
 import yaml
 from ray.autoscaler._private.util import prepare_config, validate_config
 
-from launch.clusters import CLUSTERS_DIR, ClusterConfigError, bundled, load_cluster_config, node_shapes
+from launch.clusters import (
+    CLUSTERS_DIR,
+    ClusterConfigError,
+    bundled,
+    load_cluster_config,
+    max_total,
+    node_shapes,
+)
 from launch.jobs import JobResources, infeasibility
 
 YAMLS = sorted(CLUSTERS_DIR.glob("*.yaml"))
@@ -127,3 +134,13 @@ def test_local_typo_and_missing_file(tmp_path: Path) -> None:
         load_cluster_config(tmp_path / "absent.yaml")
     with pytest.raises(ClusterConfigError, match="known: aws, local"):
         bundled("gcp")
+
+
+def test_max_total_counts_the_richest_workers_up_to_the_cluster_cap() -> None:
+    config = {"head_node_type": "head", "max_workers": 3,
+              "available_node_types": {"head": {"resources": {"CPU": 2}},
+                                       "gpu": {"resources": {"CPU": 8, "GPU": 1}, "max_workers": 2},
+                                       "cpu": {"resources": {"CPU": 16}, "max_workers": 5}}}
+    assert max_total(config) == {"CPU": 2 + 3 * 16, "GPU": 2}  # three workers at most, whichever hold the most
+    del config["max_workers"]
+    assert max_total(config) == {"CPU": 2 + 2 * 8 + 5 * 16, "GPU": 2}

@@ -496,3 +496,11 @@ def test_draws_cut_by_the_sampling_limit_are_reported(caplog):
     with caplog.at_level("WARNING"):
         roomy.sample_tokens(roomy_model, 1, torch.Generator().manual_seed(0), temperature=0.0, top_k=1)
     assert "sampling limit" not in caplog.text
+
+
+def test_the_sampling_limit_warning_counts_every_averaged_draw_once(caplog):
+    fam, model = family(chunk_size=8, mode="superres", max_triples=3)
+    with caplog.at_level("WARNING"):
+        fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), mean_of=3)
+    warnings = [r.getMessage() for r in caplog.records if "sampling limit" in r.getMessage()]
+    assert len(warnings) == 1 and " of 6 draws reached the sampling limit of 3 triples" in warnings[0]

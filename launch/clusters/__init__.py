@@ -132,13 +132,18 @@ def node_shapes(config: dict[str, Any] | str | Path) -> list[dict[str, float]]:
 
 
 def max_total(config: dict[str, Any] | str | Path) -> dict[str, float]:
-    """Every resource the cluster can hold at once at full scale: the head plus each worker type times its
-    max_workers (what a job spread over many nodes, such as a Ray Train worker group, can at most be given)."""
+    """Most of each resource the cluster can hold at once: the head's plus that of the richest workers in it
+    (each type up to its max_workers, all of them up to the cluster-wide max_workers): what a job spread over
+    many nodes, such as a Ray Train worker group, can at most be given."""
     if not isinstance(config, dict):
         config = load_cluster_config(config)
-    total: dict[str, float] = {}
-    for name, node in config.get("available_node_types", {}).items():
-        count = 1 if name == config.get("head_node_type") else int(node.get("max_workers", 0))
-        for k, v in (node.get("resources") or {}).items():
-            total[k] = total.get(k, 0.0) + float(v) * count
+    types = config.get("available_node_types", {})
+    head = types.get(config.get("head_node_type"), {})
+    total = {k: float(v) for k, v in (head.get("resources") or {}).items()}
+    workers = [(node.get("resources") or {}, int(node.get("max_workers", 0)))
+               for name, node in types.items() if name != config.get("head_node_type")]
+    cap = int(config.get("max_workers", sum(count for _, count in workers)))
+    for k in {k for resources, _ in workers for k in resources}:
+        values = sorted((float(r.get(k, 0.0)) for r, count in workers for _ in range(count)), reverse=True)
+        total[k] = total.get(k, 0.0) + sum(values[:cap])
     return total

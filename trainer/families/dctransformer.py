@@ -312,19 +312,28 @@ class DCTransformerFamily(Family):
         return cond
 
     def draw_tokens(self, model: nn.Module, n: int, cond: Conditioning, generator: torch.Generator | None = None,
-                    use_cache: bool = True, **draw: Any) -> torch.Tensor:
+                    use_cache: bool = True, report: bool = True, **draw: Any) -> torch.Tensor:
         """Sequences [n, L, 3] drawn under ``cond`` (temperature / top_k / top_p in ``draw``); draws that reach
         the sampling limit are ended there, with a warning (their images lack what would have followed)."""
-        limit = self.max_triples()
-        seq = generate(model, n, self.space, self.config.chunk_size, limit, cond, DrawSettings(**draw), generator,
-                       use_cache)
-        if seq.shape[1] == limit:
-            cut = int((seq[:, -1, 0] == self.space.c_eos).sum()) if limit == 1 else int(
-                ((seq[:, -1, 0] == self.space.c_eos) & (seq[:, -2, 0] < self.space.c_eos)).sum())
-            if cut:
-                log.warning("%d of %d draws reached the sampling limit of %d triples (model.max_triples) and were "
-                            "ended there: their images lack the coefficients that would have followed", cut, n, limit)
+        seq = generate(model, n, self.space, self.config.chunk_size, self.max_triples(), cond, DrawSettings(**draw),
+                       generator, use_cache)
+        if report:
+            self._report_cut(self._cut_rows(seq), n)
         return seq
+
+    def _cut_rows(self, seq: torch.Tensor) -> int:
+        """How many drawn sequences were still going when the sampling limit ended them."""
+        limit = self.max_triples()
+        if seq.shape[1] != limit:
+            return 0
+        ended = seq[:, -1, 0] == self.space.c_eos
+        return int(ended.sum()) if limit == 1 else int((ended & (seq[:, -2, 0] < self.space.c_eos)).sum())
+
+    def _report_cut(self, cut: int, drawn: int) -> None:
+        if cut:
+            log.warning("%d of %d draws reached the sampling limit of %d triples (model.max_triples) and were ended "
+                        "there: their images lack the coefficients that would have followed", cut, drawn,
+                        self.max_triples())
 
     def sample_tokens(self, model: nn.Module, n: int, generator: torch.Generator | None = None,
                       labels: list[int] | None = None, images: np.ndarray | None = None,
@@ -353,9 +362,11 @@ class DCTransformerFamily(Family):
                              f"superres) and mean_of >= 1; this model is {self.config.mode}")
         model = modules["model"]
         cond = self.sampling_condition(model, n, labels, images)  # built once, shared by every draw
-        total = None
-        for _ in range(mean_of):
-            seq = self.draw_tokens(model, n, cond, generator, **draw)
+        total, cut = None, 0
+        for _ in range(mean_of):  # one warning for all the draws
+            seq = self.draw_tokens(model, n, cond, generator, report=False, **draw)
+            cut += self._cut_rows(seq)
             rgb = torch.from_numpy(self.tokens_to_rgb(seq, cond)).permute(0, 3, 1, 2).float() / 255.0
             total = rgb if total is None else total + rgb
+        self._report_cut(cut, n * mean_of)
         return total / mean_of
