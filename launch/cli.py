@@ -256,7 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--address", default="", help="existing Ray cluster address, or 'auto'")
-    p.add_argument("--stop-after", type=at_least(0, int), default=0, help="stop after this many steps of this invocation")
+    p.add_argument("--stop-after", type=at_least(0, int), default=0,
+                   help="stop after this many steps of this invocation, saving a checkpoint there to resume from")
     commands["train"] = cmd_train
 
     p = sub.add_parser("export", help="checkpoint -> safetensors + config.json loadable with torch alone",

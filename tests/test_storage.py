@@ -399,3 +399,23 @@ def test_checkpoint_local_copy_never_reuses_a_cut_download(s3_bucket: str, tmp_p
     assert {n: (final / n).read_bytes() for n in files} == files
     assert store.local_copy("step-00000001") == path and len(calls) == 2 + len(files)  # complete: reused
     assert sorted(os.listdir(final.parent)) == ["step-00000001"]
+
+
+def test_checkpoint_save_clears_an_interrupted_save_and_prune_keeps_later_tags(s3_bucket: str, tmp_path) -> None:
+    """Markers left by an interrupted save of the same step (on more ranks) must not count towards the new save;
+    pruning after a save leaves checkpoints after it (an orphan or an upload in flight) alone."""
+    root = f"{s3_bucket}/ckpt"
+    for tag in ("step-00000004", "step-00000008", "step-00000016"):
+        storage.write_bytes(f"{root}/{tag}/meta.json", b"{}")
+    for r in range(1, 4):  # a 4-rank save of step 16 that died before rank 0's upload
+        storage.write_bytes(f"{root}/step-00000016/_uploaded/rank{r}", b"")
+    storage.write_bytes(f"{root}/latest", b"step-00000008")
+    store = CheckpointStore(root, world_size=2, keep=1, staging=str(tmp_path))
+    store._clear_remote("step-00000008")  # the checkpoint latest names is never cleared
+    store._clear_remote("step-00000016")
+    assert store._uploaded_ranks("step-00000016") == 0 and not storage.exists(f"{root}/step-00000016/")
+    assert storage.exists(f"{root}/step-00000008/meta.json")
+    storage.write_bytes(f"{root}/step-00000016/meta.json", b"{}")  # again an orphan after the newest save
+    storage.write_bytes(f"{root}/step-00000012/meta.json", b"{}")
+    store._point_latest("step-00000012")
+    assert store.all_tags() == ["step-00000012", "step-00000016"]

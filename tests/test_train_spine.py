@@ -73,17 +73,26 @@ def reference_run(ray_local, digits_data, tmp_path_factory) -> str:
 def test_resume_gives_the_uninterrupted_loss_sequence(reference_run, digits_data, tmp_path):
     ref = losses(reference_run)
     run = str(tmp_path / "run")
-    train(run, digits_data, stop_after=6)
-    assert sorted(losses(run)) == list(range(1, 7))
+    train(run, digits_data, stop_after=5)  # between checkpoints (every 6): the stop saves its own
+    assert sorted(losses(run)) == list(range(1, 6))
+    assert open(os.path.join(run, "checkpoints", "latest")).read() == "step-00000005"
+    with open(os.path.join(run, "metrics.jsonl"), "a") as f:  # a step logged after the checkpoint, then a crash
+        f.write(json.dumps({"step": 6, "split": "train", "loss": 99.0}) + "\n")
     two_to_one = str(tmp_path / "run-1rank")
     shutil.copytree(run, two_to_one)
     train(run, digits_data)
     got = losses(run)
     assert [got[s] for s in range(1, 13)] == [ref[s] for s in range(1, 13)]
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        sixes = [r for r in map(json.loads, f) if r["step"] == 6 and r["split"] == "train"]
+    assert len(sixes) == 1 and sixes[0]["loss"] == ref[6]  # the redone step replaced the crashed run's record
     # The same checkpoint resumed on one rank: same global batches, optimizer state carried over (universal).
     train(two_to_one, digits_data, "cluster.workers=1")
     one = losses(two_to_one)
-    assert [one[s] for s in range(7, 13)] == pytest.approx([ref[s] for s in range(7, 13)], abs=2e-4)
+    assert [one[s] for s in range(6, 13)] == pytest.approx([ref[s] for s in range(6, 13)], abs=2e-4)
+    converted = os.path.join(two_to_one, "checkpoints", "step-00000005", "model")
+    assert os.path.exists(os.path.join(converted, "ds_universal", ".converted"))
+    assert sorted(n for n in os.listdir(converted) if n.startswith("ds_universal")) == ["ds_universal"]
 
 
 LOADER = r"""

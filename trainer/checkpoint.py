@@ -36,6 +36,7 @@ from data_pipeline import storage
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
+CONVERTED = ".converted"  # in an engine's ds_universal folder: DeepSpeed's conversion ran to its end
 DOWNLOADED = ".downloaded"  # in a local copy of an s3:// checkpoint: every file of it is there
 META = "meta.json"
 DONE = "_uploaded"
@@ -121,6 +122,8 @@ class CheckpointStore:
         out = self._write_dir(tag)
         if (self.remote or self.rank == 0) and os.path.exists(out):
             shutil.rmtree(out)
+        if self.remote and self.rank == 0:
+            self._clear_remote(tag)
         _barrier()
         os.makedirs(out, exist_ok=True)
         for name, engine in engines.items():
@@ -155,6 +158,14 @@ class CheckpointStore:
                 self._finalize(tag, None)
             _barrier()
         return tag
+
+    def _clear_remote(self, tag: str) -> None:
+        """Remove what an earlier, interrupted save of ``tag`` left under the root (other ranks' files, their
+        completion markers, which would count towards this save), unless ``latest`` points at it."""
+        if storage.exists(storage.join(self.root, LATEST)) and \
+                storage.read_bytes(storage.join(self.root, LATEST)).decode("utf-8", errors="replace").strip() == tag:
+            return
+        storage.delete_prefix(storage.join(self.root, tag) + "/")
 
     def _upload(self, out: str, tag: str) -> None:
         """Upload this rank's staged files, then its completion marker (the finalizer counts the markers)."""
@@ -221,7 +232,9 @@ class CheckpointStore:
         return sorted(n for n in names if n.startswith("step-") and not n.endswith(".partial"))
 
     def _prune(self, newest: str) -> None:
-        old = [t for t in self.all_tags() if t != newest]
+        """Keep ``newest`` and the ``keep - 1`` checkpoints before it; tags after it (an upload in flight, an
+        orphan of an interrupted run) are not this save's to judge."""
+        old = [t for t in self.all_tags() if t < newest]
         for tag in old[: max(0, len(old) - (self.keep - 1))]:
             if self.remote:
                 storage.delete_prefix(storage.join(self.root, tag) + "/")
@@ -310,8 +323,21 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
 
     src = os.path.join(checkpoint_dir, engine_name, "ds")
     dst = os.path.join(checkpoint_dir, engine_name, "ds_universal")
-    if os.path.exists(os.path.join(dst, "zero")):
+    if os.path.exists(os.path.join(dst, CONVERTED)):
         return
-    args = type("Args", (), dict(input_folder=src, output_folder=dst, num_extract_workers=1, num_merge_workers=1,
-                                 keep_temp_folder=False, strict=True, inject_missing_state=True))()
-    ds_to_universal(args)
+    # Converted beside the final folder and renamed in with a marker: a conversion cut short (OOM, kill) is
+    # redone on the next try, never loaded as a checkpoint.
+    work = f"{dst}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        args = type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
+                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                     inject_missing_state=True))()
+        ds_to_universal(args)
+        with open(os.path.join(work, CONVERTED), "w"):
+            pass
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(work, dst)
+        with open(os.path.join(checkpoint_dir, engine_name, "latest_universal"), "w") as f:
+            f.write("ds_universal")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

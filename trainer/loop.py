@@ -110,8 +110,12 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(run_dir, exist_ok=True)
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"))
-            self.jsonl = open(os.path.join(run_dir, "metrics.jsonl"), "a")
+            # A resumed run redoes the steps after its checkpoint: their earlier records go, not doubled.
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
+                                        purge_step=first_step + 1 if first_step else None)
+            path = os.path.join(run_dir, "metrics.jsonl")
+            _drop_records_after(path, first_step)
+            self.jsonl = open(path, "a")
 
     def scalars(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
         if not self.enabled:
@@ -135,6 +139,27 @@ class Reporter:
         if self.enabled:
             self.writer.close()
             self.jsonl.close()
+
+
+def _drop_records_after(path: str, step: int) -> None:
+    """Rewrite metrics.jsonl without the records of steps after ``step`` (atomically; unparsable lines kept)."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = []
+    for line in lines:
+        try:
+            if int(json.loads(line)["step"]) > step:
+                continue
+        except (ValueError, KeyError, TypeError):
+            pass
+        kept.append(line)
+    if len(kept) != len(lines):
+        tmp = path + ".tmp"
+        with open(tmp, "w") as f:
+            f.writelines(kept)
+        os.replace(tmp, path)
 
 
 def _record_pid(run_dir: str, rank: int) -> None:
@@ -258,7 +283,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     losses: list[float] = []
     try:
         for samples in stream:
-            if step >= cfg.steps or (spec.stop_after and done_here >= spec.stop_after):
+            if step >= cfg.steps:
                 break
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
             ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype)
@@ -280,7 +305,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                           flush=True)
             if step % cfg.sample_every == 0 or step == cfg.steps:
                 _samples(family, engines, spec, step, rank)
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
+            stopping = bool(spec.stop_after) and done_here >= spec.stop_after  # checked before the next batch
+            if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 meta = CheckpointMeta(step=step, stream_state=stream.state.to_dict(), world_size=world,
                                       family=spec.family, engines=sorted(engines), zero_stage=spec.zero.stage,
                                       config=spec.config, data_info=family.data_info)
@@ -288,6 +314,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                 if rank == 0:
                     note = " (uploading in the background)" if store.remote and store.async_upload else ""
                     print(f"[checkpoint] {store.root}/{saved}{note}", flush=True)
+            if stopping:
+                break
         store.wait()
     finally:
         reporter.close()
