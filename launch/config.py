@@ -137,6 +137,11 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     if cfg.zero.stage > cls.max_zero_stage:
         raise ConfigError(f"zero.stage: {cfg.zero.stage}, but the {family} family trains with ZeRO stages up to "
                           f"{cls.max_zero_stage} ({cls.zero_stage_limit})")
+    accum = cfg.zero.grad_accum
+    for key, value in (("trainer.steps", cfg.trainer.steps), ("trainer.checkpoint_every", cfg.trainer.checkpoint_every)):
+        if accum > 1 and value % accum:  # a checkpoint mid-accumulation would lose the gradients gathered so far
+            raise ConfigError(f"{key}: {value} is not a multiple of zero.grad_accum={accum}; steps count "
+                              "micro-batches, and checkpoints must fall where the optimizer has just stepped")
     if not cfg.run_dir:
         cfg.run_dir = os.path.join("runs", cfg.name)
     return cfg

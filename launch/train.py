@@ -46,6 +46,9 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         rank_partitions(cfg.data.stream.partitions, cfg.cluster.workers, 0)
     except OrderError as e:
         raise ConfigError(f"data.stream with cluster.workers={cfg.cluster.workers}: {e}") from e
+    if stop_after % cfg.zero.grad_accum:
+        raise ConfigError(f"--stop-after {stop_after}: not a multiple of zero.grad_accum={cfg.zero.grad_accum} (the "
+                          "checkpoint it saves must fall where the optimizer has just stepped)")
     spec = run_spec(cfg, raw, stop_after)
     # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
     CheckpointStore(spec.checkpoint_root).latest()

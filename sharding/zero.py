@@ -10,7 +10,12 @@ PRECISIONS = ("fp32", "bf16", "fp16")
 
 @dataclass
 class ZeroConfig:
-    """How the model state is split and stored. Defaults: ZeRO-2, fp32, no offload."""
+    """How the model state is split and stored. Defaults: ZeRO-2, fp32, no offload.
+
+    grad_accum > 1: the optimizer steps once per that many global batches of data.stream.global_batch; the
+    trainer's steps (trainer.steps, checkpoint_every, --stop-after) count those batches, the learning-rate
+    schedule (trainer.schedule.total_steps) counts optimizer steps.
+    """
 
     stage: int = 2
     precision: str = "fp32"

@@ -163,3 +163,12 @@ def test_prepare_refuses_a_split_over_a_different_dataset_before_writing_any(dig
     assert main(["prepare", DIGITS, "--no-ray", *args]) == 2
     assert f"{eval_copy}: already holds a different data set (" in capsys.readouterr().err
     assert sorted(os.listdir(tmp_path)) == ["eval"] and sorted(os.listdir(eval_copy)) == before
+
+
+def test_gradient_accumulation_needs_steps_and_checkpoints_on_its_boundaries():
+    for override, key in [("trainer.steps=10", "trainer.steps: 10"), ("trainer.checkpoint_every=6",
+                                                                       "trainer.checkpoint_every: 6")]:
+        with pytest.raises(ConfigError, match=rf"{key} is not a multiple of zero.grad_accum=4"):
+            load_config(DIGITS, ["zero.grad_accum=4", "trainer.steps=8", "trainer.checkpoint_every=4", override])
+    cfg, _ = load_config(DIGITS, ["zero.grad_accum=4", "trainer.steps=8", "trainer.checkpoint_every=4"])
+    assert cfg.zero.grad_accum == 4
