@@ -93,3 +93,19 @@ def test_bad_requests_are_named():
     with pytest.raises(OrderError, match="stream state"):
         StreamState.from_dict({"epoch": -1, "batch": 0})
     assert StreamState.from_dict({"epoch": 2, "batch": 5}) == StreamState(2, 5)
+
+
+def test_a_resume_under_another_sample_order_is_refused_or_starts_the_next_epoch():
+    from sharding.sample_order import StreamState
+    from trainer.checkpoint import CheckpointError
+    from trainer.loop import resume_position
+
+    saved = {"data": "100 samples, shards ab", "global_batch": 32, "seed": 0}
+    state = StreamState(2, 7)
+    assert resume_position(saved, dict(saved), state, "ckpt", "error") == state
+    assert resume_position({}, dict(saved), state, "ckpt", "error") == state  # checkpoints from before the check
+    with pytest.raises(CheckpointError, match=r"ckpt was trained on another sample order \(the data set: 100 "
+                                              r"samples, shards ab -> 90 samples, shards cd; data.stream.global_batch: "
+                                              r"32 -> 64\)"):
+        resume_position(saved, {**saved, "data": "90 samples, shards cd", "global_batch": 64}, state, "ckpt", "error")
+    assert resume_position(saved, {**saved, "seed": 1}, state, "ckpt", "next_epoch") == StreamState(3, 0)

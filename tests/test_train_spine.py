@@ -152,6 +152,9 @@ def test_resume_into_an_incompatible_model_is_refused(reference_run, digits_data
     shutil.copytree(reference_run, run)
     with pytest.raises(CheckpointError, match=r"network .model. does not fit this model"):
         train(run, digits_data, "model.transformer.d_model=48", steps=14)
+    # another sample order: the saved {epoch, batch} would mean other samples
+    with pytest.raises(CheckpointError, match=r"another sample order \(data.stream.seed: \d+ -> 9\)"):
+        train(run, digits_data, "data.stream.seed=9", steps=14)
     assert open(os.path.join(run, "checkpoints", "latest")).read() == "step-00000012"
 
 

@@ -25,7 +25,7 @@ import tempfile
 import threading
 import uuid
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
@@ -58,6 +58,7 @@ class CheckpointMeta:
     config: dict[str, Any]
     data_info: dict[str, Any]
     format: int = FORMAT
+    order: dict[str, Any] = field(default_factory=dict)  # what fixes the sample order (see trainer.loop)
 
 
 def _barrier() -> None:

@@ -8,6 +8,7 @@ Rank 0 writes progress lines, TensorBoard scalars, ``metrics.jsonl`` and sample 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -23,7 +24,7 @@ from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
 from sharding.sample_order import StreamState
 from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory
-from trainer.checkpoint import CheckpointMeta, CheckpointStore, to_universal
+from trainer.checkpoint import CheckpointError, CheckpointMeta, CheckpointStore, to_universal
 from trainer.families import family_class
 from trainer.families.base import Family, OptimConfig, StepContext
 from trainer.images import save_grid
@@ -34,7 +35,12 @@ SUMMARY = "summary.json"  # rank 0's end-of-run figures (Ray Train keeps reporte
 
 @dataclass
 class TrainerConfig:
-    """Loop cadence. Steps count optimizer steps of the whole world."""
+    """Loop cadence. Steps count global batches (optimizer steps unless zero.grad_accum > 1).
+
+    on_data_change: what a resume does when the checkpoint was trained on another sample order (another data
+    set, or other data.stream order settings), where its {epoch, batch} position means other samples: "error"
+    refuses; "next_epoch" goes on from the start of the next epoch under the new order.
+    """
 
     steps: int = 500
     log_every: int = 10
@@ -47,6 +53,7 @@ class TrainerConfig:
     async_checkpoint_upload: bool = True
     seed: int = 0
     deterministic: bool = True
+    on_data_change: str = "error"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -54,6 +61,8 @@ class TrainerConfig:
         for name in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
+        if self.on_data_change not in ("error", "next_epoch"):
+            raise ValueError(f"trainer.on_data_change must be 'error' or 'next_epoch', got {self.on_data_change!r}")
 
 
 @dataclass
@@ -71,6 +80,30 @@ class RunSpec:
     eval_data: str = ""
     config: dict[str, Any] = field(default_factory=dict)
     stop_after: int = 0
+
+
+def sample_order(manifest: Manifest, stream: StreamConfig) -> dict[str, Any]:
+    """What fixes which samples a stream position {epoch, batch} stands for: the data set's shards and the
+    stream's order settings (not the world size or worker count, which never change it)."""
+    shards = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()[:16]
+    return {"data": f"{manifest.total} samples, shards {shards}", "global_batch": stream.global_batch,
+            "partitions": stream.partitions, "shuffle_block": stream.shuffle_block,
+            "shuffle_shards": stream.shuffle_shards, "drop_last": stream.drop_last, "seed": stream.seed}
+
+
+def resume_position(saved: dict[str, Any], now: dict[str, Any], state: StreamState, where: str,
+                    on_change: str) -> StreamState:
+    """The stream position to resume from: the saved one when the order is unchanged (or was not recorded)."""
+    changed = {k: (saved.get(k), now[k]) for k in now if saved and saved.get(k) != now[k]}
+    if not changed:
+        return state
+    said = "; ".join(f"{'the data set' if k == 'data' else 'data.stream.' + k}: {a} -> {b}"
+                     for k, (a, b) in changed.items())
+    if on_change == "error":
+        raise CheckpointError(f"checkpoint {where} was trained on another sample order ({said}): its position "
+                              f"(epoch {state.epoch}, batch {state.batch}) would repeat or skip data. Restore "
+                              "the settings, or set trainer.on_data_change=next_epoch to go on from the next epoch")
+    return StreamState(state.epoch + 1, 0)
 
 
 def data_info(manifest: Manifest) -> dict[str, Any]:
@@ -264,12 +297,18 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             print(estimate_memory(n_params, spec.zero, world).describe(f"{name} ({n_params:,} params, "
                   f"ZeRO-{spec.zero.stage}, {spec.zero.precision}, {world} ranks)"), flush=True)
     step, state = 0, StreamState()
+    order = sample_order(manifest, spec.stream)
     if tag is not None:
         meta = store.load(tag, engines, expect_family=spec.family, universal=universal)
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
+        resumed = resume_position(meta.order, order, state, f"{store.root}/{tag}", cfg.on_data_change)
         if rank == 0:
             print(f"[train] resumed from {store.root}/{tag} at step {step} (saved by {meta.world_size} ranks, "
                   f"now {world})", flush=True)
+            if resumed != state:
+                print(f"[train] the sample order changed since that checkpoint: going on from epoch "
+                      f"{resumed.epoch}, batch 0 (trainer.on_data_change=next_epoch)", flush=True)
+        state = resumed
     stream = RankStream(manifest, spec.stream, codec.decode, rank, world, state)
     if rank == 0 and step == 0:
         print(f"[train] {manifest.total} samples, {stream.batches_per_epoch} global batches of "
@@ -309,7 +348,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 meta = CheckpointMeta(step=step, stream_state=stream.state.to_dict(), world_size=world,
                                       family=spec.family, engines=sorted(engines), zero_stage=spec.zero.stage,
-                                      config=spec.config, data_info=family.data_info)
+                                      config=spec.config, data_info=family.data_info, order=order)
                 saved = store.save(step, engines, meta)
                 if rank == 0:
                     note = " (uploading in the background)" if store.remote and store.async_upload else ""
