@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any
 
 from data_pipeline.manifest import load_manifest
@@ -79,6 +80,9 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     return dict(result.metrics or {})
 
 
+_COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset) by peer|processgroup|broken pipe", re.IGNORECASE)
+
+
 class TrainingFailed(RuntimeError):
     """The worker group failed more often than cluster.max_failures allows."""
 
@@ -95,7 +99,16 @@ def user_error_of(error: Exception, max_failures: int) -> Exception:
             return cause
     if not failures:
         return error
-    rank, failure = sorted(failures.items())[0]
-    reason = next((line for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
+
+    def first_line(failure: BaseException) -> str:
+        return next((line for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
+
+    # A rank that dies (OOM kill, crash) leaves the others failing in their next collective: name the rank
+    # that failed on its own first, and the communication errors as what followed.
+    ranked = sorted(failures.items(), key=lambda kv: (_COLLECTIVE.search(first_line(kv[1])) is not None, kv[0]))
+    said = "; ".join(f"rank {rank}: {type(failure).__name__}: {first_line(failure)[:300]}"
+                     + (" (a consequence: its peer is gone)" if _COLLECTIVE.search(first_line(failure)) else "")
+                     for rank, failure in ranked[:4])
+    more = f"; and {len(ranked) - 4} more ranks" if len(ranked) > 4 else ""
     return TrainingFailed(f"training failed after {max_failures} restart(s) allowed by cluster.max_failures: "
-                          f"rank {rank}: {type(failure).__name__}: {reason[:300]}")
+                          f"{said}{more}")

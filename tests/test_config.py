@@ -172,3 +172,20 @@ def test_gradient_accumulation_needs_steps_and_checkpoints_on_its_boundaries():
             load_config(DIGITS, ["zero.grad_accum=4", "trainer.steps=8", "trainer.checkpoint_every=4", override])
     cfg, _ = load_config(DIGITS, ["zero.grad_accum=4", "trainer.steps=8", "trainer.checkpoint_every=4"])
     assert cfg.zero.grad_accum == 4
+
+
+def test_a_failed_worker_group_names_the_rank_that_failed_on_its_own_first():
+    from launch.train import TrainingFailed, user_error_of
+
+    class GroupError(RuntimeError):
+        worker_failures = {
+            0: RuntimeError("[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer"),
+            1: MemoryError("Task was killed due to the node running low on memory."),
+        }
+
+    out = user_error_of(GroupError("worker group failed"), 2)
+    assert isinstance(out, TrainingFailed)
+    assert str(out) == ("training failed after 2 restart(s) allowed by cluster.max_failures: rank 1: MemoryError: "
+                        "Task was killed due to the node running low on memory.; rank 0: RuntimeError: "
+                        "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
+                        "(a consequence: its peer is gone)")
