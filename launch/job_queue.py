@@ -261,6 +261,8 @@ class QueueRunner:
         self.max_submit_failures = max_submit_failures
         self._seen_shapes: list[dict[str, float]] = []
         self._seen_total: dict[str, float] = {}
+        self._seen_file = self.queue.path.with_name(self.queue.path.name + ".nodes")
+        self._load_seen()
 
     def run_once(self) -> list[QueuedJob]:
         """One round; returns all jobs after it. Raises ClusterError when the cluster cannot be reached.
@@ -307,12 +309,29 @@ class QueueRunner:
             time.sleep(poll_s)
 
     def _remember(self, total: Mapping[str, float], nodes: list[NodeResources]) -> None:
-        """Node shapes and cluster totals seen so far: a spot node gone for a while still counts as possible."""
+        """Node shapes and cluster totals seen so far: a spot node gone for a while still counts as possible.
+        Kept beside the queue file (``<queue>.nodes``), so a restarted runner or a cron of `--once` rounds
+        remembers them too."""
+        before = (len(self._seen_shapes), dict(self._seen_total))
         for node in nodes:
             if dict(node.total) not in self._seen_shapes:
                 self._seen_shapes.append(dict(node.total))
         for k, v in total.items():
             self._seen_total[k] = max(self._seen_total.get(k, 0.0), v)
+        if (len(self._seen_shapes), self._seen_total) != before:
+            payload = json.dumps({"shapes": self._seen_shapes, "total": self._seen_total}).encode()
+            tmp = self._seen_file.with_name(self._seen_file.name + ".tmp")
+            with contextlib.suppress(OSError):  # a memory aid: a failed write costs only the memory
+                tmp.write_bytes(payload)
+                os.replace(tmp, self._seen_file)
+
+    def _load_seen(self) -> None:
+        try:
+            data = json.loads(self._seen_file.read_text())
+            self._seen_shapes = [{str(k): float(v) for k, v in shape.items()} for shape in data["shapes"]]
+            self._seen_total = {str(k): float(v) for k, v in data["total"].items()}
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            self._seen_shapes, self._seen_total = [], {}
 
     def _feasible(self, job: QueuedJob, now: float) -> bool:
         """Fail jobs that can never run here, instead of letting them wait forever: judged against every node

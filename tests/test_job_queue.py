@@ -180,14 +180,18 @@ def test_a_node_gone_for_a_while_does_not_fail_the_jobs_that_need_it(tmp_path: P
     runner._remember({"CPU": 8.0, "GPU": 1.0}, [_node("a", CPU=4.0), _node("b", CPU=4.0, GPU=1.0)])
     runner._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])  # the GPU node is reclaimed
     assert runner._feasible(gpu_job, 0.0) and gpu_job.state == QUEUED
+    later = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None)  # a restart, or the next `--once` round
+    later._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])
+    assert later._feasible(gpu_job, 0.0) and gpu_job.state == QUEUED
 
-    fresh = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None)  # has only ever seen CPU nodes
+    other = JobQueue(tmp_path / "other.json")  # a queue whose runners have only ever seen CPU nodes
+    fresh = QueueRunner(other, "http://127.0.0.1:1", log=lambda _: None)
     fresh._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])
     assert not fresh._feasible(gpu_job, 0.0) and gpu_job.state == FAILED
     assert "no node has any GPU" in gpu_job.reason and "--cluster-file" in gpu_job.reason
 
     gpu_job.state = QUEUED
-    scaled = QueueRunner(q, "http://127.0.0.1:1", log=lambda _: None,
+    scaled = QueueRunner(other, "http://127.0.0.1:1", log=lambda _: None,
                          node_shapes=[{"CPU": 8.0, "GPU": 1.0}], max_total={"CPU": 32.0, "GPU": 4.0})
     scaled._remember({"CPU": 4.0}, [_node("a", CPU=4.0)])
     assert scaled._feasible(gpu_job, 0.0) and scaled._feasible(spread, 0.0)  # 4 one-GPU nodes hold the spread job
