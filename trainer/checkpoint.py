@@ -24,7 +24,7 @@ import shutil
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -91,12 +91,19 @@ class CheckpointStore:
     def latest(self) -> str | None:
         """The newest complete checkpoint's tag, or None when there is none."""
         url = storage.join(self.root, LATEST)
-        if not storage.exists(url):
+        tag = self._latest_name()
+        if tag is None:
             return None
-        tag = storage.read_bytes(url).decode("utf-8", errors="replace").strip()
         if not tag.startswith("step-") or not storage.exists(storage.join(self.root, tag, META)):
             raise CheckpointError(f"{url} points at {tag!r}, which is not a complete checkpoint")
         return tag
+
+    def _latest_name(self) -> str | None:
+        """What ``latest`` says, unchecked; None when there is no ``latest``."""
+        url = storage.join(self.root, LATEST)
+        if not storage.exists(url):
+            return None
+        return storage.read_bytes(url).decode("utf-8", errors="replace").strip()
 
     def read_meta(self, tag: str) -> CheckpointMeta:
         url = storage.join(self.root, tag, META)
@@ -163,8 +170,7 @@ class CheckpointStore:
     def _clear_remote(self, tag: str) -> None:
         """Remove what an earlier, interrupted save of ``tag`` left under the root (other ranks' files, their
         completion markers, which would count towards this save), unless ``latest`` points at it."""
-        if storage.exists(storage.join(self.root, LATEST)) and \
-                storage.read_bytes(storage.join(self.root, LATEST)).decode("utf-8", errors="replace").strip() == tag:
+        if self._latest_name() == tag:
             return
         storage.delete_prefix(storage.join(self.root, tag) + "/")
 
@@ -252,22 +258,8 @@ class CheckpointStore:
         path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", tag)
         if os.path.exists(os.path.join(path, DOWNLOADED)):
             return path
-        # Download beside the final folder (a name of its own: an export may share this staging folder) and rename
-        # it into place: a download cut short (crash, outage) is never taken for a checkpoint; the next try starts over.
-        partial = f"{path}.partial-{uuid.uuid4().hex[:12]}"
-        try:
-            storage.download_dir(storage.join(self.root, tag), partial)
-            with open(os.path.join(partial, DOWNLOADED), "w"):
-                pass
-            if not os.path.exists(os.path.join(path, DOWNLOADED)):
-                shutil.rmtree(path, ignore_errors=True)  # what an older dgm or a cut download left
-                try:
-                    os.replace(partial, path)
-                except OSError:
-                    if not os.path.exists(os.path.join(path, DOWNLOADED)):  # not another process's complete copy
-                        raise
-        finally:
-            shutil.rmtree(partial, ignore_errors=True)
+        # a name of its own for the download: an export may share this staging folder
+        _publish_dir(path, DOWNLOADED, lambda work: storage.download_dir(storage.join(self.root, tag), work))
         return path
 
     def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:
@@ -292,6 +284,26 @@ class CheckpointStore:
         if meta.world_size == self.world_size and os.path.exists(rng_file):
             set_rng_state(load_file(rng_file))
         return meta
+
+
+def _publish_dir(final: str, marker: str, fill: Callable[[str], None]) -> None:
+    """Build a folder beside ``final`` (``fill`` writes into it), mark it complete and rename it into place: work
+    cut short (crash, outage, OOM) is never taken for the folder, and the next try starts over. A complete
+    ``final`` that another process put there meanwhile is kept."""
+    work = f"{final}.partial-{uuid.uuid4().hex[:12]}"
+    try:
+        fill(work)
+        with open(os.path.join(work, marker), "w"):
+            pass
+        if not os.path.exists(os.path.join(final, marker)):
+            shutil.rmtree(final, ignore_errors=True)  # what an older dgm or a cut attempt left
+            try:
+                os.replace(work, final)
+            except OSError:
+                if not os.path.exists(os.path.join(final, marker)):
+                    raise
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def universal_info() -> dict[str, Any]:
@@ -326,19 +338,12 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
     dst = os.path.join(checkpoint_dir, engine_name, "ds_universal")
     if os.path.exists(os.path.join(dst, CONVERTED)):
         return
-    # Converted beside the final folder and renamed in with a marker: a conversion cut short (OOM, kill) is
-    # redone on the next try, never loaded as a checkpoint.
-    work = f"{dst}.partial-{uuid.uuid4().hex[:12]}"
-    try:
-        args = type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
-                                     num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                     inject_missing_state=True))()
-        ds_to_universal(args)
-        with open(os.path.join(work, CONVERTED), "w"):
-            pass
-        shutil.rmtree(dst, ignore_errors=True)
-        os.replace(work, dst)
-        with open(os.path.join(checkpoint_dir, engine_name, "latest_universal"), "w") as f:
-            f.write("ds_universal")
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+    def convert(work: str) -> None:
+        ds_to_universal(type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
+                                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                              inject_missing_state=True))())
+
+    _publish_dir(dst, CONVERTED, convert)
+    with open(os.path.join(checkpoint_dir, engine_name, "latest_universal"), "w") as f:
+        f.write("ds_universal")  # DeepSpeed wrote the side folder's name there
