@@ -74,21 +74,47 @@ class ShardPlan:
     fingerprint: str
 
 
-def _fingerprint(config: PrepareConfig) -> str:
-    spec = json.dumps([config.source, config.source_settings, config.codec, config.codec_settings,
-                       config.samples_per_shard], sort_keys=True)
-    return hashlib.sha256(spec.encode()).hexdigest()[:16]
+def _fingerprint(config: PrepareConfig, source: Any) -> str:
+    """The plan's identity: settings, and for a source read from files (an image folder) what its scan found, so a
+    folder that changed between two runs never gets shards of the old listing reused beside shards of the new."""
+    parts: list[Any] = [config.source, config.source_settings, config.codec, config.codec_settings,
+                        config.samples_per_shard]
+    if (content := getattr(source, "content_digest", None)) is not None:
+        parts.append(content)
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_prepare_output(config: PrepareConfig, say: Callable[[str], None] | None = None) -> None:
+def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str], None] | None = None) -> None:
     """Refuse (or, with ``overwrite``, retire) a different complete data set at ``config.output``; run for every
     split before any is written."""
-    check_output(config.output, _fingerprint(config), overwrite=config.overwrite,
+    check_output(config.output, _fingerprint(config, source), overwrite=config.overwrite,
                  say=say or (lambda line: print(line, flush=True)))
 
 
-def plan_shards(config: PrepareConfig, total: int) -> list[ShardPlan]:
-    fp = _fingerprint(config)
+def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int]:
+    """Encode the first sample (a codec given a source it cannot read fails here, named, not in a shard task) and
+    return the image shape every sample will be stored with; a source of several shapes is refused for a codec
+    that stores images as they are (the image models batch one shape)."""
+    try:
+        first = source.sample(0)
+        codec.encode(first)
+    except (AttributeError, TypeError) as e:
+        raise ValueError(f"codec {config.codec!r} cannot encode samples of source {config.source!r} "
+                         f"({type(e).__name__}: {e})") from e
+    shapes = set(source.image_shapes()) if hasattr(source, "image_shapes") else {tuple(first.image.shape)}
+    if (stored_shape := getattr(codec, "stored_shape", None)) is not None:  # a codec that resizes (DCT)
+        shapes = {tuple(stored_shape(shape)) for shape in shapes}
+    shapes = sorted(shapes)
+    if len(shapes) > 1:
+        examples = ", ".join(f"{h}x{w}" for h, w, _ in shapes[:4])
+        raise ValueError(f"source {config.source!r}: images of {len(shapes)} different sizes (HxW {examples}"
+                         f"{', ...' if len(shapes) > 4 else ''}) for codec {config.codec!r}, which stores them as "
+                         "they are; set the source's resolution so every sample has one shape")
+    return list(shapes[0])
+
+
+def plan_shards(config: PrepareConfig, total: int, source: Any) -> list[ShardPlan]:
+    fp = _fingerprint(config, source)
     n = (total + config.samples_per_shard - 1) // config.samples_per_shard
     return [
         ShardPlan(i, f"shard-{i:06d}.tar", i * config.samples_per_shard,
@@ -132,9 +158,10 @@ def sample_offsets(tar_path: str) -> list[int]:
     return offsets
 
 
-def write_shard(config: PrepareConfig, plan: ShardPlan) -> ShardInfo:
-    """Write one shard (in a temporary local file, then moved/uploaded whole) and its info file."""
-    source = build_source(config.source, config.source_settings)
+def write_shard(config: PrepareConfig, plan: ShardPlan, source: Any = None) -> ShardInfo:
+    """Write one shard (in a temporary local file, then moved/uploaded whole) and its info file. ``source`` is the
+    one the plan was made from (an image folder is scanned once, not once per shard); None builds it."""
+    source = source if source is not None else build_source(config.source, config.source_settings)
     codec = build_codec(config.codec, config.codec_settings)
 
     length_of = getattr(codec, "sequence_length", None)  # codecs writing variable-length sequences have one
@@ -245,15 +272,18 @@ def describe_encoding(encoding: dict[str, Any], codec: str) -> str:
     return f"{codec} codec: {counts}" + (f"; for example: {' | '.join(examples)}" if examples else "")
 
 
-def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None = None) -> Manifest:
-    """Write every missing shard, then the manifest. Uses Ray tasks when ``parallel`` and Ray is initialised."""
+def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None = None,
+                    source: Any = None) -> Manifest:
+    """Write every missing shard, then the manifest. Uses Ray tasks when ``parallel`` and Ray is initialised.
+    ``source``: the source already built from ``config`` (by the CLI's checks), so files are scanned once."""
     if not config.output:
         raise ValueError("prepare: an output URL (folder or s3://bucket/prefix) is required")
-    source = build_source(config.source, config.source_settings)
+    source = source if source is not None else build_source(config.source, config.source_settings)
     codec = build_codec(config.codec, config.codec_settings)
     say = report or (lambda line: print(line, flush=True))
-    check_prepare_output(config, say)
-    plans = plan_shards(config, len(source))
+    image_shape = check_codec_fits(config, source, codec)
+    check_prepare_output(config, source, say)
+    plans = plan_shards(config, len(source), source)
     infos: dict[int, ShardInfo] = {}
     wants_lengths = hasattr(codec, "sequence_length")
     for plan in plans:
@@ -270,16 +300,22 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         progress.update(len(infos))
     if config.parallel and ray.is_initialized() and len(todo) > 1:
         remote = ray.remote(num_cpus=1)(write_shard)
-        pending = {remote.remote(config, p): p for p in todo}
+        shared = ray.put(source)
+        pending = {remote.remote(config, p, shared): p for p in todo}
         while pending:
             ready, _ = ray.wait(list(pending), num_returns=1)
             for ref in ready:
                 plan = pending.pop(ref)
-                infos[plan.index] = ray.get(ref)
+                try:
+                    infos[plan.index] = ray.get(ref)
+                except ray.exceptions.RayTaskError as e:  # the task's own error (a bad file, storage), not Ray's
+                    for other in pending:
+                        ray.cancel(other)
+                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
                 progress.update()
     else:
         for plan in todo:
-            infos[plan.index] = write_shard(config, plan)
+            infos[plan.index] = write_shard(config, plan, source)
             progress.update()
     write_preview(config, source, codec, say)
     manifest = Manifest(
@@ -288,7 +324,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
         shards=[infos[p.index] for p in plans],
         format_version=FORMAT_VERSION,
         extra={"samples_per_shard": config.samples_per_shard, "index_stride": INDEX_STRIDE,
-               "image_shape": list(source.sample(0).image.shape), FINGERPRINT_KEY: plans[0].fingerprint},
+               "image_shape": image_shape, FINGERPRINT_KEY: plans[0].fingerprint},
         url=config.output,
     )
     if tokenizer is not None:

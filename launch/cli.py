@@ -32,7 +32,7 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
     from data_pipeline.codecs import build_codec
-    from data_pipeline.prepare import PrepareConfig, check_prepare_output, prepare_dataset
+    from data_pipeline.prepare import PrepareConfig, check_codec_fits, check_prepare_output, prepare_dataset
     from data_pipeline.sources import build_source
     from launch.train import ensure_ray
     from trainer.typed_config import ConfigError
@@ -44,7 +44,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         return 2
     outputs = _split_outputs(cfg, spec.splits, "data.prepare.splits")
     # The train split first: it trains the caption tokenizer that the other splits copy.
-    plans = []
+    plans = []  # every split's settings are checked, and its files scanned once, before any split is written
     for split, settings in sorted(spec.splits.items(), key=lambda kv: kv[0] != "train"):
         where = "data.prepare"
         try:
@@ -53,18 +53,20 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                parallel=not args.no_ray, overwrite=args.overwrite,
                                **spec.tokenizer_settings(split, cfg.data.train))
             where = f"data.prepare.splits.{split}"
-            build_source(spec.source, settings)  # every split's settings checked before any split is written
+            source = build_source(spec.source, settings)
             where = "data.prepare.codec_settings"
-            build_codec(spec.codec, spec.codec_settings)
+            codec = build_codec(spec.codec, spec.codec_settings)
+            where = f"data.prepare.splits.{split}"
+            check_codec_fits(pc, source, codec)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{args.config}: {where}: {e}") from e
-        plans.append(pc)
-    for pc in plans:  # a split over a different data set is refused before any split is written
-        check_prepare_output(pc)
-    for pc in plans:
+        plans.append((pc, source))
+    for pc, source in plans:  # a split over a different data set is refused before any split is written
+        check_prepare_output(pc, source)
+    for pc, source in plans:
         if pc.parallel:
             ensure_ray(args.address)
-        prepare_dataset(pc)
+        prepare_dataset(pc, source=source)
     return 0
 
 

@@ -411,7 +411,7 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     assert "b_q90.jpg: its quantisation tables are not this quality's (jpeg_source: requantize takes them)" in \
         codec.pixel_fallbacks[0]
     assert "c_444.jpg" in codec.pixel_fallbacks[1] and "pixel_fallback" not in codec.pixel_fallbacks[1]
-    assert all("came as pixels, not a file" in r for r in codec.pixel_fallbacks[2:])  # rotated JPEG, PNG
+    assert all("came as pixels, not a JPEG file" in r for r in codec.pixel_fallbacks[2:])  # rotated JPEG, PNG
     with pytest.raises(ValueError, match="jpeg_source must be one of"):
         DCTCodecConfig(resolution=64, jpeg_source="bytes")
 
@@ -431,6 +431,11 @@ def test_corrupt_jpeg_files_name_the_file(photos: dict[str, np.ndarray], tmp_pat
             read_jpeg_dct(tmp_path / name, cfg)
     with pytest.raises(JPEGReadError, match="missing.jpg"):
         read_jpeg_dct(tmp_path / "missing.jpg", cfg)
+    # bytes after the EOI (a phone's appended video, which may hold FF DA) are not truncation
+    tail = np.random.default_rng(0).bytes(50_000) + b"\xff\xda\x00\x08"
+    (tmp_path / "motion.jpg").write_bytes(data + tail)
+    (tmp_path / "plain.jpg").write_bytes(data)
+    assert np.array_equal(read_jpeg_dct(tmp_path / "motion.jpg", cfg), read_jpeg_dct(tmp_path / "plain.jpg", cfg))
 
 
 # ---------------------------------------------------------------- bad input, config, bytes, shard codec

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import random
 import re
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageOps
 
 from data_pipeline.sources import SOURCES, Sample, Source, build_source
 from data_pipeline.sources.digits import LEVELS, image_from_levels, levels_from_image, split_indices
@@ -314,11 +315,11 @@ def test_image_folder_bad_files(tmp_path: Path) -> None:
     Image.fromarray(noise).save(tmp_path / "full.jpg")
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:2000])
     with pytest.warns(UserWarning, match="corrupt.jpg"):
-        src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
+        src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True, "verify": "header"})
     with pytest.raises(BadImageError, match="truncated.jpg"):
         src.sample(src.relative_paths.index("truncated.jpg"))
-    with pytest.warns(UserWarning) as record:
-        decoded = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True, "verify": "decode"})
+    with pytest.warns(UserWarning) as record:  # skip_bad decodes every file by default: truncation is caught
+        decoded = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
     assert sorted(Path(str(w.message).split(": ")[1]).name for w in record) == ["corrupt.jpg", "truncated.jpg"]
     assert sorted(decoded.skipped) == ["corrupt.jpg", "truncated.jpg"]
     with pytest.raises(FileNotFoundError, match="not a folder"):
@@ -342,3 +343,52 @@ def test_builtin_sample_images_are_read_where_installed() -> None:
         assert s.image.shape == (32, 32, 3) and s.image.std() > 10
     camera = src.sample(rels.index("skimage/camera.png")).image
     assert (camera == camera[:, :, :1]).all()
+
+
+def test_image_folder_damaged_exif_is_read_without_pillows_transpose(tmp_path: Path) -> None:
+    """Pillow's exif_transpose rewrites the EXIF block and raises TypeError on a tag of the wrong type (here
+    XPosition as text, as some cameras write it); the orientation (6) is still readable and applied, in the scan and
+    in sample() alike."""
+    exif = (b"Exif\x00\x00MM\x00*\x00\x00\x00\x08\x00\x03\x01\x1f\x00\x02\x00\x00\x00\x04Cam\x00\x01\x12\x00\x03"
+            b"\x00\x00\x00\x01\x00\x06\x00\x00\x87i\x00\x04\x00\x00\x00\x01\x00\x00\x002\x00\x00\x00\x00\x00\x01\x90"
+            b"\x03\x00\x02\x00\x00\x00\x14\x00\x00\x00D\x00\x00\x00\x00I020:01:01 00:00:00\x00")
+    Image.fromarray(np.full((4, 8, 3), 90, np.uint8)).save(tmp_path / "photo.jpg", exif=exif)
+    with Image.open(tmp_path / "photo.jpg") as img, pytest.raises(TypeError):
+        ImageOps.exif_transpose(img)
+    src = build_source("image_folder", {"path": str(tmp_path), "verify": "decode"})
+    assert src.sample(0).image.shape == (8, 4, 3) and src.image_shapes() == {(8, 4, 3)}
+
+
+def test_image_folder_odd_names_links_and_transparency(tmp_path: Path) -> None:
+    root = tmp_path / "photos"
+    (root / "sub").mkdir(parents=True)
+    grey = Image.fromarray(np.array([[0, 128]], np.uint8))
+    grey.save(root / "l_trns.png", transparency=0)
+    Image.fromarray(np.array([[[1, 2, 3], [9, 9, 9]]], np.uint8)).save(root / "rgb_trns.png", transparency=(1, 2, 3))
+    name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: the name's bytes, not its text, make the key
+    Image.fromarray(np.zeros((1, 2, 3), np.uint8)).save(os.path.join(os.fsencode(root), b"caf\xe9.png"))
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    Image.fromarray(np.zeros((1, 2, 3), np.uint8)).save(elsewhere / "linked.png")
+    (root / "sub" / "link").symlink_to(elsewhere, target_is_directory=True)
+    (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
+    src = build_source("image_folder", {"path": str(root)})
+    rels = src.relative_paths
+    assert rels == sorted([name, "l_trns.png", "rgb_trns.png", "sub/link/linked.png"])
+    assert src.sample(rels.index("l_trns.png")).image[0].tolist() == [[255, 255, 255], [128, 128, 128]]
+    assert src.sample(rels.index("rgb_trns.png")).image[0].tolist() == [[255, 255, 255], [9, 9, 9]]
+    odd = src.sample(rels.index(name))
+    assert odd.attributes["path"] == "caf\ufffd.png" and odd.key.startswith("caf_")
+
+
+def test_image_folder_content_digest_follows_the_listing(tmp_path: Path) -> None:
+    for name in ("b", "c"):
+        Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / f"{name}.png")
+    first = build_source("image_folder", {"path": str(tmp_path)}).content_digest
+    assert build_source("image_folder", {"path": str(tmp_path)}).content_digest == first
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    added = build_source("image_folder", {"path": str(tmp_path)}).content_digest
+    Image.fromarray(np.zeros((6, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    resized = build_source("image_folder", {"path": str(tmp_path)})
+    assert len({first, added, resized.content_digest}) == 3
+    assert resized.image_shapes() == {(4, 4, 3), (6, 4, 3)}

@@ -322,18 +322,62 @@ def test_dct_prepare_records_each_sequence_length_and_rewrites_shards_without_th
     assert "(2 already done)" in lines[0] and load_manifest(out).sequence_lengths == read
 
 
-def test_preview_of_an_image_folder_with_mixed_sizes(tmp_path):
+def test_image_folder_prepare_previews_photos_and_refuses_mixed_sizes(tmp_path):
+    """Photos larger than a preview cell are fitted into it. Images of several sizes are refused for the image
+    codec (the image models batch one shape; the manifest's image_shape would describe only the first) before any
+    shard is written, and accepted once the source's resolution gives them one shape."""
     folder = tmp_path / "photos"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    for name, shape in [("wide.png", (60, 300, 3)), ("tall.png", (500, 90, 3)), ("grey.png", (40, 40))]:
+    for name, shape in [("wide.png", (160, 300, 3)), ("b.png", (160, 300, 3)), ("grey.png", (160, 300))]:
         Image.fromarray(rng.integers(0, 255, shape, dtype=np.uint8)).save(folder / name)
     out = str(tmp_path / "ds")
     prepare_dataset(PrepareConfig(output=out, source="image_folder", source_settings={"path": str(folder)},
                                   parallel=False), report=lambda _: None)
-    assert load_manifest(out).total == 3
+    assert load_manifest(out).total == 3 and load_manifest(out).extra["image_shape"] == [160, 300, 3]
     preview = np.asarray(Image.open(os.path.join(out, "preview.png")))
     assert preview.shape == (2 * 130 + 2, 2 * 130 + 2, 3)  # 2 x 2 cells of 128 pixels: every image fitted
+
+    Image.fromarray(rng.integers(0, 255, (500, 90, 3), dtype=np.uint8)).save(folder / "tall.png")
+    mixed = str(tmp_path / "mixed")
+    with pytest.raises(ValueError, match=r"2 different sizes \(HxW 160x300, 500x90\).*resolution"):
+        prepare_dataset(PrepareConfig(output=mixed, source="image_folder", source_settings={"path": str(folder)},
+                                      parallel=False), report=lambda _: None)
+    assert not os.path.exists(mixed)
+    prepare_dataset(PrepareConfig(output=mixed, source="image_folder", parallel=False,
+                                  source_settings={"path": str(folder), "resolution": 24}), report=lambda _: None)
+    assert load_manifest(mixed).extra["image_shape"] == [24, 24, 3]
+
+
+def test_prepare_resumed_on_a_changed_folder_rewrites_every_shard(tmp_path):
+    """A prepare cut short, resumed after files were added, must not keep shards of the old listing beside shards
+    of the new one (duplicates and holes): the folder's listing is part of the plan's fingerprint."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for name in ("b", "c", "d"):
+        Image.fromarray(np.full((4, 4, 3), ord(name), np.uint8)).save(folder / f"{name}.png")
+    out = str(tmp_path / "ds")
+    cfg = PrepareConfig(output=out, source="image_folder", source_settings={"path": str(folder)},
+                        samples_per_shard=1, parallel=False)
+    prepare_dataset(cfg, report=lambda _: None)
+    os.remove(os.path.join(out, "manifest.json"))  # as if cut before the manifest, one shard short
+    os.remove(os.path.join(out, "shard-000002.tar"))
+    Image.fromarray(np.full((4, 4, 3), ord("a"), np.uint8)).save(folder / "a.png")
+    lines: list[str] = []
+    prepare_dataset(cfg, report=lines.append)
+    assert "(0 already done)" in lines[0]
+    m = load_manifest(out)
+    keys = [x["key"] for batch in RankStream(m, stream_cfg(global_batch=1, partitions=1, shuffle_block=1),
+                                              build_codec("image").decode, 0, 1).iterate(max_epochs=1)
+            for x in batch]
+    assert sorted(k[0] for k in keys) == ["a", "b", "c", "d"]
+
+
+def test_prepare_names_a_codec_that_cannot_read_the_source(tmp_path):
+    with pytest.raises(ValueError, match="codec 'tokens' cannot encode samples of source 'digits'"):
+        _prepare(str(tmp_path / "ds"), codec="tokens",
+                 codec_settings={"text_vocab": 64, "image_vocab": 64, "image_grid": [4, 4]})
+    assert not os.path.exists(tmp_path / "ds")
 
 
 def test_dct_prepare_of_upscaled_digits_has_luma_only(tmp_path):
@@ -463,3 +507,20 @@ def test_prepare_refuses_an_unreadable_manifest_and_storage_errors(tmp_path, s3_
                                       samples_per_shard=SPS, parallel=False, overwrite=True), report=lambda _: None)
     flaky_s3.reset()
     assert load_manifest(url).total == 1797
+
+
+def test_a_bad_file_met_in_a_ray_shard_task_is_raised_as_itself(tmp_path, ray_local):
+    """A file that passes a header-only scan but cannot be decoded fails its shard task; the user sees that
+    error (BadImageError naming the file), not Ray's wrapper with the remote traceback."""
+    from data_pipeline.sources.image_folder import BadImageError
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "a.jpg")
+    (folder / "b.jpg").write_bytes((folder / "a.jpg").read_bytes()[:2000])
+    with pytest.raises(BadImageError, match="b.jpg: cannot decode image") as caught:
+        prepare_dataset(PrepareConfig(output=str(tmp_path / "ds"), source="image_folder", samples_per_shard=1,
+                                      source_settings={"path": str(folder), "verify": "header"}),
+                        report=lambda _: None)
+    assert type(caught.value) is BadImageError and "Traceback" not in str(caught.value)

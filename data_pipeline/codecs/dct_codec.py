@@ -97,6 +97,11 @@ class DCTCodec:
     def vocab(self) -> Vocab:
         return self.config.vocab
 
+    def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
+        """The (H, W, C) an image of ``shape`` decodes back to: the codec's resolution, the source's channels."""
+        height, width = self.config.resolution  # type: ignore[misc]
+        return height, width, int(shape[2]) if len(shape) == 3 else 1
+
     def settings(self) -> dict[str, Any]:
         return self.config.to_dict()
 
@@ -116,8 +121,9 @@ class DCTCodec:
             return None
         path = getattr(sample, "source_file", None)
         if not path:
-            self._fallback(f"sample {sample.key} came as pixels, not a file (only an image folder without "
-                           "resolution hands over its JPEG files)")
+            self._fallback(f"sample {sample.key} came as pixels, not a JPEG file whose coefficients can be used "
+                           "(an image folder hands over only upright YCbCr or grey JPEGs, and only without "
+                           "resolution; PNG, CMYK and EXIF-rotated files come as pixels)")
             return None
         try:
             dct = read_jpeg_dct(path, self.config, requantize=self.config.jpeg_source == "requantize")

@@ -18,6 +18,7 @@ What is not taken as is:
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -39,17 +40,46 @@ class JPEGReadError(ValueError):
     """A JPEG file that cannot be read, or cannot be used in the coefficient domain."""
 
 
-_SOI, _SOS, _EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
+_SOI = b"\xff\xd8"
+_SOS, _EOI = 0xDA, 0xD9
+_NO_LENGTH = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0..7 carry no length field
+_NEXT_MARKER = re.compile(rb"\xff[^\x00\xd0-\xd7\xff]")  # after a scan: FF 00 is data, RSTn sits inside it
 
 
 def _check_structure(path: str, data: bytes) -> None:
+    """Walk the marker segments from SOI to EOI: truncation is a file that ends before its EOI. Bytes after the
+    EOI (a phone's appended "motion photo" video, padding) are not part of the image and are ignored."""
     if not data.startswith(_SOI):
         raise JPEGReadError(f"{path}: not a JPEG file (no SOI marker)")
-    last_scan = data.rfind(_SOS)
-    if last_scan < 0:
-        raise JPEGReadError(f"{path}: corrupt JPEG file (no scan)")
-    if data.rfind(_EOI) < last_scan:
-        raise JPEGReadError(f"{path}: truncated JPEG file (no EOI marker after the last scan)")
+    pos, scans = 2, 0
+    while True:
+        while pos < len(data) and data[pos] == 0xFF and pos + 1 < len(data) and data[pos + 1] == 0xFF:
+            pos += 1  # fill bytes before a marker
+        if pos + 1 >= len(data):
+            break
+        if data[pos] != 0xFF:
+            raise JPEGReadError(f"{path}: corrupt JPEG file (no marker at byte {pos})")
+        marker = data[pos + 1]
+        if marker == _EOI:
+            if scans == 0:
+                raise JPEGReadError(f"{path}: corrupt JPEG file (no scan)")
+            return
+        if marker in _NO_LENGTH:
+            pos += 2
+            continue
+        if pos + 4 > len(data):
+            break
+        end = pos + 2 + int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker != _SOS:
+            pos = end
+            continue
+        scans += 1
+        found = _NEXT_MARKER.search(data, end)
+        if found is None:
+            break
+        pos = found.start()
+    what = "no scan" if scans == 0 else "no EOI marker after the last scan"
+    raise JPEGReadError(f"{path}: truncated JPEG file ({what})")
 
 
 def _layout(y: np.ndarray, cb: np.ndarray | None, cr: np.ndarray | None) -> np.ndarray:

@@ -4,12 +4,18 @@ Files are found recursively (hidden files and folders, whose names start with '.
 relative path, so index i and its key are stable for an unchanged folder. The key is the sanitised relative path
 plus 8 hex digits of its SHA-1, so two paths that sanitise alike still get different keys.
 
-Every file's header is read when the source is built (all of it is decoded with `verify="decode"`): an unreadable
-file raises `BadImageError` naming it, or with `skip_bad=True` is left out with a warning. A file that passes the
-scan but fails to decode later raises `BadImageError` naming it.
+Folders are followed through symbolic links (each real folder once); a folder that cannot be listed is an error
+naming it, never silently left out. File names need not be UTF-8: keys hash the name's bytes.
 
-Conversions to uint8 RGB: EXIF orientation is applied; grey (L, 1, I;16, I, F) is replicated to three channels
-(I;16, and I holding values above 255, scaled by 1/257; others clipped to 0..255); images with alpha (RGBA, LA, PA, P with transparency) are composited on white; other
+Every file's header is read when the source is built; with `verify="decode"` (the default when `skip_bad=True`)
+all of it is decoded. An unreadable file raises `BadImageError` naming it, or with `skip_bad=True` is left out with
+a warning. A file that passes a header-only scan but fails to decode later raises `BadImageError` naming it. The
+scan is done once: `content_digest` (paths, sizes, modes, dimensions, what was skipped) is what `dgm prepare`
+fingerprints, so shards written from one listing are never reused for another.
+
+Conversions to uint8 RGB: EXIF orientation is applied (an EXIF block that cannot be parsed counts as "upright");
+grey (L, 1, I;16, I, F) is replicated to three channels (the 16-bit I modes scaled by 1/257, F clipped to 0..255);
+images with alpha (RGBA, LA, PA, or any mode with a PNG transparency entry) are composited on white; other
 modes (P, CMYK, YCbCr) go through Pillow's RGB conversion. With `resolution`, the centred square of side
 min(w, h) is resized to resolution x resolution (Lanczos), i.e. shorter side resized then centre-cropped.
 Without `resolution`, an upright (EXIF orientation 1 or none) YCbCr or grey JPEG also hands over its path
@@ -26,7 +32,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
 from .base import Sample, check_index, config_settings, sanitise_key
 
@@ -39,7 +45,9 @@ _SKIMAGE_PHOTOS = (
 )
 _SKLEARN_PHOTOS = ("china.jpg", "flower.jpg")
 ORIENTATION_TAG = 0x0112  # EXIF orientation: 1 means the stored pixels are upright
-_DECODE_ERRORS = (OSError, UnidentifiedImageError, ValueError, SyntaxError, Image.DecompressionBombError)
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}
 
 
 class BadImageError(ValueError):
@@ -76,9 +84,18 @@ def find_images(root: Path) -> dict[str, Path]:
     """JPEG/PNG files under `root` (recursive, hidden entries skipped), keyed by POSIX relative path, sorted."""
     if not root.is_dir():
         raise FileNotFoundError(f"image_folder: {root} is not a folder")
+    def unreadable(error: OSError) -> None:
+        raise ValueError(f"image_folder: cannot list folder {error.filename} ({error.strerror or error})")
+
     found: dict[str, Path] = {}
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+    seen: set[str] = set()
+    for dirpath, dirnames, filenames in os.walk(root, onerror=unreadable, followlinks=True):
+        real = os.path.realpath(dirpath)
+        if real in seen:  # a link back to a folder already walked (a loop, or two links to one folder)
+            dirnames[:] = []
+            continue
+        seen.add(real)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
             if not name.startswith(".") and name.lower().endswith(IMAGE_EXTENSIONS):
                 path = Path(dirpath) / name
@@ -88,28 +105,41 @@ def find_images(root: Path) -> dict[str, Path]:
 
 def image_key(relative_path: str) -> str:
     """Stable sample key of a file: sanitised relative path + short hash of the exact path."""
-    digest = hashlib.sha1(relative_path.encode("utf-8")).hexdigest()[:8]
+    digest = hashlib.sha1(os.fsencode(relative_path)).hexdigest()[:8]
     return f"{sanitise_key(relative_path)}-{digest}"
+
+
+def display_path(relative_path: str) -> str:
+    """The path as text that can always be printed and stored (bytes that are not UTF-8 shown as U+FFFD)."""
+    return os.fsencode(relative_path).decode("utf-8", "replace")
+
+
+def orientation(img: Image.Image) -> int:
+    """The EXIF orientation (1..8) of an opened image; 1 when there is none or the EXIF block cannot be parsed."""
+    try:
+        value = img.getexif().get(ORIENTATION_TAG, 1)
+    except Exception:  # Pillow raises many types on damaged EXIF; the pixels as stored are still an image
+        return 1
+    return value if isinstance(value, int) and value in _TRANSPOSE else 1
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB with the documented rules (module doc)."""
     mode = img.mode
+    if mode in ("RGBA", "LA", "PA", "La", "RGBa") or ("transparency" in img.info and not mode.startswith("I")):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
     if mode == "RGB":
         return img
     if mode in ("L", "1"):
         return img.convert("L").convert("RGB")
     if mode.startswith("I") or mode == "F":
         arr = np.asarray(img).astype(np.float64)
-        if mode != "F":
-            arr = arr / 257.0 if arr.max(initial=0) > 255 or mode.startswith("I;16") else arr
+        if mode != "F":  # I modes come from 16-bit PNGs (older Pillow opens them as "I", newer as "I;16")
+            arr = arr / 257.0
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
         return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
-    has_alpha = mode in ("RGBA", "LA", "PA", "La", "RGBa") or (mode == "P" and "transparency" in img.info)
-    if has_alpha:
-        rgba = img.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
     return img.convert("RGB")
 
 
@@ -122,9 +152,12 @@ def _load(path: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
     """(uint8 HxWx3 RGB, whether it is a JPEG file's own YCbCr or grey content, unrotated and unresized)."""
     try:
         with Image.open(path) as opened:
-            plain = (resolution is None and opened.format in ("JPEG", "MPO") and opened.mode in ("RGB", "L")
-                     and opened.getexif().get(ORIENTATION_TAG, 1) == 1)
-            img = to_rgb(ImageOps.exif_transpose(opened))
+            turn = orientation(opened)
+            plain = resolution is None and opened.format in ("JPEG", "MPO") and opened.mode in ("RGB", "L") \
+                and turn == 1
+            img = to_rgb(opened)
+            if turn != 1:
+                img = img.transpose(_TRANSPOSE[turn])
             if resolution is not None:
                 w, h = img.size
                 s = min(w, h)
@@ -132,23 +165,25 @@ def _load(path: Path, resolution: int | None) -> tuple[np.ndarray, bool]:
                 img = img.resize((resolution, resolution), Image.Resampling.LANCZOS,
                                  box=(left, top, left + s, top + s))
             return np.array(img, dtype=np.uint8), plain
-    except _DECODE_ERRORS as e:
-        raise BadImageError(f"{path}: cannot decode image ({type(e).__name__}: {e})") from e
+    except Exception as e:  # Pillow's decoders raise OSError, ValueError, SyntaxError, struct.error, ...
+        raise BadImageError(f"{display_path(str(path))}: cannot decode image ({type(e).__name__}: {e})") from e
 
 
-def _probe(path: Path, decode: bool) -> tuple[list[int], str]:
-    """(size [w, h], mode) of a file after reading its header (and decoding it all when `decode`)."""
+def _probe(path: Path, decode: bool) -> tuple[list[int], str, int, int]:
+    """(size [w, h] as stored, mode, EXIF orientation, file bytes) after reading the header (and decoding it all
+    when `decode`, as sample() would)."""
     try:
         with Image.open(path) as img:
             if img.format not in ("JPEG", "PNG", "MPO"):
-                raise BadImageError(f"{path}: is {img.format}, not JPEG or PNG")
+                raise BadImageError(f"{display_path(str(path))}: is {img.format}, not JPEG or PNG")
             if decode:
                 img.load()
-            return [int(img.width), int(img.height)], img.mode
-    except _DECODE_ERRORS as e:
-        if isinstance(e, BadImageError):
-            raise
-        raise BadImageError(f"{path}: not a readable image ({type(e).__name__}: {e})") from e
+                to_rgb(img)
+            return [int(img.width), int(img.height)], img.mode, orientation(img), path.stat().st_size
+    except BadImageError:
+        raise
+    except Exception as e:
+        raise BadImageError(f"{display_path(str(path))}: not a readable image ({type(e).__name__}: {e})") from e
 
 
 @dataclass
@@ -158,7 +193,8 @@ class ImageFolderConfig:
     path: str = BUILTIN_SAMPLES
     resolution: int | None = None
     skip_bad: bool = False
-    verify: Literal["header", "decode"] = "header"
+    verify: Literal["header", "decode"] | None = None  # None: "decode" with skip_bad (so a truncated file is
+    # skipped, not met mid-prepare), else "header"
 
     def __post_init__(self) -> None:
         if not self.path:
@@ -177,23 +213,35 @@ class ImageFolderSource:
     def __init__(self, config: ImageFolderConfig | None = None) -> None:
         self.config = cfg = config or ImageFolderConfig()
         files = builtin_sample_images() if cfg.path == BUILTIN_SAMPLES else find_images(Path(cfg.path))
+        decode = (cfg.verify or ("decode" if cfg.skip_bad else "header")) == "decode"
         self.skipped: list[str] = []
         self._entries: list[tuple[str, Path, list[int], str]] = []
+        listing = hashlib.sha256()
         for rel, path in files.items():
             try:
-                size, mode = _probe(path, cfg.verify == "decode")
+                size, mode, turn, nbytes = _probe(path, decode)
             except BadImageError as e:
                 if not cfg.skip_bad:
                     raise
                 warnings.warn(f"image_folder: skipping {e}", stacklevel=2)
                 self.skipped.append(rel)
+                listing.update(b"skip\0" + os.fsencode(rel) + b"\0")
                 continue
+            if turn >= 5:  # EXIF orientations 5..8 turn the image a quarter: width and height swap
+                size = size[::-1]
             self._entries.append((rel, path, size, mode))
+            listing.update(os.fsencode(rel) + f"\0{nbytes}\0{mode}\0{size[0]}x{size[1]}\0".encode())
         if not self._entries:
             raise ValueError(f"image_folder: no readable JPEG/PNG files under {cfg.path}")
+        self.content_digest = listing.hexdigest()[:16]
         self._keys = [image_key(rel) for rel, *_ in self._entries]
         if len(set(self._keys)) != len(self._keys):
             raise ValueError(f"image_folder: two files under {cfg.path} got the same key")
+
+    def image_shapes(self) -> set[tuple[int, int, int]]:
+        """The distinct (H, W, 3) shapes sample() returns (upright, after `resolution`), known from the scan."""
+        r = self.config.resolution
+        return {(r, r, 3)} if r is not None else {(h, w, 3) for _, _, (w, h), _ in self._entries}
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -215,5 +263,5 @@ class ImageFolderSource:
         rel, path, size, mode = self._entries[i]
         image, plain = _load(path, self.config.resolution)
         return Sample(key=self._keys[i], image=image,
-                      attributes={"path": rel, "original_size": size, "original_mode": mode},
+                      attributes={"path": display_path(rel), "original_size": size, "original_mode": mode},
                       source_file=str(path) if plain else None)
