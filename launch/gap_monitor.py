@@ -28,15 +28,17 @@ import torch
 
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import load_manifest
+from data_pipeline.storage import StorageError
 from data_pipeline.stream import RankStream, StreamConfig
 from launch.config import read_yaml, set_dotted
 from launch.export import consolidated_state
-from trainer.checkpoint import CheckpointError, CheckpointStore
+from trainer.checkpoint import CheckpointError, CheckpointStore, step_of_tag
 from trainer.duality_gap import GapConfig, duality_gaps
 from trainer.families import family_class
 from trainer.typed_config import ConfigError, from_dict
 
 GAP_FILE = "gap.jsonl"
+TRANSIENT_TRIES = 3  # polls a checkpoint whose download or storage read fails is tried in
 
 
 @dataclass
@@ -101,23 +103,28 @@ class GapMonitor:
         self.cfg = cfg
         self.store = CheckpointStore(cfg.root, staging=os.path.join(cfg.run_dir, ".gap-staging"))
         self.stop_event = threading.Event()
-        self.done = self._already_done()
         self.writer: Any = None
         self.evaluated = 0
-        self.last_step = 0
+        self.done, self.last_step = self._already_done()
+        self.attempts: dict[str, int] = {}
         self._data: dict[str, dict[str, torch.Tensor]] = {}
 
-    def _already_done(self) -> set[str]:
+    def _already_done(self) -> tuple[set[str], int]:
+        """Tags gap.jsonl already has an entry for, and the highest step among them (so a monitor restarted after
+        the run ended sees it finished instead of waiting out its idle timeout)."""
         path = os.path.join(self.cfg.run_dir, GAP_FILE)
         done: set[str] = set()
+        last = 0
         if os.path.exists(path):
             with open(path) as f:
                 for line in f:
                     try:
-                        done.add(json.loads(line)["tag"])
-                    except (ValueError, KeyError):
+                        entry = json.loads(line)
+                        done.add(entry["tag"])
+                        last = max(last, int(entry.get("step") or 0))
+                    except (ValueError, KeyError, TypeError):
                         continue
-        return done
+        return done, last
 
     def pending(self) -> list[str]:
         """Complete checkpoints not yet evaluated, oldest first."""
@@ -181,7 +188,15 @@ class GapMonitor:
                 if tag not in self.store.all_tags():
                     entry = {"tag": tag, "time": round(time.time(), 3), "skipped": "deleted before evaluation"}
                 else:
+                    self.attempts[tag] = self.attempts.get(tag, 0) + 1
+                    if isinstance(e, OSError | StorageError) and self.attempts[tag] < TRANSIENT_TRIES:
+                        print(f"[gap] {tag}: {type(e).__name__}: {e} (try {self.attempts[tag]} of "
+                              f"{TRANSIENT_TRIES}; retried at the next poll)", flush=True)
+                        continue  # a download or storage failure may pass: not recorded as done
                     entry = {"tag": tag, "time": round(time.time(), 3), "error": f"{type(e).__name__}: {e}"}
+                    if (step := step_of_tag(tag)) is not None:  # a failed last checkpoint still ends the watch
+                        entry["step"] = step
+                        self.last_step = max(self.last_step, step)
                 print(f"[gap] {tag}: {entry.get('error') or entry['skipped']}", flush=True)
             self._record(entry)
             n += 1

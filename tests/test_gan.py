@@ -145,7 +145,9 @@ def test_modes_build_the_right_networks_and_bad_configs_are_refused() -> None:
     assert d_sn(x, y).shape == (3,) and any("parametrizations" in k for k in d_sn.state_dict())
     for bad, match in [({"mode": "semi"}, "mode"), ({"confidence": 1.5}, "confidence"),
                        ({"num_classes": 9, "num_clusters": 8}, "num_classes <= num_clusters"),
-                       ({"d_steps": 0}, "d_steps")]:
+                       ({"d_steps": 0}, "d_steps"), ({"d_lr_scale": -1.0}, "d_lr_scale"),
+                       ({"g_lr_scale": float("nan")}, "g_lr_scale"), ({"c_real_weight": -0.5}, "c_real_weight"),
+                       ({"mode": "conditional", "num_classes": 4, "num_clusters": 8}, "conditional mode")]:
         with pytest.raises(ValueError, match=match):
             SLSAGanConfig(**bad)
     with pytest.raises(ValueError, match="power-of-2"):
@@ -291,3 +293,66 @@ def test_self_labels_become_accurate_when_a_ring_is_learned_with_all_labels() ->
     with pytest.raises(ValueError, match="no top_k"):
         family.sample_images(mods, 3, torch.Generator(), top_k=5)
     assert F.softmax(torch.zeros(2), 0).sum() == 1
+
+
+def _bf16_like_deepspeed(engines) -> None:
+    """What a bf16 DeepSpeed engine does to its module: parameters cast, buffers (EMA weights, spectral norm's
+    power-iteration vectors, the label alignment) left as they are."""
+    for engine in engines.values():
+        for p in engine.module.parameters():
+            p.data = p.data.to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("spectral_norm", [False, True])
+def test_bf16_engines_train_evaluate_sample_and_play_the_gap_game(spectral_norm) -> None:
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, label_fraction=0.5,
+                                         d_spectral_norm=spectral_norm), ring_info())
+    engines = plain_engines(family, OPTIM)
+    _bf16_like_deepspeed(engines)
+    batch = family.collate(ring_samples(64))
+    ctx = StepContext(step=0, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.bfloat16)
+    out = family.train_step(engines, batch, ctx)
+    assert all(math.isfinite(v) for v in out.values()) and out["self_labelled"] > 0
+    modules = {k: e.module for k, e in engines.items()}
+    assert all(math.isfinite(v) for v in family.evaluate(modules, batch).values())
+    assert family.sample_images(modules, 2, torch.Generator().manual_seed(0)).shape == (2, 1, 64, 64)
+    game = family.gap_game(modules, batch)
+    (g_in, fake_cond) = game.noise(4, torch.Generator().manual_seed(0))
+    assert g_in[0].dtype == torch.bfloat16 and torch.isfinite(game.value(
+        modules["generator"], modules["discriminator"], game.real("fit", torch.arange(4)), (g_in, fake_cond)))
+
+
+def test_a_batch_of_padding_only_trains_and_evaluates_without_nan() -> None:
+    """The eval stream pads a rank's last batch; a rank can get a batch with no real sample at all."""
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, label_fraction=0.5), ring_info())
+    engines = plain_engines(family, OPTIM)
+    batch = family.collate(ring_samples(16))
+    batch["valid"][:] = False
+    ctx = StepContext(step=0, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    assert all(math.isfinite(v) for v in family.train_step(engines, batch, ctx).values())
+    assert all(math.isfinite(v) for v in family.evaluate({k: e.module for k, e in engines.items()}, batch).values())
+
+
+def test_labels_outside_the_classes_are_named_and_more_classes_than_cells_evaluate() -> None:
+    eight = ring_samples(64)  # labels 0..7
+    for cfg in (SLSAGanConfig(mode="conditional", num_clusters=4), SLSAGanConfig(num_clusters=4, label_fraction=0.5)):
+        with pytest.raises(ValueError, match=r"sample ring8-t\d+: label [4-7] is outside the model's 4 classes"):
+            SLSAGanFamily(cfg, ring_info()).collate(eight)
+    # self-labelling without manual labels never reads them: K=4 cells on 8 modes trains, and evaluates with the
+    # extra classes counted as misses (at most 4 of 8 classes can be matched)
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, num_clusters=4), ring_info())
+    batch = family.collate(eight)
+    ev = family.evaluate({k: m for k, m in family.build_modules().items()}, batch)
+    assert 0.0 < ev["label_accuracy"] <= 0.5 + 1e-9
+
+
+def test_the_games_value_is_claimed_only_where_a_generator_can_match_the_real_pairs() -> None:
+    """A real sample without a label gets only D's unconditional term while every fake carries its cell: D tells
+    them apart even against a perfect G, so V* = -2 would inflate value_gap; it is then not claimed."""
+    batch = lambda family: family.collate(ring_samples(64))  # noqa: E731
+    uncond = SLSAGanFamily(SLSAGanConfig(mode="unconditional", hidden=16, latent_dim=8), ring_info())
+    assert uncond.gap_game(uncond.build_modules(), batch(uncond)).game_value == -2.0
+    selfl = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, confidence=1.0), ring_info())
+    assert selfl.gap_game(selfl.build_modules(), batch(selfl)).game_value is None  # no confident self-label
+    sure = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, confidence=0.0), ring_info())
+    assert sure.gap_game(sure.build_modules(), batch(sure)).game_value == -2.0  # every real sample labelled

@@ -151,3 +151,57 @@ def test_gap_monitor_runs_beside_training_survives_its_failure_and_never_touches
     acc = EventAccumulator(gap_tb)
     acc.Reload()
     assert [s.step for s in acc.Scalars("gap/proximal")] == [2, 4, 6, 8]
+
+
+def test_gan_trains_evaluates_and_samples_in_bf16_with_spectral_norm(ray_local, ring_data, tmp_path):
+    """bf16 engines cast parameters, not buffers (the classifier's EMA, spectral norm's vectors): every step,
+    evaluation and sample grid must still run, on two ranks of real DeepSpeed engines."""
+    run = str(tmp_path / "run")
+    cfg, raw = config(run, ring_data, "zero.precision=bf16", "model.d_spectral_norm=true", steps=4)
+    run_training(cfg, raw)
+    train = records(run)
+    assert sorted(train) == [1, 2, 3, 4]
+    assert all(math.isfinite(r[k]) for r in train.values() for k in ("d_loss", "g_loss", "c_loss"))
+    ev = records(run, "eval")[4]
+    assert math.isfinite(ev["loss"]) and 0.0 <= ev["label_accuracy"] <= 1.0
+    assert os.path.exists(os.path.join(run, "samples", "step-00000004.png"))
+
+
+def _monitor_on(run_dir, *tags: str, **settings):
+    from launch.gap_monitor import GapMonitor, MonitorConfig
+
+    root = os.path.join(run_dir, "checkpoints")
+    for tag in tags:
+        os.makedirs(os.path.join(root, tag))
+        with open(os.path.join(root, tag, "meta.json"), "w") as f:
+            json.dump({"step": int(tag.split("-")[1])}, f)
+    if tags:
+        with open(os.path.join(root, "latest"), "w") as f:
+            f.write(tags[-1])
+    return GapMonitor(MonitorConfig(run_dir=str(run_dir), poll_s=0.01, idle_timeout_s=2.0, **settings))
+
+
+def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tmp_path, monkeypatch):
+    """Restarted after the run's last checkpoint was evaluated, the monitor ends at once (not after its idle
+    timeout). A download or storage failure is retried at later polls, and recorded only when it persists; a
+    failure on the last checkpoint still ends the watch."""
+    run = tmp_path / "run"
+    run.mkdir()
+    with open(run / GAP_FILE, "w") as f:
+        f.write(json.dumps({"tag": "step-00000008", "step": 8, "proximal": 0.1}) + "\n")
+    assert _monitor_on(run, stop_at_step=8).run()["reason"] == "finished"
+
+    fresh = tmp_path / "fresh"
+    monitor = _monitor_on(fresh, "step-00000004", stop_at_step=4)
+    calls = []
+
+    def flaky(tag):
+        calls.append(tag)
+        raise OSError("connection reset by peer")
+
+    monkeypatch.setattr(monitor, "evaluate_tag", flaky)
+    summary = monitor.run()
+    assert summary["reason"] == "finished" and len(calls) == 3  # TRANSIENT_TRIES polls, then recorded
+    with open(fresh / GAP_FILE) as f:
+        entries = [json.loads(line) for line in f]
+    assert len(entries) == 1 and entries[0]["step"] == 4 and "connection reset" in entries[0]["error"]

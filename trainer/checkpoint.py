@@ -74,6 +74,12 @@ def tag_for(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def step_of_tag(tag: str) -> int | None:
+    """The step a tag names (``step-00000200`` -> 200), or None for another name."""
+    digits = tag.removeprefix("step-")
+    return int(digits) if tag.startswith("step-") and digits.isdigit() else None
+
+
 class CheckpointStore:
     """Saves and finds checkpoints under one root, for one rank of a world."""
 

@@ -88,6 +88,13 @@ class GapConfig:
             raise ValueError(f"gap.optimizer must be 'adam' or 'sgd', got {self.optimizer!r}")
         if self.penalty not in ("input_grad", "params"):
             raise ValueError(f"gap.penalty must be 'input_grad' or 'params', got {self.penalty!r}")
+        for name in ("lr_d", "lr_g"):  # 0 would report a gap of exactly 0: "converged", measured by nothing
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"gap.{name} must be a finite number > 0, got {getattr(self, name)}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"gap.beta1 and gap.beta2 must be in [0, 1), got {self.beta1}, {self.beta2}")
+        if not (math.isfinite(self.perturb_std) and self.perturb_std >= 0):
+            raise ValueError(f"gap.perturb_std must be a finite number >= 0, got {self.perturb_std}")
 
 
 @dataclass
@@ -158,11 +165,13 @@ class GanGame(Game):
     ``real_x``/``real_cond`` are split in half (first half "fit", second "eval"). ``noise_fn(n, gen)`` returns
     (G's inputs, D's conditioning of the fakes), both tuples of tensors. ``loss``: "hinge" (D: relu(1 - D(x)) +
     relu(1 + D(G(z))); G: -D(G(z))) or "bce" (D: softplus(-D(x)) + softplus(D(G(z))); G non-saturating).
+    ``game_value_known``: whether a generator can match the real (x, conditioning) pairs, which makes the game's
+    value V* the textbook -2 (hinge) / -2 log 2 (BCE); otherwise V* is None and value_gap is not reported.
     """
 
     def __init__(self, real_x: torch.Tensor, real_cond: tuple[torch.Tensor, ...],
                  noise_fn: Callable[[int, torch.Generator], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
-                 loss: str = "hinge") -> None:
+                 loss: str = "hinge", game_value_known: bool = True) -> None:
         if len(real_x) < 2:
             raise ValueError("a GAN game needs at least 2 held-out real samples (one per split)")
         if loss not in ("hinge", "bce"):
@@ -172,7 +181,7 @@ class GanGame(Game):
                        "eval": (real_x[half:], tuple(c[half:] for c in real_cond))}
         self.n_fit, self.n_eval = half, len(real_x) - half
         self.noise_fn, self.loss = noise_fn, loss
-        self.game_value = -2.0 if loss == "hinge" else -2.0 * math.log(2.0)
+        self.game_value = (-2.0 if loss == "hinge" else -2.0 * math.log(2.0)) if game_value_known else None
 
     def real(self, split: str, index: torch.Tensor) -> Any:
         x, cond = self.splits[split]

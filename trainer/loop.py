@@ -240,11 +240,13 @@ def _resume_point(store: CheckpointStore, world: int, rank: int) -> tuple[str | 
 
 
 def _eval(family: Family, engines: dict[str, Any], manifest: Manifest, spec: RunSpec, rank: int, world: int,
-          decode) -> dict[str, float]:
+          decode, device: torch.device) -> dict[str, float]:
+    """Held-out metrics: each batch's values weighted by its real (unpadded) samples, summed over ranks. A batch of
+    padding only counts for nothing, and a metric some batches or ranks lack averages over those that have it."""
     cfg = StreamConfig(**{**asdict(spec.stream), "drop_last": False, "num_workers": 0, "shuffle_shards": False})
     stream = RankStream(manifest, cfg, decode, rank, world, StreamState())
-    totals: dict[str, float] = {}
-    n = 0
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
     modules = {k: e.module for k, e in engines.items()}
     for m in modules.values():
         m.eval()
@@ -252,12 +254,31 @@ def _eval(family: Family, engines: dict[str, Any], manifest: Manifest, spec: Run
         for i, samples in enumerate(stream.iterate(max_epochs=1)):
             if i >= spec.trainer.eval_batches:
                 break
-            for k, v in family.evaluate(modules, family.collate(samples)).items():
-                totals[k] = totals.get(k, 0.0) + v
-            n += 1
+            real = sum(bool(s.get("valid", True)) for s in samples)
+            if real == 0:
+                continue
+            batch = {k: v.to(device) for k, v in family.collate(samples).items()}
+            for k, v in family.evaluate(modules, batch).items():
+                sums[k] = sums.get(k, 0.0) + float(v) * real
+                weights[k] = weights.get(k, 0.0) + real
     for m in modules.values():
         m.train()
-    return _mean_across_ranks({k: v / max(n, 1) for k, v in totals.items()})
+    return _weighted_mean_across_ranks(sums, weights, world)
+
+
+def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float], world: int) -> dict[str, float]:
+    """sum(sums) / sum(weights) per key over every rank; the key set is the union of the ranks' (a collective of
+    one fixed length per key, so ranks that saw different metrics never pair values wrongly)."""
+    keys: set[str] = set(sums)
+    if world > 1:
+        gathered: list[list[str]] = [[] for _ in range(world)]
+        dist.all_gather_object(gathered, sorted(sums))
+        keys = set().union(*map(set, gathered))
+    ordered = sorted(keys)
+    t = torch.tensor([[sums.get(k, 0.0), weights.get(k, 0.0)] for k in ordered], dtype=torch.float64)
+    if world > 1 and ordered:
+        dist.all_reduce(t)
+    return {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(ordered) if t[i, 1] > 0}
 
 
 def _samples(family: Family, engines: dict[str, Any], spec: RunSpec, step: int, rank: int) -> None:
@@ -337,7 +358,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             if step % cfg.log_every == 0 or step == cfg.steps:
                 reporter.progress(step, metrics)
             if eval_manifest is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode)
+                ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode, device)
                 reporter.scalars(step, "eval", ev)
                 if rank == 0:
                     print("[eval] step {} {}".format(step, " ".join(f"{k} {v:.4f}" for k, v in ev.items())),

@@ -30,4 +30,8 @@ def sample_logits(
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])
+    if generator is not None and generator.device != flat.device:  # a CPU generator with a GPU model: draw where
+        # the generator lives (the same seed then draws the same tokens on either device)
+        return torch.multinomial(flat.to(generator.device), 1, generator=generator).to(flat.device).reshape(
+            probs.shape[:-1])
     return torch.multinomial(flat, 1, generator=generator).reshape(probs.shape[:-1])

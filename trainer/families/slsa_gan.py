@@ -99,6 +99,14 @@ class SLSAGanConfig:
             (self.mode != "self_labelled" or self.classes <= self.num_clusters,
              f"self-labelling maps {self.classes} manual classes onto num_clusters={self.num_clusters} cells: "
              "needs num_classes <= num_clusters"),
+            (self.mode != "conditional" or self.num_classes in (0, self.num_clusters),
+             f"conditional mode has one label per class: num_clusters is the class count, so num_classes must be 0 "
+             f"or equal to it, got num_classes={self.num_classes}, num_clusters={self.num_clusters}"),
+            *((math.isfinite(v) and v > 0, f"{name} must be a finite number > 0, got {v}")
+              for name, v in (("g_lr_scale", self.g_lr_scale), ("d_lr_scale", self.d_lr_scale),
+                              ("c_lr_scale", self.c_lr_scale))),
+            (math.isfinite(self.c_real_weight) and self.c_real_weight >= 0,
+             f"c_real_weight must be a finite number >= 0, got {self.c_real_weight}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -192,6 +200,11 @@ class SLSAGanFamily(Family):
             images = np.stack([s["image"] for s in samples]).astype(np.float32)
             x = torch.from_numpy(images).permute(0, 3, 1, 2) / 127.5 - 1.0
         labels = torch.tensor([int(s.get("label", -1)) for s in samples], dtype=torch.long)
+        if self.reads_labels and bool((labels >= self.config.classes).any()):
+            bad = int(labels.argmax())
+            raise ValueError(f"sample {samples[bad].get('key', bad)}: label {int(labels[bad])} is outside the "
+                             f"model's {self.config.classes} classes (model.num_classes, or model.num_clusters when "
+                             f"it is 0: labels 0..{self.config.classes - 1})")
         if self.config.mode == "conditional":
             labelled = labels >= 0
         elif self.config.mode == "self_labelled" and self.config.label_fraction > 0:
@@ -202,10 +215,16 @@ class SLSAGanFamily(Family):
         return {"x": x, "label": labels, "labelled": labelled,
                 "valid": torch.tensor([bool(s.get("valid", True)) for s in samples])}
 
-    def noise(self, n: int, generator: torch.Generator | None,
-              device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
+    @property
+    def reads_labels(self) -> bool:
+        """Whether training uses the data's labels (conditional; self-labelled with manual labels)."""
+        c = self.config
+        return c.mode == "conditional" or (c.mode == "self_labelled" and c.label_fraction > 0)
+
+    def noise(self, n: int, generator: torch.Generator | None, device: torch.device | str = "cpu",
+              dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
         """(z, y): z ~ N(0, I) and its label: its latent cell (self-labelled), a uniform class (conditional),
-        or -1 (unconditional)."""
+        or -1 (unconditional). z is drawn in float32 on the CPU (the same draws on any device and precision)."""
         z = torch.randn(n, self.config.latent_dim, generator=generator)
         if self.config.mode == "self_labelled":
             y = (z @ self.anchors.T).argmax(dim=1)
@@ -213,7 +232,7 @@ class SLSAGanFamily(Family):
             y = torch.randint(0, self.config.num_clusters, (n,), generator=generator)
         else:
             y = torch.full((n,), -1, dtype=torch.long)
-        return z.to(device), y.to(device)
+        return z.to(device=device, dtype=dtype), y.to(device)
 
     @torch.no_grad()
     def real_labels(self, classifier: nn.Module | None, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
@@ -251,11 +270,16 @@ class SLSAGanFamily(Family):
 
     # ------------------------------------------------------------------ training
     def d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
-        if self.config.loss == "hinge":
-            return F.relu(1 - d_real).mean() + F.relu(1 + d_fake).mean()
-        return F.softplus(-d_real).mean() + F.softplus(d_fake).mean()
+        """In float32 whatever the networks' precision. A rank whose batch holds no real sample (padding only)
+        gets a real term of 0 that still reaches every D parameter, so its backward is the same collective."""
+        d_real, d_fake = d_real.float(), d_fake.float()
+        real_term = (F.relu(1 - d_real) if self.config.loss == "hinge" else F.softplus(-d_real))
+        real_term = real_term.mean() if real_term.numel() else real_term.sum()
+        fake_term = F.relu(1 + d_fake) if self.config.loss == "hinge" else F.softplus(d_fake)
+        return real_term + fake_term.mean()
 
     def g_loss(self, d_fake: torch.Tensor) -> torch.Tensor:
+        d_fake = d_fake.float()
         return -d_fake.mean() if self.config.loss == "hinge" else F.softplus(-d_fake).mean()
 
     def _rng(self, ctx: StepContext, what: int) -> torch.Generator:
@@ -269,6 +293,7 @@ class SLSAGanFamily(Family):
         gen = self._rng(ctx, 0)
         valid = batch["valid"]
         real = {k: v[valid] for k, v in batch.items()}
+        real["x"] = real["x"].to(ctx.dtype)  # bf16/fp16 engines hold their parameters in that precision
         if classifier is not None and c.label_fraction > 0:
             self.update_alignment(classifier, real, ctx.world_size)
         y_real = self.real_labels(classifier, real, ctx.step)
@@ -278,7 +303,7 @@ class SLSAGanFamily(Family):
         for idx in chunks:
             if len(idx) == 0:
                 idx = torch.arange(len(y_real), device=y_real.device)
-            z, y_fake = self.noise(n_fake, gen, ctx.device)
+            z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
             with torch.no_grad():
                 fake = G(z, y_fake)
             loss_d = self.d_loss(D(real["x"][idx], y_real[idx]), D(fake.detach(), y_fake))
@@ -286,7 +311,7 @@ class SLSAGanFamily(Family):
             D.step()
             d_losses.append(float(loss_d.detach()))
         for _ in range(c.g_steps):
-            z, y_fake = self.noise(n_fake, gen, ctx.device)
+            z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
             with frozen(D.module):
                 loss_g = self.g_loss(D(G(z, y_fake), y_fake))
                 G.backward(loss_g)
@@ -297,15 +322,16 @@ class SLSAGanFamily(Family):
         if C is not None:
             lab = real["labelled"]
             for _ in range(c.c_steps):
-                z, y_fake = self.noise(n_fake, gen, ctx.device)
+                z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
                 with torch.no_grad():
                     fake = G(z, y_fake)
-                loss_c = F.cross_entropy(C(fake), y_fake)
+                loss_c = F.cross_entropy(C(fake).float(), y_fake)
                 if lab.any():
                     target = classifier.align[real["label"][lab]]
                     known = target >= 0
                     if known.any():
-                        loss_c = loss_c + c.c_real_weight * F.cross_entropy(C(real["x"][lab][known]), target[known])
+                        loss_c = loss_c + c.c_real_weight * F.cross_entropy(C(real["x"][lab][known]).float(),
+                                                                            target[known])
                 C.backward(loss_c)
                 C.step()
                 classifier.update_ema(c.ema_decay)
@@ -321,10 +347,10 @@ class SLSAGanFamily(Family):
         """(samples, their labels) from G; points [n, dim], images [n, C, H, W] in [-1, 1]. ``temperature``
         scales z (below 1: the truncation trick's trade of variety for quality)."""
         G = modules["generator"]
-        device = next(G.parameters()).device
-        z, y = self.noise(n, generator, device)
+        param = next(G.parameters())
+        z, y = self.noise(n, generator, param.device, param.dtype)
         if labels is not None:
-            y = labels.to(device)
+            y = labels.to(param.device)
         return G(z * temperature, y), y
 
     @torch.no_grad()
@@ -334,6 +360,7 @@ class SLSAGanFamily(Family):
         real = {k: v[valid] for k, v in batch.items()}
         classifier = modules.get("classifier")
         D = modules["discriminator"]
+        real["x"] = real["x"].to(next(D.parameters()).dtype)
         gen = torch.Generator().manual_seed(self.config.seed + 12345)
         fake, y_fake = self.generate(modules, max(len(real["x"]), 256), gen)
         y_real = self.real_labels(classifier, real, step=1 << 60)
@@ -342,9 +369,9 @@ class SLSAGanFamily(Family):
             probs = F.softmax(classifier(real["x"], use_ema=True).float(), dim=1)
             conf, pred = probs.max(dim=1)
             truth = real["label"].cpu().numpy()
-            if (truth >= 0).all():
-                out["label_accuracy"] = metrics.matched_accuracy(truth, pred.cpu().numpy(), self.config.classes,
-                                                                 self.config.num_clusters)
+            if (truth >= 0).all():  # the data may have more classes than K cells: those count as misses
+                out["label_accuracy"] = metrics.matched_accuracy(
+                    truth, pred.cpu().numpy(), max(self.config.classes, int(truth.max()) + 1), self.config.num_clusters)
             out["confident_share"] = float((conf >= self.config.confidence).float().mean())
         if self.mixture is not None:
             q = metrics.mixture_quality(fake.float().cpu().numpy(), self.mixture)
@@ -395,11 +422,16 @@ class SLSAGanFamily(Family):
         """
         valid = batch["valid"]
         real = {k: v[valid] for k, v in batch.items()}
+        param = next(modules["discriminator"].parameters())
+        real["x"] = real["x"].to(param.dtype)
         y_real = self.real_labels(modules.get("classifier"), real, step=1 << 60)
-        device = real["x"].device
 
         def noise_fn(n: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
-            z, y = self.noise(n, gen, device)
+            z, y = self.noise(n, gen, param.device, param.dtype)
             return (z, y), (y,)
 
-        return GanGame(real["x"], (y_real,), noise_fn, loss=self.config.loss)
+        # V* = -2 (hinge) assumes a G that matches the real (x, label) pairs. Real samples without a label (no
+        # confident self-label) get only D's unconditional term while every fake carries one: D can tell them
+        # apart even against a perfect G, so V* is then unknown and value_gap is not reported.
+        known = self.config.mode == "unconditional" or bool((y_real >= 0).all())
+        return GanGame(real["x"], (y_real,), noise_fn, loss=self.config.loss, game_value_known=known)

@@ -104,12 +104,25 @@ class ProjectionDiscriminator(nn.Module):
                 nn.utils.parametrizations.spectral_norm(self.embed)
 
     def forward(self, x: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        self._spectral_buffers_like_weights()
         h = self.trunk(x)
         out = self.psi(h).squeeze(1)
         emb = _label_embedding(labels, self.embed)
         if emb is not None:
             out = out + (emb * h).sum(dim=1)
         return out
+
+    def _spectral_buffers_like_weights(self) -> None:
+        """Spectral norm's power-iteration vectors (u, v) are buffers, which bf16/fp16 engines leave in float32
+        while the weights they multiply are cast: bring them to the weights' precision (once; a no-op after)."""
+        for module in self.modules():
+            for chain in getattr(module, "parametrizations", {}).values():
+                weight = chain.original
+                for norm in chain:
+                    for vec in ("_u", "_v"):
+                        buf = getattr(norm, vec, None)
+                        if buf is not None and buf.dtype != weight.dtype:
+                            setattr(norm, vec, buf.to(weight.dtype))
 
 
 def params_to_buffers(module: nn.Module) -> nn.Module:
@@ -139,7 +152,9 @@ class Classifier(nn.Module):
         self.register_buffer("align", torch.full((max(num_classes, 1),), -1, dtype=torch.long))
 
     def forward(self, x: torch.Tensor, use_ema: bool = False) -> torch.Tensor:
-        return (self.ema if use_ema else self.net)(x)
+        if use_ema:  # the EMA weights are buffers: bf16/fp16 engines cast parameters only, so they stay float32
+            return self.ema(x.to(next(self.ema.buffers()).dtype))
+        return self.net(x)
 
     @torch.no_grad()
     def update_ema(self, decay: float) -> None:
