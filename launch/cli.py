@@ -192,8 +192,11 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
 
     if not args.prompt:
         raise ValueError("--rerank needs --prompt (reranking scores images against a caption)")
-    if not hasattr(family, "text_ids"):
-        raise ValueError(f"{args.export}: a {family.name!r} export does not take --prompt (text-to-image exports do)")
+    if not family.takes_prompt:
+        raise ValueError(f"{args.export}: a {family.name!r} export does not take --prompt (text-to-image 'dalle' "
+                         "exports do)")
+    if not 0 <= args.keep <= args.n:
+        raise ValueError(f"--keep {args.keep}: must be between 1 and --n ({args.n}), or 0 for all")
     _, truncated, unknown = family.text_ids(args.prompt)
     if unknown:
         print(f"[sample] warning: words not in the tokenizer's training captions: {', '.join(unknown)} "
@@ -203,8 +206,6 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
               f"{family.text_len} tokens are used", file=sys.stderr)
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, prompt=[args.prompt] * args.n, **options)
-    if not 0 <= args.keep <= args.n:
-        raise ValueError(f"--keep {args.keep}: must be between 1 and --n ({args.n}), or 0 for all")
     keep = args.keep or args.n
     if args.rerank:
         clip_family, clip_modules, _ = load_export(args.rerank)

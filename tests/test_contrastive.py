@@ -221,7 +221,7 @@ def test_a_tokenizer_other_than_the_trained_one_is_refused(scenes, tmp_path):
 
 
 @pytest.mark.slow
-def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path):
+def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path, capsys):
     from launch.config import load_config
     from launch.export import export_checkpoint
     from launch.train import run_training
@@ -257,3 +257,7 @@ def test_spine_trains_exports_and_the_export_scores(ray_local, scenes, tmp_path)
         os.rename(scenes["train"] + "-moved", scenes["train"])
     assert config["family"] == "contrastive" and "tokenizer.model" in config["files"]
     assert scores.shape == (4,) and scores.abs().max() <= 1 + 1e-5
+    from launch.cli import main  # a scorer has text_ids too, but draws no images: --prompt is refused, named
+
+    assert main(["sample", out, "--prompt", "a red circle"]) == 2
+    assert "a 'contrastive' export does not take --prompt" in capsys.readouterr().err

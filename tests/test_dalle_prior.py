@@ -227,6 +227,32 @@ def test_text_ids_truncate_pad_and_name_unknown_words(world):
     long = "a large blue square above a small red circle and a green triangle left of a purple zebra"
     ids, truncated, unknown = fam.text_ids(long)
     assert truncated and ids.tolist() == tok.encode(long)[:10] and unknown == ["zebra"]
+    for empty in ("", "   "):  # no caption starts with padding in training: a prompt without tokens is refused
+        with pytest.raises(ValueError, match="has no tokens"):
+            fam.text_ids(empty)
+
+
+def test_an_export_of_another_family_in_place_of_the_dvae_is_named(world, tmp_path):
+    from trainer.dalle.tokenise_job import _weights_sha
+
+    fam, model = prior(world["info"])
+    not_a_dvae = write_export(str(tmp_path / "prior"), fam, {"model": model.state_dict()})
+    with pytest.raises(DatasetError, match="is a 'dalle' export, not a dVAE"):
+        _weights_sha(not_a_dvae)
+    with pytest.raises(DatasetError, match="is a 'dalle' export, not the dVAE"):
+        DalleFamily(small(), {**world["info"], "dvae_export": not_a_dvae}).dvae()
+    assert len(_weights_sha(world["dvae_export"])) == 64
+
+
+def test_the_shuffled_baseline_never_pairs_a_caption_with_itself():
+    from trainer.dalle.faithfulness import other_captions
+
+    texts = ["a red circle", "a red circle", "a blue square", "a red circle", "two shapes"]
+    others = other_captions(texts)
+    assert all(o != t for o, t in zip(others, texts, strict=True))
+    assert others == ["a blue square", "a blue square", "a red circle", "two shapes", "a red circle"]
+    with pytest.raises(ValueError, match="two different"):
+        other_captions(["same", "same"])
 
 
 def test_collate_truncates_pads_and_refuses_wrong_grids(world):

@@ -45,11 +45,13 @@ class DVAEConfig:
     beta_max: float = 6.6
     """Final KL weight (0 disables the KL term: the spec's 'poor codebook use' setting)."""
     beta_ramp_steps: int = 500
-    """Updates over which beta rises linearly from 0 to beta_max."""
+    """Loop steps (global batches: optimizer updates unless zero.grad_accum > 1) over which beta rises linearly
+    from 0 to beta_max."""
     tau_start: float = 1.0
     tau_end: float = 1.0 / 16
     tau_steps: int = 2000
-    """Updates of the cosine annealing of the Gumbel-softmax temperature; tau_end afterwards."""
+    """Loop steps (as ``beta_ramp_steps``) of the cosine annealing of the Gumbel-softmax temperature; tau_end
+    afterwards."""
     likelihood: str = "logit_laplace"
     """Reconstruction likelihood after the warm-up: "logit_laplace" (the spec; mu and ln b from the decoder) or
     "logit_normal" (a Gaussian on logit(x) with the fixed std ``gaussian_scale``; the decoder's ln b is unused).
@@ -57,8 +59,8 @@ class DVAEConfig:
     background pixel's dequantisation noise the same weight as an object pixel's error, and with a learned b that
     noise is scaled by 1/b; reconstructions stayed background for 1,000+ updates (docs/text_to_image.md)."""
     gaussian_warmup_steps: int = 0
-    """Updates trained under the fixed-scale logit-normal before ``likelihood`` takes over; 0 keeps ``likelihood``
-    throughout."""
+    """Loop steps (as ``beta_ramp_steps``) trained under the fixed-scale logit-normal before ``likelihood`` takes
+    over; 0 keeps ``likelihood`` throughout."""
     gaussian_scale: float = 0.1
     """Std of the logit-normal in logit units (0.1 is ~0.02 of the mapped pixel range at mid-grey, ~5 levels of
     255). Fixed, not learned: a learned scale shrinks on the background and brings back the noise-weighting the

@@ -72,12 +72,22 @@ def mean_scores(rows: Sequence[Mapping[str, float | None]]) -> dict[str, float |
     return out
 
 
+def other_captions(texts: list[str]) -> list[str]:
+    """For each caption, the next one (cyclically) whose text differs: the shuffled baseline must draw for another
+    caption, and procedural captions repeat, so a shift by one position could pair a caption with itself."""
+    if len(set(texts)) < 2:
+        raise ValueError("the shuffled baseline needs at least two different held-out captions")
+    n = len(texts)
+    return [next(texts[(i + k) % n] for k in range(1, n) if texts[(i + k) % n] != text)
+            for i, text in enumerate(texts)]
+
+
 def evaluate(prior_export: str, clip_export: str, dataset_url: str, *, captions: int = 48, candidates: int = 8,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict[str, Any]:
     family, modules, _ = load_export(prior_export)
     clip_family, clip_modules, _ = load_export(clip_export)
     texts = held_out_captions(dataset_url, captions)
-    shuffled = texts[1:] + texts[:1]  # every caption paired with a different one (a derangement)
+    shuffled = other_captions(texts)
     gen = torch.Generator().manual_seed(seed)
     sampled, reranked, shuffled_rows, top_scores = [], [], [], []
     start = time.time()

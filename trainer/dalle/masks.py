@@ -23,7 +23,11 @@ KINDS = ("row", "column", "conv", "dense")
 
 
 def layer_kinds(n_layer: int) -> list[str]:
-    """The attention kind of every layer: the last ``conv``, ``column`` where (i - 2) % 4 == 0, else ``row``."""
+    """The attention kind of every layer: the last ``conv``, ``column`` where (i - 2) % 4 == 0, else ``row``.
+
+    ``i`` counts layers from 0 here (columns at layers 2, 6, 10, ...). The paper numbers layers from 1, which would
+    put them one layer earlier; the spec does not fix the base, and changing it would change the masks of every
+    model already trained, so the 0-based reading stays."""
     return ["conv" if i == n_layer - 1 else "column" if (i - 2) % 4 == 0 else "row" for i in range(n_layer)]
 
 

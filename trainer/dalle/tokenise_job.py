@@ -165,9 +165,13 @@ def _weights_sha(export_url: str) -> str:
     config_url = storage.join(export_url, "config.json")
     try:
         config = json.loads(storage.read_bytes(config_url))
-        return str(config["files"]["model.safetensors"])
-    except (storage.StorageError, ValueError, KeyError, TypeError) as e:
+        family, sha = config.get("family"), str(config["files"]["model.safetensors"])
+    except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{export_url}: not a dVAE export folder ({config_url}: {e})") from e
+    if family != "dvae":
+        raise DatasetError(f"{export_url}: is a {family!r} export, not a dVAE ('dvae') export: tokenising needs the "
+                           "dVAE that turns images into codes")
+    return sha
 
 
 class _ProgressLine:

@@ -56,6 +56,8 @@ class Family(ABC):
     config_cls: ClassVar[type]
     extra_draw_settings: ClassVar[tuple[str, ...]] = ()
     """Keyword arguments ``sample_images`` takes besides temperature / top_k / top_p (for `dgm sample`)."""
+    takes_prompt: ClassVar[bool] = False
+    """Whether ``sample_images`` draws images for a caption (``prompt=[...]``): what `dgm sample --prompt` needs."""
     max_zero_stage: ClassVar[int] = 3
     """The highest ZeRO stage the family trains under; ``zero_stage_limit`` says why when it is below 3."""
     zero_stage_limit: ClassVar[str] = ""

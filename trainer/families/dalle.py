@@ -41,6 +41,7 @@ def _mismatch(what: str, recorded: str, found: str, where: str) -> str:
 class DalleFamily(Family):
     name = "dalle"
     config_cls = PriorConfig
+    takes_prompt = True
 
     def __init__(self, config: PriorConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
@@ -104,6 +105,8 @@ class DalleFamily(Family):
 
             url = self._dvae_url()
             family, modules, config = load_export_url(url)
+            if family.name != "dvae":
+                raise DatasetError(f"{url}: is a {family.name!r} export, not the dVAE ('dvae') that tokenised the data")
             self._check_dvae_weights(config, url)
             if tuple(family.grid) != self.grid or int(family.num_codes) != self.image_vocab:
                 raise DatasetError(f"{url}: dVAE grid {tuple(family.grid)} / {family.num_codes} codes do not fit the "
@@ -139,8 +142,12 @@ class DalleFamily(Family):
         return kept + [self.pad_id] * (self.text_len - len(kept)), len(ids) > self.text_len
 
     def text_ids(self, prompt: str) -> tuple[torch.Tensor, bool, list[str]]:
-        """(ids [text_len] PAD-filled, truncated?, words spelled with byte pieces) of a prompt."""
-        padded, truncated = self.pad_ids(self.tokenizer.encode(prompt))
+        """(ids [text_len] PAD-filled, truncated?, words spelled with byte pieces) of a prompt. A prompt with no
+        tokens (empty, spaces) is refused: training never shows a caption that starts with padding."""
+        ids = self.tokenizer.encode(prompt)
+        if not ids:
+            raise ValueError(f"prompt {prompt!r} has no tokens: give the caption to draw")
+        padded, truncated = self.pad_ids(ids)
         return torch.tensor(padded, dtype=torch.long), truncated, self.tokenizer.unknown_words(prompt)
 
     # --- training --------------------------------------------------------------------------------------------
