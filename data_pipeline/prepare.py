@@ -38,6 +38,9 @@ from data_pipeline.preview import PREVIEW_CELL, PREVIEW_COUNT, PREVIEW_NAME, fit
 from data_pipeline.sources import build_source
 
 log = logging.getLogger(__name__)
+USER_DATA_ERRORS = (ValueError, storage.StorageError, OSError)
+"""Errors of a shard task that name the input at fault (BadImageError, SampleDecodeError, JPEGReadError and
+DatasetError are ValueErrors): raised as themselves, without Ray's wrapper."""
 INDEX_STRIDE = 16  # byte offset of every 16th sample goes into the manifest: readers seek instead of skipping
 
 
@@ -308,10 +311,12 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
                 plan = pending.pop(ref)
                 try:
                     infos[plan.index] = ray.get(ref)
-                except ray.exceptions.RayTaskError as e:  # the task's own error (a bad file, storage), not Ray's
+                except ray.exceptions.RayTaskError as e:
                     for other in pending:
                         ray.cancel(other)
-                    raise (e.cause if isinstance(e.cause, Exception) else e) from None
+                    if isinstance(e.cause, USER_DATA_ERRORS):  # a bad file, storage: the user's one-line error
+                        raise e.cause from None
+                    raise  # anything else keeps Ray's remote traceback
                 progress.update()
     else:
         for plan in todo:

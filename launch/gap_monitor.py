@@ -224,7 +224,7 @@ class GapMonitor:
                 except (CheckpointError, OSError) as e:
                     print(f"[gap] cannot read {self.cfg.root} yet: {e}", flush=True)
                     target = 0
-                if target and self.last_step >= target:
+                if target and self.last_step >= target and not self.pending():  # retries outstanding: not yet
                     reason = "finished"
                     break
                 if time.monotonic() - last_news > self.cfg.idle_timeout_s:

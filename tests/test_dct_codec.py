@@ -436,6 +436,10 @@ def test_corrupt_jpeg_files_name_the_file(photos: dict[str, np.ndarray], tmp_pat
     (tmp_path / "motion.jpg").write_bytes(data + tail)
     (tmp_path / "plain.jpg").write_bytes(data)
     assert np.array_equal(read_jpeg_dct(tmp_path / "motion.jpg", cfg), read_jpeg_dct(tmp_path / "plain.jpg", cfg))
+    # stray bytes between two segments (some tools pad after APPn): libjpeg skips them, and so does the check
+    app0_end = 4 + int.from_bytes(data[4:6], "big")
+    (tmp_path / "padded.jpg").write_bytes(data[:app0_end] + b"\x00\x00" + data[app0_end:])
+    assert np.array_equal(read_jpeg_dct(tmp_path / "padded.jpg", cfg), read_jpeg_dct(tmp_path / "plain.jpg", cfg))
 
 
 # ---------------------------------------------------------------- bad input, config, bytes, shard codec

@@ -205,3 +205,20 @@ def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tm
     with open(fresh / GAP_FILE) as f:
         entries = [json.loads(line) for line in f]
     assert len(entries) == 1 and entries[0]["step"] == 4 and "connection reset" in entries[0]["error"]
+
+    # a failing earlier checkpoint is not dropped because a later one reached the last step in the same poll
+    both = tmp_path / "both"
+    monitor = _monitor_on(both, "step-00000004", "step-00000008", stop_at_step=8)
+    tries = {"step-00000004": 0}
+
+    def first_fails_twice(tag):
+        if tag == "step-00000004" and tries[tag] < 2:
+            tries[tag] += 1
+            raise OSError("connection reset by peer")
+        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0, "seconds": 0.0}
+
+    monkeypatch.setattr(monitor, "evaluate_tag", first_fails_twice)
+    assert monitor.run()["reason"] == "finished"
+    with open(both / GAP_FILE) as f:
+        assert sorted((e["tag"], "error" in e) for e in map(json.loads, f)) == [
+            ("step-00000004", False), ("step-00000008", False)]

@@ -365,6 +365,7 @@ def test_image_folder_odd_names_links_and_transparency(tmp_path: Path) -> None:
     grey = Image.fromarray(np.array([[0, 128]], np.uint8))
     grey.save(root / "l_trns.png", transparency=0)
     Image.fromarray(np.array([[[1, 2, 3], [9, 9, 9]]], np.uint8)).save(root / "rgb_trns.png", transparency=(1, 2, 3))
+    Image.fromarray(np.array([[0, 65535, 32896]], np.uint16)).save(root / "g16_trns.png", transparency=0)
     name = os.fsdecode(b"caf\xe9.png")  # not UTF-8: the name's bytes, not its text, make the key
     Image.fromarray(np.zeros((1, 2, 3), np.uint8)).save(os.path.join(os.fsencode(root), b"caf\xe9.png"))
     elsewhere = tmp_path / "elsewhere"
@@ -374,9 +375,11 @@ def test_image_folder_odd_names_links_and_transparency(tmp_path: Path) -> None:
     (root / "sub" / "loop").symlink_to(root, target_is_directory=True)  # walked once, not forever
     src = build_source("image_folder", {"path": str(root)})
     rels = src.relative_paths
-    assert rels == sorted([name, "l_trns.png", "rgb_trns.png", "sub/link/linked.png"])
+    assert rels == sorted([name, "g16_trns.png", "l_trns.png", "rgb_trns.png", "sub/link/linked.png"])
     assert src.sample(rels.index("l_trns.png")).image[0].tolist() == [[255, 255, 255], [128, 128, 128]]
     assert src.sample(rels.index("rgb_trns.png")).image[0].tolist() == [[255, 255, 255], [9, 9, 9]]
+    assert src.sample(rels.index("g16_trns.png")).image[0].tolist() == [[255, 255, 255], [255, 255, 255],
+                                                                         [128, 128, 128]]
     odd = src.sample(rels.index(name))
     assert odd.attributes["path"] == "caf\ufffd.png" and odd.key.startswith("caf_")
 

@@ -124,12 +124,13 @@ def _init_distributed() -> tuple[int, int, torch.device]:
     return rank, world, device
 
 
-def _mean_across_ranks(values: dict[str, float]) -> dict[str, float]:
+def _mean_across_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
+    """The mean over ranks of each value, reduced on ``device`` (NCCL reduces GPU tensors only)."""
     keys = sorted(values)
-    t = torch.tensor([values[k] for k in keys], dtype=torch.float64)
+    t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()
-    return dict(zip(keys, t.tolist(), strict=True))
+    return dict(zip(keys, t.cpu().tolist(), strict=True))
 
 
 class Reporter:
@@ -255,29 +256,32 @@ def _eval(family: Family, engines: dict[str, Any], manifest: Manifest, spec: Run
             if i >= spec.trainer.eval_batches:
                 break
             real = sum(bool(s.get("valid", True)) for s in samples)
-            if real == 0:
-                continue
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
-            for k, v in family.evaluate(modules, batch).items():
+            values = family.evaluate(modules, batch)  # on every batch: under ZeRO-3 a forward is a collective
+            for k, v in values.items() if real else ():
                 sums[k] = sums.get(k, 0.0) + float(v) * real
                 weights[k] = weights.get(k, 0.0) + real
     for m in modules.values():
         m.train()
-    return _weighted_mean_across_ranks(sums, weights, world)
+    return _weighted_mean_across_ranks(sums, weights, world, device)
 
 
-def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float], world: int) -> dict[str, float]:
+def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float], world: int,
+                                device: torch.device | str = "cpu") -> dict[str, float]:
     """sum(sums) / sum(weights) per key over every rank; the key set is the union of the ranks' (a collective of
-    one fixed length per key, so ranks that saw different metrics never pair values wrongly)."""
+    one fixed length per key, so ranks that saw different metrics never pair values wrongly). Reduced on
+    ``device``: NCCL reduces GPU tensors only."""
     keys: set[str] = set(sums)
     if world > 1:
         gathered: list[list[str]] = [[] for _ in range(world)]
         dist.all_gather_object(gathered, sorted(sums))
         keys = set().union(*map(set, gathered))
     ordered = sorted(keys)
-    t = torch.tensor([[sums.get(k, 0.0), weights.get(k, 0.0)] for k in ordered], dtype=torch.float64)
+    t = torch.tensor([[sums.get(k, 0.0), weights.get(k, 0.0)] for k in ordered], dtype=torch.float64,
+                     device=device)
     if world > 1 and ordered:
         dist.all_reduce(t)
+    t = t.cpu()
     return {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(ordered) if t[i, 1] > 0}
 
 
@@ -347,7 +351,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                 break
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
             ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype)
-            metrics = _mean_across_ranks(family.train_step(engines, batch, ctx))
+            metrics = _mean_across_ranks(family.train_step(engines, batch, ctx), device)
             step += 1
             done_here += 1
             last_step_at = time.monotonic()

@@ -57,8 +57,11 @@ def _check_structure(path: str, data: bytes) -> None:
             pos += 1  # fill bytes before a marker
         if pos + 1 >= len(data):
             break
-        if data[pos] != 0xFF:
-            raise JPEGReadError(f"{path}: corrupt JPEG file (no marker at byte {pos})")
+        if data[pos] != 0xFF:  # stray bytes between segments: libjpeg skips them with a warning, and so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
         marker = data[pos + 1]
         if marker == _EOI:
             if scans == 0:

@@ -139,6 +139,8 @@ def to_rgb(img: Image.Image) -> Image.Image:
         if mode != "F":  # I modes come from 16-bit PNGs (older Pillow opens them as "I", newer as "I;16")
             arr = arr / 257.0
         grey = np.clip(np.rint(arr), 0, 255).astype(np.uint8)
+        if "transparency" in img.info:  # a 16-bit grey PNG's tRNS names one value: on white, as other modes
+            grey[np.asarray(img) == img.info["transparency"]] = 255
         return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
     return img.convert("RGB")
 
