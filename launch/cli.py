@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import sys
 from collections.abc import Callable
 
 from launch.arg_types import at_least, int_list, positive, probability_mass
 
+_SAMPLE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "value_temperature": None, "value_top_p": None,
+                    "labels": None, "images": "", "mean_of": 1}  # as the sample parser sets them
 EPILOG = "Overrides: any config key as dotted.path=value (YAML value), e.g. trainer.optim.lr=3e-4 zero.stage=3"
 DEFAULT_SAMPLES = 16
 
@@ -118,45 +119,38 @@ def cmd_sample(args: argparse.Namespace) -> int:
     """Torch only: load an export, draw samples, write a PNG grid."""
     import torch
 
-    from trainer.export import load_export
+    from trainer.export import load_export_url
+    from trainer.families.base import DRAW_OPTIONS
     from trainer.images import save_grid
 
-    family, modules, _ = load_export(args.export)
-    options = {"temperature": args.temperature, "top_k": args.top_k, "top_p": args.top_p}
-    for name in ("value_temperature", "value_top_p"):
-        if getattr(args, name) is not None:
-            if name not in family.extra_draw_settings:
-                raise ValueError(f"{args.export}: a {family.name!r} export has no separate value draw "
-                                 f"(--{name.replace('_', '-')}); DCTransformer exports do")
-            options[name] = getattr(args, name)
+    family, modules, _ = load_export_url(args.export)
+    given = {name: getattr(args, name) for name in DRAW_OPTIONS if getattr(args, name) != _SAMPLE_DEFAULTS[name]}
+    refused = [name for name in given if name not in family.draw_options]
+    if refused:
+        flags = ", ".join("--" + name.replace("_", "-") for name in refused)
+        takes = ", ".join("--" + name.replace("_", "-") for name in DRAW_OPTIONS if name in family.draw_options)
+        raise ValueError(f"{args.export}: a {family.name!r} export does not take {flags} (it takes "
+                         f"{takes or 'no sampling option'})")
     if args.prompt or args.rerank:
         if args.labels or args.images:
             raise ValueError("--labels and --images condition image exports; a --prompt draws from the caption")
         args.n = DEFAULT_SAMPLES if args.n is None else args.n
-        return _sample_prompt(args, family, modules, options)
+        return _sample_prompt(args, family, modules, given)
     if args.keep:
         raise ValueError("--keep chooses among the candidates of --prompt; without a prompt every sample is kept")
+    options = dict(given)
     counts = {}  # one sample per label / per image: every count given must agree
     if args.n is not None:
         counts["--n"] = args.n
     if args.labels:
-        options["labels"] = args.labels
         counts["--labels"] = len(args.labels)
     if args.images:
-        if "images" not in inspect.signature(family.sample_images).parameters:
-            raise ValueError(f"{args.export}: a {family.name!r} export does not condition on images (--images); "
-                             "colourisation and super-resolution DCTransformer exports do")
         options["images"] = _load_images(args.images)
         counts[f"--images {args.images}"] = len(options["images"])
     if len(set(counts.values())) > 1:
         raise ValueError("sample counts disagree: " + ", ".join(f"{k} gives {v}" for k, v in counts.items())
                          + " (one sample per label and per image)")
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
-    if args.mean_of != 1:
-        if "mean_of" not in inspect.signature(family.sample_images).parameters:
-            raise ValueError(f"{args.export}: a {family.name!r} export does not average draws (--mean-of); "
-                             "conditional DCTransformer exports do")
-        options["mean_of"] = args.mean_of
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
     out = args.out or os.path.join(args.export, "samples.png")
@@ -187,7 +181,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
     """Text-to-image: ``--n`` candidates for one prompt, reranked by a contrastive export, the best ``--keep`` kept."""
     import torch
 
-    from trainer.export import load_export
+    from trainer.export import load_export_url
     from trainer.images import save_grid
 
     if not args.prompt:
@@ -204,14 +198,15 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
     if truncated:
         print("[sample] warning: the prompt is longer than the model's text length; only its first "
               f"{family.text_len} tokens are used", file=sys.stderr)
+    if args.rerank:  # loaded and checked before the draw, not after it
+        clip_family, clip_modules, _ = load_export_url(args.rerank)
+        if not hasattr(clip_family, "score"):
+            raise ValueError(f"--rerank {args.rerank}: a {clip_family.name!r} export cannot score images "
+                             "(train a `contrastive` model)")
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, prompt=[args.prompt] * args.n, **options)
     keep = args.keep or args.n
     if args.rerank:
-        clip_family, clip_modules, _ = load_export(args.rerank)
-        if not hasattr(clip_family, "score"):
-            raise ValueError(f"--rerank {args.rerank}: a {clip_family.name!r} export cannot score images "
-                             "(train a `contrastive` model)")
         with torch.no_grad():
             scores = clip_family.score(clip_modules, images, [args.prompt] * args.n)
         order = torch.argsort(scores, descending=True)
@@ -278,28 +273,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--n", type=positive(int), default=None,
                    help=f"number of samples (default {DEFAULT_SAMPLES}; one per --labels entry or --images file)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=at_least(0.0, meaning="0 draws greedily"), default=1.0,
+    p.add_argument("--temperature", type=at_least(0.0, meaning="0 draws greedily"),
+                   default=_SAMPLE_DEFAULTS["temperature"],
                    help="softmax temperature; 0 draws the most likely token")
-    p.add_argument("--top-k", type=at_least(0, int, "0 keeps every token"), default=0,
+    p.add_argument("--top-k", type=at_least(0, int, "0 keeps every token"), default=_SAMPLE_DEFAULTS["top_k"],
                    help="draw among the K most likely tokens (0: all)")
-    p.add_argument("--top-p", type=probability_mass, default=1.0,
+    p.add_argument("--top-p", type=probability_mass, default=_SAMPLE_DEFAULTS["top_p"],
                    help="nucleus sampling: the smallest set of tokens holding this mass, in (0, 1] (1: all)")
-    p.add_argument("--value-temperature", type=at_least(0.0, meaning="0 draws greedily"), default=None,
+    p.add_argument("--value-temperature", type=at_least(0.0, meaning="0 draws greedily"),
+                   default=_SAMPLE_DEFAULTS["value_temperature"],
                    help="DCTransformer: the value decoder's temperature (default: --temperature)")
-    p.add_argument("--value-top-p", type=probability_mass, default=None,
+    p.add_argument("--value-top-p", type=probability_mass, default=_SAMPLE_DEFAULTS["value_top_p"],
                    help="DCTransformer: the value decoder's nucleus mass (default: --top-p); with --top-p < 1 "
                         "and --value-top-p 1 the cut trims where coefficients go, not their values")
-    p.add_argument("--labels", type=int_list, default=None,
+    p.add_argument("--labels", type=int_list, default=_SAMPLE_DEFAULTS["labels"],
                    help="comma-separated class labels, one sample each (class-conditional models)")
     p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
     p.add_argument("--keep", type=at_least(0, int, "0 keeps all"), default=0,
                    help="keep only the best N candidates (default: all)")
-    p.add_argument("--images", default="", metavar="PATH",
+    p.add_argument("--images", default=_SAMPLE_DEFAULTS["images"], metavar="PATH",
                    help="colourisation / super-resolution DCTransformer exports: condition on this image file or "
                         "folder of them (default: the export's training source). Super-resolution takes images "
                         "at half the model's size as they are, and full-size ones through the codec, downsampled")
-    p.add_argument("--mean-of", type=at_least(1, int), default=1, metavar="K",
+    p.add_argument("--mean-of", type=at_least(1, int), default=_SAMPLE_DEFAULTS["mean_of"], metavar="K",
                    help="conditional DCTransformer (colourise, superres): each image is the mean of K draws")
     commands["sample"] = cmd_sample
 

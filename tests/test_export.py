@@ -43,6 +43,35 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     out = write_export(str(tmp_path / "export"), fam, states, {"step": 1})
     write_export(out, fam, states, {"step": 2})  # an earlier export is replaced whole
     assert load_export(out)[2]["step"] == 2
+    wider, wide_states = tiny(d_model=32)  # weights that do not load into the family written beside them
+    with pytest.raises(ExportError, match="weights of 'model' do not fit"):
+        write_export(out, fam, wide_states, {"step": 3})
+    assert load_export(out)[2]["step"] == 2  # the earlier export is untouched
+    assert sorted(os.listdir(tmp_path)) == ["empty", "export", "file", "run"]  # no .partial / .old left
+
+
+def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_bucket, capsys):
+    from data_pipeline import storage
+    from launch.cli import main
+    from launch.export import check_remote_replaceable, publish_remote
+    from trainer.export import load_export_url
+
+    fam, states = tiny()
+    url = f"{s3_bucket}/exports/igpt"
+    for step in (1, 2):  # published, then replaced whole
+        local = write_export(str(tmp_path / f"export{step}"), fam, states, {"step": step})
+        check_remote_replaceable(url)
+        publish_remote(local, url)
+    storage.write_bytes(f"{url}/stray.bin", b"x")  # an object the next publish does not write
+    publish_remote(str(tmp_path / "export2"), url)
+    assert not storage.exists(f"{url}/stray.bin")
+    loaded, modules, config = load_export_url(url)
+    assert config["step"] == 2 and sorted(modules) == ["model"]
+    png = str(tmp_path / "s.png")
+    assert main(["sample", url, "--out", png, "--n", "2"]) == 0 and os.path.getsize(png) > 100
+    storage.write_bytes(f"{s3_bucket}/other/data.bin", b"x")
+    with pytest.raises(ExportError, match="holds 1 objects and is not an earlier export"):
+        check_remote_replaceable(f"{s3_bucket}/other")
 
 
 def test_a_damaged_export_config_is_named(tmp_path):
@@ -54,6 +83,9 @@ def test_a_damaged_export_config_is_named(tmp_path):
         (lambda c: {k: v for k, v in c.items() if k != "files"}, "'files' must map each exported file"),
         (lambda c: {**c, "files": {}}, f"'files' must map each exported file, {WEIGHTS} included"),
         (lambda c: {**c, "files": ["model.safetensors"]}, "'files' must map each exported file"),
+        (lambda c: {**c, "files": {**c["files"], "../../etc/hostname": "0" * 64}}, "is not a path inside"),
+        (lambda c: {**c, "data_info": [1, 2]}, "'data_info' must be a JSON object, got list"),
+        (lambda c: {**c, "format": 2}, "export format 2 was written by a newer dgm"),
     ]
     for change, message in cases:
         edit_config(out, change)
@@ -103,6 +135,10 @@ def test_sample_out_naming_a_folder_and_a_garbled_latest_are_named(tmp_path, cap
     out = write_export(str(tmp_path / "igpt"), fam, states)
     assert main(["sample", out, "--out", str(tmp_path)]) == 2
     assert f"{tmp_path}: is a folder; give the PNG file to write" in capsys.readouterr().err
+    assert main(["sample", out, "--out", str(tmp_path / "new") + "/"]) == 2
+    assert "new/: is a folder; give the PNG file to write" in capsys.readouterr().err
+    assert main(["sample", out, "--out", os.path.join(out, "config.json", "s.png"), "--n", "1"]) == 2
+    assert "s.png: cannot write the PNG" in capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.png")]
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "latest").write_bytes(b"\xff\xfestep")

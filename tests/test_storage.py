@@ -11,6 +11,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import boto3
 import pytest
@@ -390,7 +391,8 @@ def test_checkpoint_local_copy_never_reuses_a_cut_download(s3_bucket: str, tmp_p
     monkeypatch.setattr(storage, "download_file", cut)
     with pytest.raises(StorageError, match="injected"):
         store.local_copy("step-00000001")
-    final = tmp_path / "dgm-ckpt-load-rank0" / "step-00000001"
+    final = tmp_path / "dgm-ckpt-load-rank0" / \
+        hashlib.sha256(root.encode()).hexdigest()[:12] / "step-00000001"
     assert not final.exists()
     (final / "model").mkdir(parents=True)  # a copy left by an older dgm: meta.json there, the rest missing
     (final / "meta.json").write_bytes(b"{}")
@@ -399,6 +401,23 @@ def test_checkpoint_local_copy_never_reuses_a_cut_download(s3_bucket: str, tmp_p
     assert {n: (final / n).read_bytes() for n in files} == files
     assert store.local_copy("step-00000001") == path and len(calls) == 2 + len(files)  # complete: reused
     assert sorted(os.listdir(final.parent)) == ["step-00000001"]
+
+
+def test_checkpoint_local_copies_follow_their_root_and_a_rewritten_tag(s3_bucket: str, tmp_path) -> None:
+    """Two runs' step-1 are different checkpoints (one staging folder may serve both, e.g. two exports beside each
+    other), and a run restarted from scratch rewrites its tags: a local copy is reused only for its own root and
+    while the remote meta.json is the one it was downloaded with."""
+    copies = {}
+    for run in ("runA", "runB"):
+        storage.write_bytes(f"{s3_bucket}/{run}/ckpt/step-00000001/meta.json", f'{{"run": "{run}"}}'.encode())
+        storage.write_bytes(f"{s3_bucket}/{run}/ckpt/step-00000001/model/w", run.encode())
+        copies[run] = CheckpointStore(f"{s3_bucket}/{run}/ckpt", staging=str(tmp_path)).local_copy("step-00000001")
+    assert copies["runA"] != copies["runB"]
+    assert [(Path(copies[r]) / "model" / "w").read_bytes() for r in ("runA", "runB")] == [b"runA", b"runB"]
+    storage.write_bytes(f"{s3_bucket}/runA/ckpt/step-00000001/meta.json", b'{"run": "runA", "again": 1}')
+    storage.write_bytes(f"{s3_bucket}/runA/ckpt/step-00000001/model/w", b"runA-again")
+    again = CheckpointStore(f"{s3_bucket}/runA/ckpt", staging=str(tmp_path)).local_copy("step-00000001")
+    assert again == copies["runA"] and (Path(again) / "model" / "w").read_bytes() == b"runA-again"
 
 
 def test_checkpoint_save_clears_an_interrupted_save_and_prune_keeps_later_tags(s3_bucket: str, tmp_path) -> None:

@@ -122,6 +122,7 @@ def test_export_loads_with_torch_alone_and_matches_training(reference_run, digit
     out = str(tmp_path / "export")
     export_checkpoint(os.path.join(reference_run, "checkpoints"), out)
     assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+    assert sorted(os.listdir(tmp_path)) == ["export"]  # no staging, .partial or .old folder left beside it
     res = subprocess.run([sys.executable, "-c", LOADER, out, digits_data["holdout"]], capture_output=True,
                          text=True, cwd=ROOT, check=True)
     got = json.loads(res.stdout.strip().splitlines()[-1])

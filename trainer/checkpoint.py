@@ -17,6 +17,7 @@ beyond ``keep`` are deleted after.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -261,11 +262,14 @@ class CheckpointStore:
             if not os.path.isdir(path):
                 raise CheckpointError(f"checkpoint {path} does not exist")
             return path
-        path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", tag)
-        if os.path.exists(os.path.join(path, DOWNLOADED)):
+        # Keyed by root and tag (two runs' step-100 are different checkpoints), and reused only while the remote
+        # meta.json is the one downloaded with it (a run restarted from scratch rewrites its tags).
+        root_key = hashlib.sha256(self.root.encode()).hexdigest()[:12]
+        path = os.path.join(self.staging, f"dgm-ckpt-load-rank{self.rank}", root_key, tag)
+        stamp = hashlib.sha256(storage.read_bytes(storage.join(self.root, tag, META))).hexdigest()
+        if _stamp_of(path, DOWNLOADED) == stamp:
             return path
-        # a name of its own for the download: an export may share this staging folder
-        _publish_dir(path, DOWNLOADED, lambda work: storage.download_dir(storage.join(self.root, tag), work))
+        _publish_dir(path, DOWNLOADED, lambda work: storage.download_dir(storage.join(self.root, tag), work), stamp)
         return path
 
     def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:
@@ -292,21 +296,31 @@ class CheckpointStore:
         return meta
 
 
-def _publish_dir(final: str, marker: str, fill: Callable[[str], None]) -> None:
-    """Build a folder beside ``final`` (``fill`` writes into it), mark it complete and rename it into place: work
-    cut short (crash, outage, OOM) is never taken for the folder, and the next try starts over. A complete
-    ``final`` that another process put there meanwhile is kept."""
+def _stamp_of(folder: str, marker: str) -> str | None:
+    """The text of a completed folder's marker (what it was built from), or None while it is not complete."""
+    try:
+        with open(os.path.join(folder, marker)) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _publish_dir(final: str, marker: str, fill: Callable[[str], None], stamp: str = "") -> None:
+    """Build a folder beside ``final`` (``fill`` writes into it), mark it complete (the marker holds ``stamp``,
+    what it was built from) and rename it into place: work cut short (crash, outage, OOM) is never taken for the
+    folder, and the next try starts over. A complete ``final`` of the same stamp that another process put there
+    meanwhile is kept."""
     work = f"{final}.partial-{uuid.uuid4().hex[:12]}"
     try:
         fill(work)
-        with open(os.path.join(work, marker), "w"):
-            pass
-        if not os.path.exists(os.path.join(final, marker)):
-            shutil.rmtree(final, ignore_errors=True)  # what an older dgm or a cut attempt left
+        with open(os.path.join(work, marker), "w") as f:
+            f.write(stamp)
+        if _stamp_of(final, marker) != stamp:
+            shutil.rmtree(final, ignore_errors=True)  # what an older dgm, a cut attempt or another build left
             try:
                 os.replace(work, final)
             except OSError:
-                if not os.path.exists(os.path.join(final, marker)):
+                if _stamp_of(final, marker) != stamp:
                     raise
     finally:
         shutil.rmtree(work, ignore_errors=True)

@@ -73,29 +73,35 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    shapes = {f"{m}.{k}": (v.dtype, tuple(v.shape)) for m, sd in state_dicts.items() for k, v in sd.items()}
-    write_safetensors(os.path.join(tmp, WEIGHTS),
-                      ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes)
-    files = {WEIGHTS: _sha256(os.path.join(tmp, WEIGHTS))}
-    for name, data in family.export_files().items():
-        os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)  # names may hold a sub-folder
-        with open(os.path.join(tmp, name), "wb") as f:
-            f.write(data)
-        files[name] = _sha256(os.path.join(tmp, name))
-    config = {
-        "format": EXPORT_FORMAT,
-        "family": family.name,
-        "model": dataclasses.asdict(family.config),
-        "data_info": family.data_info,
-        "networks": sorted(state_dicts),
-        "files": files,
-        **(extra or {}),
-    }
-    with open(os.path.join(tmp, CONFIG), "w") as f:
-        json.dump(config, f, indent=1, sort_keys=True)
-    if os.path.exists(out_dir):
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
+    try:
+        shapes = {f"{m}.{k}": (v.dtype, tuple(v.shape)) for m, sd in state_dicts.items() for k, v in sd.items()}
+        write_safetensors(os.path.join(tmp, WEIGHTS),
+                          ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes)
+        files = {WEIGHTS: _sha256(os.path.join(tmp, WEIGHTS))}
+        for name, data in family.export_files().items():
+            os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)  # names may hold a sub-folder
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(data)
+            files[name] = _sha256(os.path.join(tmp, name))
+        config = {
+            "format": EXPORT_FORMAT,
+            "family": family.name,
+            "model": dataclasses.asdict(family.config),
+            "data_info": family.data_info,
+            "networks": sorted(state_dicts),
+            "files": files,
+            **(extra or {}),
+        }
+        with open(os.path.join(tmp, CONFIG), "w") as f:
+            json.dump(config, f, indent=1, sort_keys=True)
+        load_export(tmp)  # what is published is what loads: checksums, config and every network's weights (strict)
+        old = f"{out_dir.rstrip('/')}.old-{os.urandom(6).hex()}"
+        if os.path.exists(out_dir):  # renamed aside, not deleted first: a crash never leaves neither export
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left
     return out_dir
 
 
@@ -124,30 +130,46 @@ def check_replaceable(out_dir: str) -> None:
 def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
     """Rebuild a family and its networks from an export folder, after checking every file's sha256."""
     cfg_path = os.path.join(export_dir, CONFIG)
-    if not os.path.exists(cfg_path):
+    if not os.path.isfile(cfg_path):
         raise ExportError(f"{export_dir}: not an export folder (no {CONFIG})")
     try:
         with open(cfg_path, encoding="utf-8") as f:
             config = json.load(f)
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ExportError(f"{cfg_path}: not valid JSON ({e})") from e
+    except OSError as e:
+        raise ExportError(f"{cfg_path}: cannot be read ({e.strerror or e})") from e
     if not isinstance(config, dict):
         raise ExportError(f"{cfg_path}: must be a JSON object, got {type(config).__name__}")
-    if config.get("format") != EXPORT_FORMAT:
-        raise ExportError(f"{cfg_path}: unknown export format {config.get('format')!r}")
+    fmt = config.get("format")
+    if isinstance(fmt, int) and fmt > EXPORT_FORMAT:
+        raise ExportError(f"{cfg_path}: export format {fmt} was written by a newer dgm (this one reads format "
+                          f"{EXPORT_FORMAT}); upgrade dgm to load it")
+    if fmt != EXPORT_FORMAT:
+        raise ExportError(f"{cfg_path}: unknown export format {fmt!r} (this dgm reads format {EXPORT_FORMAT})")
     files = config.get("files")
     if not isinstance(files, dict) or WEIGHTS not in files or not all(isinstance(d, str) for d in files.values()):
         raise ExportError(f"{cfg_path}: 'files' must map each exported file, {WEIGHTS} included, to its sha256")
     for name, digest in files.items():
+        parts = name.replace("\\", "/").split("/")
+        if os.path.isabs(name) or ".." in parts:
+            raise ExportError(f"{cfg_path}: file {name!r} is not a path inside the export folder")
         path = os.path.join(export_dir, name)
-        if not os.path.exists(path):
-            raise ExportError(f"{path}: missing from the export")
-        if _sha256(path) != digest:
+        if not os.path.isfile(path):
+            raise ExportError(f"{path}: missing from the export (or not a file)")
+        try:
+            matches = _sha256(path) == digest
+        except OSError as e:
+            raise ExportError(f"{path}: cannot be read ({e.strerror or e})") from e
+        if not matches:
             raise ExportError(f"{path}: sha256 does not match config.json (modified or truncated)")
+    data_info = config.get("data_info", {})
+    if not isinstance(data_info, dict):
+        raise ExportError(f"{cfg_path}: 'data_info' must be a JSON object, got {type(data_info).__name__}")
     try:
         cls = family_class(config["family"])
-        family = cls(from_dict(cls.config_cls, config["model"], "model"), config.get("data_info", {}))
-    except (ConfigError, ValueError, KeyError) as e:
+        family = cls(from_dict(cls.config_cls, config["model"], "model"), data_info)
+    except (ConfigError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{cfg_path}: cannot rebuild the model ({e})") from e
     family.attach_export(export_dir)
     modules = family.build_modules()

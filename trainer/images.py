@@ -20,13 +20,15 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, min_cell: int = 64
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
     """Write the grid atomically (temp file + rename) and return its path; ``path`` names a PNG file, not a
     folder."""
-    if os.path.isdir(path):
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
         raise ValueError(f"{path}: is a folder; give the PNG file to write, e.g. {os.path.join(path, 'samples.png')}")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = path + ".tmp.png"
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         Image.fromarray(grid_array(images, nrow)).save(tmp, format="PNG")
         os.replace(tmp, path)
+    except OSError as e:  # a parent that is a file, no permission, a full disk
+        raise ValueError(f"{path}: cannot write the PNG ({e.strerror or e})") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)

@@ -49,13 +49,18 @@ class StepContext:
     dtype: torch.dtype
 
 
+DRAW_OPTIONS = ("temperature", "top_k", "top_p", "value_temperature", "value_top_p", "labels", "images", "mean_of")
+"""Every sampling option `dgm sample` knows (a family's ``draw_options`` is a subset)."""
+
+
 class Family(ABC):
     """One model family: its config type, networks, batch layout, step, evaluation and sampling."""
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    extra_draw_settings: ClassVar[tuple[str, ...]] = ()
-    """Keyword arguments ``sample_images`` takes besides temperature / top_k / top_p (for `dgm sample`)."""
+    draw_options: ClassVar[frozenset[str]] = frozenset()
+    """What ``sample_images`` takes besides n and the generator, among DRAW_OPTIONS: `dgm sample` refuses, by
+    name, an option given to a family that would ignore it."""
     takes_prompt: ClassVar[bool] = False
     """Whether ``sample_images`` draws images for a caption (``prompt=[...]``): what `dgm sample --prompt` needs."""
     max_zero_stage: ClassVar[int] = 3

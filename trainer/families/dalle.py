@@ -42,6 +42,7 @@ class DalleFamily(Family):
     name = "dalle"
     config_cls = PriorConfig
     takes_prompt = True
+    draw_options = frozenset({"temperature", "top_k", "top_p"})
 
     def __init__(self, config: PriorConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
@@ -132,6 +133,7 @@ class DalleFamily(Family):
         self._export_dir, self._tokenizer, self._dvae = export_dir, None, None
         try:
             self.tokenizer  # noqa: B018 - load and check now, so a mismatched tokenizer is refused at load time
+            self.dvae()  # and the bundled dVAE: a downloaded export's folder is removed once loading returns
         except (DatasetError, ValueError) as e:
             raise ExportError(str(e)) from e
 

@@ -89,7 +89,8 @@ def codec_config(data_info: Mapping[str, Any]) -> DCTCodecConfig:
 class DCTransformerFamily(Family):
     name = "dctransformer"
     config_cls = DCTransformerConfig
-    extra_draw_settings = ("value_temperature", "value_top_p")
+    draw_options = frozenset({"temperature", "top_k", "top_p", "value_temperature", "value_top_p", "labels",
+                              "images", "mean_of"})
 
     @property
     def sample_classes(self) -> int:

@@ -68,6 +68,7 @@ class ImageGPT(nn.Module):
 class ImageGPTFamily(Family):
     name = "image_gpt"
     config_cls = ImageGPTConfig
+    draw_options = frozenset({"temperature", "top_k", "top_p", "labels"})
 
     def __init__(self, config: ImageGPTConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)

@@ -126,6 +126,7 @@ def labelled_share(key: str, seed: int) -> float:
 class SLSAGanFamily(Family):
     name = "slsa_gan"
     config_cls = SLSAGanConfig
+    draw_options = frozenset({"labels", "temperature"})
     max_zero_stage = 2
     zero_stage_limit = "the classifier's EMA copy is updated from whole parameters, which stage 3 partitions"
 
