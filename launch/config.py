@@ -7,6 +7,7 @@ Every problem (an unknown key, a wrong type, a bad value) is reported with the k
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,6 +91,12 @@ class ClusterConfig:
     def __post_init__(self) -> None:
         if self.workers < 1:
             raise ValueError(f"cluster.workers must be >= 1, got {self.workers}")
+        if not self.cpus_per_worker > 0:
+            raise ValueError(f"cluster.cpus_per_worker must be > 0, got {self.cpus_per_worker}")
+        if self.max_failures < 0:  # Ray reads -1 as "retry forever", also for an error no retry can fix
+            raise ValueError(f"cluster.max_failures must be >= 0, got {self.max_failures}")
+        if self.object_store_mb < 75:  # Ray refuses an object store under 75 MiB
+            raise ValueError(f"cluster.object_store_mb must be >= 75 (Ray's minimum), got {self.object_store_mb}")
 
 
 @dataclass
@@ -117,18 +124,45 @@ def set_dotted(raw: dict[str, Any], dotted: str) -> None:
     parts = key.strip().split(".")
     node = raw
     for i, part in enumerate(parts[:-1]):
-        nxt = node.setdefault(part, {})
+        if node.get(part) is None:  # a missing section, or an empty one (``trainer:`` with nothing under it)
+            node[part] = {}
+        nxt = node[part]
         if not isinstance(nxt, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
         node = nxt
-    node[parts[-1]] = yaml.safe_load(text) if text.strip() else ""
+    value = _override_value(text)
+    last = parts[-1]
+    if isinstance(value, dict) and isinstance(node.get(last), dict):
+        node[last] = _merged(node[last], value)  # a section given as a mapping keeps the keys it does not name
+    else:
+        node[last] = value
+
+
+_LEADING_ZERO = re.compile(r"[-+]?0[0-9_]+")
+
+
+def _override_value(text: str) -> Any:
+    """An override's value parsed as YAML, except that digits with a leading zero are a decimal number (YAML 1.1
+    would read 0100 as octal 64)."""
+    if not text.strip():
+        return ""
+    if _LEADING_ZERO.fullmatch(text.strip()):
+        return int(text.strip().replace("_", ""))
+    return yaml.safe_load(text)
+
+
+def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
 
 
 def build_config(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw mapping (from YAML plus overrides) into an ExperimentConfig with a typed model config."""
     raw = dict(raw)
     family = raw.get("family", "image_gpt")
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise ConfigError(f"family: unknown family {family!r}; known: {sorted(FAMILIES)}")
     model_raw = raw.pop("model", None)
     cfg = from_dict(ExperimentConfig, raw)

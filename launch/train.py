@@ -53,14 +53,19 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     spec = run_spec(cfg, raw, stop_after)
     # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
     CheckpointStore(spec.checkpoint_root).latest()
+    if cfg.zero.precision == "fp16" and not cfg.cluster.use_gpu:
+        raise ConfigError("zero.precision=fp16: DeepSpeed trains fp16 on GPUs only (cluster.use_gpu=true); on CPUs "
+                          "use bf16 or fp32")
     os.makedirs(spec.run_dir, exist_ok=True)
     ensure_ray(cfg.cluster.address, cfg.cluster.object_store_mb)
+    if not cfg.cluster.address:
+        check_local_resources(cfg)
     from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
         _loop,
-        train_loop_config={"spec": spec, "env": worker_env()},
+        train_loop_config={"spec": spec, "env": worker_env(cfg.cluster.use_gpu)},
         scaling_config=ScalingConfig(num_workers=cfg.cluster.workers, use_gpu=cfg.cluster.use_gpu,
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
@@ -78,6 +83,23 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         with open(summary) as f:
             return json.load(f)
     return dict(result.metrics or {})
+
+
+def check_local_resources(cfg: ExperimentConfig) -> None:
+    """The embedded cluster has this machine and nothing more: a worker group it cannot place would wait for
+    resources forever (Ray Train retries placement without end), so it is refused here, naming the keys."""
+    import ray
+
+    have = ray.cluster_resources()
+    cpus, gpus = float(have.get("CPU", 0)), float(have.get("GPU", 0))
+    need = cfg.cluster.workers * cfg.cluster.cpus_per_worker
+    if need > cpus + 1e-9:
+        raise ConfigError(f"cluster.workers={cfg.cluster.workers} x cluster.cpus_per_worker="
+                          f"{cfg.cluster.cpus_per_worker:g} = {need:g} CPUs, but this machine's Ray cluster has "
+                          f"{cpus:g}: lower cluster.cpus_per_worker (fractions work) or cluster.workers")
+    if cfg.cluster.use_gpu and gpus < cfg.cluster.workers:
+        raise ConfigError(f"cluster.use_gpu=true with cluster.workers={cfg.cluster.workers} needs a GPU per worker, "
+                          f"but this machine's Ray cluster has {gpus:g} GPUs")
 
 
 _COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset) by peer|processgroup|broken pipe", re.IGNORECASE)

@@ -37,6 +37,8 @@ class ZeroConfig:
             raise ValueError("zero.offload_optimizer needs zero.stage >= 1")
         if self.grad_accum < 1:
             raise ValueError(f"zero.grad_accum must be >= 1, got {self.grad_accum}")
+        if self.bucket_elements < 1:
+            raise ValueError(f"zero.bucket_elements must be >= 1, got {self.bucket_elements}")
 
 
 @dataclass

@@ -51,10 +51,41 @@ def test_overrides_are_typed_and_nested():
     ("family=nope", r"family: unknown family 'nope'"),
     ("cluster.use_gpu=3", r"cluster.use_gpu: expected true/false"),
     ("trainer", r"override 'trainer': expected key.path=value"),
+    ("data.stream.global_batch=0", r"data.stream.global_batch must be >= 1, got 0"),
+    ("data.stream.partitions=0", r"data.stream.partitions must be >= 1, got 0"),
+    ("zero.bucket_elements=0", r"zero.bucket_elements must be >= 1, got 0"),
+    ("cluster.max_failures=-1", r"cluster.max_failures must be >= 0, got -1"),
+    ("cluster.cpus_per_worker=-1", r"cluster.cpus_per_worker must be > 0"),
+    ("cluster.object_store_mb=1", r"cluster.object_store_mb must be >= 75"),
+    ("family=[image_gpt]", r"family: unknown family \['image_gpt'\]"),
 ])
 def test_bad_values_name_the_key(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, [override])
+
+
+def test_mapping_overrides_merge_leading_zeros_are_decimal_and_empty_sections_fill(tmp_path):
+    cfg, raw = load_config(os.path.join(ROOT, "configs", "t2i_prior.yaml"), ["zero={stage: 1}"])
+    assert cfg.zero.stage == 1 and cfg.zero.grad_clip == 4.0  # the file's other zero keys are kept
+    assert load_config(DIGITS, ["trainer.steps=0100"])[0].trainer.steps == 100  # not YAML 1.1's octal 64
+    empty = tmp_path / "empty_section.yaml"
+    empty.write_text(open(DIGITS).read() + "\ncluster:\n")
+    assert load_config(str(empty), ["cluster.workers=1"])[0].cluster.workers == 1
+
+
+def test_a_worker_group_the_local_cluster_cannot_place_or_fp16_on_cpus_is_refused(ray_local, digits_data,
+                                                                                  tmp_path):
+    from launch.train import run_training
+    from trainer.ray_env import worker_env
+
+    base = [f"run_dir={tmp_path / 'run'}", f"data.train={digits_data['train']}", "data.eval="]
+    for override, message in [("cluster.workers=8", r"cluster.workers=8 x cluster.cpus_per_worker=1 = 8 CPUs"),
+                              ("cluster.use_gpu=true", r"cluster.use_gpu=true with cluster.workers=2 needs a GPU"),
+                              ("zero.precision=fp16", r"zero.precision=fp16: DeepSpeed trains fp16 on GPUs only")]:
+        cfg, raw = load_config(DIGITS, [*base, override, "data.stream.global_batch=48", "data.stream.partitions=24"])
+        with pytest.raises(ConfigError, match=message):
+            run_training(cfg, raw)
+    assert worker_env(use_gpu=True)["DS_ACCELERATOR"] == "cuda"  # whatever the driver's CPU runs set
 
 
 def test_a_zero_stage_the_family_cannot_train_under_is_refused():

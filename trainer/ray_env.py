@@ -13,10 +13,11 @@ FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
                  "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "OMP_NUM_THREADS")
 
 
-def worker_env() -> dict[str, str]:
-    """Environment every Ray worker gets: CPU accelerator for DeepSpeed, the project's extension cache, S3 access."""
+def worker_env(use_gpu: bool = False) -> dict[str, str]:
+    """Environment every Ray worker gets: DeepSpeed's accelerator (CUDA for a GPU run, else the CPU unless
+    DS_ACCELERATOR says otherwise), the project's extension cache, S3 access."""
     env = {
-        "DS_ACCELERATOR": os.environ.get("DS_ACCELERATOR", "cpu"),
+        "DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu"),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
                                                os.path.join(PROJECT_ROOT, ".cache", "torch_extensions")),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
