@@ -20,10 +20,34 @@ def _resources(args: argparse.Namespace):
     return JobResources(num_cpus=args.cpus, num_gpus=args.gpus, memory=parse_memory(args.memory or 0))
 
 
+def check_submittable(config_path: str, overrides: list[str]) -> None:
+    """What the cluster would only find after the upload (and perhaps a GPU node's start): a config or override
+    that does not validate, or data under a local path the upload leaves out (runs/, ignored folders) or that
+    is not in the project at all. Local outputs are only warned about: they live in the job's working dir."""
+    from pathlib import Path
+
+    from launch.config import load_config
+    from launch.jobs import ClusterError, excluded_from_upload
+
+    cfg, _ = load_config(config_path, overrides)
+    root = Path(PROJECT_ROOT).resolve()
+    for key, url in (("data.train", cfg.data.train), ("data.eval", cfg.data.eval)):
+        if not url or "://" in url or os.path.isabs(url):
+            continue  # s3:// travels by itself; an absolute path may be a filesystem every node mounts
+        path = (root / url).resolve()
+        if not path.is_relative_to(root) or excluded_from_upload(root, path) or not path.exists():
+            raise ClusterError(f"{key}={url}: a local path the job will not find on the cluster (the upload leaves "
+                               "out runs/ and ignored folders); give the data set's s3:// URL")
+    if "://" not in cfg.checkpoints and not os.path.isabs(cfg.checkpoints):
+        print(f"[submit] warning: checkpoints go to {cfg.checkpoints}, inside the job's temporary working dir; "
+              "set checkpoint_root (or run_dir) to an s3:// URL to keep them", file=sys.stderr)
+
+
 def cmd_submit(args: argparse.Namespace) -> int:
     from launch.clusters import node_shapes
     from launch.jobs import submit_training_job
 
+    check_submittable(args.config, args.overrides)
     # an autoscaling cluster may add nodes its running ones lack (a GPU type): its file says which can exist
     shapes = node_shapes(args.cluster_file) if args.cluster_file else ()
     job_id = submit_training_job(args.address, args.config, args.overrides, PROJECT_ROOT, args.job_id,
@@ -76,6 +100,7 @@ def cmd_queue(args: argparse.Namespace) -> int:
     from launch import job_queue
 
     if args.queue_command == "add":
+        check_submittable(args.config, args.overrides)
         resources = _resources(args)
         if not resources.request():
             print("[queue] warning: no --cpus/--gpus/--memory: the job books nothing, so it starts at once and "

@@ -427,7 +427,7 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
     env = dict(env_vars or {})
-    if config.is_relative_to(root) and not _excluded(root, config):
+    if config.is_relative_to(root) and not excluded_from_upload(root, config):
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
     else:
@@ -444,7 +444,7 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
                    runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
 
 
-def _excluded(root: Path, path: Path) -> bool:
+def excluded_from_upload(root: Path, path: Path) -> bool:
     """Whether the project upload leaves ``path`` out: Ray's own matching of DEFAULT_EXCLUDES and the project's
     .gitignore / .rayignore (Ray honours both), applied to the file and each folder above it."""
     from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files

@@ -55,11 +55,15 @@ def test_project_rules(path: Path) -> None:
     for commands in ("head_start_ray_commands", "worker_start_ray_commands"):
         assert "RAY_AUTH_MODE=token" in " ".join(config[commands])
     assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/auth_token"  # every node gets the token
+    # What a node runs, as Ray's autoscaler picks it: a node type's own worker_setup_commands replace the global
+    # list (into which Ray merged setup_commands); they are not added to it.
     setups = [config["head_setup_commands"]] + [
-        config["setup_commands"] + node.get("worker_setup_commands", config["worker_setup_commands"])
+        node.get("worker_setup_commands", config["worker_setup_commands"])
         for name, node in config["available_node_types"].items() if name != config["head_node_type"]]
     for commands in setups:
         text = " ".join(commands)
+        assert "python3 -m venv ~/dgm-venv" in text and "source ~/dgm-venv/bin/activate" in text, commands
+        assert text.index("python3 -m venv") < text.index("torch==2.13.0"), commands
         assert "torch==2.13.0" in text, commands
         assert f"ray[default,train]=={ray.__version__}" in text, commands
     assert config["idle_timeout_minutes"] > 0

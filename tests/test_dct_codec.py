@@ -527,6 +527,10 @@ def test_bytes_round_trip_and_validating_loader(small_batch: np.ndarray) -> None
         sequence_from_bytes(bad(seq.astype(np.float32)), vocab)
     with pytest.raises(SequenceError, match="not a .npy"):
         sequence_from_bytes(b"\x93NUMPY garbage", vocab)
+    archive = io.BytesIO()
+    np.savez(archive, tokens=seq)
+    with pytest.raises(SequenceError, match=r"shard-0/k1: not a .npy token array \(an .npz archive\)"):
+        sequence_from_bytes(archive.getvalue(), vocab, "shard-0/k1")
     with pytest.raises(SequenceError, match="not a .npy"):
         sequence_from_bytes(bad(np.array([{"a": 1}], dtype=object)), vocab)
     with pytest.raises(SequenceError, match="sequence 1.*position token"):

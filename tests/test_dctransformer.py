@@ -509,3 +509,27 @@ def test_the_sampling_limit_warning_counts_every_averaged_draw_once(caplog):
         fam.sample_images({"model": model}, 2, torch.Generator().manual_seed(0), mean_of=3)
     warnings = [r.getMessage() for r in caplog.records if "sampling limit" in r.getMessage()]
     assert len(warnings) == 1 and " of 6 draws reached the sampling limit of 3 triples" in warnings[0]
+
+
+def test_no_context_baseline_keeps_the_condition_and_eval_totals_are_exact(scenes):
+    """use_context=False forgets the triples drawn before the chunk, not the luma a colourisation model is given.
+    Held-out bits per triple over several batches are total nats over total triples (the loop weighs the ratio by
+    its triples), equal to one batch holding them all."""
+    from trainer.loop import accumulate
+
+    fam, _ = family(mode="colourise", use_context=False)
+    batch = fam.collate(scenes)
+    ch = fam.chunk_batch(batch, torch.full_like(batch["lengths"], 16))
+    assert batch["cond_dense"].abs().sum() > 0 and torch.equal(ch["dense"], batch["cond_dense"])
+
+    fam, model = family(chunk_size=16)
+    order = sorted(range(len(scenes)), key=lambda i: len(scenes[i]["tokens"]))
+    short, long = [scenes[i] for i in order[:2]], [scenes[i] for i in order[2:]]
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    with torch.no_grad():
+        for part in (short, long):
+            accumulate(sums, weights, fam.evaluate({"model": model}, fam.collate(part)), len(part))
+        whole = fam.evaluate({"model": model}, fam.collate(scenes))
+    assert sums["bits_per_triple"] / weights["bits_per_triple"] == pytest.approx(whole["bits_per_triple"][0])
+    assert sums["bits_per_image"] / weights["bits_per_image"] == pytest.approx(whole["bits_per_image"])

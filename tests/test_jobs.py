@@ -188,6 +188,11 @@ def test_submit_cli_weighs_the_cluster_files_node_types(cluster: LocalRayCluster
 
     monkeypatch.setenv("RAY_AUTH_TOKEN", cluster.token)
     argv = ["submit", "configs/demo.yaml", "--address", cluster.address, "--gpus", "64"]
+    assert main(argv) == 2  # the demo's data lives under runs/, which the upload leaves out
+    assert "data.train=runs/demo/data/train: a local path the job will not find" in capsys.readouterr().err
+    assert main([*argv, "trainer.stpes=5"]) == 2
+    assert "trainer.stpes: unknown key" in capsys.readouterr().err  # checked here, not after the upload
+    argv += ["data.train=s3://data/train", "data.eval=s3://data/eval", "checkpoint_root=s3://data/ckpt"]
     assert main(argv) == 2
     assert "no node has any GPU" in capsys.readouterr().err  # the live node alone
     assert main([*argv, "--cluster-file", "launch/clusters/aws.yaml"]) == 2

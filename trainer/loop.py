@@ -258,12 +258,20 @@ def _eval(family: Family, engines: dict[str, Any], manifest: Manifest, spec: Run
             real = sum(bool(s.get("valid", True)) for s in samples)
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
             values = family.evaluate(modules, batch)  # on every batch: under ZeRO-3 a forward is a collective
-            for k, v in values.items() if real else ():
-                sums[k] = sums.get(k, 0.0) + float(v) * real
-                weights[k] = weights.get(k, 0.0) + real
+            if real:
+                accumulate(sums, weights, values, real)
     for m in modules.values():
         m.train()
     return _weighted_mean_across_ranks(sums, weights, world, device)
+
+
+def accumulate(sums: dict[str, float], weights: dict[str, float], values: dict[str, Any], real: int) -> None:
+    """Add one batch's metrics: each weighted by the batch's real samples, or by the weight a family gives with it
+    as ``(value, weight)`` (a ratio weighted by its denominator: totals over totals, not a mean of ratios)."""
+    for k, v in values.items():
+        v, w = v if isinstance(v, tuple) else (v, real)
+        sums[k] = sums.get(k, 0.0) + float(v) * float(w)
+        weights[k] = weights.get(k, 0.0) + float(w)
 
 
 def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float], world: int,

@@ -274,6 +274,8 @@ def sequence_from_bytes(data: bytes, vocab: Vocab, source: str = "sequence") -> 
         arr = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as e:
         raise SequenceError(f"{source}: not a .npy token array ({e})") from e
+    if not isinstance(arr, np.ndarray):  # np.load reads zip bytes as an .npz archive
+        raise SequenceError(f"{source}: not a .npy token array (an .npz archive)")
     if arr.dtype not in (np.dtype(np.int16), np.dtype(np.int32)):
         raise SequenceError(f"{source}: token dtype {arr.dtype} is not int16/int32")
     return validate_sequence(arr, vocab, source)

@@ -48,12 +48,12 @@ class DrawSettings:
 
 
 def encoder_input(seq: torch.Tensor, space: TokenSpace, cond: Conditioning) -> torch.Tensor:
-    """Dense image of every triple in ``seq`` plus the given coefficients (zeros when context is switched off)."""
+    """Dense image of every triple in ``seq`` (zeros when context is switched off) plus the given coefficients."""
     starts = torch.full((seq.shape[0],), seq.shape[1], dtype=torch.long, device=seq.device)
     dense = dense_before(seq, starts, space)
-    if cond.dense is not None:
-        dense = dense + cond.dense
-    return dense if cond.use_context else torch.zeros_like(dense)
+    if not cond.use_context:
+        dense = torch.zeros_like(dense)
+    return dense + cond.dense if cond.dense is not None else dense
 
 
 @torch.no_grad()

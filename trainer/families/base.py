@@ -96,8 +96,10 @@ class Family(ABC):
         """Forward, backward and step every engine; returns scalar metrics (loss first)."""
 
     @abstractmethod
-    def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """Held-out metrics for one batch (averaged by the caller)."""
+    def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]
+                 ) -> dict[str, float | tuple[float, float]]:
+        """Held-out metrics for one batch. The caller averages each over batches and ranks weighted by the batch's
+        real samples, or by the weight given with it as ``(value, weight)`` (a ratio's denominator)."""
 
     @abstractmethod
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,

@@ -23,6 +23,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from data_pipeline.codecs import dct_codec
@@ -49,7 +50,8 @@ class DCTransformerConfig:
     chunk_size: triples per training chunk (the paper used 896 at 256x256; shape scenes at 32x32 have ~150-350).
     mode: "unconditional", "colourise" (given luma, generate chroma) or "superres" (given a low-res image).
     num_classes: > 0 adds a class token to the encoder (labels must be in 0..num_classes-1).
-    use_context: False zeroes the encoder's input: the baseline that ignores everything before the chunk.
+    use_context: False zeroes the encoder's view of the triples before the chunk (a colourisation model keeps its
+    luma): the baseline that ignores everything drawn before the chunk.
     superres_factor: downsampling of the low-resolution condition (the low-res side must be a multiple of 16).
     superres_target: "residual" (the sequence holds target minus hint coefficients, the hint is given to the
         encoder like colourisation's luma: stopping early leaves the bicubic answer) or "full" (the target's own
@@ -189,10 +191,10 @@ class DCTransformerFamily(Family):
     def chunk_batch(self, batch: dict[str, torch.Tensor], starts: torch.Tensor) -> dict[str, torch.Tensor]:
         """Encoder input, decoder input rows and targets of the chunks starting at ``starts``."""
         dense = dense_before(batch["tokens"], starts, self.space)
+        if not self.config.use_context:  # the baseline forgets what was drawn, not the condition it was given
+            dense = torch.zeros_like(dense)
         if "cond_dense" in batch:
             dense = dense + batch["cond_dense"]
-        if not self.config.use_context:
-            dense = torch.zeros_like(dense)
         prev, target = chunk_rows(batch["tokens"], starts, self.config.chunk_size, self.space)
         return {"dense": dense, "prev": prev, "target": target}
 
@@ -229,8 +231,12 @@ class DCTransformerFamily(Family):
     def sequence_nll(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Exact NLL in nats of every whole sequence [B]: the sum over all of its chunks."""
         total = torch.zeros(batch["tokens"].shape[0], device=batch["tokens"].device)
-        longest = int(batch["lengths"].max())
-        for start in range(0, longest, self.config.chunk_size):
+        longest = batch["lengths"].max().clone()
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            # every rank runs as many forwards (under ZeRO-3 each gathers parameters, a collective); the chunks
+            # past a rank's own sequences are padding and score 0
+            dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        for start in range(0, int(longest), self.config.chunk_size):
             starts = torch.full_like(batch["lengths"], start)
             total = total + self.chunk_nll(model, batch, starts)[0].sum(dim=1)
         return total
@@ -242,7 +248,8 @@ class DCTransformerFamily(Family):
         nats = float((per_image * valid).sum())
         triples = float((batch["lengths"].float() * valid).sum())
         images = float(valid.sum())
-        return {"loss": nats / max(triples, 1.0), "bits_per_triple": nats / max(triples, 1.0) / LN2,
+        per_triple = nats / max(triples, 1.0)  # weighted by triples across batches and ranks: total / total
+        return {"loss": (per_triple, triples), "bits_per_triple": (per_triple / LN2, triples),
                 "bits_per_image": nats / max(images, 1.0) / LN2}
 
     def max_triples(self) -> int:
