@@ -83,6 +83,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
     if args.follow:
         info = follow_job_logs(args.address, args.job_id)
+        print(f"[logs] {info.job_id} {info.status}", file=sys.stderr)
         return 0 if info.status == "SUCCEEDED" else 1
     print(job_logs(args.address, args.job_id), end="")
     return 0
@@ -93,6 +94,10 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
     info = stop_job(args.address, args.job_id)
     print(f"{info.job_id} {info.status}")
+    if not info.terminal:
+        print(f"[stop] {info.job_id} is still {info.status} after the wait; check `dgm status {info.job_id}`",
+              file=sys.stderr)
+        return 1
     return 0
 
 

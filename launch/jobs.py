@@ -215,6 +215,9 @@ class JobsClient:
         version = self._get("/api/version", quick=True)
         self.ray_version = str(version.get("ray_version", "?"))
         self._client = _BoundedClient(self.address, dict(self._headers), self._timeout)
+        # what JobSubmissionClient.__init__ would have recorded: tail_job_logs reads it to tell a websocket error
+        # from the normal end of the stream
+        self._client._server_ray_version = self.ray_version
 
     def _get(self, endpoint: str, quick: bool = False) -> dict[str, Any]:
         timeout = (self._timeout[0], self._timeout[0]) if quick else self._timeout
@@ -319,7 +322,11 @@ class JobsClient:
             info = self.info(job_id)
             if not info.terminal:
                 raise ClusterError(f"following logs of job {job_id} on {self.address}: {e}") from None
-        return self.wait(job_id, timeout_s=10.0)  # the stream closes just before the status flips
+        info = self.wait(job_id, timeout_s=10.0)  # the stream closes just before the status flips
+        if not info.terminal:
+            raise ClusterError(f"the log stream of job {job_id} on {self.address} ended while the job is still "
+                               f"{info.status}; follow it again, or check `dgm status {job_id}`")
+        return info
 
     def stop(self, job_id: str, wait_s: float = 15.0) -> JobInfo:
         """Ask the job to stop (SIGTERM, then SIGKILL from Ray) and wait up to `wait_s` for it to end."""
@@ -445,12 +452,15 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
 
 
 def excluded_from_upload(root: Path, path: Path) -> bool:
-    """Whether the project upload leaves ``path`` out: Ray's own matching of DEFAULT_EXCLUDES and the project's
-    .gitignore / .rayignore (Ray honours both), applied to the file and each folder above it."""
+    """Whether the project upload leaves ``path`` out: Ray's own matching of DEFAULT_EXCLUDES and the
+    .gitignore / .rayignore files (Ray honours both, in every folder it walks), applied to the file and each folder
+    above it. Erring towards "excluded" is safe: the config then travels inline."""
     from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 
-    matchers = [_get_excludes(root, list(DEFAULT_EXCLUDES)),
-                *get_excludes_from_ignore_files(root, include_gitignore=True, logger=log)]
+    folders = [root, *(parent for parent in reversed(path.parents) if parent.is_relative_to(root) and parent != root)]
+    matchers = [_get_excludes(root, list(DEFAULT_EXCLUDES))]
+    for folder in folders:
+        matchers += get_excludes_from_ignore_files(folder, include_gitignore=True, logger=log)
     while path != root:
         if any(match(path) for match in matchers):
             return True

@@ -87,6 +87,11 @@ def test_aws_node_types() -> None:
     shapes = node_shapes(config)
     assert infeasibility(JobResources(num_cpus=8, num_gpus=8).request(), shapes) is None
     assert "largest node has 8 GPU" in infeasibility(JobResources(num_gpus=16).request(), shapes)
+    # a type whose resources Ray would fill in at boot cannot be weighed: named, not silently left out
+    types["gpu_a100_x8"]["resources"] = {}
+    with pytest.raises(ClusterConfigError, match="node type 'gpu_a100_x8': resources is empty"):
+        node_shapes(config)
+    assert node_shapes(load_cluster_config(bundled("local"))) == []  # fixed machines: the live cluster tells
 
 
 def _variant(tmp_path: Path, old: str, new: str, source: str = "aws") -> Path:

@@ -272,6 +272,11 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
     assert "train .dgm_submitted/job-1.yaml" in inline.entrypoint
     ignored = jobs.training_job_spec(str(project / "exp" / "out" / "cfg.yaml"), [], str(project), "job-3")
     assert ignored.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: z\n"
+    (project / "configs" / "local").mkdir()
+    (project / "configs" / "local" / "mine.yaml").write_text("name: w\n")
+    (project / "configs" / ".gitignore").write_text("local/\n")  # a nested ignore file: Ray honours it too
+    nested = jobs.training_job_spec(str(project / "configs" / "local" / "mine.yaml"), [], str(project), "job-4")
+    assert nested.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: w\n"
     shipped = jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
     assert "DGM_SUBMITTED_CONFIG" not in shipped.runtime_env.get("env_vars", {})
     assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")

@@ -126,8 +126,12 @@ def node_shapes(config: dict[str, Any] | str | Path) -> list[dict[str, float]]:
     for name, node in config.get("available_node_types", {}).items():
         if name == config.get("head_node_type") or node.get("max_workers", 0) > 0:
             resources = {k: float(v) for k, v in (node.get("resources") or {}).items()}
-            if resources:
-                shapes.append(resources)
+            if not resources and (config.get("provider") or {}).get("type") == "local":
+                continue  # fixed machines, all running: the live cluster shows what they have
+            if not resources:  # left out, a job this type could run would be refused as fitting nowhere
+                raise ClusterConfigError(f"node type {name!r}: resources is empty (Ray fills it in when the node "
+                                         "starts); set its CPU/GPU/memory so dgm can judge which jobs fit")
+            shapes.append(resources)
     return shapes
 
 
