@@ -236,6 +236,11 @@ class DCTransformerFamily(Family):
             # every rank runs as many forwards (under ZeRO-3 each gathers parameters, a collective); the chunks
             # past a rank's own sequences are padding and score 0
             dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+        tokens = batch["tokens"]
+        if int(longest) > tokens.shape[1]:  # chunks past this rank's own sequences read PAD rows
+            extra = int(longest) - tokens.shape[1]
+            pad = torch.tensor(self.space.pad, device=tokens.device).repeat(tokens.shape[0], extra, 1)
+            batch = {**batch, "tokens": torch.cat([tokens, pad], dim=1)}
         for start in range(0, int(longest), self.config.chunk_size):
             starts = torch.full_like(batch["lengths"], start)
             total = total + self.chunk_nll(model, batch, starts)[0].sum(dim=1)
