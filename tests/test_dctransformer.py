@@ -533,3 +533,19 @@ def test_no_context_baseline_keeps_the_condition_and_eval_totals_are_exact(scene
         whole = fam.evaluate({"model": model}, fam.collate(scenes))
     assert sums["bits_per_triple"] / weights["bits_per_triple"] == pytest.approx(whole["bits_per_triple"][0])
     assert sums["bits_per_image"] / weights["bits_per_image"] == pytest.approx(whole["bits_per_image"])
+
+
+def test_chunk_choice_follows_trainer_seed_step_and_rank(scenes):
+    from trainer.families.base import StepContext
+
+    fam, _ = family(chunk_size=16)
+    lengths = fam.collate(scenes)["lengths"]
+
+    def starts(**kw):
+        ctx = StepContext(**{"step": 3, "rank": 0, "world_size": 2, "device": torch.device("cpu"),
+                             "dtype": torch.float32, **kw})
+        return fam.random_starts(lengths, fam.chunk_seed(ctx)).tolist()
+
+    assert starts() == starts()  # a resumed step picks the same chunks
+    assert len({str(starts(seed=s)) for s in range(4)}) > 1  # other trainer seeds, other chunks
+    assert len({str(starts(step=s)) for s in range(4)}) > 1

@@ -358,7 +358,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             if step >= cfg.steps:
                 break
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
-            ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype)
+            ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype, seed=cfg.seed)
             metrics = _mean_across_ranks(family.train_step(engines, batch, ctx), device)
             step += 1
             done_here += 1

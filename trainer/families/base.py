@@ -47,6 +47,7 @@ class StepContext:
     world_size: int
     device: torch.device
     dtype: torch.dtype
+    seed: int = 0  # trainer.seed: a family's per-step randomness (chunk choice, noise) should follow it
 
 
 DRAW_OPTIONS = ("temperature", "top_k", "top_p", "value_temperature", "value_top_p", "labels", "images", "mean_of")

@@ -215,9 +215,15 @@ class DCTransformerFamily(Family):
         k = (torch.rand(len(lengths), generator=gen) * n_chunks).long()
         return (k * self.config.chunk_size).to(lengths.device)
 
+    @staticmethod
+    def chunk_seed(ctx: StepContext) -> int:
+        """The seed of a step's chunk choice: a function of (trainer.seed, step, rank), so a resumed run picks the
+        chunks an uninterrupted one would, and runs of different seeds train different chunks."""
+        return (1_000_003 * ctx.step + ctx.rank + 7_919_000_017 * ctx.seed) % (2**63)
+
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         engine = engines["model"]
-        starts = self.random_starts(batch["lengths"], 1_000_003 * ctx.step + ctx.rank)
+        starts = self.random_starts(batch["lengths"], self.chunk_seed(ctx))
         nll, target = self.chunk_nll(engine, batch, starts)
         valid = batch["valid"].float()
         triples = ((target[..., 0] != self.space.c_pad).float() * valid[:, None]).sum().clamp(min=1)
