@@ -11,7 +11,8 @@ from launch.arg_types import at_least, int_list, positive, probability_mass
 
 _SAMPLE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "value_temperature": None, "value_top_p": None,
                     "labels": None, "images": "", "mean_of": 1}  # as the sample parser sets them
-EPILOG = "Overrides: any config key as dotted.path=value (YAML value), e.g. trainer.optim.lr=3e-4 zero.stage=3"
+EPILOG = ("Overrides: any config key as dotted.path=value (YAML value; a mapping merges into its section), e.g. "
+          "trainer.optim.lr=3e-4 zero.stage=3")
 DEFAULT_SAMPLES = 16
 
 
@@ -153,10 +154,15 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
-    out = args.out or os.path.join(args.export, "samples.png")
+    out = args.out or _default_out(args.export)
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
+
+
+def _default_out(export: str) -> str:
+    """<export>/samples.png for an export folder; ./samples.png for an s3:// one (a grid is written locally)."""
+    return "samples.png" if "://" in export else os.path.join(export, "samples.png")
 
 
 def _load_images(path: str) -> list:
@@ -213,7 +219,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
         images = images[order]
         print("[sample] reranked scores: " + " ".join(f"{float(scores[i]):.3f}" for i in order[:keep]))
     images = images[:keep]
-    out = args.out or os.path.join(args.export, "samples.png")
+    out = args.out or _default_out(args.export)
     save_grid(images, out)
     print(f"[sample] {len(images)} of {args.n} candidates for {args.prompt!r} -> {out}")
     return 0
@@ -269,7 +275,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("sample", help="draw samples from an export into a PNG grid (torch only)",
                        description="Loads an export folder with torch alone and writes a grid of samples.")
     p.add_argument("export", help="export folder written by `dgm export`")
-    p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png)")
+    p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png; ./samples.png for s3://)")
     p.add_argument("--n", type=positive(int), default=None,
                    help=f"number of samples (default {DEFAULT_SAMPLES}; one per --labels entry or --images file)")
     p.add_argument("--seed", type=int, default=0)

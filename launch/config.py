@@ -146,9 +146,10 @@ def _override_value(text: str) -> Any:
     would read 0100 as octal 64)."""
     if not text.strip():
         return ""
-    if _LEADING_ZERO.fullmatch(text.strip()):
-        return int(text.strip().replace("_", ""))
-    return yaml.safe_load(text)
+    value = yaml.safe_load(text)
+    if isinstance(value, int) and not isinstance(value, bool) and _LEADING_ZERO.fullmatch(text.strip()):
+        return int(text.strip().replace("_", ""))  # 0100: YAML 1.1's octal 64, meant as 100 ('08' stays text)
+    return value
 
 
 def _merged(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:

@@ -64,12 +64,15 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
     return out_dir
 
 
+PUBLISHING = ".dgm-publishing"  # beside an s3:// export while it is being uploaded
+
+
 def check_remote_replaceable(url: str) -> None:
     """As ``check_replaceable`` for an s3:// export: only an empty prefix or an earlier export is replaced."""
     names = _names_below(url)
     if not names:
         return
-    if CONFIG not in names:
+    if CONFIG not in names and PUBLISHING not in names:  # an export, or one whose publishing was cut
         raise ExportError(f"{url}: holds {len(names)} objects and is not an earlier export (no {CONFIG}); an "
                           "export replaces its prefix whole, so it will not write there: give --out a new prefix")
 
@@ -78,6 +81,7 @@ def publish_remote(local_dir: str, url: str) -> None:
     """Upload an export with config.json last (an earlier export's config.json removed first), so a cut upload is
     never a loadable export; objects of the earlier export that the new one lacks are removed after."""
     earlier = set(_names_below(url))
+    storage.write_bytes(storage.join(url, PUBLISHING), b"")  # a cut publish stays recognisably ours, retryable
     if CONFIG in earlier:
         storage.delete(storage.join(url, CONFIG))
     written = []
@@ -88,8 +92,9 @@ def publish_remote(local_dir: str, url: str) -> None:
                 storage.upload_file(os.path.join(root, name), storage.join(url, rel))
                 written.append(rel)
     storage.upload_file(os.path.join(local_dir, CONFIG), storage.join(url, CONFIG))
-    for stale in sorted(earlier - set(written) - {CONFIG}):
+    for stale in sorted(earlier - set(written) - {CONFIG, PUBLISHING}):
         storage.delete(storage.join(url, stale))
+    storage.delete(storage.join(url, PUBLISHING))
 
 
 def _names_below(url: str) -> list[str]:

@@ -221,10 +221,11 @@ class GapMonitor:
                     if self.poll_once():
                         last_news = time.monotonic()
                     target = self._target_step()
-                except (CheckpointError, OSError) as e:
+                    waiting = bool(target) and bool(self.pending())  # retries outstanding: not finished yet
+                except (CheckpointError, OSError, StorageError) as e:
                     print(f"[gap] cannot read {self.cfg.root} yet: {e}", flush=True)
-                    target = 0
-                if target and self.last_step >= target and not self.pending():  # retries outstanding: not yet
+                    target, waiting = 0, True
+                if target and self.last_step >= target and not waiting:
                     reason = "finished"
                     break
                 if time.monotonic() - last_news > self.cfg.idle_timeout_s:

@@ -458,11 +458,11 @@ def excluded_from_upload(root: Path, path: Path) -> bool:
     from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
 
     folders = [root, *(parent for parent in reversed(path.parents) if parent.is_relative_to(root) and parent != root)]
-    matchers = [_get_excludes(root, list(DEFAULT_EXCLUDES))]
-    for folder in folders:
-        matchers += get_excludes_from_ignore_files(folder, include_gitignore=True, logger=log)
+    matchers = [(root, _get_excludes(root, list(DEFAULT_EXCLUDES)))]
+    for folder in folders:  # an ignore file speaks of what lies below its own folder
+        matchers += [(folder, m) for m in get_excludes_from_ignore_files(folder, include_gitignore=True, logger=log)]
     while path != root:
-        if any(match(path) for match in matchers):
+        if any(path.is_relative_to(folder) and path != folder and match(path) for folder, match in matchers):
             return True
         path = path.parent
     return False

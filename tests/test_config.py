@@ -68,6 +68,7 @@ def test_mapping_overrides_merge_leading_zeros_are_decimal_and_empty_sections_fi
     cfg, raw = load_config(os.path.join(ROOT, "configs", "t2i_prior.yaml"), ["zero={stage: 1}"])
     assert cfg.zero.stage == 1 and cfg.zero.grad_clip == 4.0  # the file's other zero keys are kept
     assert load_config(DIGITS, ["trainer.steps=0100"])[0].trainer.steps == 100  # not YAML 1.1's octal 64
+    assert load_config(DIGITS, ["name=08"])[0].name == "08"  # not an octal number in YAML: text, as before
     empty = tmp_path / "empty_section.yaml"
     empty.write_text(open(DIGITS).read() + "\ncluster:\n")
     assert load_config(str(empty), ["cluster.workers=1"])[0].cluster.workers == 1
@@ -75,14 +76,23 @@ def test_mapping_overrides_merge_leading_zeros_are_decimal_and_empty_sections_fi
 
 def test_a_worker_group_the_local_cluster_cannot_place_or_fp16_on_cpus_is_refused(ray_local, digits_data,
                                                                                   tmp_path):
+    import ray
+    import torch
+
     from launch.train import run_training
     from trainer.ray_env import worker_env
 
     base = [f"run_dir={tmp_path / 'run'}", f"data.train={digits_data['train']}", "data.eval="]
-    for override, message in [("cluster.workers=8", r"cluster.workers=8 x cluster.cpus_per_worker=1 = 8 CPUs"),
-                              ("cluster.use_gpu=true", r"cluster.use_gpu=true with cluster.workers=2 needs a GPU"),
-                              ("zero.precision=fp16", r"zero.precision=fp16: DeepSpeed trains fp16 on GPUs only")]:
-        cfg, raw = load_config(DIGITS, [*base, override, "data.stream.global_batch=48", "data.stream.partitions=24"])
+    cpus = int(ray.cluster_resources().get("CPU", 0)) + 1  # one more than this machine's cluster has
+    gpus = torch.cuda.device_count() + 1
+    for overrides, message in [
+        ([f"cluster.workers={cpus}"], rf"cluster.workers={cpus} x cluster.cpus_per_worker=1 = {cpus} CPUs"),
+        ([f"cluster.workers={gpus}", "cluster.use_gpu=true", "cluster.cpus_per_worker=0.01"],
+         rf"cluster.use_gpu=true with cluster.workers={gpus} needs a GPU"),
+        (["zero.precision=fp16"], r"zero.precision=fp16: DeepSpeed trains fp16 on GPUs only")]:
+        workers = int(overrides[0].split("=")[1]) if overrides[0].startswith("cluster.workers") else 2
+        split = [f"data.stream.global_batch={8 * workers}", f"data.stream.partitions={2 * workers}"]
+        cfg, raw = load_config(DIGITS, [*base, *overrides, *split])
         with pytest.raises(ConfigError, match=message):
             run_training(cfg, raw)
     assert worker_env(use_gpu=True)["DS_ACCELERATOR"] == "cuda"  # whatever the driver's CPU runs set

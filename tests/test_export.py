@@ -69,6 +69,24 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
     assert config["step"] == 2 and sorted(modules) == ["model"]
     png = str(tmp_path / "s.png")
     assert main(["sample", url, "--out", png, "--n", "2"]) == 0 and os.path.getsize(png) > 100
+    real_upload = storage.upload_file
+
+    def cut(local: str, target: str) -> None:  # the connection drops before config.json is up
+        if target.endswith("/config.json"):
+            raise OSError("connection reset (injected)")
+        real_upload(local, target)
+
+    storage.upload_file = cut
+    try:
+        with pytest.raises(OSError, match="injected"):
+            publish_remote(str(tmp_path / "export1"), url)
+    finally:
+        storage.upload_file = real_upload
+    with pytest.raises(ExportError):
+        load_export_url(url)  # half published: never loads
+    check_remote_replaceable(url)  # but it is ours: a retry may replace it
+    publish_remote(str(tmp_path / "export1"), url)
+    assert load_export_url(url)[2]["step"] == 1 and not storage.exists(f"{url}/.dgm-publishing")
     storage.write_bytes(f"{s3_bucket}/other/data.bin", b"x")
     with pytest.raises(ExportError, match="holds 1 objects and is not an earlier export"):
         check_remote_replaceable(f"{s3_bucket}/other")

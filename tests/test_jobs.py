@@ -277,6 +277,11 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
     (project / "configs" / ".gitignore").write_text("local/\n")  # a nested ignore file: Ray honours it too
     nested = jobs.training_job_spec(str(project / "configs" / "local" / "mine.yaml"), [], str(project), "job-4")
     assert nested.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: w\n"
+    (project / "configs" / "team" / "alice").mkdir(parents=True)  # an ignore file two levels down
+    (project / "configs" / "team" / "alice" / ".rayignore").write_text("scratch.yaml\n")
+    (project / "configs" / "team" / "alice" / "run.yaml").write_text("name: a\n")
+    deep = jobs.training_job_spec(str(project / "configs" / "team" / "alice" / "run.yaml"), [], str(project), "j5")
+    assert deep.entrypoint.startswith("python -m launch.cli train configs/team/alice/run.yaml")
     shipped = jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
     assert "DGM_SUBMITTED_CONFIG" not in shipped.runtime_env.get("env_vars", {})
     assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")

@@ -70,6 +70,7 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     """Write an export folder atomically (``<out>.partial`` renamed at the end) where ``check_replaceable``
     allows. Returns ``out_dir``."""
     check_replaceable(out_dir)
+    check_fits(family, state_dicts, out_dir)  # what is published is what loads, checked before a byte is written
     tmp = out_dir.rstrip("/") + ".partial"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -94,7 +95,6 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
         }
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
-        load_export(tmp)  # what is published is what loads: checksums, config and every network's weights (strict)
         old = f"{out_dir.rstrip('/')}.old-{os.urandom(6).hex()}"
         if os.path.exists(out_dir):  # renamed aside, not deleted first: a crash never leaves neither export
             os.replace(out_dir, old)
@@ -103,6 +103,30 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left
     return out_dir
+
+
+def check_fits(family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]], where: str) -> None:
+    """Every network's weights have the names and shapes of the model ``load_export`` will build (as its strict
+    load demands). The model is built on the meta device, so no third copy of the weights is made."""
+    try:
+        with torch.device("meta"):
+            modules = family.build_modules()
+    except Exception:  # a module whose construction computes on its tensors: built for real instead
+        modules = family.build_modules()
+    if sorted(modules) != sorted(state_dicts):
+        raise ExportError(f"{where}: the checkpoint has networks {sorted(state_dicts)}, the {family.name!r} model "
+                          f"{sorted(modules)}")
+    for name, module in modules.items():
+        want = {k: tuple(v.shape) for k, v in module.state_dict().items()}
+        got = {k: tuple(v.shape) for k, v in state_dicts[name].items()}
+        problems = [f"missing {k}" for k in sorted(want.keys() - got.keys())]
+        problems += [f"unexpected {k}" for k in sorted(got.keys() - want.keys())]
+        problems += [f"size mismatch for {k}: {got[k]} vs the model's {want[k]}"
+                     for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
+        if problems:
+            more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
+            raise ExportError(f"{where}: weights of {name!r} do not fit the {family.name!r} model "
+                              f"({'; '.join(problems[:2])}{more})")
 
 
 def check_replaceable(out_dir: str) -> None:
