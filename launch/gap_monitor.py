@@ -106,7 +106,7 @@ class GapMonitor:
         self.writer: Any = None
         self.evaluated = 0
         self.done, self.last_step = self._already_done()
-        self.attempts: dict[str, int] = {}
+        self.attempts: dict[str, int] = {}  # pending tags whose storage reads failed, and how often
         self._data: dict[str, dict[str, torch.Tensor]] = {}
 
     def _already_done(self) -> tuple[set[str], int]:
@@ -138,6 +138,7 @@ class GapMonitor:
         with open(os.path.join(self.cfg.run_dir, GAP_FILE), "a") as f:
             f.write(json.dumps(entry) + "\n")
         self.done.add(entry["tag"])
+        self.attempts.pop(entry["tag"], None)
 
     def _scalars(self, step: int, values: dict[str, float]) -> None:
         if self.writer is None:
@@ -174,7 +175,9 @@ class GapMonitor:
     def poll_once(self) -> int:
         """Evaluate every pending checkpoint; returns how many were evaluated (or recorded as failed)."""
         n = 0
-        for tag in self.pending():
+        pending = self.pending()
+        self.attempts = {t: k for t, k in self.attempts.items() if t in pending}  # deleted meanwhile: not awaited
+        for tag in pending:
             if self.stop_event.is_set():
                 break
             try:
@@ -221,11 +224,10 @@ class GapMonitor:
                     if self.poll_once():
                         last_news = time.monotonic()
                     target = self._target_step()
-                    waiting = bool(target) and bool(self.pending())  # retries outstanding: not finished yet
                 except (CheckpointError, OSError, StorageError) as e:
                     print(f"[gap] cannot read {self.cfg.root} yet: {e}", flush=True)
-                    target, waiting = 0, True
-                if target and self.last_step >= target and not waiting:
+                    target = 0
+                if target and self.last_step >= target and not self.attempts:  # no retry outstanding
                     reason = "finished"
                     break
                 if time.monotonic() - last_news > self.cfg.idle_timeout_s:

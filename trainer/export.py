@@ -124,9 +124,8 @@ def check_fits(family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tens
         problems += [f"size mismatch for {k}: {got[k]} vs the model's {want[k]}"
                      for k in sorted(want.keys() & got.keys()) if want[k] != got[k]]
         if problems:
-            more = f"; and {len(problems) - 2} more" if len(problems) > 2 else ""
             raise ExportError(f"{where}: weights of {name!r} do not fit the {family.name!r} model "
-                              f"({'; '.join(problems[:2])}{more})")
+                              f"({_summary(problems)})")
 
 
 def check_replaceable(out_dir: str) -> None:
@@ -215,10 +214,14 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
     return family, modules, config
 
 
-def _first_problems(message: str, keep: int = 2) -> str:
+def _first_problems(message: str) -> str:
     """torch lists every mismatched tensor (hundreds of lines when a size setting differs): the first few and a
     count."""
-    problems = [line.strip() for line in message.splitlines()[1:] if line.strip()] or [message]
+    return _summary([line.strip() for line in message.splitlines()[1:] if line.strip()] or [message])
+
+
+def _summary(problems: list[str], keep: int = 2) -> str:
+    """The first ``keep`` problems and how many more: one line, however many tensors disagree."""
     more = f"; and {len(problems) - keep} more" if len(problems) > keep else ""
     return "; ".join(problems[:keep]) + more
 

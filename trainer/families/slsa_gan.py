@@ -216,6 +216,13 @@ class SLSAGanFamily(Family):
         return {"x": x, "label": labels, "labelled": labelled,
                 "valid": torch.tensor([bool(s.get("valid", True)) for s in samples])}
 
+    @staticmethod
+    def real_samples(batch: dict[str, torch.Tensor], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The batch without its padding, inputs in the networks' precision (bf16/fp16 engines cast parameters)."""
+        real = {k: v[batch["valid"]] for k, v in batch.items()}
+        real["x"] = real["x"].to(dtype)
+        return real
+
     @property
     def reads_labels(self) -> bool:
         """Whether training uses the data's labels (conditional; self-labelled with manual labels)."""
@@ -292,9 +299,7 @@ class SLSAGanFamily(Family):
         G, D, C = engines["generator"], engines["discriminator"], engines.get("classifier")
         classifier = C.module if C is not None else None
         gen = self._rng(ctx, 0)
-        valid = batch["valid"]
-        real = {k: v[valid] for k, v in batch.items()}
-        real["x"] = real["x"].to(ctx.dtype)  # bf16/fp16 engines hold their parameters in that precision
+        real = self.real_samples(batch, ctx.dtype)
         if classifier is not None and c.label_fraction > 0:
             self.update_alignment(classifier, real, ctx.world_size)
         y_real = self.real_labels(classifier, real, ctx.step)
@@ -357,11 +362,9 @@ class SLSAGanFamily(Family):
     @torch.no_grad()
     def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """D's loss on held-out reals against fresh fakes; self-label accuracy; mixture coverage for 2-D data."""
-        valid = batch["valid"]
-        real = {k: v[valid] for k, v in batch.items()}
         classifier = modules.get("classifier")
         D = modules["discriminator"]
-        real["x"] = real["x"].to(next(D.parameters()).dtype)
+        real = self.real_samples(batch, next(D.parameters()).dtype)
         gen = torch.Generator().manual_seed(self.config.seed + 12345)
         fake, y_fake = self.generate(modules, max(len(real["x"]), 256), gen)
         y_real = self.real_labels(classifier, real, step=1 << 60)
@@ -421,10 +424,8 @@ class SLSAGanFamily(Family):
         Real samples keep the labels D would see in training (self-labels from the checkpoint's C_ema, aligned
         manual labels), fixed for the whole evaluation: C is part of the environment, not a player.
         """
-        valid = batch["valid"]
-        real = {k: v[valid] for k, v in batch.items()}
         param = next(modules["discriminator"].parameters())
-        real["x"] = real["x"].to(param.dtype)
+        real = self.real_samples(batch, param.dtype)
         y_real = self.real_labels(modules.get("classifier"), real, step=1 << 60)
 
         def noise_fn(n: int, gen: torch.Generator) -> tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]:
