@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml setup.py $(wildcard data_pipeline/codecs/*.c data_pipel
 	$(PY) -m pip install -q --upgrade pip
 	# torch first and pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
 	$(PY) -m pip install -q torch==2.13.0
+	# A kernel built by an earlier layout (per-version name) would shadow the fresh stable-ABI build.
+	rm -f data_pipeline/codecs/_dct_kernel.*.so
 	$(PY) -m pip install -q -e ".[test]"
 	touch $(STAMP)
 

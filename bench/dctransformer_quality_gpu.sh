@@ -2,9 +2,13 @@
 # The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
 #
 #   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
-#   CONFIGS=a MINUTES=7 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # the next lent GPU
-#   (carrying the codec kernel's cp312 build and .whl/; run 8's weights lived in the ignored runs/ folder and did
-#   not outlive their session, so A starts from scratch unless INIT_PARTS names weights carried into the call)
+#   CONFIGS=a MINUTES=6 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # run 9 as measured
+#   CONFIGS=b MINUTES=6 BATCH=1024 LR_B=1.2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # the next lent GPU
+#   Carry (device tool): data_pipeline/codecs/_dct_kernel.abi3.so (the stable-ABI build of `make setup`, which
+#   runs on the image's newer Python), runs/dct_quality/scene_counter_q75.pt (`bench/scene_counter.py --quality
+#   75`, one minute here, so COUNTER=1 costs no GPU time) and .whl/ (boto3's wheels: `pip download boto3
+#   --python-version 3.12 --only-binary=:all: -d .whl`). Weights live in the ignored runs/ folder: A starts from
+#   scratch unless INIT_PARTS names weights carried into the call.
 #
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
@@ -34,7 +38,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
     python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
     export PYTHONPATH=/tmp/site
 fi
-# The codec's C kernel: carried prebuilt for the image's Python (cp312) or built here.
+# The codec's C kernel: the carried stable-ABI build, or built here.
 python3 -c "from data_pipeline.codecs import _dct_kernel" >"$OUT/build.log" 2>&1 \
     || python3 setup.py build_ext --inplace >>"$OUT/build.log" 2>&1 || { tail -30 "$OUT/build.log"; exit 1; }
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true; } | tee "$OUT/device.txt"

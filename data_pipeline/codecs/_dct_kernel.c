@@ -2,7 +2,8 @@
  * registers and L1, instead of numpy's ~15 passes over megabyte buffers. dct_transform.py is the reference: these
  * loops compute the same steps (see its docstring) and tests/test_dct_kernel.py compares the two.
  *
- * Files: this one is the CPython glue (buffer protocol, no numpy headers); dct_kernel_transform.c the 8-point
+ * Files: this one is the CPython glue (buffer protocol, no numpy headers; stable ABI from 3.11, so one build serves
+ * every later CPython); dct_kernel_transform.c the 8-point
  * DCTs and the coefficient order, dct_kernel_encode.c RGB -> quantised DCT image -> tokens, dct_kernel_decode.c
  * tokens / DCT image -> RGB, dct_kernel.h what they share. setup.py builds them as one extension module.
  *
@@ -219,7 +220,7 @@ static PyObject *py_decode_tokens(PyObject *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "O!OOnnpi", &PyList_Type, &seqs_obj, &tables_obj, &out_obj, &height, &width,
                           &fancy, &range))
         return NULL;
-    Py_ssize_t batch = PyList_GET_SIZE(seqs_obj), got = 0;
+    Py_ssize_t batch = PyList_Size(seqs_obj), got = 0;
     if (check_geometry(batch, height, width) < 0) return NULL;
     Py_ssize_t positions = (height / 16) * (width / 16);
     Py_buffer tables, out, *seqs = PyMem_Calloc((size_t)batch + 1, sizeof(Py_buffer));
@@ -229,7 +230,7 @@ static PyObject *py_decode_tokens(PyObject *self, PyObject *args)
     if (get_buffer(tables_obj, &tables, 0, 4, sizeof(Tables), "tables") < 0) goto fail_seqs;
     if (get_buffer(out_obj, &out, 1, 1, batch * height * width * 3, "out") < 0) goto fail_tables;
     for (; got < batch; got++) {
-        if (get_buffer(PyList_GET_ITEM(seqs_obj, got), &seqs[got], 0, -1, -1, "sequence") < 0) goto fail_out;
+        if (get_buffer(PyList_GetItem(seqs_obj, got), &seqs[got], 0, -1, -1, "sequence") < 0) goto fail_out;
         if ((seqs[got].itemsize != 2 && seqs[got].itemsize != 4) || seqs[got].len % (3 * seqs[got].itemsize)) {
             PyErr_Format(PyExc_ValueError, "_dct_kernel: sequence %zd is not int16/int32 [n, 3]", got);
             PyBuffer_Release(&seqs[got]);
