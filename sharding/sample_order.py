@@ -105,7 +105,11 @@ class EpochOrder:
         self.full_batches = total // global_batch
         leftover = total - self.full_batches * global_batch
         self.num_batches = self.full_batches + (1 if leftover and not drop_last else 0)
-        tails = spread(leftover, partitions)
+        # The leftover fills the first ``leftover`` slots of one more global batch, so partition p gets the part
+        # of it that falls in its own slots: never more than take[p], or the last batch could not read it all.
+        slots = np.concatenate([[0], np.cumsum(self.take)])
+        tails = [int(slots[p + 1] * leftover // global_batch - slots[p] * leftover // global_batch)
+                 for p in range(partitions)]
         # Partition p holds full_batches * take[p] samples, plus its share of the leftover.
         self.lengths = [self.full_batches * t + lt for t, lt in zip(self.take, tails, strict=True)]
         self.real_lengths = [

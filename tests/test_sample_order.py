@@ -42,6 +42,18 @@ def test_every_sample_once_with_padding():
     assert o.num_batches == -(-sum(COUNTS) // 24)
 
 
+@pytest.mark.parametrize("partitions", [1, 5, 6, 7, 12, 13])
+def test_every_sample_once_for_any_batch_and_leftover(partitions):
+    """A partition's share of the last, partial batch never exceeds what that batch reads from it
+    (G=20, P=12 used to lose one of 1797 samples)."""
+    for batch in range(1, 40):
+        for total in range(batch, 3 * batch):
+            o = EpochOrder([total], seed=1, epoch=0, global_batch=batch, partitions=partitions, shuffle_block=7,
+                           drop_last=False)
+            real = [e for e, valid in epoch_positions(o) if valid]
+            assert sorted(real) == list(range(total)), (batch, partitions, total)
+
+
 def test_drop_last_keeps_full_batches_only():
     o = order(drop_last=True)
     pos = epoch_positions(o)
