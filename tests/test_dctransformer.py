@@ -188,6 +188,29 @@ def test_sampler_scores_each_triple_as_training_does_across_chunks(scenes, mode,
     torch.testing.assert_close(replayed[real], trained[real], rtol=1e-6, atol=1e-6)
 
 
+def test_completion_keeps_the_given_rows_and_draws_the_rest(scenes):
+    """``teacher_rows`` replays a sequence's start (across a chunk boundary) and draws what follows from the
+    model; the same generator gives the same completion, and without the limit the whole sequence is replayed."""
+    from trainer.dct.sampling import generate
+
+    fam, model = family(chunk_size=16)
+    tokens = fam.collate(scenes)["tokens"]
+    n, limit = len(scenes), tokens.shape[1] + 8
+    teacher = torch.cat([tokens, torch.tensor(fam.space.pad).repeat(n, 8, 1)], dim=1)
+    cond = fam.sampling_condition(model, n)
+
+    def complete(rows: int | None) -> torch.Tensor:
+        return generate(model, n, fam.space, 16, limit, cond, DrawSettings(), torch.Generator().manual_seed(0),
+                        teacher=teacher, teacher_rows=rows)
+
+    done = complete(20)
+    assert torch.equal(done[:, :20], tokens[:, :20])
+    assert not torch.equal(done[:, 20:24], tokens[:, 20:24])  # an untrained model does not redraw the data
+    assert torch.equal(done, complete(20))
+    replayed = complete(None)
+    assert torch.equal(replayed[:, : tokens.shape[1]], tokens[:, : replayed.shape[1]])
+
+
 def test_value_draw_settings_change_the_values_only():
     assert DrawSettings(0.7, 5, 0.9).for_values() == DrawSettings(0.7, 5, 0.9)
     assert DrawSettings(0.7, 5, 0.9, value_temperature=1.0, value_top_p=1.0).for_values() == DrawSettings(1.0, 5, 1.0)

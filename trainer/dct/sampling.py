@@ -59,11 +59,15 @@ def encoder_input(seq: torch.Tensor, space: TokenSpace, cond: Conditioning) -> t
 @torch.no_grad()
 def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, max_triples: int,
              cond: Conditioning, draw: DrawSettings, generator: torch.Generator | None = None,
-             use_cache: bool = True, teacher: torch.Tensor | None = None) -> torch.Tensor:
+             use_cache: bool = True, teacher: torch.Tensor | None = None,
+             teacher_rows: int | None = None) -> torch.Tensor:
     """Token sequences [n, L, 3] (PAD after EOS; L <= max_triples, the last row forced to EOS if reached).
 
     ``teacher`` [n, >= max_triples, 3] replays given triples instead of the drawn ones (every logit and draw is
     still computed): fixed-length timing of the sampler, and scoring a known sequence through the cached path.
+    ``teacher_rows`` replays only rows < teacher_rows and draws the rest: completing a given start of a sequence
+    (in the channel-major order, a coarse version of the image), which shows which part of a sequence a model
+    gets wrong.
     """
     device = next(model.parameters()).device
     seq = torch.zeros(n, 0, 3, dtype=torch.long, device=device)
@@ -90,8 +94,9 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             if seq.shape[1] == max_triples - 1:
                 ok = ok & (torch.arange(ok.shape[-1], device=device) == space.c_eos)
             t = seq.shape[1]
+            replay = teacher is not None and (teacher_rows is None or t < teacher_rows)
             c = draw_one(model.channel_head(h_c), ok)
-            c = c if teacher is None else teacher[:, t, 0]
+            c = teacher[:, t, 0] if replay else c
             hcs.append(h_c)
             cs.append(c)
             if use_cache:
@@ -99,7 +104,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
             else:
                 h_p = model.position_hidden(memory, torch.stack(hcs, 1), torch.stack(cs, 1))[:, -1]
             p = draw_one(model.position_head(h_p), position_mask(last[:, None], c[:, None], space)[:, 0])
-            p = p if teacher is None else teacher[:, t, 1]
+            p = teacher[:, t, 1] if replay else p
             hps.append(h_p)
             ps.append(p)
             if use_cache:
@@ -108,7 +113,7 @@ def generate(model: DCTransformer, n: int, space: TokenSpace, chunk_size: int, m
                 h_v = model.value_hidden(memory, torch.stack(hps, 1), torch.stack(cs, 1), torch.stack(ps, 1),
                                          hint=cond.hint)[:, -1]
             v = draw_one(model.value_head(h_v), value_mask(c[:, None], space)[:, 0], value_draw)
-            v = v if teacher is None else teacher[:, t, 2]
+            v = teacher[:, t, 2] if replay else v
             triple = torch.where(done[:, None], pad, torch.stack([c, p, v], dim=1))
             seq = torch.cat([seq, triple[:, None]], dim=1)
             done = done | (triple[:, 0] == space.c_eos)
