@@ -13,7 +13,7 @@
 # 1. Solo speed run of config A for 25 s (every path of the bench on the GPU: flop count, training, bits, sampling,
 #    analysis), so a broken path stops the call in a minute and the training speed / MFU is measured uncontended.
 # 2. Config A (d=256, 4 layers) and, with CONFIGS="a b", B (d=384, 6 layers) side by side on the one GPU for
-#    MINUTES each: 500,000 fresh scenes, bf16 autocast, chunk 64, batch BATCH (256); scored at temperature 1 on 512
+#    MINUTES each: 500,000 fresh scenes, bf16 autocast, chunk CHUNK (64), batch BATCH (256); scored at temperature 1 on 512
 #    held-out scenes with 1,024 samples. INIT_PARTS: a folder of A's weights split by bench/weight_parts.py (carried
 #    with the call), continued with a fresh schedule.
 # 3. Rescored with nucleus sampling (top-p 0.9; and top-p 0.8 on channel and position with the values drawn at
@@ -46,7 +46,7 @@ python3 -c "import torch; print('torch', torch.__version__, torch.cuda.is_availa
     | tee -a "$OUT/device.txt"
 
 BENCH="python3 bench/dctransformer_quality.py --models unconditional --quality 75 --device $DEVICE --amp ${AMP:-bf16}"
-BENCH="$BENCH --peak-tflops 989 --chunk 64 --batch $BATCH"
+BENCH="$BENCH --peak-tflops 989 --chunk ${CHUNK:-64} --batch $BATCH"
 if [ -f runs/dct_quality/scene_counter_q75.pt ] || [ "${COUNTER:-0}" = 1 ]; then
     BENCH="$BENCH --counter"
 fi
