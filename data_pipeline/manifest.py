@@ -118,6 +118,11 @@ def parse_manifest(text: str, url: str) -> Manifest:
     for key in ("source", "codec", "shards"):
         _require(key in data, url, f"missing field {key!r}")
     _require(isinstance(data["shards"], list) and data["shards"], url, "field 'shards' must be a non-empty list")
+    extra = data.get("extra", {})
+    _require(isinstance(extra, dict), url, "field 'extra' must be an object")
+    stride = extra.get("index_stride")
+    _require(stride is None or (type(stride) is int and stride >= 1), url,
+             f"extra.index_stride must be a positive int, got {stride!r}")
     shards = []
     for i, raw in enumerate(data["shards"]):
         _require(isinstance(raw, dict), url, f"shards[{i}] must be an object")
@@ -134,6 +139,7 @@ def parse_manifest(text: str, url: str) -> Manifest:
         _require(all(type(n) is int and n >= 1 for n in info.lengths), url,
                  f"shards[{i}].lengths must be positive ints")
         _check_encoding(info.encoding, url, f"shards[{i}].encoding")
+        _check_offsets(info, stride, url, f"shards[{i}] ({info.name})")
         shards.append(info)
     listed = [bool(s.lengths) for s in shards]
     if any(listed) and not all(listed):
@@ -141,8 +147,32 @@ def parse_manifest(text: str, url: str) -> Manifest:
                            "samples' sequence lengths or none does")
     base = url.rsplit("/", 1)[0] if "/" in url else "."
     return Manifest(
-        source=data["source"], codec=data["codec"], shards=shards, extra=data.get("extra", {}), url=base
+        source=data["source"], codec=data["codec"], shards=shards, extra=extra, url=base
     )
+
+
+def _check_offsets(info: ShardInfo, stride: int | None, url: str, where: str) -> None:
+    """Readers seek straight to ``offsets[k]`` for sample ``k * stride``: a wrong offset would silently start a
+    shard at the wrong sample, so the index must be one a tar of this shard's size can have."""
+    offsets = info.offsets
+    _require(isinstance(offsets, list) and all(type(o) is int for o in offsets), url,
+             f"{where}: field 'offsets' must be a list of ints")
+    if not offsets:
+        return
+    _require(type(info.bytes) is int and info.bytes > 0, url, f"{where}: field 'bytes' must be a positive int")
+    _require(offsets[0] == 0, url, f"{where}: field 'offsets' must start at 0 (the first sample), got {offsets[0]}")
+    for k in range(1, len(offsets)):
+        _require(offsets[k] > offsets[k - 1], url, f"{where}: field 'offsets' must be strictly increasing, but "
+                 f"offsets[{k}]={offsets[k]} follows offsets[{k - 1}]={offsets[k - 1]}")
+    _require(offsets[-1] < info.bytes, url, f"{where}: field 'offsets' has offsets[{len(offsets) - 1}]="
+             f"{offsets[-1]}, not below the shard's size (bytes={info.bytes})")
+    misaligned = next((k for k, o in enumerate(offsets) if o % 512), None)
+    _require(misaligned is None, url, f"{where}: field 'offsets' has offsets[{misaligned}]="
+             f"{offsets[misaligned or 0]}, not a tar header position (a multiple of 512)")
+    if stride is not None:
+        want = -(-info.count // stride)
+        _require(len(offsets) == want, url, f"{where}: field 'offsets' lists {len(offsets)} positions; {info.count} "
+                 f"samples at extra.index_stride={stride} need {want}")
 
 
 def _check_encoding(encoding: Any, url: str, where: str) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import boto3
 import urllib3.exceptions
+from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
+from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
@@ -33,6 +35,7 @@ from botocore.exceptions import (
     ReadTimeoutError,
     ResponseStreamingError,
 )
+from s3transfer.exceptions import RetriesExceededError
 
 _READ_CHUNK = 256 << 10
 ENDPOINT_ENV_VARS = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL")
@@ -214,6 +217,14 @@ def errors(url: str) -> Iterator[None]:
         raise StorageError(url, f"cannot reach S3 endpoint {describe_endpoint()}: {e}") from e
     except BotoCoreError as e:
         raise StorageError(url, f"S3 request to {describe_endpoint()} failed: {e}") from e
+    except (RetriesExceededError, Boto3RetriesExceededError) as e:
+        # The transfer manager's "Max Retries Exceeded" says neither what nor why; the last error does.
+        raise StorageError(
+            url, f"S3 transfer from {describe_endpoint()} gave up after {_settings.max_attempts} attempts, the last "
+            f"one failing with: {e.last_exception}",
+        ) from e
+    except S3UploadFailedError as e:
+        raise StorageError(url, f"upload to S3 at {describe_endpoint()} failed: {e}") from e
 
 
 def backoff(failures: int) -> float:

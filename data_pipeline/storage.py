@@ -128,6 +128,21 @@ def _local_errors(url: str) -> Iterator[None]:
         raise StorageError(url, f"{e.strerror or e} (errno {e.errno})") from e
 
 
+@contextmanager
+def _download_errors(local_file: str) -> Iterator[None]:
+    """_local_errors for writing a download: a local file that vanishes mid-way (removed by another process) is a
+    local problem, never a StorageNotFoundError, which would read as the object missing from storage."""
+    with _local_errors(local_file):
+        try:
+            yield
+        except FileNotFoundError as e:
+            raise StorageError(
+                local_file,
+                f"the download's partial file {e.filename or ''} vanished before it was complete (removed by another "
+                "process, or its folder deleted?)",
+            ) from e
+
+
 def atomic_write(path: str, fill: Callable[[BinaryIO], None]) -> None:
     """Create ``path`` whole or not at all: ``fill`` writes a temporary file beside it, then os.replace.
 
@@ -230,7 +245,7 @@ def download_file(url: str, local_file: str | os.PathLike[str]) -> None:
     try:
         with _local_errors(local_file):
             os.makedirs(directory, exist_ok=True)
-        with _local_errors(local_file):
+        with _download_errors(local_file):
             s3.download_file(url, tmp)
             os.replace(tmp, local_file)
     finally:

@@ -13,7 +13,7 @@ import os
 import tarfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
 from torch.utils.data import DataLoader, IterableDataset
@@ -81,7 +81,9 @@ class ShardOpener:
         self.reported: set[int] = set()
         self._cache: storage.ShardCache | None = None
 
-    def _local_path(self, i: int) -> str:
+    def _open(self, i: int) -> BinaryIO:
+        """Shard ``i`` opened for reading; remote shards through the cache's open(), which fetches again if another
+        process evicts the entry before it is opened."""
         url = self.manifest.shard_url(i)
         info = self.manifest.shards[i]
         if storage.is_remote(url):
@@ -89,7 +91,7 @@ class ShardOpener:
                 cache_dir = self.config.cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "dgm", "shards")
                 self._cache = storage.ShardCache(cache_dir, self.config.cache_max_bytes)
             try:
-                path = self._cache.fetch(url, info.sha256, verify=self.config.verify_sha256)
+                f = self._cache.open(url, info.sha256, verify=self.config.verify_sha256)
             except storage.StorageNotFoundError as e:
                 raise DatasetError(f"shard {url}: missing (listed in the manifest, not in storage)") from e
             except ChecksumMismatchError as e:
@@ -97,8 +99,11 @@ class ShardOpener:
             except storage.StorageError as e:
                 raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
             self.verified.add(i)
-            return path
-        path = url[len("file://") :] if url.startswith("file://") else url
+            return f
+        try:
+            path = storage.local_path(url)
+        except storage.StorageError as e:
+            raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
         if not os.path.exists(path):
             raise DatasetError(f"shard {url}: missing (listed in the manifest, not on disk)")
         if self.config.verify_sha256 and i not in self.verified:
@@ -114,12 +119,14 @@ class ShardOpener:
                     f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {digest.hexdigest()[:12]}...)"
                 )
             self.verified.add(i)
-        return path
+        try:
+            return open(path, "rb")
+        except OSError as e:
+            raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
 
     def samples(self, i: int, offset: int) -> Iterator[dict[str, Any]]:
         """Raw samples of shard ``i`` from member group ``offset`` on; a short or broken shard is a DatasetError."""
         url = self.manifest.shard_url(i)
-        path = self._local_path(i)
         info = self.manifest.shards[i]
         expected = info.count
         stride = int(self.manifest.extra.get("index_stride", 0))
@@ -127,10 +134,7 @@ class ShardOpener:
         if stride and info.offsets:
             k = min(offset // stride, len(info.offsets) - 1)
             seen, start = k * stride, info.offsets[k]
-        try:
-            f = open(path, "rb")
-        except OSError as e:
-            raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
+        f = self._open(i)
         try:
             with f:
                 f.seek(start)
@@ -273,6 +277,12 @@ class _WorkerShares(IterableDataset):
             epoch, first = epoch + 1, 0
 
 
+def _loader_seed(seed: int, state: StreamState) -> int:
+    """The loader's own seed: fixed by the stream seed and the position it starts from, never by other RNG use."""
+    digest = hashlib.sha256(f"dgm-loader\n{seed}\n{state.epoch}\n{state.batch}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") >> 1
+
+
 class RankStream:
     """The micro-batches (lists of decoded samples) of one rank, epoch after epoch, resumable from a StreamState."""
 
@@ -302,7 +312,10 @@ class RankStream:
         if workers == 0:
             yield from shares
             return
-        loader = DataLoader(shares, batch_size=None, num_workers=workers, collate_fn=_as_is)
+        # Starting a loader draws its workers' base seed from a generator: torch's global one by default, which
+        # would shift every later random draw (dropout masks) depending on whether the run was resumed.
+        loader = DataLoader(shares, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                            generator=torch.Generator().manual_seed(_loader_seed(self.config.seed, self.state)))
         pending: list[Share] = []
         for item in loader:
             pending.append(item)
