@@ -11,7 +11,7 @@ from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.checkpoint import CheckpointStore
-from trainer.loop import SUMMARY, RunSpec, train_worker
+from trainer.loop import SUMMARY, RunSpec, check_eval_size, train_worker
 from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, worker_env
 from trainer.typed_config import ConfigError
 
@@ -39,8 +39,8 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     if not cfg.data.train:
         raise ValueError("data.train: no training data set given (a folder or s3:// URL with a manifest.json)")
     load_manifest(cfg.data.train)
-    if cfg.data.eval:
-        load_manifest(cfg.data.eval)
+    if cfg.data.eval:  # refused here, not at the first eval (where every resume would meet it again)
+        check_eval_size(load_manifest(cfg.data.eval), cfg.data.stream.global_batch, cfg.data.eval)
     # every rank checks how the data splits over the world; checked here too, before a cluster starts for nothing
     try:
         check_batch_split(cfg.data.stream.global_batch, cfg.cluster.workers)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -43,7 +45,11 @@ class ZeroConfig:
 
 @dataclass
 class ScheduleConfig:
-    """Linear warm-up then cosine decay to ``min_ratio`` of the peak rate, over ``total_steps``."""
+    """Linear warm-up then cosine decay to ``min_ratio`` of the peak rate, over ``total_steps`` optimizer steps.
+
+    Optimizer step k of the warm-up uses k / warmup_steps of the peak (no step is spent at rate 0), step
+    max(warmup_steps, 1) the peak (warmup_steps=0: the peak from step 1), step total_steps and later ``min_ratio``.
+    """
 
     warmup_steps: int = 50
     total_steps: int = 1000
@@ -54,12 +60,70 @@ class ScheduleConfig:
             raise ValueError(
                 f"schedule needs 0 <= warmup_steps ({self.warmup_steps}) <= total_steps ({self.total_steps})"
             )
+        if not 0 <= self.min_ratio <= 1:
+            raise ValueError(f"schedule.min_ratio must be in [0, 1], got {self.min_ratio}")
+
+    def ratio(self, step: int) -> float:
+        """The fraction of the peak rate optimizer step ``step`` (1-based) uses."""
+        if step <= self.warmup_steps:
+            return max(step, 1) / self.warmup_steps
+        peak_at = max(self.warmup_steps, 1)
+        progress = min(1.0, (step - peak_at) / max(1, self.total_steps - peak_at))
+        return self.min_ratio + (1 - self.min_ratio) * (1 + math.cos(math.pi * progress)) / 2
+
+
+class WarmupCosine:
+    """The ``ScheduleConfig`` rate as a DeepSpeed client scheduler. DeepSpeed's own WarmupCosineLR cannot give it:
+    its warm-up is logarithmic by default, lasts at least 2 steps, and its first two steps run at rate 0.
+
+    The state is DeepSpeed's (``last_batch_iteration``: optimizer steps done - 1), so checkpoints saved under its
+    WarmupCosineLR resume here. Only the position is saved: a resume follows the schedule of its own config.
+    """
+
+    def __init__(self, optimizer: Any, schedule: ScheduleConfig) -> None:
+        self.optimizer, self.schedule = optimizer, schedule
+        self.base_lrs = [float(g["lr"]) for g in optimizer.param_groups]
+        self.last_batch_iteration = -1
+        self._apply()
+
+    def _apply(self) -> None:
+        ratio = self.schedule.ratio(self.last_batch_iteration + 2)  # the step the optimizer takes next
+        self._last_lr = [base * ratio for base in self.base_lrs]
+        for group, lr in zip(self.optimizer.param_groups, self._last_lr, strict=True):
+            group["lr"] = lr
+
+    def step(self, last_batch_iteration: int | None = None) -> None:
+        """After each optimizer step (DeepSpeed calls it; skipped fp16 steps do not count)."""
+        self.last_batch_iteration = self.last_batch_iteration + 1 if last_batch_iteration is None \
+            else last_batch_iteration
+        self._apply()
+
+    def get_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+    def get_last_lr(self) -> list[float]:
+        return list(self._last_lr)
+
+    def state_dict(self) -> dict[str, int]:
+        return {"last_batch_iteration": self.last_batch_iteration}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_batch_iteration = int(state["last_batch_iteration"])
+        self._apply()
+
+
+def lr_scheduler(schedule: ScheduleConfig) -> Callable[[Any], WarmupCosine]:
+    """What ``deepspeed.initialize(lr_scheduler=...)`` takes: it builds the scheduler on the engine's optimizer."""
+    return lambda optimizer: WarmupCosine(optimizer, schedule)
 
 
 def deepspeed_config(
     zero: ZeroConfig, schedule: ScheduleConfig, *, global_batch: int, world_size: int, lr: float
 ) -> dict[str, Any]:
-    """The DeepSpeed config dict for one engine. ``global_batch`` is samples per forward across all ranks."""
+    """The DeepSpeed config dict for one engine. ``global_batch`` is samples per forward across all ranks.
+
+    It names no scheduler: ``schedule`` is given to ``deepspeed.initialize`` as ``lr_scheduler(schedule)``.
+    """
     if global_batch % world_size:
         raise ValueError(f"global batch {global_batch} is not divisible by world size {world_size}")
     micro = global_batch // world_size
@@ -85,15 +149,6 @@ def deepspeed_config(
         "zero_optimization": zopt,
         "zero_allow_untested_optimizer": True,
         "zero_force_ds_cpu_optimizer": False,
-        "scheduler": {
-            "type": "WarmupCosineLR",
-            "params": {
-                "total_num_steps": schedule.total_steps,
-                "warmup_num_steps": max(1, schedule.warmup_steps),  # DeepSpeed refuses 0
-                "warmup_min_ratio": 0.0,
-                "cos_min_ratio": schedule.min_ratio,
-            },
-        },
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
@@ -101,7 +156,7 @@ def deepspeed_config(
         cfg["bf16"] = {"enabled": True}
     elif zero.precision == "fp16":
         cfg["fp16"] = {"enabled": True, "initial_scale_power": zero.fp16_initial_scale_power, "loss_scale_window": 200}
-    del lr  # the learning rate lives in the optimizer the family builds; the scheduler scales it
+    del lr, schedule  # the rate lives in the optimizer the family builds; lr_scheduler(schedule) scales it
     return cfg
 
 

@@ -25,8 +25,9 @@ import shutil
 import tempfile
 import threading
 import uuid
+import zipfile
 from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 import torch
@@ -34,6 +35,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data_pipeline import storage
+from trainer.typed_config import ConfigError, from_dict
 
 log = logging.getLogger(__name__)
 LATEST = "latest"
@@ -272,28 +274,115 @@ class CheckpointStore:
         _publish_dir(path, DOWNLOADED, lambda work: storage.download_dir(storage.join(self.root, tag), work), stamp)
         return path
 
-    def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False) -> CheckpointMeta:
-        """Load every engine's state and this rank's RNG state; check the checkpoint is of this model."""
-        meta = self.read_meta(tag)
+    def check(self, tag: str, meta: CheckpointMeta, *, expect_family: str, engines: list[str] | None = None,
+              zero_stage: int | None = None, model_config: Any = None) -> None:
+        """Refuse a checkpoint of another model before any file of it is read (or converted): another family,
+        other networks, a ZeRO stage DeepSpeed cannot load it into, or another model config (one that keeps the
+        parameter shapes, such as model.transformer.n_head, would load without a word and train nonsense)."""
         where = storage.join(self.root, tag)
         if meta.family != expect_family:
             raise CheckpointError(f"checkpoint {where} is of family {meta.family!r}, this run trains {expect_family!r}")
-        if sorted(meta.engines) != sorted(engines):
+        if engines is not None and sorted(meta.engines) != sorted(engines):
             raise CheckpointError(f"checkpoint {where} has networks {meta.engines}, this model has {sorted(engines)}")
+        if zero_stage is not None and not _stages_compatible(meta.zero_stage, zero_stage):
+            raise CheckpointError(f"checkpoint {where} was saved under ZeRO-{meta.zero_stage}, this run uses "
+                                  f"ZeRO-{zero_stage}: set zero.stage={meta.zero_stage} (DeepSpeed loads a checkpoint "
+                                  "into its own stage only; stages 1 and 2 load each other's)")
+        if model_config is not None and meta.config:  # an empty config: none was recorded
+            changed = _model_changes(meta.config.get("model"), model_config)
+            if changed:
+                raise CheckpointError(
+                    f"checkpoint {where} was trained with another model config ({'; '.join(changed)}): restore "
+                    "those settings, or start fresh with another run_dir or checkpoint_root")
+
+    def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False,
+             zero_stage: int | None = None, model_config: Any = None) -> CheckpointMeta:
+        """Load every engine's state and this rank's RNG state; check the checkpoint is of this model (see
+        ``check``). A file that cannot be read is named as such, not taken for a model that does not fit."""
+        meta = self.read_meta(tag)
+        where = storage.join(self.root, tag)
+        self.check(tag, meta, expect_family=expect_family, engines=sorted(engines), zero_stage=zero_stage,
+                   model_config=model_config)
         path = self.local_copy(tag)
         for name, engine in engines.items():
             load_dir = os.path.join(path, name)
+            ds_tag = "ds_universal" if universal else "ds"
             try:
-                loaded, _ = engine.load_checkpoint(load_dir, tag="ds_universal" if universal else "ds",
-                                                   load_module_strict=True)
-            except (RuntimeError, KeyError, ValueError, AssertionError) as e:
-                raise CheckpointError(f"checkpoint {where}: network {name!r} does not fit this model ({e})") from e
+                loaded, _ = engine.load_checkpoint(load_dir, tag=ds_tag, load_module_strict=True)
+            except Exception as e:
+                bad = _unreadable_file(os.path.join(load_dir, ds_tag))
+                if bad is not None:
+                    raise CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], path)} is unreadable: "
+                                          f"truncated or corrupt ({bad[1]})") from e
+                if isinstance(e, FileNotFoundError):
+                    raise CheckpointError(f"checkpoint {where}: network {name!r}: {e.filename} is missing (an "
+                                          "incomplete checkpoint)") from e
+                if isinstance(e, RuntimeError | KeyError | ValueError | AssertionError):
+                    raise CheckpointError(f"checkpoint {where}: network {name!r} does not fit this model "
+                                          f"({type(e).__name__}: {e})") from e
+                raise
             if loaded is None:
                 raise CheckpointError(f"checkpoint {where}: DeepSpeed found no state for network {name!r}")
         rng_file = os.path.join(path, f"rng-rank{self.rank}.safetensors")
         if meta.world_size == self.world_size and os.path.exists(rng_file):
-            set_rng_state(load_file(rng_file))
+            try:
+                set_rng_state(load_file(rng_file))
+            except Exception as e:
+                raise CheckpointError(f"checkpoint file {where}/{os.path.basename(rng_file)} is unreadable: "
+                                      f"truncated or corrupt ({type(e).__name__}: {e})") from e
         return meta
+
+
+def _stages_compatible(saved: int, now: int) -> bool:
+    """Whether DeepSpeed loads a ZeRO-``saved`` checkpoint into a ZeRO-``now`` engine: only into its own stage,
+    except 1 and 2, whose optimizer state files are alike (checked: 0->1/2 miss files, 3<->any other fails)."""
+    return saved == now or {saved, now} == {1, 2}
+
+
+def _model_changes(saved: Any, now: Any) -> list[str]:
+    """``key: saved -> now`` for each model setting that differs (dotted paths). ``saved`` is the raw mapping a
+    checkpoint recorded; read through ``now``'s config class, so a default written out is no change."""
+    if is_dataclass(now):
+        try:
+            saved = asdict(from_dict(type(now), saved, "model"))
+        except ConfigError as e:
+            return [f"the saved model config does not read as this one: {e}"]
+        now = asdict(now)
+    flat_saved, flat_now = _flatten(saved or {}, "model"), _flatten(now or {}, "model")
+
+    def shown(flat: dict[str, Any], key: str) -> str:
+        return repr(flat[key]) if key in flat else "unset"
+
+    return [f"{k}: {shown(flat_saved, k)} -> {shown(flat_now, k)}" for k in sorted(set(flat_saved) | set(flat_now))
+            if k not in flat_saved or k not in flat_now or flat_saved[k] != flat_now[k]]
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, Mapping):
+        out: dict[str, Any] = {}
+        for k, v in value.items():
+            out.update(_flatten(v, f"{prefix}.{k}"))
+        return out
+    return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _unreadable_file(folder: str) -> tuple[str, str] | None:
+    """The first of DeepSpeed's files under ``folder`` that is not a whole torch archive, and why (every byte
+    read and CRC-checked: only called once a load has failed, to tell a damaged file from a model that does
+    not fit)."""
+    for dirpath, _, files in sorted(os.walk(folder)):
+        for name in sorted(files):
+            if not name.endswith(".pt"):
+                continue
+            file = os.path.join(dirpath, name)
+            try:
+                with zipfile.ZipFile(file) as z:
+                    bad = z.testzip()
+                if bad is not None:
+                    return file, f"member {bad} fails its CRC check"
+            except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
+                return file, f"{type(e).__name__}: {e}"
+    return None
 
 
 def _stamp_of(folder: str, marker: str) -> str | None:

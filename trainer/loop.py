@@ -8,11 +8,13 @@ Rank 0 writes progress lines, TensorBoard scalars, ``metrics.jsonl`` and sample 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -23,11 +25,19 @@ from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
 from sharding.sample_order import StreamState
-from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory
-from trainer.checkpoint import CheckpointError, CheckpointMeta, CheckpointStore, to_universal
+from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory, lr_scheduler
+from trainer.checkpoint import (
+    CheckpointError,
+    CheckpointMeta,
+    CheckpointStore,
+    rng_state,
+    set_rng_state,
+    to_universal,
+)
 from trainer.families import family_class
 from trainer.families.base import Family, OptimConfig, StepContext
 from trainer.images import save_grid
+from trainer.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
 SUMMARY = "summary.json"  # rank 0's end-of-run figures (Ray Train keeps reported metrics only with checkpoints)
@@ -58,7 +68,9 @@ class TrainerConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
     def __post_init__(self) -> None:
-        for name in ("steps", "log_every", "eval_every", "sample_every", "checkpoint_every", "keep_checkpoints"):
+        # eval_batches=0 would write eval records of no metrics; num_samples=0 a grid of no images
+        for name in ("steps", "log_every", "eval_every", "eval_batches", "sample_every", "num_samples",
+                     "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.on_data_change not in ("error", "next_epoch"):
@@ -103,7 +115,27 @@ def resume_position(saved: dict[str, Any], now: dict[str, Any], state: StreamSta
         raise CheckpointError(f"checkpoint {where} was trained on another sample order ({said}): its position "
                               f"(epoch {state.epoch}, batch {state.batch}) would repeat or skip data. Restore "
                               "the settings, or set trainer.on_data_change=next_epoch to go on from the next epoch")
-    return StreamState(state.epoch + 1, 0)
+    # at batch 0 of an epoch nothing of it was trained on yet: that epoch is the next one
+    return StreamState(state.epoch + (1 if state.batch else 0), 0)
+
+
+def check_eval_size(manifest: Manifest, global_batch: int, url: str) -> None:
+    """The eval stream lays out whole global batches (the last one padded), so a held-out set needs at least one.
+    Checked before any training: found at the first eval, it would fail every resume of the run as well."""
+    if manifest.total < global_batch:
+        raise ConfigError(f"data.eval: {url} has {manifest.total} samples, fewer than one global batch of "
+                          f"data.stream.global_batch={global_batch}: give a larger held-out set or a smaller batch")
+
+
+@contextlib.contextmanager
+def rng_untouched() -> Iterator[None]:
+    """Eval and sample grids leave the RNG as they found it: a checkpoint saved just before them resumes into the
+    same steps as the run that went on after them."""
+    state = rng_state()
+    try:
+        yield
+    finally:
+        set_rng_state(state)
 
 
 def data_info(manifest: Manifest) -> dict[str, Any]:
@@ -149,6 +181,7 @@ class Reporter:
                                         purge_step=first_step + 1 if first_step else None)
             path = os.path.join(run_dir, "metrics.jsonl")
             _drop_records_after(path, first_step)
+            _end_with_newline(path)
             self.jsonl = open(path, "a")
 
     def scalars(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
@@ -196,6 +229,26 @@ def _drop_records_after(path: str, step: int) -> None:
         os.replace(tmp, path)
 
 
+def _end_with_newline(path: str) -> None:
+    """A record cut short by a crash (no newline) would glue itself to the next one appended: drop it if it is
+    not whole JSON, else end it."""
+    if not os.path.exists(path) or not os.path.getsize(path):
+        return
+    with open(path, "rb+") as f:
+        f.seek(-1, os.SEEK_END)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        start = data.rfind(b"\n") + 1
+        try:
+            json.loads(data[start:])
+        except ValueError:
+            f.truncate(start)
+            return
+        f.write(b"\n")
+
+
 def _record_pid(run_dir: str, rank: int) -> None:
     """<run_dir>/workers/rank<r>.pid: which process serves which rank (for operators, and the worker-loss test)."""
     folder = os.path.join(run_dir, "workers")
@@ -215,17 +268,20 @@ def build_engines(family: Family, spec: RunSpec, world: int, universal: bool) ->
                                   world_size=world, lr=spec.trainer.optim.lr)
         if universal:
             ds_cfg["checkpoint"] = {"load_universal": True}
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizers[name], config=ds_cfg)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizers[name], config=ds_cfg,
+                                               lr_scheduler=lr_scheduler(spec.trainer.schedule))
         engines[name] = engine
     return engines
 
 
-def _resume_point(store: CheckpointStore, world: int, rank: int) -> tuple[str | None, bool]:
-    """The tag to resume from, and whether it needs the universal format (saved at another world size)."""
+def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) -> tuple[str | None, bool]:
+    """The tag to resume from, and whether it needs the universal format (saved at another world size). A
+    checkpoint of another model is refused here, before any conversion or engine."""
     tag = store.latest()
     if tag is None:
         return None, False
     meta = store.read_meta(tag)
+    store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage, model_config=spec.model)
     universal = meta.world_size != world
     if universal:
         if meta.zero_stage == 0:
@@ -318,11 +374,13 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         torch.utils.deterministic.fill_uninitialized_memory = False
     manifest = load_manifest(spec.train_data)
     eval_manifest = load_manifest(spec.eval_data) if spec.eval_data else None
+    if eval_manifest is not None:
+        check_eval_size(eval_manifest, spec.stream.global_batch, spec.eval_data)
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
     family = family_class(spec.family)(spec.model, data_info(manifest))
     store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,
                             staging=os.path.join(spec.run_dir, ".staging"), async_upload=cfg.async_checkpoint_upload)
-    tag, universal = _resume_point(store, world, rank)
+    tag, universal = _resume_point(store, world, rank, spec)
     engines = build_engines(family, spec, world, universal)
     if rank == 0:
         for name, e in engines.items():
@@ -332,7 +390,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     step, state = 0, StreamState()
     order = sample_order(manifest, spec.stream)
     if tag is not None:
-        meta = store.load(tag, engines, expect_family=spec.family, universal=universal)
+        meta = store.load(tag, engines, expect_family=spec.family, universal=universal, zero_stage=spec.zero.stage,
+                          model_config=spec.model)
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
         resumed = resume_position(meta.order, order, state, f"{store.root}/{tag}", cfg.on_data_change)
         if rank == 0:
@@ -369,15 +428,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             reporter.scalars(step, "train", metrics)
             if step % cfg.log_every == 0 or step == cfg.steps:
                 reporter.progress(step, metrics)
-            if eval_manifest is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode, device)
-                reporter.scalars(step, "eval", ev)
-                if rank == 0:
-                    print("[eval] step {} {}".format(step, " ".join(f"{k} {v:.4f}" for k, v in ev.items())),
-                          flush=True)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                _samples(family, engines, spec, step, rank)
             stopping = bool(spec.stop_after) and done_here >= spec.stop_after  # checked before the next batch
+            # The checkpoint first: an eval or sample grid that fails must not take this step's checkpoint with it
             if step % cfg.checkpoint_every == 0 or step == cfg.steps or stopping:
                 meta = CheckpointMeta(step=step, stream_state=stream.state.to_dict(), world_size=world,
                                       family=spec.family, engines=sorted(engines), zero_stage=spec.zero.stage,
@@ -386,6 +438,16 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                 if rank == 0:
                     note = " (uploading in the background)" if store.remote and store.async_upload else ""
                     print(f"[checkpoint] {store.root}/{saved}{note}", flush=True)
+            if eval_manifest is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                with rng_untouched():
+                    ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode, device)
+                reporter.scalars(step, "eval", ev)
+                if rank == 0:
+                    print("[eval] step {} {}".format(step, " ".join(f"{k} {v:.4f}" for k, v in ev.items())),
+                          flush=True)
+            if step % cfg.sample_every == 0 or step == cfg.steps:
+                with rng_untouched():
+                    _samples(family, engines, spec, step, rank)
             if stopping:
                 break
         store.wait()

@@ -51,15 +51,12 @@ def quiet_worker_noise() -> None:
     - The embedded cluster runs without the dashboard, so without Ray's state API, which Ray Train's placement-group
       cleaner polls every second, warning each time (hundreds of lines a run). Its job, removing a dead
       controller's placement group, is done there by the cluster ending with the driver.
-    - DeepSpeed's ZeRO-2 calls torch's deprecated ``all_gather_into_tensor`` spelling, a FutureWarning per rank,
-      and its WarmupCosineLR reads its own learning rate while it is built, a WARNING per rank."""
+    - DeepSpeed's ZeRO-2 calls torch's deprecated ``all_gather_into_tensor`` spelling, a FutureWarning per rank."""
     import logging
     import warnings
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
-    logging.getLogger("DeepSpeed").addFilter(
-        lambda record: "get learning rate from scheduler before it has started" not in record.getMessage())
 
 
 def absolute(url: str) -> str:

@@ -1,0 +1,223 @@
+"""The training spine's edges: the LR schedule DeepSpeed really applies, a held-out set smaller than a batch, the
+checkpoint saved before a failing eval, damaged checkpoint files, resumes under another ZeRO stage or model
+config, the next-epoch resume, trainer settings, and a metrics record cut short. Real DeepSpeed, one rank
+in-process (a file:// gloo group of world 1)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+from data_pipeline.manifest import load_manifest
+from launch.config import load_config
+from launch.train import run_spec, run_training
+from sharding.sample_order import StreamState
+from trainer.checkpoint import CheckpointError, CheckpointStore
+from trainer.families import family_class
+from trainer.loop import (
+    Reporter,
+    RunSpec,
+    TrainerConfig,
+    build_engines,
+    data_info,
+    resume_position,
+    rng_untouched,
+    train_worker,
+)
+from trainer.typed_config import ConfigError
+
+pytestmark = pytest.mark.slow
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIG = os.path.join(ROOT, "configs", "digits_igpt.yaml")
+STEP2 = "step-00000002"
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory, one_thread_module) -> Iterator[None]:
+    """One rank's process group in this process; DeepSpeed adopts it (as it adopts Ray's)."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    init = tmp_path_factory.mktemp("pg") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    env = pytest.MonkeyPatch()
+    env.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine asks for it
+    yield
+    env.undo()
+    dist.destroy_process_group()
+    ds_comm.cdb = None  # DeepSpeed's handle on the group just destroyed: a later init_distributed starts over
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def spec_of(run_dir, data, *extra: str, eval_data: str | None = None) -> RunSpec:
+    overrides = [
+        f"run_dir={run_dir}", f"data.train={data['train']}", f"data.eval={eval_data or data['holdout']}", "name=t",
+        "trainer.steps=2", "trainer.eval_every=2", "trainer.sample_every=2", "trainer.checkpoint_every=2",
+        "trainer.eval_batches=1", "trainer.num_samples=1", "trainer.schedule.total_steps=12",
+        "trainer.schedule.warmup_steps=2", "trainer.deterministic=false", "data.stream.global_batch=16",
+        "data.stream.shuffle_block=16", "model.transformer.n_layer=1", "model.transformer.d_model=16",
+        "model.transformer.n_head=2", "cluster.workers=1", *extra,
+    ]
+    cfg, raw = load_config(CONFIG, overrides)
+    return run_spec(cfg, raw)
+
+
+def engines_of(spec: RunSpec) -> dict:
+    family = family_class(spec.family)(spec.model, data_info(load_manifest(spec.train_data)))
+    return build_engines(family, spec, world=1, universal=False)
+
+
+@pytest.mark.parametrize("warmup", [0, 4])
+def test_the_engines_run_a_linear_warmup_then_cosine_from_the_first_step(world1, digits_data, tmp_path, warmup):
+    """DeepSpeed's WarmupCosineLR warmed up logarithmically and ran optimizer steps 1 and 2 at rate 0."""
+    spec = spec_of(tmp_path, digits_data, f"trainer.schedule.warmup_steps={warmup}", "trainer.optim.lr=1.0",
+                   "trainer.schedule.min_ratio=0.1")
+    engine = engines_of(spec)["model"]
+    used = []
+    for _ in range(14):
+        used.append(engine.optimizer.param_groups[0]["lr"])  # what the next optimizer step uses
+        engine.backward(sum(p.sum() for p in engine.module.parameters()))
+        engine.step()
+    peak_at = max(warmup, 1)
+    cosine = [0.1 + 0.9 * (1 + math.cos(math.pi * (k - peak_at) / (12 - peak_at))) / 2 for k in range(peak_at, 13)]
+    want = [k / warmup for k in range(1, warmup)] + cosine + [0.1, 0.1]
+    assert used == pytest.approx(want, abs=1e-9)
+    assert used[0] == (1.0 if warmup == 0 else 0.25)
+
+
+def test_an_eval_set_smaller_than_one_global_batch_is_refused_before_training(world1, digits_data, tmp_path,
+                                                                              monkeypatch):
+    import launch.train
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the eval set was checked")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+    holdout = digits_data["holdout"]
+    message = rf"data.eval: {holdout} has 359 samples, fewer than one global batch of data.stream.global_batch=400"
+    cfg, raw = load_config(CONFIG, [f"data.train={digits_data['train']}", f"data.eval={holdout}",
+                                    f"run_dir={tmp_path}", "data.stream.global_batch=400", "cluster.workers=1"])
+    with pytest.raises(ConfigError, match=message):
+        run_training(cfg, raw)
+    # the workers check it too (torchrun starts them without `dgm train`), before any engine or step
+    with pytest.raises(ConfigError, match=message):
+        train_worker(spec_of(tmp_path, digits_data, "data.stream.global_batch=400"))
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+@pytest.fixture(scope="module")
+def crashed_run(world1, digits_data, tmp_path_factory) -> tuple[str, Exception]:
+    """Two steps whose eval at step 2 fails (its shards are gone); the checkpoint of step 2 is due there too."""
+    root = tmp_path_factory.mktemp("crashed")
+    broken_eval = str(root / "eval")
+    shutil.copytree(digits_data["holdout"], broken_eval)
+    for name in os.listdir(broken_eval):
+        if name.endswith(".tar"):
+            os.remove(os.path.join(broken_eval, name))
+    run = str(root / "run")
+    with pytest.raises(Exception) as failed:
+        train_worker(spec_of(run, digits_data, eval_data=broken_eval))
+    return run, failed.value
+
+
+def test_the_checkpoint_is_saved_before_a_failing_eval(crashed_run):
+    run, error = crashed_run
+    assert ".tar" in str(error)  # it failed where meant to: reading the eval shards
+    assert CheckpointStore(os.path.join(run, "checkpoints")).latest() == STEP2
+
+
+def test_eval_and_sample_grids_leave_the_training_rng_alone():
+    torch.manual_seed(3)
+    expected = torch.rand(4)
+    torch.manual_seed(3)
+    with rng_untouched():
+        torch.rand(100)
+    assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("zero.stage=3", r"was saved under ZeRO-2, this run uses ZeRO-3: set zero.stage=2"),
+    ("model.transformer.n_head=4", r"was trained with another model config \(model.transformer.n_head: 2 -> 4\): "
+                                   r"restore those settings, or start fresh"),
+])
+def test_a_resume_under_another_zero_stage_or_model_config_is_refused(crashed_run, digits_data, override, message):
+    """n_head keeps every parameter shape: DeepSpeed loaded such a checkpoint without a word."""
+    run, _ = crashed_run
+    with pytest.raises(CheckpointError, match=message):
+        train_worker(spec_of(run, digits_data, override))
+
+
+@pytest.fixture
+def damaged(crashed_run, tmp_path) -> str:
+    """A copy of the crashed run's checkpoint root, to damage."""
+    root = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(crashed_run[0], "checkpoints"), root)
+    return root
+
+
+@pytest.mark.parametrize("file, keep", [
+    ("model/ds/mp_rank_00_model_states.pt", 5000),
+    ("model/ds/zero_pp_rank_0_mp_rank_00_optim_states.pt", 3000),
+    ("rng-rank0.safetensors", 100),
+])
+def test_a_truncated_checkpoint_file_is_named(damaged, digits_data, tmp_path, file, keep):
+    path = os.path.join(damaged, STEP2, file)
+    os.truncate(path, keep)
+    spec = spec_of(tmp_path, digits_data)
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {damaged}/{STEP2}/{file} is unreadable: truncated or "
+                                              "corrupt"):
+        CheckpointStore(damaged).load(STEP2, engines_of(spec), expect_family="image_gpt", zero_stage=2,
+                                      model_config=spec.model)
+
+
+def test_a_shape_mismatch_still_does_not_fit_and_zero_1_loads_zero_2(damaged, digits_data, tmp_path):
+    wider = spec_of(tmp_path, digits_data, "model.transformer.d_model=32")
+    with pytest.raises(CheckpointError, match=r"(?s)network .model. does not fit this model \(RuntimeError: .*size mismatch"):
+        CheckpointStore(damaged).load(STEP2, engines_of(wider), expect_family="image_gpt")
+    stage1 = spec_of(tmp_path, digits_data, "zero.stage=1")
+    meta = CheckpointStore(damaged).load(STEP2, engines_of(stage1), expect_family="image_gpt", zero_stage=1,
+                                         model_config=stage1.model)
+    assert meta.step == 2 and meta.zero_stage == 2
+
+
+def test_next_epoch_after_an_epoch_boundary_does_not_skip_an_epoch():
+    saved = {"data": "100 samples, shards ab", "seed": 0}
+    changed = {**saved, "seed": 1}
+    assert resume_position(saved, changed, StreamState(3, 0), "ckpt", "next_epoch") == StreamState(3, 0)
+    assert resume_position(saved, changed, StreamState(3, 1), "ckpt", "next_epoch") == StreamState(4, 0)
+
+
+@pytest.mark.parametrize("name", ["eval_batches", "num_samples"])
+def test_eval_batches_and_num_samples_must_be_positive(name):
+    with pytest.raises(ValueError, match=rf"trainer.{name} must be >= 1, got 0"):
+        TrainerConfig(**{name: 0})
+    with pytest.raises(ConfigError, match=rf"trainer.{name} must be >= 1, got 0"):
+        load_config(CONFIG, [f"trainer.{name}=0"])
+
+
+def test_a_metrics_record_cut_short_is_dropped_not_glued_to_the_next(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = json.dumps({"step": 1, "split": "train", "loss": 2.0}) + "\n"
+    path.write_text(whole + '{"step": 2, "split": "tr')  # the crash came mid-write
+    reporter = Reporter(str(tmp_path), total_steps=4, global_batch=8, enabled=True, first_step=1)
+    reporter.scalars(2, "train", {"loss": 1.5})
+    reporter.close()
+    records = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in records] == [(1, 2.0), (2, 1.5)]
+    # a whole record that only lost its newline is kept, and ended
+    path.write_text(whole.rstrip("\n"))
+    Reporter(str(tmp_path), total_steps=4, global_batch=8, enabled=True, first_step=1).close()
+    assert path.read_text() == whole
