@@ -4,6 +4,7 @@ PY := $(VENV)/bin/python
 DGM := $(VENV)/bin/dgm
 STAMP := $(VENV)/.dgm-installed
 DEMO_CONFIG ?= configs/demo.yaml
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export DS_ACCELERATOR ?= cpu
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED ?= 0
@@ -13,8 +14,9 @@ export RAY_USAGE_STATS_ENABLED ?= 0
 $(STAMP): pyproject.toml setup.py $(wildcard data_pipeline/codecs/*.c data_pipeline/codecs/*.h)
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first and pinned: a CPU wheel; an unpinned torch would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch first, pinned, from PyTorch's CPU index: PyPI's Linux torch pulls multi-GB CUDA packages. Where that index
+	# cannot be reached (an offline mirror holding the CPU wheel), pip says so once and goes on.
+	$(PY) -m pip install -q --retries 0 --extra-index-url $(TORCH_INDEX) torch==2.13.0
 	# A kernel built by an earlier layout (per-version name) would shadow the fresh stable-ABI build.
 	rm -f data_pipeline/codecs/_dct_kernel.*.so
 	$(PY) -m pip install -q -e ".[test]"

@@ -53,9 +53,9 @@ class StreamConfig:
 
     def __post_init__(self) -> None:
         if self.on_corrupt not in ("error", "skip"):
-            raise ValueError(f"data.on_corrupt must be 'error' or 'skip', got {self.on_corrupt!r}")
+            raise ValueError(f"data.stream.on_corrupt must be 'error' or 'skip', got {self.on_corrupt!r}")
         if self.num_workers < 0:
-            raise ValueError(f"data.num_workers must be >= 0, got {self.num_workers}")
+            raise ValueError(f"data.stream.num_workers must be >= 0, got {self.num_workers}")
         for name in ("global_batch", "partitions", "shuffle_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.stream.{name} must be >= 1, got {getattr(self, name)}")

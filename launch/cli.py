@@ -117,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    """Torch only: load an export, draw samples, write a PNG grid."""
+    """No DeepSpeed or Ray: load an export, draw samples, write a PNG grid."""
     import torch
 
     from trainer.export import load_export_url
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="stop after this many steps of this invocation, saving a checkpoint there to resume from")
     commands["train"] = cmd_train
 
-    p = sub.add_parser("export", help="checkpoint -> safetensors + config.json loadable with torch alone",
+    p = sub.add_parser("export", help="checkpoint -> safetensors + config.json loadable without DeepSpeed or Ray",
                        description="Consolidates the ZeRO partitions of the latest (or --tag) checkpoint.",
                        epilog=EPILOG)
     _add_config_args(p)
@@ -272,8 +272,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tag", default=None, help="checkpoint tag such as step-00000200 (default: latest)")
     commands["export"] = cmd_export
 
-    p = sub.add_parser("sample", help="draw samples from an export into a PNG grid (torch only)",
-                       description="Loads an export folder with torch alone and writes a grid of samples.")
+    p = sub.add_parser("sample", help="draw samples from an export into a PNG grid (no DeepSpeed or Ray)",
+                       description="Loads an export folder (no DeepSpeed or Ray) and writes a grid of samples.")
     p.add_argument("export", help="export folder written by `dgm export`")
     p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png; ./samples.png for s3://)")
     p.add_argument("--n", type=positive(int), default=None,

@@ -1,4 +1,5 @@
-"""`dgm export`: a training checkpoint -> an export folder (safetensors + config.json) that torch alone loads."""
+"""`dgm export`: a training checkpoint -> an export folder (safetensors + config.json) loadable without DeepSpeed
+or Ray."""
 
 from __future__ import annotations
 

@@ -179,7 +179,7 @@ def rank_partitions(partitions: int, world_size: int, rank: int) -> range:
         raise OrderError(f"rank {rank} is not in a world of size {world_size}")
     if partitions % world_size:
         raise OrderError(
-            f"world size {world_size} does not divide data.partitions={partitions}; pick a partition count that"
+            f"world size {world_size} does not divide data.stream.partitions={partitions}; pick a partition count that"
             " every world size you plan to use divides (the default 12 serves 1, 2, 3, 4, 6 and 12 ranks)"
         )
     per = partitions // world_size

@@ -47,7 +47,7 @@ def test_overrides_are_typed_and_nested():
     ("model.transformer.n_layer=-1", r"model.transformer: n_layer must be >= 1, got -1"),
     ("model.transformer.d_model=-128", r"model.transformer: d_model must be >= 1, got -128"),
     ("model.transformer.dropout=1.0", r"model.transformer: dropout must be in \[0, 1\), got 1.0"),
-    ("data.stream.on_corrupt=maybe", r"data.stream: data.on_corrupt must be 'error' or 'skip'"),
+    ("data.stream.on_corrupt=maybe", r"data.stream: data.stream.on_corrupt must be 'error' or 'skip'"),
     ("family=nope", r"family: unknown family 'nope'"),
     ("cluster.use_gpu=3", r"cluster.use_gpu: expected true/false"),
     ("trainer", r"override 'trainer': expected key.path=value"),
@@ -165,7 +165,7 @@ def test_train_checks_the_data_split_over_the_workers_before_starting_ray(digits
 
     for override, message in [
         ("data.stream.global_batch=33", "cluster.workers=2: global batch 33 is not divisible by world size 2"),
-        ("data.stream.partitions=9", "cluster.workers=2: world size 2 does not divide data.partitions=9"),
+        ("data.stream.partitions=9", "cluster.workers=2: world size 2 does not divide data.stream.partitions=9"),
     ]:
         cfg, raw = load_config(DIGITS, [f"data.train={digits_data['train']}", "data.eval=",
                                         f"run_dir={tmp_path}", "cluster.workers=2", override])

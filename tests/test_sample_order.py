@@ -96,7 +96,7 @@ def test_rank_slices_rebuild_the_global_batch(world, workers):
 
 
 def test_bad_requests_are_named():
-    with pytest.raises(OrderError, match="does not divide data.partitions"):
+    with pytest.raises(OrderError, match="does not divide data.stream.partitions"):
         rank_partitions(12, 5, 0)
     with pytest.raises(OrderError, match="not divisible by world size"):
         check_batch_split(24, 5)

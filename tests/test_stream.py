@@ -238,7 +238,7 @@ def test_unknown_scheme_and_unreachable_s3_are_named(monkeypatch):
 
 
 def test_world_size_must_divide_partitions(digits):
-    with pytest.raises(OrderError, match="does not divide data.partitions"):
+    with pytest.raises(OrderError, match="does not divide data.stream.partitions"):
         rank_batches(digits, stream_cfg(global_batch=25), 0, 5)
 
 

@@ -1,4 +1,4 @@
-"""Exports: one safetensors file plus config.json (and a family's extra files) that torch alone can load.
+"""Exports: one safetensors file plus config.json (and a family's extra files) that load without DeepSpeed or Ray.
 
 Writing streams tensors into the file one at a time (the safetensors layout is an 8-byte header length, a JSON
 header of dtypes, shapes and offsets, then raw little-endian bytes), so an export never holds two full copies of

@@ -1,6 +1,6 @@
 """Plain data -> typed dataclass configs, rejecting unknown keys and wrong types with the key's full path.
 
-Used by the `dgm` configs and by the export loader (which must rebuild a family's config with torch alone).
+Used by the `dgm` configs and by the export loader (which rebuilds a family's config without DeepSpeed or Ray).
 """
 
 from __future__ import annotations
