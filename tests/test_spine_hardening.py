@@ -151,13 +151,24 @@ def test_eval_and_sample_grids_leave_the_training_rng_alone():
 @pytest.mark.parametrize("override, message", [
     ("zero.stage=3", r"was saved under ZeRO-2, this run uses ZeRO-3: set zero.stage=2"),
     ("model.transformer.n_head=4", r"was trained with another model config \(model.transformer.n_head: 2 -> 4\): "
-                                   r"restore those settings, or start fresh"),
+                                   r"restore those settings, start fresh.*trainer.on_model_change=warn"),
 ])
 def test_a_resume_under_another_zero_stage_or_model_config_is_refused(crashed_run, digits_data, override, message):
     """n_head keeps every parameter shape: DeepSpeed loaded such a checkpoint without a word."""
     run, _ = crashed_run
     with pytest.raises(CheckpointError, match=message):
         train_worker(spec_of(run, digits_data, override))
+
+
+def test_a_model_setting_that_keeps_the_networks_resumes_with_a_warning_when_asked(damaged, digits_data, tmp_path,
+                                                                                   caplog):
+    """trainer.on_model_change=warn: the checkpoint loads into the changed config, and the change is named."""
+    spec = spec_of(tmp_path, digits_data, "model.transformer.n_head=4", "trainer.on_model_change=warn")
+    with caplog.at_level("WARNING", logger="trainer.checkpoint"):
+        meta = CheckpointStore(damaged).load(STEP2, engines_of(spec), expect_family="image_gpt", zero_stage=2,
+                                             model_config=spec.model, on_model_change=spec.trainer.on_model_change)
+    assert meta.step == 2
+    assert "another model config (model.transformer.n_head: 2 -> 4; trainer.on_model_change=warn)" in caplog.text
 
 
 @pytest.fixture

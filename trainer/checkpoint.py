@@ -275,7 +275,7 @@ class CheckpointStore:
         return path
 
     def check(self, tag: str, meta: CheckpointMeta, *, expect_family: str, engines: list[str] | None = None,
-              zero_stage: int | None = None, model_config: Any = None) -> None:
+              zero_stage: int | None = None, model_config: Any = None, on_model_change: str = "error") -> None:
         """Refuse a checkpoint of another model before any file of it is read (or converted): another family,
         other networks, a ZeRO stage DeepSpeed cannot load it into, or another model config (one that keeps the
         parameter shapes, such as model.transformer.n_head, would load without a word and train nonsense)."""
@@ -290,19 +290,25 @@ class CheckpointStore:
                                   "into its own stage only; stages 1 and 2 load each other's)")
         if model_config is not None and meta.config:  # an empty config: none was recorded
             changed = _model_changes(meta.config.get("model"), model_config)
-            if changed:
+            if changed and on_model_change == "warn":
+                log.warning("resuming checkpoint %s under another model config (%s; trainer.on_model_change=warn)",
+                            where, "; ".join(changed))
+            elif changed:
                 raise CheckpointError(
                     f"checkpoint {where} was trained with another model config ({'; '.join(changed)}): restore "
-                    "those settings, or start fresh with another run_dir or checkpoint_root")
+                    "those settings, start fresh with another run_dir or checkpoint_root, or, for a setting that "
+                    "leaves the networks as they are (a loss weight, a sampling limit), set "
+                    "trainer.on_model_change=warn")
 
     def load(self, tag: str, engines: Mapping[str, Any], *, expect_family: str, universal: bool = False,
-             zero_stage: int | None = None, model_config: Any = None) -> CheckpointMeta:
+             zero_stage: int | None = None, model_config: Any = None, on_model_change: str = "error"
+             ) -> CheckpointMeta:
         """Load every engine's state and this rank's RNG state; check the checkpoint is of this model (see
         ``check``). A file that cannot be read is named as such, not taken for a model that does not fit."""
         meta = self.read_meta(tag)
         where = storage.join(self.root, tag)
         self.check(tag, meta, expect_family=expect_family, engines=sorted(engines), zero_stage=zero_stage,
-                   model_config=model_config)
+                   model_config=model_config, on_model_change=on_model_change)
         path = self.local_copy(tag)
         for name, engine in engines.items():
             load_dir = os.path.join(path, name)

@@ -50,6 +50,10 @@ class TrainerConfig:
     on_data_change: what a resume does when the checkpoint was trained on another sample order (another data
     set, or other data.stream order settings), where its {epoch, batch} position means other samples: "error"
     refuses; "next_epoch" goes on from the start of the next epoch under the new order.
+    on_model_change: what a resume does when the checkpoint was trained under another model config: "error"
+    refuses (a change that keeps the parameter shapes, such as the number of heads, would load and train
+    nonsense); "warn" resumes with a warning naming the changes (for settings that leave the networks as they
+    are: a loss weight, a schedule, a sampling limit).
     """
 
     steps: int = 500
@@ -64,6 +68,7 @@ class TrainerConfig:
     seed: int = 0
     deterministic: bool = True
     on_data_change: str = "error"
+    on_model_change: str = "error"
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
 
@@ -75,6 +80,8 @@ class TrainerConfig:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
         if self.on_data_change not in ("error", "next_epoch"):
             raise ValueError(f"trainer.on_data_change must be 'error' or 'next_epoch', got {self.on_data_change!r}")
+        if self.on_model_change not in ("error", "warn"):
+            raise ValueError(f"trainer.on_model_change must be 'error' or 'warn', got {self.on_model_change!r}")
 
 
 @dataclass
@@ -281,7 +288,9 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
     if tag is None:
         return None, False
     meta = store.read_meta(tag)
-    store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage, model_config=spec.model)
+    refused = spec.trainer.on_model_change == "error"  # a tolerated change is warned about once, at the load
+    store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage,
+                model_config=spec.model if refused else None)
     universal = meta.world_size != world
     if universal:
         if meta.zero_stage == 0:
@@ -391,7 +400,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     order = sample_order(manifest, spec.stream)
     if tag is not None:
         meta = store.load(tag, engines, expect_family=spec.family, universal=universal, zero_stage=spec.zero.stage,
-                          model_config=spec.model)
+                          model_config=spec.model,
+                          on_model_change=spec.trainer.on_model_change)
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
         resumed = resume_position(meta.order, order, state, f"{store.root}/{tag}", cfg.on_data_change)
         if rank == 0:
