@@ -46,8 +46,8 @@ def bands(sequences: list[np.ndarray], value_range: int) -> dict[str, float]:
     return {k: round(v, 2) for k, v in out.items()}
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The trained unconditional model to read (run 8's config A by default) and the held-out scenes to read it on."""
     p.add_argument("--weights", required=True, help="an unconditional state dict saved by dctransformer_quality.py")
     p.add_argument("--quality", type=int, default=75)
     p.add_argument("--chunk", type=int, default=64)
@@ -55,12 +55,10 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--eval", type=int, default=256, help="held-out scenes (seed 1)")
-    p.add_argument("--samples", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--value-top-p", type=float, default=None)
-    a = p.parse_args()
-    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def load_model(a: argparse.Namespace) -> tuple[DCTCodecConfig, DCTransformerFamily, torch.nn.Module]:
+    """The codec, family and trained network (eval mode, CPU) that ``add_model_args``' arguments name."""
     codec = DCTCodecConfig(resolution=32, quality=a.quality, value_range=256)
     cfg = DCTransformerConfig(chunk_size=a.chunk, encoder=TransformerConfig(n_layer=a.layers, n_head=a.heads,
                                                                              d_model=a.d_model),
@@ -68,7 +66,19 @@ def main() -> None:
     fam = DCTransformerFamily(cfg, {"codec": {"name": "dct", "settings": codec.to_dict()}})
     model = fam.build_modules()["model"]
     model.load_state_dict(torch.load(a.weights, map_location="cpu"))
-    model.eval()
+    return codec, fam, model.eval()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_model_args(p)
+    p.add_argument("--samples", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--value-top-p", type=float, default=None)
+    a = p.parse_args()
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    codec, fam, model = load_model(a)
     _, held = scenes(1, 0, a.eval, codec)
     data = bands([t.astype(np.int64) for t in held], codec.value_range)
     seq, _ = fam.sample_tokens(model, a.samples, torch.Generator().manual_seed(0), temperature=a.temperature,

@@ -24,15 +24,12 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dctransformer_quality import MODELS, scene_stats, scenes, tv  # noqa: E402  (bench/, beside this script)
+from dctransformer_bands import add_model_args, load_model  # noqa: E402  (bench/, beside this script)
+from dctransformer_quality import scene_stats, scenes, tv  # noqa: E402
 from scene_counter import load_or_train  # noqa: E402
 
 from data_pipeline.codecs import dct_codec  # noqa: E402
-from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
-from trainer.dct.model import DecoderSizes  # noqa: E402
 from trainer.dct.sampling import DrawSettings, generate  # noqa: E402
-from trainer.families.dctransformer import DCTransformerConfig, DCTransformerFamily  # noqa: E402
-from trainer.transformer import TransformerConfig  # noqa: E402
 
 
 def mean_count(hist: Counter, n: int) -> float:
@@ -41,24 +38,11 @@ def mean_count(hist: Counter, n: int) -> float:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--weights", required=True, help="an unconditional state dict saved by dctransformer_quality.py")
-    p.add_argument("--quality", type=int, default=75)
-    p.add_argument("--chunk", type=int, default=64)
-    p.add_argument("--d-model", type=int, default=256)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--eval", type=int, default=256, help="held-out scenes (seed 1) to complete")
+    add_model_args(p)
     p.add_argument("--prefixes", type=int, nargs="+", default=[0, 32, 64, 128], help="given triples per scene")
     a = p.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    codec = DCTCodecConfig(resolution=32, quality=a.quality, value_range=256)
-    cfg = DCTransformerConfig(chunk_size=a.chunk, encoder=TransformerConfig(n_layer=a.layers, n_head=a.heads,
-                                                                             d_model=a.d_model),
-                              decoders=DecoderSizes(a.layers, a.layers, a.layers), **MODELS["unconditional"])
-    fam = DCTransformerFamily(cfg, {"codec": {"name": "dct", "settings": codec.to_dict()}})
-    model = fam.build_modules()["model"]
-    model.load_state_dict(torch.load(a.weights, map_location="cpu"))
-    model.eval()
+    codec, fam, model = load_model(a)
     _, held = scenes(1, 0, a.eval, codec)
     counter, validation = load_or_train(a.quality)
     limit = fam.max_triples()
