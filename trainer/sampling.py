@@ -8,8 +8,9 @@ import torch
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top-k and outside the smallest set holding top_p of the mass."""
     if top_k > 0 and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+        # exactly k by index: a threshold on the k-th value would keep every logit tied with it (common in bf16)
+        keep = torch.zeros_like(logits, dtype=torch.bool).scatter(-1, torch.topk(logits, top_k, dim=-1).indices, True)
+        logits = logits.masked_fill(~keep, float("-inf"))
     if top_p < 1.0:
         sorted_logits, idx = torch.sort(logits, descending=True, dim=-1)
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)
@@ -25,8 +26,9 @@ def sample_logits(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """One token per row of ``logits`` ([..., vocab]); temperature 0 means greedy."""
-    if temperature <= 0:
+    """One token per row of ``logits`` ([..., vocab]); temperature 0 means greedy, and so does one below 1e-6 (dividing
+    by it would overflow the logits to inf)."""
+    if temperature < 1e-6:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)
     flat = probs.reshape(-1, probs.shape[-1])

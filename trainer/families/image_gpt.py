@@ -31,6 +31,9 @@ class ImageGPTConfig:
     def __post_init__(self) -> None:
         if not 2 <= self.levels <= 256:
             raise ValueError(f"model.levels must be in 2..256, got {self.levels}")
+        if self.num_classes < (1 if self.class_conditional else 0):
+            raise ValueError(f"model.num_classes must be >= 1 for a class-conditional model (>= 0 otherwise), got "
+                             f"{self.num_classes}")
 
 
 class ImageGPT(nn.Module):
@@ -85,15 +88,29 @@ class ImageGPTFamily(Family):
         return {"model": ImageGPT(self.config, self.seq_len)}
 
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
+        for s in samples:
+            if s["image"].shape != (self.height, self.width, 1):
+                raise ValueError(f"sample {s.get('key', '?')}: image of shape {s['image'].shape}, this model reads "
+                                 f"{self.height}x{self.width}x1 (the training set's): prepare every split alike")
         images = np.stack([s["image"][:, :, 0] for s in samples]).astype(np.float32)
         levels = np.rint(images * (self.config.levels - 1) / 255.0).astype(np.int64)
         unconditional = self.config.num_classes
-        labels = [s.get("label", unconditional) if self.config.class_conditional else unconditional for s in samples]
+        labels = [self._label(s) if self.config.class_conditional else unconditional for s in samples]
         return {
             "pixels": torch.from_numpy(levels.reshape(len(samples), -1)),
             "start": torch.tensor(labels, dtype=torch.long),
             "valid": torch.tensor([bool(s.get("valid", True)) for s in samples]),
         }
+
+    def _label(self, sample: dict[str, Any]) -> int:
+        """A class-conditional model's start token: the sample's label, which must be one of its classes (a missing
+        one would train the unconditional token instead, and leave the class rows that sampling uses untrained)."""
+        label = sample.get("label")
+        if label is None or not 0 <= int(label) < self.config.num_classes:
+            raise ValueError(f"sample {sample.get('key', '?')}: label {label!r}, a class-conditional model with "
+                             f"model.num_classes={self.config.num_classes} needs one in 0..{self.config.num_classes - 1}"
+                             " (keep 'label' in the codec's fields, or set model.class_conditional=false)")
+        return int(label)
 
     def nll(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Mean negative log-likelihood per pixel of every (valid) image, in nats: [B]."""
@@ -140,7 +157,7 @@ class ImageGPTFamily(Family):
                       **options: Any) -> torch.Tensor:
         model = modules["model"]
         device = next(model.parameters()).device
-        labels = self.checked_labels(options.pop("labels", None))
+        labels = self.checked_labels(options.pop("labels", None), n)
         if labels is None:
             labels = [i % self.config.num_classes if self.config.class_conditional else self.config.num_classes
                       for i in range(n)]

@@ -388,7 +388,7 @@ class SLSAGanFamily(Family):
                       **options: Any) -> torch.Tensor:
         """Images: G's samples in [0, 1] (``labels=[...]`` picks artificial labels, ``temperature`` scales z).
         Points: each picture is a 64x64 histogram of ``points_per_image`` samples."""
-        labels = self.checked_labels(options.pop("labels", None))
+        labels = self.checked_labels(options.pop("labels", None), n)
         temperature = float(options.pop("temperature", 1.0))
         # `dgm sample` passes the autoregressive families' knobs; at their neutral values they mean "as is".
         if options.pop("top_k", 0) not in (0, None) or options.pop("top_p", 1.0) not in (1.0, None) or options:
