@@ -26,7 +26,7 @@ import json, os, sys, time
 import numpy as np, torch, deepspeed
 sys.path.insert(0, sys.argv[1])
 from launch.config import load_config
-from sharding.zero import deepspeed_config
+from sharding.zero import deepspeed_config, lr_scheduler
 from trainer.families.image_gpt import ImageGPT
 import torch.nn.functional as F
 from sklearn.datasets import load_digits
@@ -40,7 +40,7 @@ model = ImageGPT(cfg.model, 64)
 opt = torch.optim.AdamW(model.parameters(), lr=cfg.trainer.optim.lr, betas=(0.9, 0.95), weight_decay=0.01)
 ds = deepspeed_config(cfg.zero, cfg.trainer.schedule, global_batch=cfg.data.stream.global_batch, world_size=world,
                       lr=cfg.trainer.optim.lr)
-engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds)
+engine, *_ = deepspeed.initialize(model=model, optimizer=opt, config=ds, lr_scheduler=lr_scheduler(cfg.trainer.schedule))
 d = load_digits()
 pixels = torch.from_numpy(d.images.reshape(len(d.images), -1).astype(np.int64))
 labels = torch.from_numpy(d.target.astype(np.int64))

@@ -71,6 +71,29 @@ def spread(total: int, parts: int) -> list[int]:
     return [((p + 1) * total) // parts - (p * total) // parts for p in range(parts)]
 
 
+def leftover_tails(leftover: int, take: Sequence[int], drop_last: bool) -> list[int]:
+    """Each partition's share of the samples past the last full global batch.
+
+    Kept (no ``drop_last``), they fill the first ``leftover`` slots of one more batch, so partition p gets the part
+    that falls in its own ``take[p]`` slots: never more, or the last batch could not read it all. Dropped, they
+    are split evenly, as every layout before 2026-11-27 did for both (which lost samples without ``drop_last``),
+    so that orders and checkpoints of ``drop_last`` runs are unchanged.
+    """
+    if drop_last:
+        return spread(leftover, len(take))
+    slots = np.concatenate([[0], np.cumsum(take)])
+    total = int(slots[-1])
+    return [int(slots[p + 1] * leftover // total - slots[p] * leftover // total) for p in range(len(take))]
+
+
+def layout_changed(total: int, global_batch: int, partitions: int, drop_last: bool) -> bool:
+    """Whether this epoch layout differs from the one before 2026-11-27 (only without ``drop_last``, and only
+    where the old split of the leftover differed): a checkpoint's position then means other samples."""
+    take = spread(global_batch, partitions)
+    leftover = total % global_batch
+    return not drop_last and leftover_tails(leftover, take, False) != spread(leftover, partitions)
+
+
 class EpochOrder:
     """The layout of one epoch: which samples each partition holds and in what order."""
 
@@ -105,11 +128,7 @@ class EpochOrder:
         self.full_batches = total // global_batch
         leftover = total - self.full_batches * global_batch
         self.num_batches = self.full_batches + (1 if leftover and not drop_last else 0)
-        # The leftover fills the first ``leftover`` slots of one more global batch, so partition p gets the part
-        # of it that falls in its own slots: never more than take[p], or the last batch could not read it all.
-        slots = np.concatenate([[0], np.cumsum(self.take)])
-        tails = [int(slots[p + 1] * leftover // global_batch - slots[p] * leftover // global_batch)
-                 for p in range(partitions)]
+        tails = leftover_tails(leftover, self.take, drop_last)
         # Partition p holds full_batches * take[p] samples, plus its share of the leftover.
         self.lengths = [self.full_batches * t + lt for t, lt in zip(self.take, tails, strict=True)]
         self.real_lengths = [

@@ -1,5 +1,7 @@
 """The global order: a pure function of the data and seed, never of the world size or worker count."""
 
+import hashlib
+
 import pytest
 
 from sharding.sample_order import (
@@ -7,10 +9,13 @@ from sharding.sample_order import (
     OrderError,
     StreamState,
     check_batch_split,
+    layout_changed,
     rank_partitions,
     spread,
     worker_partitions,
 )
+from trainer.checkpoint import CheckpointError
+from trainer.loop import resume_position
 
 COUNTS = [37, 40, 40, 40, 40, 40, 23]  # 260 samples in 7 shards: no world size or worker count divides 7
 
@@ -52,6 +57,28 @@ def test_every_sample_once_for_any_batch_and_leftover(partitions):
                            drop_last=False)
             real = [e for e, valid in epoch_positions(o) if valid]
             assert sorted(real) == list(range(total)), (batch, partitions, total)
+
+
+@pytest.mark.parametrize("counts, batch, digest", [
+    ([1618], 64, "edd3a1b366387fb7"), ([700, 597, 500], 20, "dd5c96fba9463dd0")])
+def test_drop_last_orders_are_those_of_earlier_versions(counts, batch, digest):
+    """The leftover fix changes no drop_last order (digests of the positions the layout before it gave), so their
+    checkpoints resume into the same samples."""
+    o = EpochOrder(counts, seed=5, epoch=1, global_batch=batch, partitions=12, shuffle_block=16, drop_last=True)
+    positions = [p for b in range(o.num_batches) for p in o.global_batch_positions(b)]
+    assert hashlib.sha256(repr(positions).encode()).hexdigest()[:16] == digest
+
+
+def test_a_checkpoint_of_the_old_layout_is_not_resumed_into_other_samples():
+    """Without drop_last the layout changed where the old split of the leftover differed: the order records it,
+    so a position saved under the old one is refused (or, with next_epoch, left at the epoch's end)."""
+    assert layout_changed(1618, 64, 12, drop_last=False)
+    assert not layout_changed(1618, 64, 12, drop_last=True) and not layout_changed(140, 24, 12, drop_last=False)
+    old = {"data": "x", "drop_last": False}
+    with pytest.raises(CheckpointError, match=r"the epoch layout .*: None -> 2026-11-27"):
+        resume_position(old, {**old, "layout": "2026-11-27"}, StreamState(3, 10), "ckpt", "error")
+    assert resume_position(old, {**old, "layout": "2026-11-27"}, StreamState(3, 10), "ckpt",
+                           "next_epoch") == StreamState(4, 0)
 
 
 def test_drop_last_keeps_full_batches_only():

@@ -24,6 +24,7 @@ from trainer.loop import (
     Reporter,
     RunSpec,
     TrainerConfig,
+    apply_schedule,
     build_engines,
     data_info,
     resume_position,
@@ -158,6 +159,15 @@ def test_a_resume_under_another_zero_stage_or_model_config_is_refused(crashed_ru
     run, _ = crashed_run
     with pytest.raises(CheckpointError, match=message):
         train_worker(spec_of(run, digits_data, override))
+
+
+def test_a_resume_runs_its_first_step_at_its_own_schedules_rate(damaged, digits_data, tmp_path):
+    """The optimizer state loaded after the scheduler's position brought back the saved rate for one step."""
+    spec = spec_of(tmp_path, digits_data, "trainer.schedule.warmup_steps=8", "trainer.optim.lr=1.0")
+    engines = engines_of(spec)
+    CheckpointStore(damaged).load(STEP2, engines, expect_family="image_gpt", zero_stage=2, model_config=spec.model)
+    apply_schedule(engines)
+    assert engines["model"].optimizer.param_groups[0]["lr"] == pytest.approx(3 / 8)  # step 3 of an 8-step warm-up
 
 
 def test_a_model_setting_that_keeps_the_networks_resumes_with_a_warning_when_asked(damaged, digits_data, tmp_path,

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
-from sharding.sample_order import StreamState
+from sharding.sample_order import StreamState, layout_changed
 from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory, lr_scheduler
 from trainer.checkpoint import (
     CheckpointError,
@@ -105,9 +105,12 @@ def sample_order(manifest: Manifest, stream: StreamConfig) -> dict[str, Any]:
     """What fixes which samples a stream position {epoch, batch} stands for: the data set's shards and the
     stream's order settings (not the world size or worker count, which never change it)."""
     shards = hashlib.sha256("".join(s.sha256 for s in manifest.shards).encode()).hexdigest()[:16]
-    return {"data": f"{manifest.total} samples, shards {shards}", "global_batch": stream.global_batch,
-            "partitions": stream.partitions, "shuffle_block": stream.shuffle_block,
-            "shuffle_shards": stream.shuffle_shards, "drop_last": stream.drop_last, "seed": stream.seed}
+    order = {"data": f"{manifest.total} samples, shards {shards}", "global_batch": stream.global_batch,
+             "partitions": stream.partitions, "shuffle_block": stream.shuffle_block,
+             "shuffle_shards": stream.shuffle_shards, "drop_last": stream.drop_last, "seed": stream.seed}
+    if layout_changed(manifest.total, stream.global_batch, stream.partitions, stream.drop_last):
+        order["layout"] = "2026-11-27"  # the last batch now keeps every leftover sample; older positions differ
+    return order
 
 
 def resume_position(saved: dict[str, Any], now: dict[str, Any], state: StreamState, where: str,
@@ -116,14 +119,24 @@ def resume_position(saved: dict[str, Any], now: dict[str, Any], state: StreamSta
     changed = {k: (saved.get(k), now[k]) for k in now if saved and saved.get(k) != now[k]}
     if not changed:
         return state
-    said = "; ".join(f"{'the data set' if k == 'data' else 'data.stream.' + k}: {a} -> {b}"
-                     for k, (a, b) in changed.items())
+    names = {"data": "the data set", "layout": "the epoch layout (dgm's, fixed to keep every leftover sample)"}
+    said = "; ".join(f"{names.get(k, 'data.stream.' + k)}: {a} -> {b}" for k, (a, b) in changed.items())
     if on_change == "error":
         raise CheckpointError(f"checkpoint {where} was trained on another sample order ({said}): its position "
                               f"(epoch {state.epoch}, batch {state.batch}) would repeat or skip data. Restore "
                               "the settings, or set trainer.on_data_change=next_epoch to go on from the next epoch")
     # at batch 0 of an epoch nothing of it was trained on yet: that epoch is the next one
     return StreamState(state.epoch + (1 if state.batch else 0), 0)
+
+
+def apply_schedule(engines: dict[str, Any]) -> None:
+    """Set each optimizer's rate from its scheduler: loading a checkpoint brings back the optimizer's saved rates
+    after the scheduler's position, so without this the first step of a resume under a changed schedule (or from a
+    checkpoint of DeepSpeed's own scheduler) would run at the old rate."""
+    for engine in engines.values():
+        sched = getattr(engine, "lr_scheduler", None)
+        if sched is not None:
+            sched.load_state_dict(sched.state_dict())
 
 
 def check_eval_size(manifest: Manifest, global_batch: int, url: str) -> None:
@@ -403,6 +416,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                           model_config=spec.model,
                           on_model_change=spec.trainer.on_model_change)
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
+        apply_schedule(engines)
         resumed = resume_position(meta.order, order, state, f"{store.root}/{tag}", cfg.on_data_change)
         if rank == 0:
             print(f"[train] resumed from {store.root}/{tag} at step {step} (saved by {meta.world_size} ranks, "
