@@ -62,6 +62,7 @@ def __getattr__(name: str) -> Any:
 
 
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
+_MISTYPED = re.compile(r"^(s3|file):(?!//)", re.IGNORECASE)  # s3:/bucket, s3:bucket: a local folder "s3:" otherwise
 _CHUNK = 8 << 20
 
 
@@ -73,6 +74,10 @@ def _scheme(url: str) -> str:
         )
     m = _SCHEME.match(url)
     if m is None:
+        typo = _MISTYPED.match(url)
+        if typo:
+            raise StorageError(url, f"looks like a {typo.group(1).lower()}:// URL with a slash missing (as a path it "
+                                    "would be a local folder of that name)")
         return "local"
     scheme = m.group(1).lower()
     if scheme == "file":

@@ -108,10 +108,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from launch.export import export_checkpoint
+    from launch.run_record import checkpoint_root_of
 
     cfg, _ = _config(args)
     out = args.out or os.path.join(cfg.run_dir, "export")
-    export_checkpoint(cfg.checkpoints, out, args.tag)
+    export_checkpoint(checkpoint_root_of(cfg), out, args.tag)
     print(f"[export] {out}")
     return 0
 

@@ -9,6 +9,7 @@ from typing import Any
 
 from data_pipeline.manifest import load_manifest
 from launch.config import ExperimentConfig
+from launch.run_record import checkpoint_root_of, record_checkpoint_root
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.checkpoint import CheckpointStore
 from trainer.loop import SUMMARY, RunSpec, check_eval_size, train_worker
@@ -19,9 +20,10 @@ __all__ = ["PROJECT_ROOT", "TrainingFailed", "absolute", "ensure_ray", "run_spec
            "worker_env"]
 
 
-def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0) -> RunSpec:
+def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0, checkpoint_root: str = "") -> RunSpec:
     run_dir = os.path.abspath(cfg.run_dir)
-    return RunSpec(run_dir=run_dir, checkpoint_root=absolute(cfg.checkpoints), family=cfg.family, model=cfg.model,
+    return RunSpec(run_dir=run_dir, checkpoint_root=checkpoint_root or absolute(cfg.checkpoints), family=cfg.family,
+                   model=cfg.model,
                    train_data=absolute(cfg.data.train), eval_data=absolute(cfg.data.eval), stream=cfg.data.stream,
                    zero=cfg.zero, trainer=cfg.trainer, config=raw, stop_after=stop_after)
 
@@ -50,13 +52,13 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     if stop_after % cfg.zero.grad_accum:
         raise ConfigError(f"--stop-after {stop_after}: not a multiple of zero.grad_accum={cfg.zero.grad_accum} (the "
                           "checkpoint it saves must fall where the optimizer has just stepped)")
-    spec = run_spec(cfg, raw, stop_after)
+    spec = run_spec(cfg, raw, stop_after, checkpoint_root_of(cfg))
     # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
     CheckpointStore(spec.checkpoint_root).latest()
     if cfg.zero.precision == "fp16" and not cfg.cluster.use_gpu:
         raise ConfigError("zero.precision=fp16: DeepSpeed trains fp16 on GPUs only (cluster.use_gpu=true); on CPUs "
                           "use bf16 or fp32")
-    os.makedirs(spec.run_dir, exist_ok=True)
+    record_checkpoint_root(spec.run_dir, spec.checkpoint_root)
     ensure_ray(cfg.cluster.address, cfg.cluster.object_store_mb)
     if not cfg.cluster.address:
         check_local_resources(cfg)

@@ -64,6 +64,16 @@ def test_unknown_scheme_names_url() -> None:
             call("gs://bucket/key")
 
 
+@pytest.mark.parametrize("url", ["s3:/bucket/ckpt", "S3:bucket", "file:/tmp/x"])
+def test_a_url_missing_a_slash_is_refused_not_taken_for_a_local_folder(url, tmp_path, monkeypatch) -> None:
+    """`checkpoint_root=s3:/bucket/ckpt` used to train a whole run into a local folder named 's3:'."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(StorageError, match=rf"{url}/x: looks like a .*:// URL with a slash missing"):
+        storage.write_bytes(f"{url}/x", b"x")
+    assert not os.listdir(tmp_path)
+    assert not storage.is_remote("s3-notes/x") and not storage.is_remote("C:/data")
+
+
 def test_join_and_kinds() -> None:
     assert storage.join("s3://b", "run", "/ckpt/", "x.pt") == "s3://b/run/ckpt/x.pt"
     assert storage.join("s3://b/run/", "x") == "s3://b/run/x"
