@@ -90,6 +90,12 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
     storage.write_bytes(f"{s3_bucket}/other/data.bin", b"x")
     with pytest.raises(ExportError, match="holds 1 objects and is not an earlier export"):
         check_remote_replaceable(f"{s3_bucket}/other")
+    # a URL that is not an export is one request, named as the URL (it used to download everything under it)
+    with pytest.raises(ExportError, match=rf"^{s3_bucket}/other: not an export \(no config.json\)$"):
+        load_export_url(f"{s3_bucket}/other")
+    storage.write_bytes(f"{url}/model.safetensors", b"garbage")
+    with pytest.raises(ExportError, match=rf"^{url}/model.safetensors: sha256 does not match"):
+        load_export_url(url)
 
 
 def test_a_damaged_export_config_is_named(tmp_path):

@@ -227,15 +227,40 @@ def _summary(problems: list[str], keep: int = 2) -> str:
 
 
 def load_export_url(url: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
-    """``load_export`` for a folder or an s3:// URL: a remote export is downloaded to a temporary folder that is
-    removed once the weights are in memory."""
+    """``load_export`` for a folder or an s3:// URL. A remote export's config.json is read first and only the files it
+    lists are downloaded (a URL that is not an export costs one request, not a download of everything under it),
+    into a temporary folder removed once the weights are in memory; errors name the URL."""
     from data_pipeline import storage
 
     if not storage.is_remote(url):
         return load_export(storage.local_path(url), device)
+    config_url = storage.join(url, CONFIG)
+    try:
+        raw = storage.read_bytes(config_url)
+    except storage.StorageNotFoundError as e:
+        raise ExportError(f"{url}: not an export (no {CONFIG})") from e
+    try:
+        config = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ExportError(f"{config_url}: not valid JSON ({e})") from e
+    files = config.get("files") if isinstance(config, dict) else None
+    if not isinstance(files, dict):
+        raise ExportError(f"{config_url}: 'files' must map each exported file to its sha256")
     tmp = tempfile.mkdtemp(prefix="dgm-export-")
     try:
-        storage.download_dir(url, tmp)
-        return load_export(tmp, device)
+        with open(os.path.join(tmp, CONFIG), "wb") as f:
+            f.write(raw)
+        for name in files:
+            parts = str(name).replace("\\", "/").split("/")
+            if os.path.isabs(name) or ".." in parts:
+                raise ExportError(f"{config_url}: file {name!r} is not a path inside the export folder")
+            try:
+                storage.download_file(storage.join(url, name), os.path.join(tmp, name))
+            except storage.StorageNotFoundError as e:
+                raise ExportError(f"{storage.join(url, name)}: missing from the export") from e
+        try:
+            return load_export(tmp, device)
+        except ExportError as e:
+            raise ExportError(str(e).replace(tmp, url.rstrip("/"))) from e
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
