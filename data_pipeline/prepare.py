@@ -58,6 +58,7 @@ class PrepareConfig:
     tokenizer_vocab_size: int = 0  # > 0: train a caption tokenizer of this size on this split's captions
     tokenizer_from: str = ""  # a dataset URL whose tokenizer.model this split copies (held-out splits)
     overwrite: bool = False  # replace a different complete data set at ``output`` (otherwise refused)
+    verify: bool = False  # re-hash the shards an earlier run finished (S3: a download) and rewrite any that differ
 
     def __post_init__(self) -> None:
         if self.samples_per_shard < 1:
@@ -130,10 +131,11 @@ def _info_url(output: str, plan: ShardPlan) -> str:
     return storage.join(output, plan.name + ".info.json")
 
 
-def finished_info(output: str, plan: ShardPlan) -> ShardInfo | None:
+def finished_info(output: str, plan: ShardPlan, verify: bool = False) -> ShardInfo | None:
     """The info of a shard already written by an earlier run of the same plan, or None (then it is written again):
     also None for a damaged info file or a shard whose size is not the recorded one (truncated, overwritten),
-    so a re-run repairs what it would otherwise list in the manifest with a checksum that cannot match."""
+    so a re-run repairs what it would otherwise list in the manifest with a checksum that cannot match. Bytes
+    changed in place keep the size: ``verify`` re-hashes the shard to find those too."""
     url = _info_url(output, plan)
     shard_url = storage.join(output, plan.name)
     if not storage.exists(url) or not storage.exists(shard_url):
@@ -143,7 +145,9 @@ def finished_info(output: str, plan: ShardPlan) -> ShardInfo | None:
         if not isinstance(data, dict) or data.get("fingerprint") != plan.fingerprint:
             return None
         info = ShardInfo(**data["shard"])
-        return info if storage.size(shard_url) == info.bytes else None
+        if storage.size(shard_url) != info.bytes:
+            return None
+        return info if not verify or storage.sha256_of(shard_url) == info.sha256 else None
     except (ValueError, TypeError, KeyError, storage.StorageError):
         return None
 
@@ -290,7 +294,7 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     infos: dict[int, ShardInfo] = {}
     wants_lengths = hasattr(codec, "sequence_length")
     for plan in plans:
-        info = finished_info(config.output, plan)
+        info = finished_info(config.output, plan, config.verify)
         # shards written without lengths (an older dgm) or with a damaged list are written again
         if info is not None and (len(info.lengths) == info.count if wants_lengths else not info.lengths):
             infos[plan.index] = info

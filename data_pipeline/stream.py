@@ -61,6 +61,9 @@ class StreamConfig:
                 raise ValueError(f"data.stream.{name} must be >= 1, got {getattr(self, name)}")
 
 
+_REPAIR = "; `dgm prepare CONFIG --verify` rewrites a damaged shard of a prepared data set"
+
+
 class ShardUnavailableError(DatasetError):
     """A shard that storage cannot serve now (access denied, outage, missing bucket, unreadable file): not a
     corrupt shard, so data.stream.on_corrupt=skip never skips it (skipping would train on empty batches)."""
@@ -95,7 +98,7 @@ class ShardOpener:
             except storage.StorageNotFoundError as e:
                 raise DatasetError(f"shard {url}: missing (listed in the manifest, not in storage)") from e
             except ChecksumMismatchError as e:
-                raise DatasetError(f"shard {url}: {e.problem}") from e
+                raise DatasetError(f"shard {url}: {e.problem}{_REPAIR}") from e
             except storage.StorageError as e:
                 raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
             self.verified.add(i)
@@ -115,9 +118,8 @@ class ShardOpener:
             except OSError as e:
                 raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
             if digest.hexdigest() != info.sha256:
-                raise DatasetError(
-                    f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file {digest.hexdigest()[:12]}...)"
-                )
+                raise DatasetError(f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file "
+                                   f"{digest.hexdigest()[:12]}...){_REPAIR}")
             self.verified.add(i)
         try:
             return open(path, "rb")

@@ -52,7 +52,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         try:
             pc = PrepareConfig(output=outputs[split], source=spec.source, source_settings=settings, codec=spec.codec,
                                codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
-                               parallel=not args.no_ray, overwrite=args.overwrite,
+                               parallel=not args.no_ray, overwrite=args.overwrite, verify=args.verify,
                                **spec.tokenizer_settings(split, cfg.data.train))
             where = f"data.prepare.splits.{split}"
             source = build_source(spec.source, settings)
@@ -244,6 +244,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different data set already at an output (refused otherwise)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the shards an earlier run wrote (downloads them from S3) and rewrite any whose "
+                        "sha256 differs: repairs a shard that training reports as a sha256 mismatch")
     commands["prepare"] = cmd_prepare
 
     p = sub.add_parser("tokenize", help="image shards -> caption-id + dVAE-code shards (text-to-image stage 2 data)",

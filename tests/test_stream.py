@@ -134,6 +134,28 @@ def test_prepare_rerun_finishes_only_missing_shards(tmp_path):
     assert all(storage.sha256_of(os.path.join(out, s.name)) == s.sha256 for s in manifest.shards)
 
 
+def test_prepare_verify_rewrites_a_shard_damaged_in_place(tmp_path):
+    """Bytes changed in place keep the size a plain re-run checks: training then fails on the sha256 and says how
+    to repair it; `dgm prepare --verify` re-hashes the finished shards and rewrites that one."""
+    out = str(tmp_path / "ds")
+    _prepare(out)
+    path = os.path.join(out, "shard-000002.tar")
+    good = storage.sha256_of(path)
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    with pytest.raises(DatasetError, match=r"shard-000002.tar: sha256 mismatch .*dgm prepare CONFIG --verify"):
+        _stream_all(out)
+    cfg = dict(output=out, source="digits", source_settings={"split": "all"}, samples_per_shard=SPS, parallel=False)
+    lines: list[str] = []
+    prepare_dataset(PrepareConfig(**cfg), report=lines.append)
+    assert "(7 already done)" in lines[0] and storage.sha256_of(path) != good  # size alone: not found
+    lines.clear()
+    prepare_dataset(PrepareConfig(**cfg, verify=True), report=lines.append)
+    assert "(6 already done)" in lines[0] and storage.sha256_of(path) == good
+    assert len(_stream_all(out)[0]) > 0
+
+
 def test_prepare_to_s3_streams_the_same_samples(s3_bucket, digits, tmp_path):
     url = f"{s3_bucket}/digits"
     _prepare(url)
