@@ -411,6 +411,10 @@ def test_checkpoint_local_copy_never_reuses_a_cut_download(s3_bucket: str, tmp_p
     assert {n: (final / n).read_bytes() for n in files} == files
     assert store.local_copy("step-00000001") == path and len(calls) == 2 + len(files)  # complete: reused
     assert sorted(os.listdir(final.parent)) == ["step-00000001"]
+    for name, data in files.items():  # a later resume loads a later tag: the older copy does not pile up
+        storage.write_bytes(f"{root}/step-00000002/{name}", data)
+    store.local_copy("step-00000002")
+    assert sorted(os.listdir(final.parent)) == ["step-00000002"]
 
 
 def test_checkpoint_local_copies_follow_their_root_and_a_rewritten_tag(s3_bucket: str, tmp_path) -> None:

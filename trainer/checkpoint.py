@@ -271,6 +271,7 @@ class CheckpointStore:
         stamp = hashlib.sha256(storage.read_bytes(storage.join(self.root, tag, META))).hexdigest()
         if _stamp_of(path, DOWNLOADED) == stamp:
             return path
+        _remove_other_copies(os.path.dirname(path), keep=tag)
         _publish_dir(path, DOWNLOADED, lambda work: storage.download_dir(storage.join(self.root, tag), work), stamp)
         return path
 
@@ -370,6 +371,16 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
             out.update(_flatten(v, f"{prefix}.{k}"))
         return out
     return {prefix: list(value) if isinstance(value, tuple) else value}
+
+
+def _remove_other_copies(folder: str, keep: str) -> None:
+    """A rank loads one checkpoint of a root at a time: the copies of older tags (earlier resumes) would otherwise
+    pile up in the staging folder, a whole checkpoint per rank per resume."""
+    if not os.path.isdir(folder):
+        return
+    for name in os.listdir(folder):
+        if name != keep and not name.startswith(keep + "."):  # keep's own work folders are _publish_dir's
+            shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
 def _unreadable_file(folder: str) -> tuple[str, str] | None:
