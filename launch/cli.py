@@ -101,8 +101,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.address:
         cfg.cluster.address = args.address
     metrics = run_training(cfg, raw, stop_after=args.stop_after)
-    print(f"[train] finished at step {metrics.get('step')} ({metrics.get('steps_per_s', 0):.2f} steps/s); "
-          f"checkpoints in {cfg.checkpoints}")
+    step = metrics.get("step")
+    paused = bool(args.stop_after) and isinstance(step, int) and step < cfg.trainer.steps
+    print(f"[train] {'stopped (--stop-after)' if paused else 'finished'} at step {step} of {cfg.trainer.steps} "
+          f"({metrics.get('steps_per_s', 0):.2f} steps/s); checkpoints in {metrics['checkpoint_root']}"
+          + ("; the same command without --stop-after goes on from there" if paused else ""))
     return 0
 
 

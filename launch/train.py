@@ -83,8 +83,10 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     summary = os.path.join(spec.run_dir, SUMMARY)
     if os.path.exists(summary):
         with open(summary) as f:
-            return json.load(f)
-    return dict(result.metrics or {})
+            metrics = json.load(f)
+    else:
+        metrics = dict(result.metrics or {})
+    return {**metrics, "checkpoint_root": spec.checkpoint_root}
 
 
 def check_local_resources(cfg: ExperimentConfig) -> None:

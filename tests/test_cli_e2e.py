@@ -38,11 +38,16 @@ def test_prepare_train_export_sample_through_the_cli(tmp_path):
     assert all(s["encoding"] == {"clipped_values": 0} for s in manifest["shards"])
     assert "[prepare] dct codec: clipped values 0" in prep.stdout
 
+    paused = dgm("train", config, *over, "--stop-after", "10")
+    assert paused.returncode == 0, paused.stderr[-3000:]
+    assert ("[train] stopped (--stop-after) at step 10 of 20" in paused.stdout
+            and "the same command without --stop-after goes on from there" in paused.stdout)
     train = dgm("train", config, *over)
     assert train.returncode == 0, train.stderr[-3000:]
     out = train.stdout + train.stderr
+    assert "[train] finished at step 20 of 20" in train.stdout and f"checkpoints in {run}/checkpoints" in out
     assert "[memory] model" in out and "[train] step 20/20" in out and "ETA" in out
-    assert out.count("[train] step 10/20") == 1, "each progress line is printed once"
+    assert out.count("[train] step 15/20") == 1, "each progress line is printed once"
     noise = ("Failed to query Ray Train Controller", "FutureWarning", "scheduler before it has started")
     assert not [n for n in noise if n in out], \
         "library chatter a user cannot act on is silenced (trainer.ray_env.quiet_worker_noise)"
