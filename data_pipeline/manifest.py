@@ -191,7 +191,8 @@ def load_manifest(dataset_url: str) -> Manifest:
         url = manifest_url(dataset_url)
         text = storage.read_bytes(url).decode("utf-8")
     except storage.StorageError as e:
-        raise DatasetError(f"dataset {dataset_url}: cannot read its manifest ({e})") from e
+        raise DatasetError(f"dataset {dataset_url}: cannot read its manifest ({e}); `dgm prepare CONFIG` writes a "
+                           "config's data sets") from e
     except UnicodeDecodeError as e:
         raise DatasetError(f"{url}: not UTF-8 text, so not a manifest ({e})") from e
     return parse_manifest(text, url)

@@ -216,8 +216,10 @@ def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], 
 class Progress:
     """A periodic progress line with rate and ETA (tqdm when attached to a terminal)."""
 
-    def __init__(self, total: int, what: str, report: Callable[[str], None] | None = None, every_s: float = 2.0):
-        self.total, self.what, self.done = total, what, 0
+    def __init__(self, total: int, what: str, report: Callable[[str], None] | None = None, every_s: float = 2.0,
+                 done: int = 0):
+        """``done``: finished before this run (counted in the total, not in the rate)."""
+        self.total, self.what, self.done, self.before = total, what, done, done
         self.start = self.last = time.monotonic()
         self.every_s = every_s
         self.report = report or (lambda line: print(line, flush=True))
@@ -227,8 +229,9 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every_s or self.done == self.total:
             self.last = now
-            rate = self.done / max(now - self.start, 1e-9)
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            rate = (self.done - self.before) / max(now - self.start, 1e-9)
+            left = self.total - self.done
+            eta = left / rate if rate > 0 else (0.0 if not left else float("inf"))
             self.report(f"[{self.what}] {self.done}/{self.total} ({100 * self.done / self.total:.0f}%) "
                         f"{rate:.2f}/s ETA {eta:.0f}s")
 
@@ -302,9 +305,9 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     tokenizer = write_tokenizer(config, source)
     say(f"[prepare] {len(source)} samples of {config.source!r} -> {len(plans)} shards at {config.output} "
         f"({len(infos)} already done)")
-    progress = Progress(len(plans), "prepare shards", say)
-    if infos:
-        progress.update(len(infos))
+    progress = Progress(len(plans), "prepare shards", say, done=len(infos))
+    if infos and not todo:
+        progress.update(0)
     if config.parallel and ray.is_initialized() and len(todo) > 1:
         remote = ray.remote(num_cpus=1)(write_shard)
         shared = ray.put(source)
