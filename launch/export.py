@@ -41,9 +41,14 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
     scratch = tempfile.mkdtemp(prefix=".dgm-export-", dir=parent)
     try:
         store = CheckpointStore(checkpoint_root, staging=scratch)
+        if tag and tag not in store.all_tags():
+            have = store.all_tags()
+            raise CheckpointError(f"{checkpoint_root}/{tag}: no such checkpoint (there: "
+                                  f"{', '.join(have[-8:]) if have else 'none'})")
         tag = tag or store.latest()
         if tag is None:
-            raise CheckpointError(f"{checkpoint_root}: no complete checkpoint to export")
+            raise CheckpointError(f"{checkpoint_root}: no complete checkpoint to export (is the run's checkpoint_root "
+                                  "elsewhere, e.g. s3://...?)")
         meta = store.read_meta(tag)
         if meta.zero_stage == 0:
             raise CheckpointError(f"{checkpoint_root}/{tag}: export reads ZeRO checkpoints (stage >= 1)")

@@ -168,3 +168,18 @@ def test_sample_out_naming_a_folder_and_a_garbled_latest_are_named(tmp_path, cap
     (tmp_path / "ckpt" / "latest").write_bytes(b"\xff\xfestep")
     with pytest.raises(CheckpointError, match="latest points at .*, which is not a complete checkpoint"):
         CheckpointStore(str(tmp_path / "ckpt")).latest()
+
+
+def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
+    from launch.export import export_checkpoint
+    from trainer.checkpoint import CheckpointError
+
+    root = tmp_path / "checkpoints"
+    (root / "step-00000010").mkdir(parents=True)
+    (root / "step-00000020").mkdir()
+    with pytest.raises(CheckpointError, match=r"step-00000099: no such checkpoint \(there: step-00000010, "
+                                              r"step-00000020\)"):
+        export_checkpoint(str(root), str(tmp_path / "out"), "step-00000099")
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint to export \(is the run's checkpoint_root"):
+        export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
