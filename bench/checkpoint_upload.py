@@ -1,7 +1,7 @@
 """Checkpoint upload off the critical path: training step time while an s3:// checkpoint uploads in the background,
 against the step time with no upload, and against the time a synchronous upload would block training.
 
-One DeepSpeed rank (ZeRO-2, fp32) of a ~13M-parameter MLP; S3 is moto's server in its own process on 127.0.0.1.
+One DeepSpeed rank (ZeRO-2, fp32) of a 14.7M-parameter MLP; S3 is moto's server in its own process on 127.0.0.1.
 
     .venv/bin/python bench/checkpoint_upload.py [--steps 30]
 

@@ -111,6 +111,8 @@ def main() -> None:
         result.update(sampling_speed(args.triples))
     if not args.skip_train:
         result.update(training_speed(args.train_steps))
+    if "ray" in sys.modules:  # Ray's workers print to this stdout asynchronously: stop it before the JSON line
+        sys.modules["ray"].shutdown()
     print(json.dumps(result))
 
 

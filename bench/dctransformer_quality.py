@@ -276,7 +276,8 @@ class Experiment:
                       f"{step / max(elapsed, 1e-9):.1f} steps/s, ETA {left:.0f}s)", flush=True)
             step += 1
         seconds = time.perf_counter() - t0
-        self.speed[name] = {"train_steps": step, "train_triples_per_s": triples / seconds,
+        self.speed[name] = {"train_steps": step, "train_steps_per_s": step / seconds,
+                            "train_triples_per_s": triples / seconds,
                             "train_tflops_per_s": flops * step / seconds / 1e12}
         if a.peak_tflops:
             self.speed[name]["train_mfu"] = self.speed[name]["train_tflops_per_s"] / a.peak_tflops
@@ -297,11 +298,12 @@ class Experiment:
         bits = nats / np.log(2)
         return bits / len(tokens), bits / triples
 
-    def fresh_data(self, n: int) -> np.ndarray:
-        """``n`` new scenes (seed 4: no other set uses it) through the codec: what a perfect model's ``n`` samples
-        look like. Their distance to the held-out scenes is the floor for the samples' distance at these sizes;
-        the halves floor compares two sets of eval/2 and so sits higher."""
-        _, tokens = scenes_parallel(4, n, self.codec, self.args.workers)
+    def fresh_data(self, n: int, seed: int = 4) -> np.ndarray:
+        """``n`` new scenes (seed 4 and up: no other set uses them) through the codec: what a perfect model's ``n``
+        samples look like. Their distance to the held-out scenes is the floor for the samples' distance at these
+        sizes (bench/dctransformer_floor.py: its spread over seeds); the halves floor compares two sets of eval/2
+        and so sits higher."""
+        _, tokens = scenes_parallel(seed, n, self.codec, self.args.workers)
         return dct_codec.decode(tokens, self.codec)
 
     def counter_scores(self, name: str, samples: np.ndarray, held_codec: np.ndarray) -> dict[str, float | str]:

@@ -103,11 +103,15 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=2, help="epochs / gap evaluations timed (best kept)")
     parser.add_argument("--skip-spine", action="store_true")
     args = parser.parse_args()
+    if args.steps <= 10 and not args.skip_spine:
+        parser.error(f"--steps {args.steps}: the rate is timed from step 10 on, so it needs more than 10")
     result = {"load_avg_1min_start": round(os.getloadavg()[0], 2), **gap_vs_epoch(args.repeats)}
     print(f"[bench] one epoch {result['epoch_s']}s, one gap evaluation {result['gap_eval_s']}s", flush=True)
     if not args.skip_spine:
         result.update(spine_rates(args.steps))
     result["load_avg_1min_end"] = round(os.getloadavg()[0], 2)
+    if "ray" in sys.modules:  # Ray's workers print to this stdout asynchronously: stop it before the JSON line
+        sys.modules["ray"].shutdown()
     print(json.dumps(result))
     return 0
 

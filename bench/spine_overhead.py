@@ -103,6 +103,8 @@ def main() -> None:
     log(f"reference {ref:.3f} steps/s; dgm train through Ray, {args.steps} steps")
     ours, first = dgm(args.steps)
     log(f"dgm {ours:.3f} steps/s, first step after {first:.1f}s")
+    if "ray" in sys.modules:  # Ray's workers print to this stdout asynchronously: stop it before the JSON line
+        sys.modules["ray"].shutdown()
     print(json.dumps({"dgm_steps_per_s": round(ours, 3), "reference_steps_per_s": round(ref, 3),
                       "ratio": round(ours / ref, 3), "dgm_time_to_first_step_s": round(first, 1),
                       "machine": f"{os.cpu_count()} CPU cores, no GPU", "ranks": 2, "zero_stage": 2}))

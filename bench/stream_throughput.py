@@ -113,6 +113,8 @@ def main() -> None:
             results["demo_consumes_samples_per_s"] = round(consumed, 1)
             results["demo_loader_w1_over_demo_consumption"] = round(r["samples_per_s"] / consumed, 2)
     results["machine"] = f"{os.cpu_count()} CPU cores, no GPU"
+    if "ray" in sys.modules:  # Ray's workers print to this stdout asynchronously: stop it before the JSON line
+        sys.modules["ray"].shutdown()
     print(json.dumps(results))
 
 
