@@ -452,3 +452,13 @@ def test_checkpoint_save_clears_an_interrupted_save_and_prune_keeps_later_tags(s
     storage.write_bytes(f"{root}/step-00000012/meta.json", b"{}")
     store._point_latest("step-00000012")
     assert store.all_tags() == ["step-00000012", "step-00000016"]
+
+
+def test_ray_workers_do_not_log_where_boto_found_credentials() -> None:
+    """Each rank's S3 client logged "Found credentials in environment variables." at INFO under Ray."""
+    import logging
+
+    from trainer.ray_env import quiet_worker_noise
+
+    quiet_worker_noise()
+    assert not logging.getLogger("botocore.credentials").isEnabledFor(logging.INFO)

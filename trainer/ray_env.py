@@ -51,11 +51,14 @@ def quiet_worker_noise() -> None:
     - The embedded cluster runs without the dashboard, so without Ray's state API, which Ray Train's placement-group
       cleaner polls every second, warning each time (hundreds of lines a run). Its job, removing a dead
       controller's placement group, is done there by the cluster ending with the driver.
-    - DeepSpeed's ZeRO-2 calls torch's deprecated ``all_gather_into_tensor`` spelling, a FutureWarning per rank."""
+    - DeepSpeed's ZeRO-2 calls torch's deprecated ``all_gather_into_tensor`` spelling, a FutureWarning per rank.
+    - boto's credential lookup says where it found them ("Found credentials in environment variables."), once per
+      rank and S3 client, at INFO under Ray's worker logging."""
     import logging
     import warnings
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    logging.getLogger("botocore.credentials").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*all_gather_into_tensor.* is deprecated", category=FutureWarning)
 
 
