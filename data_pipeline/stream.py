@@ -61,7 +61,8 @@ class StreamConfig:
                 raise ValueError(f"data.stream.{name} must be >= 1, got {getattr(self, name)}")
 
 
-_REPAIR = "; `dgm prepare CONFIG --verify` rewrites a damaged shard of a prepared data set"
+_REPAIR = ("; `dgm prepare CONFIG --verify` rewrites a damaged shard it wrote (a token shard of `dgm tokenize`: delete "
+           "it and re-run the tokenize)")
 
 
 class ShardUnavailableError(DatasetError):

@@ -40,7 +40,7 @@ def check_submittable(config_path: str, overrides: list[str]) -> None:
                                "out runs/ and ignored folders); give the data set's s3:// URL")
     if "://" not in cfg.checkpoints and not os.path.isabs(cfg.checkpoints):
         print(f"[submit] warning: checkpoints go to {cfg.checkpoints}, inside the job's temporary working dir; "
-              "set checkpoint_root (or run_dir) to an s3:// URL to keep them", file=sys.stderr)
+              "set checkpoint_root to an s3:// URL to keep them", file=sys.stderr)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

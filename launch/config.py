@@ -111,6 +111,11 @@ class ExperimentConfig:
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def __post_init__(self) -> None:
+        if "://" in self.run_dir:
+            raise ValueError(f"run_dir={self.run_dir}: a local folder (logs, metrics, sample grids, Ray's run "
+                             "storage); checkpoints go to S3 through checkpoint_root=s3://...")
+
     @property
     def checkpoints(self) -> str:
         return self.checkpoint_root or os.path.join(self.run_dir, "checkpoints")

@@ -41,8 +41,9 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
     scratch = tempfile.mkdtemp(prefix=".dgm-export-", dir=parent)
     try:
         store = CheckpointStore(checkpoint_root, staging=scratch)
-        if tag and tag not in store.all_tags():
-            have = store.all_tags()
+        tag = tag.strip("/") if tag else tag
+        if tag and not storage.exists(storage.join(checkpoint_root, tag, "meta.json")):
+            have = store.all_tags()  # listed only when the tag is not there
             raise CheckpointError(f"{checkpoint_root}/{tag}: no such checkpoint (there: "
                                   f"{', '.join(have[-8:]) if have else 'none'})")
         tag = tag or store.latest()

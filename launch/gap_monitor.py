@@ -32,6 +32,7 @@ from data_pipeline.storage import StorageError
 from data_pipeline.stream import RankStream, StreamConfig
 from launch.config import read_yaml, set_dotted
 from launch.export import consolidated_state
+from launch.run_record import resolve_root
 from trainer.checkpoint import CheckpointError, CheckpointStore, step_of_tag
 from trainer.duality_gap import GapConfig, duality_gaps
 from trainer.families import family_class
@@ -77,8 +78,9 @@ def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig
     if not cfg.run_dir:
         raise ConfigError("run_dir: the training run to watch is required")
     cfg.run_dir = os.path.abspath(cfg.run_dir)
-    if cfg.checkpoint_root and "://" not in cfg.checkpoint_root:
-        cfg.checkpoint_root = os.path.abspath(cfg.checkpoint_root)
+    # the run's own record (run.json) when the monitor is not told: a run resumed from s3:// without repeating
+    # checkpoint_root keeps its checkpoints there, not in <run_dir>/checkpoints
+    cfg.checkpoint_root = resolve_root(cfg.run_dir, cfg.checkpoint_root, os.path.join(cfg.run_dir, "checkpoints"))
     return cfg
 
 

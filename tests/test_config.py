@@ -57,6 +57,7 @@ def test_overrides_are_typed_and_nested():
     ("cluster.max_failures=-1", r"cluster.max_failures must be >= 0, got -1"),
     ("cluster.cpus_per_worker=-1", r"cluster.cpus_per_worker must be > 0"),
     ("cluster.object_store_mb=1", r"cluster.object_store_mb must be >= 75"),
+    ("run_dir=s3://b/run", r"run_dir=s3://b/run: a local folder .* checkpoint_root=s3://"),
     ("family=[image_gpt]", r"family: unknown family \['image_gpt'\]"),
 ])
 def test_bad_values_name_the_key(override, message):

@@ -183,3 +183,6 @@ def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
     with pytest.raises(CheckpointError, match=r"no complete checkpoint to export \(is the run's checkpoint_root"):
         export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    (root / "step-00000020" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match="step-00000020/meta.json: unreadable metadata"):  # found, then read
+        export_checkpoint(str(root), str(tmp_path / "out"), "step-00000020/")

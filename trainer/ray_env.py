@@ -63,5 +63,11 @@ def quiet_worker_noise() -> None:
 
 
 def absolute(url: str) -> str:
-    """Local paths made absolute (workers may run elsewhere); URLs and empty strings unchanged."""
-    return url if not url or "://" in url else os.path.abspath(url)
+    """Local paths made absolute (workers may run elsewhere); URLs and empty strings unchanged. A mistyped URL
+    (``s3:/bucket``) is refused here, before it would become a local path under the current folder."""
+    if not url or "://" in url:
+        return url
+    from data_pipeline.storage import is_remote
+
+    is_remote(url)  # raises StorageError for s3:/x, s3:x, file:/x
+    return os.path.abspath(url)
