@@ -75,7 +75,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 def cmd_tokenize(args: argparse.Namespace) -> int:
     """Text-to-image: turn each image split of data.tokenize into caption-id + dVAE-code shards at data.<split>."""
     from launch.train import ensure_ray
-    from trainer.dalle.tokenise_job import check_tokenise_output, tokenise_dataset
+    from trainer.dalle.tokenise_job import (
+        check_splits_agree,
+        check_tokenise_output,
+        plan_tokenise,
+        tokenise_dataset,
+    )
 
     cfg, _ = _config(args)
     spec = cfg.data.tokenize
@@ -83,6 +88,8 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         print(f"{args.config}: data.tokenize.inputs is empty: nothing to tokenise", file=sys.stderr)
         return 2
     outputs = _split_outputs(cfg, spec.inputs, "data.tokenize.inputs")
+    plans = {split: plan_tokenise(source, spec.dvae_export) for split, source in spec.inputs.items()}
+    check_splits_agree(plans)
     for split, source in spec.inputs.items():  # a split over a different data set is refused before any is written
         check_tokenise_output(source, spec.dvae_export, outputs[split], overwrite=args.overwrite)
     ensure_ray(args.address)

@@ -233,15 +233,16 @@ def test_text_ids_truncate_pad_and_name_unknown_words(world):
 
 
 def test_an_export_of_another_family_in_place_of_the_dvae_is_named(world, tmp_path):
-    from trainer.dalle.tokenise_job import _weights_sha
+    from trainer.dalle.tokenise_job import _dvae_export
 
     fam, model = prior(world["info"])
     not_a_dvae = write_export(str(tmp_path / "prior"), fam, {"model": model.state_dict()})
     with pytest.raises(DatasetError, match="is a 'dalle' export, not a dVAE"):
-        _weights_sha(not_a_dvae)
+        _dvae_export(not_a_dvae)
     with pytest.raises(DatasetError, match="is a 'dalle' export, not the dVAE"):
         DalleFamily(small(), {**world["info"], "dvae_export": not_a_dvae}).dvae()
-    assert len(_weights_sha(world["dvae_export"])) == 64
+    weights, config, shape = _dvae_export(world["dvae_export"])
+    assert len(weights) == len(config) == 64 and weights != config and len(shape) == 3
 
 
 def test_the_shuffled_baseline_never_pairs_a_caption_with_itself():

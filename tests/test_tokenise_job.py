@@ -3,6 +3,7 @@ to the dVAE's own argmax codes in the input's order, independent of the worker c
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from data_pipeline.prepare import PrepareConfig, prepare_dataset, sample_offsets
 from data_pipeline.sources import Sample
 from data_pipeline.stream import ShardOpener, StreamConfig
 from trainer.dalle.dvae import DVAEConfig
-from trainer.dalle.tokenise_job import check_tokenise_output, plan_output, tokenise_dataset
+from trainer.dalle.tokenise_job import check_tokenise_output, plan_output, plan_tokenise, tokenise_dataset
 from trainer.export import load_export, write_export
 from trainer.families.dvae import DVAEFamily
 
@@ -165,7 +166,10 @@ def test_job_matches_the_dvae_in_order_and_resumes(ray_local, scenes: str, dvae_
 
 
 @pytest.mark.slow
-def test_an_empty_caption_names_the_shard_and_sample(ray_local, scenes: str, dvae_export: str, tmp_path: Path) -> None:
+@pytest.mark.parametrize("caption, problem", [("", " has an empty caption"), ("\u200b", r": caption '\\u200b' has no tokens")])
+def test_an_empty_caption_names_the_shard_and_sample(ray_local, scenes: str, dvae_export: str, tmp_path: Path,
+                                                     caption: str, problem: str) -> None:
+    """One line naming shard and sample, not Ray's wrapper (a caption sentencepiece reads as nothing included)."""
     bad = str(tmp_path / "bad")
     os.makedirs(bad)
     codec = build_codec("image", {"keep": ["caption"]})
@@ -173,15 +177,33 @@ def test_an_empty_caption_names_the_shard_and_sample(ray_local, scenes: str, dva
     shard = os.path.join(bad, "shard-000000.tar")
     with wds.TarWriter(shard) as writer:
         for i, s in enumerate(samples):
-            sample = Sample(s["key"], s["image"], caption="" if i == 1 else s["caption"])
+            sample = Sample(s["key"], s["image"], caption=caption if i == 1 else s["caption"])
             writer.write({"__key__": s["key"], **codec.encode(sample)})
     info = ShardInfo("shard-000000.tar", 3, os.path.getsize(shard), storage.sha256_of(shard), 0,
                      sample_offsets(shard)[:1])
     save_manifest(bad, Manifest({"name": "shapes"}, {"name": "image", "settings": codec.settings()}, [info], url=bad))
     storage.copy(os.path.join(scenes, TOKENIZER_FILE), os.path.join(bad, TOKENIZER_FILE))
-    with pytest.raises(DatasetError, match=f"shard {shard}: sample {samples[1]['key']} has an empty caption"):
+    with pytest.raises(DatasetError, match=f"shard {shard}: sample {samples[1]['key']}{problem}") as failed:
         tokenise_dataset(bad, dvae_export, str(tmp_path / "out"), workers=1, report=lambda _: None)
+    assert type(failed.value) is DatasetError  # the cause itself, not Ray's RayTaskError(DatasetError)
     assert not storage.exists(str(tmp_path / "out" / "manifest.json"))
+
+
+def test_the_plan_names_the_whole_dvae_export_and_its_image_size(scenes: str, dvae_export: str,
+                                                                  tmp_path: Path) -> None:
+    """Settings such as eps change the codes without changing the weights: a resume must not keep shards of the
+    other export. A dVAE of another image size is refused before any worker starts."""
+    family, modules, config = load_export(dvae_export)
+    states = {name: m.state_dict() for name, m in modules.items()}
+    other_eps = DVAEFamily(dataclasses.replace(family.config, eps=0.3), family.data_info)
+    again = write_export(str(tmp_path / "eps"), other_eps, states)
+    assert plan_tokenise(scenes, again).fingerprint != plan_tokenise(scenes, dvae_export).fingerprint
+    assert plan_tokenise(scenes, again).weights_sha == plan_tokenise(scenes, dvae_export).weights_sha
+    bigger = DVAEFamily(family.config, {"image_shape": [64, 64, 3]})
+    wide = write_export(str(tmp_path / "wide"), bigger, {n: m.state_dict() for n, m in bigger.build_modules().items()})
+    with pytest.raises(DatasetError, match=rf"{scenes}: images of shape \[32, 32, 3\], but the dVAE export .*wide "
+                                           r"reads \[64, 64, 3\]"):
+        plan_tokenise(scenes, wide)
 
 
 def test_job_refuses_inputs_it_cannot_tokenise(tmp_path: Path, dvae_export: str) -> None:
@@ -203,3 +225,19 @@ def test_job_refuses_to_write_over_a_different_dataset(scenes: str, dvae_export:
     with pytest.raises(DatasetError, match=rf"^{scenes}: already holds a different data set"):
         check_tokenise_output(scenes, dvae_export, scenes)  # what dgm tokenize runs for every split first
     assert {n: os.path.getmtime(os.path.join(scenes, n)) for n in os.listdir(scenes)} == before
+
+
+def test_splits_with_different_caption_tokenizers_are_refused(scenes: str, dvae_export: str, tmp_path: Path) -> None:
+    """Eval captions tokenised with another vocabulary were scored silently: their ids pass every range check."""
+    from trainer.dalle.tokenise_job import check_splits_agree
+
+    other = str(tmp_path / "eval")
+    prepare_dataset(PrepareConfig(output=other, source="shapes", source_settings={
+        "num_samples": 96, "resolution": 32, "min_objects": 1, "max_objects": 3, "seed": 3},
+        codec="image", codec_settings={"keep": ["caption", "attributes"]}, samples_per_shard=32, parallel=False,
+        tokenizer_vocab_size=290), report=lambda _: None)
+    plans = {"train": plan_tokenise(scenes, dvae_export), "eval": plan_tokenise(other, dvae_export)}
+    with pytest.raises(DatasetError, match=rf"the splits' caption tokenizers differ \(train: .*{scenes}\), eval: "
+                                           rf".*{other}\)\): prepare the held-out split with .*tokenizer_from"):
+        check_splits_agree(plans)
+    check_splits_agree({"train": plans["train"], "eval": plan_tokenise(scenes, dvae_export)})

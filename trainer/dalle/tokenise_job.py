@@ -40,7 +40,7 @@ from data_pipeline.manifest import (
     load_manifest,
     save_manifest,
 )
-from data_pipeline.prepare import INDEX_STRIDE, ShardPlan, finished_info, publish_shard
+from data_pipeline.prepare import INDEX_STRIDE, USER_DATA_ERRORS, ShardPlan, finished_info, publish_shard
 from trainer.ray_env import absolute, ensure_ray, worker_env
 
 
@@ -129,6 +129,9 @@ class TokeniserWorker:
                 if caption is None or not caption.strip():
                     raise DatasetError(f"shard {span.url}: sample {key} has an empty caption "
                                        "(a text-to-image dataset needs a caption for every image)")
+                if not self.tokenizer.encode(caption):  # only characters sentencepiece normalises away
+                    raise DatasetError(f"shard {span.url}: sample {key}: caption {caption!r} has no tokens "
+                                       "(a text-to-image dataset needs a caption for every image)")
                 yield key, sample
 
     def write(self, shard: OutputShard, output: str) -> ShardInfo:
@@ -156,22 +159,33 @@ class TokeniserWorker:
         return publish_shard(output, shard.plan, fill)
 
 
-def _fingerprint(manifest: Manifest, weights_sha: str, tokenizer_sha: str, samples_per_shard: int) -> str:
-    spec = json.dumps([[s.sha256 for s in manifest.shards], weights_sha, tokenizer_sha, samples_per_shard])
+def _fingerprint(manifest: Manifest, dvae_config_sha: str, tokenizer_sha: str, samples_per_shard: int) -> str:
+    spec = json.dumps([[s.sha256 for s in manifest.shards], dvae_config_sha, tokenizer_sha, samples_per_shard])
     return hashlib.sha256(spec.encode()).hexdigest()[:16]
 
 
-def _weights_sha(export_url: str) -> str:
+def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
+    """The dVAE export's weights sha256, the sha256 of its whole config.json (every file's digest, and the settings
+    such as eps and the grid that change the codes without changing the weights) and the image shape it reads."""
     config_url = storage.join(export_url, "config.json")
     try:
-        config = json.loads(storage.read_bytes(config_url))
+        raw = storage.read_bytes(config_url)
+        config = json.loads(raw)
         family, sha = config.get("family"), str(config["files"]["model.safetensors"])
+        shape = (config.get("data_info") or {}).get("image_shape")
     except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{export_url}: not a dVAE export folder ({config_url}: {e})") from e
     if family != "dvae":
         raise DatasetError(f"{export_url}: is a {family!r} export, not a dVAE ('dvae') export: tokenising needs the "
                            "dVAE that turns images into codes")
-    return sha
+    return sha, hashlib.sha256(raw).hexdigest(), shape
+
+
+def _first_line(message: str) -> str:
+    """The last line that names an error in a Ray failure message (its cause), else the first line."""
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    named = [line for line in lines if "Error" in line.split(":", 1)[0]]
+    return (named[-1] if named else lines[0] if lines else message)[:500]
 
 
 class _ProgressLine:
@@ -225,17 +239,32 @@ def plan_tokenise(input_url: str, dvae_export_dir: str, samples_per_shard: int |
     if per_shard < 1:
         raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")
     dvae_export_dir = absolute(dvae_export_dir)
-    weights_sha = _weights_sha(dvae_export_dir)
+    weights_sha, config_sha, dvae_shape = _dvae_export(dvae_export_dir)
+    images = source.extra.get("image_shape")
+    if dvae_shape is not None and images is not None and list(images) != list(dvae_shape):
+        raise DatasetError(f"{input_url}: images of shape {list(images)}, but the dVAE export {dvae_export_dir} "
+                           f"reads {list(dvae_shape)}")
     return TokenisePlan(source, tokenizer, dvae_export_dir, weights_sha, per_shard,
-                        _fingerprint(source, weights_sha, tokenizer.sha256, per_shard))
+                        _fingerprint(source, config_sha, tokenizer.sha256, per_shard))
 
 
 def check_tokenise_output(input_url: str, dvae_export_dir: str, output_url: str, *, overwrite: bool = False,
-                          samples_per_shard: int | None = None) -> None:
+                          samples_per_shard: int | None = None) -> TokenisePlan:
     """Refuse (or with ``overwrite`` retire) a different data set at ``output_url``: run for every split first."""
     plan = plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
     check_output(output_url, plan.fingerprint, overwrite=overwrite, say=lambda line: print(line, flush=True),
                  job="tokenise")
+    return plan
+
+
+def check_splits_agree(plans: dict[str, TokenisePlan]) -> None:
+    """Every split of one text-to-image data set reads its captions with one tokenizer: the prior is trained on
+    one split's ids and scored on another's, and ids of another vocabulary pass every range check."""
+    seen = {split: plan.tokenizer.sha256 for split, plan in plans.items()}
+    if len(set(seen.values())) > 1:
+        said = ", ".join(f"{split}: {sha[:12]}... ({plans[split].source.url})" for split, sha in seen.items())
+        raise DatasetError(f"the splits' caption tokenizers differ ({said}): prepare the held-out split with "
+                           "data.prepare's tokenizer_from the train split")
 
 
 def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
@@ -264,15 +293,24 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
     actors = [remote.remote(dvae_export_dir, tokenizer.to_bytes(), source.codec, batch_size)
               for _ in range(max(1, min(workers, len(todo))))]
     try:
-        codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
+        try:
+            codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
+        except ray.exceptions.ActorDiedError as e:  # the export failed to load in the worker
+            raise DatasetError(f"{dvae_export_dir}: the tokenise workers could not load this dVAE export "
+                               f"({_first_line(e.error_msg if hasattr(e, 'error_msg') else str(e))})") from None
         say(f"[tokenise] {len(actors)} workers ready after {time.monotonic() - line.start:.1f}s "
             "(each loaded the dVAE export once)")
         line.start = time.monotonic()  # the rate counts tokenising, not starting the workers
         if todo:
             pool = ActorPool(actors)
-            for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
-                done[info.first_index // per_shard] = info
-                line.update(1, info.count)
+            try:
+                for info in pool.map_unordered(lambda actor, s: actor.write.remote(s, output_url), todo):
+                    done[info.first_index // per_shard] = info
+                    line.update(1, info.count)
+            except ray.exceptions.RayTaskError as e:
+                if isinstance(e.cause, USER_DATA_ERRORS):  # a bad sample, storage: the user's one-line error
+                    raise e.cause from None
+                raise
     finally:
         for actor in actors:
             ray.kill(actor)
