@@ -291,11 +291,14 @@ class QueueRunner:
             start, reasons = plan(queued, free, now, self.policy)
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
-            for job in start:
-                self._submit(client, job)
-            with self.queue.locked() as jobs:
-                _merge(jobs, {j.job_id: j for j in work}, before)
-                return sorted(jobs, key=lambda j: j.seq)
+            try:
+                for job in start:
+                    self._submit(client, job)
+            finally:  # what this round did is kept even when a submission raised something unforeseen
+                with self.queue.locked() as jobs:
+                    _merge(jobs, {j.job_id: j for j in work}, before)
+                    result = sorted(jobs, key=lambda j: j.seq)
+            return result
 
     def run_forever(self, poll_s: float = 5.0, until_idle: bool = False) -> None:
         """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty."""

@@ -247,6 +247,9 @@ class JobsClient:
             return fn(*args, **kwargs)
         except (requests.RequestException, ConnectionError) as e:
             raise ClusterError(f"{what}: lost the Ray dashboard at {self.address} ({type(e).__name__})") from None
+        except OSError as e:  # packaging the working dir: an unreadable file, a full /tmp
+            where = f" ({e.filename})" if e.filename else ""
+            raise ClusterError(f"{what}: cannot package the job's files{where}: {e.strerror or e}") from None
         except (RuntimeError, ValueError) as e:
             text = str(e)
             if "404" in text and "does not exist" in text:
@@ -439,7 +442,9 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
         prelude = ""
     else:
         text = config.read_text()
-        if len(text.encode()) > INLINE_CONFIG_LIMIT:
+        # measured as Ray passes it: JSON-escaped on a worker's command line (non-ASCII grows to \uXXXX), where
+        # Linux allows 128 KiB per argument; past it the job stays PENDING without an error
+        if len(json.dumps(text)) > INLINE_CONFIG_LIMIT:
             raise ClusterError(f"config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB: move it into "
                                f"the project dir {root} so it travels with it")
         config_in_job = f".dgm_submitted/{job_id}.yaml"

@@ -228,6 +228,10 @@ def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_ad
     q = JobQueue(tmp_path / "q.json")
     q.enqueue(sleeper(0.1), JobResources(), job_id="taken-elsewhere")
     q.enqueue("echo", JobResources(), job_id="broken", runtime_env={"working_dir": str(tmp_path / "gone")})
+    unreadable = tmp_path / "unreadable"  # packaging it fails with EIO: that used to end the round and the runner
+    unreadable.mkdir()
+    (unreadable / "mem").symlink_to("/proc/self/mem")
+    q.enqueue("echo", JobResources(), job_id="unreadable", runtime_env={"working_dir": str(unreadable)})
     with q.locked() as entries:  # an entry from before ids were checked
         entries.append(QueuedJob(job_id="team/a", name="old", entrypoint="echo", resources=JobResources(), seq=9))
     runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None, max_submit_failures=2)
@@ -236,6 +240,8 @@ def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_ad
     assert jobs["taken-elsewhere"].state == FAILED, jobs["taken-elsewhere"].reason
     assert "already has another job with id taken-elsewhere" in jobs["taken-elsewhere"].reason
     assert jobs["broken"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["broken"].reason
+    assert jobs["unreadable"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["unreadable"].reason
+    assert "cannot package the job's files" in jobs["unreadable"].reason
     jobs = {j.job_id: j for j in runner.run_once()}
     assert jobs["broken"].state == FAILED and "failed 2 times, giving up" in jobs["broken"].reason
 

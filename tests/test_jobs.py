@@ -252,6 +252,18 @@ def test_training_job_ships_project_and_config(cluster: LocalRayCluster, client:
     assert "'name=a b'" in client.logs(ids["outside"])
 
 
+def test_an_inline_config_is_measured_as_ray_passes_it(tmp_path: Path) -> None:
+    """Ray puts the runtime env JSON-escaped on a worker's command line: 40,000 Cyrillic letters are 80 KB of UTF-8
+    but 240 KB escaped, past Linux's 128 KiB per argument (the job stayed PENDING without an error)."""
+    project, outside = tmp_path / "proj", tmp_path / "cfg.yaml"
+    project.mkdir()
+    outside.write_text("# " + "я" * 40_000 + "\nname: x\n")
+    with pytest.raises(ClusterError, match="larger than 96 KiB"):
+        jobs.training_job_spec(str(outside), [], str(project), "job-1")
+    outside.write_text("# " + "a" * 90_000 + "\nname: x\n")
+    assert jobs.training_job_spec(str(outside), [], str(project), "job-1").runtime_env["env_vars"]
+
+
 def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) -> None:
     """A job id with '/' or spaces could never be queried or stopped; a config under an excluded folder (runs/)
     would not be in the shipped project: it travels inline instead."""
