@@ -107,6 +107,18 @@ def _shortfall(need: Mapping[str, float], free: Mapping[str, float]) -> str:
     return "waiting for " + "; ".join(short)
 
 
+def planning_free(total: Mapping[str, float], available: Mapping[str, float], booked: Mapping[str, float],
+                  max_total: Mapping[str, float] | None = None) -> dict[str, float]:
+    """What the queue may hand out this round. A fixed cluster: what its live nodes have free, less what the queue's
+    running jobs booked. An autoscaling one (``max_total`` from its cluster file): the cluster at full scale less the
+    bookings, since a submission the live nodes cannot hold waits PENDING, and a pending job is what makes the
+    autoscaler add the node (planned against the live nodes alone, a job for a node type not up never started)."""
+    if max_total:
+        capacity = {**total, **{k: max(v, total.get(k, 0.0)) for k, v in max_total.items()}}
+        return {k: v - booked.get(k, 0.0) for k, v in capacity.items()}
+    return {k: min(available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in total.items()}
+
+
 def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float,
          policy: QueuePolicy) -> tuple[list[QueuedJob], dict[str, str]]:
     """The jobs to start this round, in order, and a reason for each job that waits. Pure: no I/O."""
@@ -285,7 +297,7 @@ class QueueRunner:
                 if job.state == RUNNING:
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
-            free = {k: min(cluster.available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in cluster.total.items()}
+            free = planning_free(cluster.total, cluster.available, booked, self.max_total)
             self._remember(cluster.total, cluster.nodes)
             queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
             start, reasons = plan(queued, free, now, self.policy)

@@ -22,6 +22,7 @@ from launch.job_queue import (
     QueueRunner,
     enqueue_training,
     plan,
+    planning_free,
 )
 from launch.jobs import ClusterError, JobNotFoundError, JobResources, NodeResources
 from tests.fixtures_ray_cluster import LocalRayCluster, start_local_cluster
@@ -43,6 +44,21 @@ def test_priority_order_then_backfill() -> None:
     start, reasons = plan([big, hi, lo], {"CPU": 2.0}, NOW, POLICY)
     assert [j.job_id for j in start] == ["hi", "lo"]  # lo backfills what big cannot use yet
     assert reasons == {"big": "waiting for 2 CPU, 0 free"}
+
+
+def test_an_autoscaling_cluster_is_planned_at_full_scale() -> None:
+    """A fresh autoscaling cluster (a CPU-less head, workers from 0): planned against the live nodes, no job ever
+    fit, so none was submitted, and without a pending job the autoscaler never added a node."""
+    head_only = {"CPU": 0.0, "memory": 8e9}
+    live = planning_free(head_only, head_only, {})
+    train, prep = job("train", 5, 1, num_cpus=32, num_gpus=8), job("prep", 1, 2, num_cpus=1)
+    assert plan([train, prep], live, NOW, POLICY)[0] == []
+    full = planning_free(head_only, head_only, {}, max_total={"CPU": 96.0, "GPU": 8.0})
+    assert full == {"CPU": 96.0, "GPU": 8.0, "memory": 8e9}
+    assert [j.job_id for j in plan([train, prep], full, NOW, POLICY)[0]] == ["train", "prep"]
+    booked = planning_free(head_only, head_only, {"CPU": 90.0, "GPU": 8.0}, max_total={"CPU": 96.0, "GPU": 8.0})
+    assert [j.job_id for j in plan([train, prep], booked, NOW, POLICY)[0]] == ["prep"]  # running jobs count
+    assert planning_free({"CPU": 8.0}, {"CPU": 3.0}, {"CPU": 2.0}) == {"CPU": 3.0}  # fixed: live free, less bookings
 
 
 def test_reservation_stops_backfill_once_the_head_waited_long_enough() -> None:
