@@ -91,7 +91,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
     plans = {split: plan_tokenise(source, spec.dvae_export) for split, source in spec.inputs.items()}
     check_splits_agree(plans)
     for split, source in spec.inputs.items():  # a split over a different data set is refused before any is written
-        check_tokenise_output(source, spec.dvae_export, outputs[split], overwrite=args.overwrite)
+        check_tokenise_output(source, spec.dvae_export, outputs[split], overwrite=args.overwrite, plan=plans[split])
     ensure_ray(args.address)
     for split, source in spec.inputs.items():
         out = outputs[split]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -187,6 +188,19 @@ def test_an_empty_caption_names_the_shard_and_sample(ray_local, scenes: str, dva
         tokenise_dataset(bad, dvae_export, str(tmp_path / "out"), workers=1, report=lambda _: None)
     assert type(failed.value) is DatasetError  # the cause itself, not Ray's RayTaskError(DatasetError)
     assert not storage.exists(str(tmp_path / "out" / "manifest.json"))
+
+
+@pytest.mark.slow
+def test_an_export_the_workers_cannot_load_is_named(ray_local, scenes: str, dvae_export: str, tmp_path: Path) -> None:
+    """A damaged dVAE export killed every worker: the CLI got an uncaught ActorDiedError traceback."""
+    damaged = str(tmp_path / "dvae")
+    shutil.copytree(dvae_export, damaged)
+    with open(os.path.join(damaged, "model.safetensors"), "r+b") as f:
+        f.seek(200)
+        f.write(b"\x00\x01\x02\x03")
+    with pytest.raises(DatasetError, match=rf"{damaged}: the tokenise workers could not load this dVAE export "
+                                           r"\(.*sha256 does not match"):
+        tokenise_dataset(scenes, damaged, str(tmp_path / "out"), workers=1, report=lambda _: None)
 
 
 def test_the_plan_names_the_whole_dvae_export_and_its_image_size(scenes: str, dvae_export: str,

@@ -249,9 +249,10 @@ def plan_tokenise(input_url: str, dvae_export_dir: str, samples_per_shard: int |
 
 
 def check_tokenise_output(input_url: str, dvae_export_dir: str, output_url: str, *, overwrite: bool = False,
-                          samples_per_shard: int | None = None) -> TokenisePlan:
-    """Refuse (or with ``overwrite`` retire) a different data set at ``output_url``: run for every split first."""
-    plan = plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
+                          samples_per_shard: int | None = None, plan: TokenisePlan | None = None) -> TokenisePlan:
+    """Refuse (or with ``overwrite`` retire) a different data set at ``output_url``: run for every split first.
+    ``plan``: the split's plan when the caller already made it."""
+    plan = plan or plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
     check_output(output_url, plan.fingerprint, overwrite=overwrite, say=lambda line: print(line, flush=True),
                  job="tokenise")
     return plan
@@ -297,7 +298,7 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
             codec_settings = ray.get([actor.codec_settings.remote() for actor in actors])[0]
         except ray.exceptions.ActorDiedError as e:  # the export failed to load in the worker
             raise DatasetError(f"{dvae_export_dir}: the tokenise workers could not load this dVAE export "
-                               f"({_first_line(e.error_msg if hasattr(e, 'error_msg') else str(e))})") from None
+                               f"({_first_line(e.error_msg)})") from None
         say(f"[tokenise] {len(actors)} workers ready after {time.monotonic() - line.start:.1f}s "
             "(each loaded the dVAE export once)")
         line.start = time.monotonic()  # the rate counts tokenising, not starting the workers
