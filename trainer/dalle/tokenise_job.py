@@ -120,7 +120,8 @@ class TokeniserWorker:
             tokens = self.family.encode_tokens(self.modules, np.stack(images))
         return tokens.reshape(len(images), -1).cpu().numpy().astype(np.int64)
 
-    def _samples(self, shard: OutputShard) -> Iterator[tuple[str, dict[str, Any]]]:
+    def _samples(self, shard: OutputShard) -> Iterator[tuple[str, dict[str, Any], list[int]]]:
+        """Each input sample with its caption's ids (encoded once, here, where an empty result is refused)."""
         for span in shard.inputs:
             for raw in read_span(span):
                 key = raw["__key__"]
@@ -129,28 +130,29 @@ class TokeniserWorker:
                 if caption is None or not caption.strip():
                     raise DatasetError(f"shard {span.url}: sample {key} has an empty caption "
                                        "(a text-to-image dataset needs a caption for every image)")
-                if not self.tokenizer.encode(caption):  # only characters sentencepiece normalises away
+                ids = self.tokenizer.encode(caption)
+                if not ids:  # only characters sentencepiece normalises away
                     raise DatasetError(f"shard {span.url}: sample {key}: caption {caption!r} has no tokens "
                                        "(a text-to-image dataset needs a caption for every image)")
-                yield key, sample
+                yield key, sample, ids
 
     def write(self, shard: OutputShard, output: str) -> ShardInfo:
         codec = self.codec
 
         def fill(writer: Any) -> None:
-            batch: list[tuple[str, dict[str, Any]]] = []
+            batch: list[tuple[str, dict[str, Any], list[int]]] = []
 
             def flush() -> None:
-                codes = self.encode_images([s["image"] for _, s in batch])
-                for (key, s), image_tokens in zip(batch, codes, strict=True):
-                    text = np.asarray(self.tokenizer.encode(s["caption"]), dtype=np.int64)
+                codes = self.encode_images([s["image"] for _, s, _ in batch])
+                for (key, s, ids), image_tokens in zip(batch, codes, strict=True):
+                    text = np.asarray(ids, dtype=np.int64)
                     item = TokenSample(key, text, image_tokens, s.get("caption"), s.get("attributes"),
                                        s.get("label"))
                     writer.write({"__key__": key, **codec.encode(item)})
                 batch.clear()
 
-            for key, sample in self._samples(shard):
-                batch.append((key, sample))
+            for item in self._samples(shard):
+                batch.append(item)
                 if len(batch) == self.batch_size:
                     flush()
             if batch:
