@@ -41,14 +41,6 @@ def _normalize_sha256(url: str, sha256: str | None) -> str | None:
     return value
 
 
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 class ShardCache:
     """Remote shards copied to ``directory`` (kept under ``max_bytes``); local URLs are served in place."""
 
@@ -141,17 +133,17 @@ class ShardCache:
         """Check a copy cached without verification and rename it to its verified name; False when there is no such
         copy (or it does not match, and is deleted: the caller downloads again, and a bad object then fails)."""
         try:
-            if file_sha256(unchecked) != expected:
+            if storage.sha256_of(unchecked) != expected:
                 os.unlink(unchecked)
                 return False
             os.replace(unchecked, path)
             os.utime(path)
-        except FileNotFoundError:  # never cached, or evicted meanwhile
+        except (FileNotFoundError, storage.StorageNotFoundError):  # never cached, or evicted meanwhile
             return False
         return True
 
     def _verify(self, url: str, path: str, expected: str) -> None:
-        actual = file_sha256(path)
+        actual = storage.sha256_of(path)
         if actual != expected:
             raise ChecksumMismatchError(url, f"sha256 mismatch: expected {expected}, actual {actual}")
 

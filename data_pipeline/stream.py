@@ -111,16 +111,13 @@ class ShardOpener:
         if not os.path.exists(path):
             raise DatasetError(f"shard {url}: missing (listed in the manifest, not on disk)")
         if self.config.verify_sha256 and i not in self.verified:
-            digest = hashlib.sha256()
             try:
-                with open(path, "rb") as f:
-                    for chunk in iter(lambda: f.read(1 << 20), b""):
-                        digest.update(chunk)
-            except OSError as e:
-                raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
-            if digest.hexdigest() != info.sha256:
+                actual = storage.sha256_of(path)
+            except storage.StorageError as e:
+                raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
+            if actual != info.sha256:
                 raise DatasetError(f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file "
-                                   f"{digest.hexdigest()[:12]}...){_REPAIR}")
+                                   f"{actual[:12]}...){_REPAIR}")
             self.verified.add(i)
         try:
             return open(path, "rb")
