@@ -29,6 +29,7 @@ from trainer.loop import (
     data_info,
     resume_position,
     rng_untouched,
+    torchrun_cuda_index,
     train_worker,
 )
 from trainer.typed_config import ConfigError
@@ -242,3 +243,12 @@ def test_a_metrics_record_cut_short_is_dropped_not_glued_to_the_next(tmp_path):
     path.write_text(whole.rstrip("\n"))
     Reporter(str(tmp_path), total_steps=4, global_batch=8, enabled=True, first_step=1).close()
     assert path.read_text() == whole
+
+
+def test_torchrun_workers_take_the_gpu_of_their_local_rank():
+    """torchrun shows every GPU to every process: without set_device(LOCAL_RANK) all ranks would share GPU 0.
+    Ray Train pins its workers' devices itself, so outside torchrun nothing is chosen."""
+    assert torchrun_cuda_index({"LOCAL_RANK": "3"}, 8) is None
+    assert torchrun_cuda_index({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "3"}, 8) == 3
+    with pytest.raises(RuntimeError, match=r"LOCAL_RANK=2, but this node shows 2 GPU\(s\).*--nproc_per_node <= 2"):
+        torchrun_cuda_index({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "2"}, 2)

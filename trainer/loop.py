@@ -14,7 +14,7 @@ import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -164,12 +164,26 @@ def data_info(manifest: Manifest) -> dict[str, Any]:
     return {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": manifest.url}
 
 
+def torchrun_cuda_index(env: Mapping[str, str], device_count: int) -> int | None:
+    """The GPU this process must take: torchrun starts one process per GPU with every GPU visible, so each takes
+    GPU LOCAL_RANK (or all of them would share GPU 0). None outside torchrun: Ray Train pins its workers itself."""
+    if "TORCHELASTIC_RUN_ID" not in env:
+        return None
+    local = int(env.get("LOCAL_RANK", "0"))
+    if not 0 <= local < device_count:
+        raise RuntimeError(f"torchrun LOCAL_RANK={local}, but this node shows {device_count} GPU(s): start "
+                           f"torchrun with --nproc_per_node <= {device_count} (or check CUDA_VISIBLE_DEVICES)")
+    return local
+
+
 def _init_distributed() -> tuple[int, int, torch.device]:
     import deepspeed
 
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    elif (index := torchrun_cuda_index(os.environ, torch.cuda.device_count())) is not None:
+        torch.cuda.set_device(index)
     deepspeed.init_distributed(dist_backend="nccl" if use_cuda else "gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     device = torch.device("cuda", torch.cuda.current_device()) if use_cuda else torch.device("cpu")
