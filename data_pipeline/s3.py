@@ -21,7 +21,6 @@ from typing import Any
 import boto3
 import urllib3.exceptions
 from boto3.exceptions import RetriesExceededError as Boto3RetriesExceededError
-from boto3.exceptions import S3UploadFailedError
 from boto3.s3.transfer import TransferConfig, create_transfer_manager
 from botocore.config import Config
 from botocore.exceptions import (
@@ -223,8 +222,6 @@ def errors(url: str) -> Iterator[None]:
             url, f"S3 transfer from {describe_endpoint()} gave up after {_settings.max_attempts} attempts, the last "
             f"one failing with: {e.last_exception}",
         ) from e
-    except S3UploadFailedError as e:
-        raise StorageError(url, f"upload to S3 at {describe_endpoint()} failed: {e}") from e
 
 
 def backoff(failures: int) -> float:

@@ -241,6 +241,25 @@ def test_persistent_500s_become_a_clear_error(flaky_s3: FlakyS3Proxy, s3_bucket:
     assert flaky_s3.errors_injected == 2
 
 
+def test_failed_uploads_name_the_object_and_why(flaky_s3: FlakyS3Proxy, s3_bucket: str, s3_settings,
+                                               tmp_path) -> None:
+    """Uploads go through boto3's transfer manager, whose failures (single or multipart) must read like the
+    other storage errors: the URL, then what S3 said, never a bare transfer exception."""
+    small, big = tmp_path / "small.bin", tmp_path / "big.bin"
+    small.write_bytes(b"x" * 100)
+    big.write_bytes(os.urandom(12 << 20))  # above the multipart threshold
+    with pytest.raises(BucketNotFoundError, match=r"^s3://no-such-bucket-x/k: bucket not found"):
+        storage.upload_file(str(small), "s3://no-such-bucket-x/k")
+    s3_settings(max_attempts=2)
+    for src in (small, big):
+        flaky_s3.fail_next(1000)
+        url = f"{s3_bucket}/{src.name}"
+        with pytest.raises(StorageError, match=rf"^{url}: .*(InternalError|500)"):
+            storage.upload_file(str(src), url)
+        flaky_s3.reset()
+        assert not storage.exists(url)  # nothing half-written is visible
+
+
 def test_dropped_connection_resumes_exactly(flaky_s3: FlakyS3Proxy, s3_bucket: str, tmp_path) -> None:
     url = s3_bucket + "/big.bin"
     data = os.urandom(3 << 20)
