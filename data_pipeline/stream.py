@@ -61,8 +61,7 @@ class StreamConfig:
                 raise ValueError(f"data.stream.{name} must be >= 1, got {getattr(self, name)}")
 
 
-_REPAIR = ("; `dgm prepare CONFIG --verify` rewrites a damaged shard it wrote (a token shard of `dgm tokenize`: delete "
-           "it and re-run the tokenize)")
+_REPAIR = "; `dgm prepare CONFIG --verify` (a token shard: `dgm tokenize CONFIG --verify`) rewrites a damaged shard"
 
 
 class ShardUnavailableError(DatasetError):

@@ -97,7 +97,7 @@ def cmd_tokenize(args: argparse.Namespace) -> int:
         out = outputs[split]
         print(f"[tokenize] {split}: {source} -> {out} with the dVAE {spec.dvae_export}")
         tokenise_dataset(source, spec.dvae_export, out, workers=spec.workers, batch_size=spec.batch_size,
-                         overwrite=args.overwrite)
+                         overwrite=args.overwrite, verify=args.verify)
     return 0
 
 
@@ -266,6 +266,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--address", default="", help="existing Ray cluster address (default: embedded local cluster)")
     p.add_argument("--overwrite", action="store_true",
                    help="replace a different data set already at an output (refused otherwise)")
+    p.add_argument("--verify", action="store_true",
+                   help="re-hash the token shards an earlier run wrote (downloads them from S3) and rewrite any "
+                        "whose sha256 differs: repairs a shard that training reports as a sha256 mismatch")
     commands["tokenize"] = cmd_tokenize
 
     p = sub.add_parser("train", help="train with DeepSpeed ZeRO on a Ray Train worker group",

@@ -165,6 +165,16 @@ def test_job_matches_the_dvae_in_order_and_resumes(ray_local, scenes: str, dvae_
     assert {n: os.stat(os.path.join(out2, n)).st_mtime_ns for n in stamps} == stamps
     assert again.to_json() == manifest.to_json()
 
+    # A shard changed in place (same size): only a verifying re-run finds it, and rewrites just that one.
+    shard0 = os.path.join(out2, "shard-000000.tar")
+    good = open(shard0, "rb").read()
+    with open(shard0, "r+b") as f:
+        f.seek(len(good) // 2)
+        f.write(bytes(b ^ 0xFF for b in good[len(good) // 2: len(good) // 2 + 64]))
+    lines.clear()
+    tokenise_dataset(scenes, dvae_export, out2, workers=1, report=lines.append, verify=True)
+    assert "(2 already done, 1 workers)" in lines[0] and open(shard0, "rb").read() == good
+
 
 @pytest.mark.slow
 @pytest.mark.parametrize("caption, problem", [("", " has an empty caption"), ("\u200b", r": caption '\\u200b' has no tokens")])

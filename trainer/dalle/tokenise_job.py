@@ -272,9 +272,11 @@ def check_splits_agree(plans: dict[str, TokenisePlan]) -> None:
 
 def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, workers: int = 2,
                      batch_size: int = 64, samples_per_shard: int | None = None, progress: bool = True,
-                     report: Callable[[str], None] | None = None, overwrite: bool = False) -> Manifest:
+                     report: Callable[[str], None] | None = None, overwrite: bool = False,
+                     verify: bool = False) -> Manifest:
     """Tokenise the image dataset at ``input_url`` with the dVAE export into token shards at ``output_url``;
-    a different complete data set there is refused unless ``overwrite`` (data_pipeline.dataset_output)."""
+    a different complete data set there is refused unless ``overwrite`` (data_pipeline.dataset_output).
+    ``verify`` re-hashes the shards an earlier run finished and rewrites any whose bytes changed in place."""
     if workers < 1 or batch_size < 1:
         raise ValueError(f"tokenise: workers and batch_size must be >= 1, got {workers} and {batch_size}")
     plan = plan_tokenise(input_url, dvae_export_dir, samples_per_shard)
@@ -283,7 +285,7 @@ def tokenise_dataset(input_url: str, dvae_export_dir: str, output_url: str, *, w
     shards = plan_output(source, per_shard, fingerprint)
     say = report or (lambda line: print(line, flush=True))
     check_output(output_url, fingerprint, overwrite=overwrite, say=say, job="tokenise")
-    done = {s.plan.index: info for s in shards if (info := finished_info(output_url, s.plan)) is not None}
+    done = {s.plan.index: info for s in shards if (info := finished_info(output_url, s.plan, verify)) is not None}
     todo = [s for s in shards if s.plan.index not in done]
     say(f"[tokenise] {source.total} images in {len(source.shards)} shards -> {len(shards)} token shards at "
         f"{output_url} ({len(done)} already done, {min(workers, max(len(todo), 1))} workers)")
