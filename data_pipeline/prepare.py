@@ -20,7 +20,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from data_pipeline.codecs import build_codec
 from data_pipeline.dataset_output import FINGERPRINT_KEY, check_output, remove_leftovers
 from data_pipeline.manifest import FORMAT_VERSION, Manifest, ShardInfo, save_manifest
 from data_pipeline.preview import PREVIEW_CELL, PREVIEW_COUNT, PREVIEW_NAME, fit_cell, grid_uint8, png_bytes
+from data_pipeline.scratch import scratch_file
 from data_pipeline.sources import build_source
 
 log = logging.getLogger(__name__)
@@ -192,7 +192,7 @@ def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], 
     it is then moved/uploaded whole to ``output`` and its info file (count, size, sha256, index, lengths, the
     codec's ``report`` of the encodes, plan fingerprint) written beside it."""
     target = storage.join(output, plan.name)
-    fd, tmp = tempfile.mkstemp(suffix=".tar", prefix="dgm-shard-")
+    fd, tmp = scratch_file("dgm-shard-", ".tar")
     try:
         with os.fdopen(fd, "wb") as f, wds.TarWriter(f, mtime=0) as writer:
             lengths = fill(writer) or []

@@ -10,6 +10,7 @@ import tempfile
 import torch
 
 from data_pipeline import storage
+from data_pipeline.scratch import scratch_dir
 from trainer.checkpoint import CheckpointError, CheckpointStore
 from trainer.export import CONFIG, ExportError, check_replaceable, write_export
 from trainer.families import family_class
@@ -38,7 +39,7 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
     local_out = out_dir
     parent = tempfile.gettempdir() if remote_out else os.path.dirname(os.path.abspath(out_dir))
     os.makedirs(parent, exist_ok=True)
-    scratch = tempfile.mkdtemp(prefix=".dgm-export-", dir=parent)
+    scratch = scratch_dir(".dgm-export-", parent)
     try:
         store = CheckpointStore(checkpoint_root, staging=scratch)
         tag = tag.strip("/") if tag else tag

@@ -16,7 +16,7 @@ from pathlib import Path
 import boto3
 import pytest
 
-from data_pipeline import s3, storage
+from data_pipeline import s3, scratch, storage
 from data_pipeline.storage import (
     BucketNotFoundError,
     ShardCache,
@@ -481,3 +481,32 @@ def test_ray_workers_do_not_log_where_boto_found_credentials() -> None:
 
     quiet_worker_noise()
     assert not logging.getLogger("botocore.credentials").isEnabledFor(logging.INFO)
+
+
+def test_scratch_left_by_killed_processes_is_swept_and_live_ones_kept(tmp_path) -> None:
+    """A SIGKILLed writer never removes its temporary shard or export folder; the next writer of the same kind on
+    this host does, and leaves alone what live processes (and other hosts sharing the folder) are writing."""
+    make = ("import os, sys; from data_pipeline.scratch import scratch_dir, scratch_file; "
+            "fd, path = scratch_file('dgm-shard-', '.tar', sys.argv[1]); os.write(fd, b'half a shard'); "
+            "d = scratch_dir('dgm-shard-', sys.argv[1]); open(os.path.join(d, 'part'), 'w').write('x'); "
+            "print(path, d, flush=True); sys.stdin.readline(); os._exit(0)")
+    killed = subprocess.Popen([sys.executable, "-c", make, str(tmp_path)], cwd=ROOT, text=True,
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    dead_file, dead_dir = killed.stdout.readline().split()
+    killed.kill()
+    killed.wait()
+    live = subprocess.Popen([sys.executable, "-c", make, str(tmp_path)], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        live_file, live_dir = live.stdout.readline().split()
+        other_host = tmp_path / f"dgm-shard-some-other-host-{killed.pid}-abc.tar"
+        other_host.write_bytes(b"x")
+        unrelated = tmp_path / f"dgm-export-{os.path.basename(dead_file)[len('dgm-shard-'):]}"
+        unrelated.write_bytes(b"x")
+        fd, mine = scratch.scratch_file("dgm-shard-", ".tar", str(tmp_path))
+        os.close(fd)
+        left = set(os.listdir(tmp_path))
+        assert os.path.basename(dead_file) not in left and os.path.basename(dead_dir) not in left
+        assert {os.path.basename(p) for p in (live_file, live_dir, mine, other_host, unrelated)} <= left
+    finally:
+        live.communicate("\n")

@@ -14,7 +14,6 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -22,6 +21,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
+from data_pipeline.scratch import scratch_dir
 from trainer.families import family_class
 from trainer.families.base import Family
 from trainer.typed_config import ConfigError, from_dict
@@ -246,7 +246,7 @@ def load_export_url(url: str, device: str = "cpu") -> tuple[Family, dict[str, nn
     files = config.get("files") if isinstance(config, dict) else None
     if not isinstance(files, dict):
         raise ExportError(f"{config_url}: 'files' must map each exported file to its sha256")
-    tmp = tempfile.mkdtemp(prefix="dgm-export-")
+    tmp = scratch_dir("dgm-export-")
     try:
         with open(os.path.join(tmp, CONFIG), "wb") as f:
             f.write(raw)
