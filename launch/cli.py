@@ -122,7 +122,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     cfg, _ = _config(args)
     out = args.out or os.path.join(cfg.run_dir, "export")
-    export_checkpoint(checkpoint_root_of(cfg), out, args.tag)
+    out = export_checkpoint(checkpoint_root_of(cfg), out, args.tag, family=cfg.family, model_config=cfg.model,
+                            on_model_change=cfg.trainer.on_model_change)
     print(f"[export] {out}")
     return 0
 

@@ -3,8 +3,10 @@ or Ray."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+from typing import Any
 import tempfile
 
 import torch
@@ -12,7 +14,7 @@ import torch
 from data_pipeline import storage
 from data_pipeline.scratch import scratch_dir
 from trainer.checkpoint import CheckpointError, CheckpointStore
-from trainer.export import CONFIG, ExportError, check_replaceable, write_export
+from trainer.export import CONFIG, EXPORT_FORMAT, ExportError, check_replaceable, export_names, write_export
 from trainer.families import family_class
 from trainer.typed_config import ConfigError, from_dict
 
@@ -28,10 +30,15 @@ def consolidated_state(checkpoint_dir: str, network: str) -> dict[str, torch.Ten
         raise CheckpointError(f"checkpoint {path}: cannot consolidate the ZeRO state ({e})") from e
 
 
-def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None) -> str:
+def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None, *, family: str | None = None,
+                      model_config: Any = None, on_model_change: str = "error") -> str:
     """Export the given (default: latest) checkpoint of a run to ``out_dir`` (a folder or an s3:// URL); returns
-    ``out_dir``. An s3:// checkpoint is downloaded into a temporary folder beside the export, removed after."""
+    ``out_dir``. An s3:// checkpoint is downloaded into a temporary folder beside the export, removed after.
+    ``family``/``model_config`` (the config ``dgm export`` was given) must be the checkpoint's, as on resume: the
+    export is built from the checkpoint's own config, so a config of another model would be silently ignored."""
     remote_out = storage.is_remote(out_dir)
+    if not remote_out:
+        out_dir = storage.local_path(out_dir)  # file:///abs/path is a folder, not ./file:/abs/path
     if remote_out:
         check_remote_replaceable(out_dir)
     else:
@@ -47,11 +54,16 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
             have = store.all_tags()  # listed only when the tag is not there
             raise CheckpointError(f"{checkpoint_root}/{tag}: no such checkpoint (there: "
                                   f"{', '.join(have[-8:]) if have else 'none'})")
+        if tag and not store.is_complete(tag):
+            raise CheckpointError(f"{checkpoint_root}/{tag}: an incomplete checkpoint (a save that was cut, or an "
+                                  "upload still missing ranks): export a complete one")
         tag = tag or store.latest()
         if tag is None:
             raise CheckpointError(f"{checkpoint_root}: no complete checkpoint to export (is the run's checkpoint_root "
                                   "elsewhere, e.g. s3://...?)")
         meta = store.read_meta(tag)
+        if family is not None:
+            store.check(tag, meta, expect_family=family, model_config=model_config, on_model_change=on_model_change)
         if meta.zero_stage == 0:
             raise CheckpointError(f"{checkpoint_root}/{tag}: export reads ZeRO checkpoints (stage >= 1)")
         try:
@@ -78,17 +90,29 @@ PUBLISHING = ".dgm-publishing"  # beside an s3:// export while it is being uploa
 def check_remote_replaceable(url: str) -> None:
     """As ``check_replaceable`` for an s3:// export: only an empty prefix or an earlier export is replaced."""
     names = _names_below(url)
-    if not names:
+    if not names or PUBLISHING in names:  # empty, or an export whose publishing was cut
         return
-    if CONFIG not in names and PUBLISHING not in names:  # an export, or one whose publishing was cut
-        raise ExportError(f"{url}: holds {len(names)} objects and is not an earlier export (no {CONFIG}); an "
-                          "export replaces its prefix whole, so it will not write there: give --out a new prefix")
+    if _earlier_config(url) is None:
+        raise ExportError(f"{url}: holds {len(names)} objects and is not an earlier export (no {CONFIG} of format "
+                          f"{EXPORT_FORMAT}); an export replaces its prefix, so it will not write there: give --out "
+                          "a new prefix")
+
+
+def _earlier_config(url: str) -> dict | None:
+    """The config.json of an earlier export at ``url``; None when there is none or it is not an export's."""
+    try:
+        config = json.loads(storage.read_bytes(storage.join(url, CONFIG)))
+    except (storage.StorageNotFoundError, ValueError):
+        return None
+    return config if isinstance(config, dict) and config.get("format") == EXPORT_FORMAT else None
 
 
 def publish_remote(local_dir: str, url: str) -> None:
     """Upload an export with config.json last (an earlier export's config.json removed first), so a cut upload is
-    never a loadable export; objects of the earlier export that the new one lacks are removed after."""
-    earlier = set(_names_below(url))
+    never a loadable export; files of the earlier export that the new one lacks are removed after, objects it did
+    not list (a sample grid put beside it) are left."""
+    config = _earlier_config(url)
+    earlier = {n for n in _names_below(url) if config is not None and n.split("/")[0] in export_names(config)}
     storage.write_bytes(storage.join(url, PUBLISHING), b"")  # a cut publish stays recognisably ours, retryable
     if CONFIG in earlier:
         storage.delete(storage.join(url, CONFIG))

@@ -55,6 +55,10 @@ def test_prepare_train_export_sample_through_the_cli(tmp_path):
 
     exp = dgm("export", config, *over)
     assert exp.returncode == 0, exp.stderr[-3000:]
+    changed = dgm("export", config, *over, "model.chunk_size=16", "--out", f"file://{tmp_path}/exp2")
+    assert changed.returncode != 0 and "model.chunk_size: 32 -> 16" in changed.stderr, changed.stderr[-3000:]
+    url = dgm("export", config, *over, "--out", f"file://{tmp_path}/exp2")  # a file:// URL is that folder
+    assert url.returncode == 0 and (tmp_path / "exp2" / "model.safetensors").is_file(), url.stderr[-3000:]
     png = tmp_path / "grid.png"
     smp = dgm("sample", str(run / "export"), "--out", str(png), "--n", "9", "--top-p", "0.9")
     assert smp.returncode == 0, smp.stderr[-3000:]

@@ -292,6 +292,22 @@ def test_export_carries_tokenizer_and_dvae_and_samples_from_a_prompt(world, tmp_
                                fam.generate_tokens({"model": model}, 2, g2, prompt=["a", "b"])[1])
 
 
+def test_an_export_that_would_not_load_back_never_replaces_a_good_one(world, tmp_path):
+    """The bundled dVAE is copied, not re-checked, by export_files: a copy damaged on disk must not be published
+    over the export that loads (it would only fail when someone samples)."""
+    dvae = shutil.copytree(world["dvae_export"], tmp_path / "dvae")
+    info = {**world["info"], "dvae_export": str(dvae)}
+    fam, model = prior(info)
+    out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()}, {"step": 1})
+    with open(dvae / "model.safetensors", "r+b") as f:
+        f.seek(200)
+        f.write(b"\0" * 64)
+    with pytest.raises(ExportError, match=rf"^{out}: the new export does not load back, nothing was replaced "
+                                          rf"\({out}/dvae/model.safetensors: sha256 does not match"):
+        write_export(out, prior(info)[0], {"model": model.state_dict()}, {"step": 2})
+    assert load_export(out)[2]["step"] == 1 and sorted(os.listdir(tmp_path)) == ["dvae", "export"]
+
+
 def test_a_tokenizer_that_does_not_match_training_is_refused(world, tmp_path):
     fam, model = prior(world["info"])
     out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()})

@@ -3,6 +3,7 @@ is refused in one line that names the file and what is wrong."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 
@@ -41,8 +42,13 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     (tmp_path / "empty").mkdir()
     write_export(str(tmp_path / "empty"), fam, states)
     out = write_export(str(tmp_path / "export"), fam, states, {"step": 1})
-    write_export(out, fam, states, {"step": 2})  # an earlier export is replaced whole
+    (tmp_path / "export" / "samples.png").write_bytes(b"a grid dgm sample wrote here")
+    (tmp_path / "export" / "notes").mkdir()
+    (tmp_path / "export" / "notes" / "eval.txt").write_text("keep me")
+    write_export(out, fam, states, {"step": 2})  # the export's own files are replaced, the user's stay
     assert load_export(out)[2]["step"] == 2
+    assert (tmp_path / "export" / "samples.png").read_bytes() == b"a grid dgm sample wrote here"
+    assert (tmp_path / "export" / "notes" / "eval.txt").read_text() == "keep me"
     wider, wide_states = tiny(d_model=32)  # weights that do not load into the family written beside them
     with pytest.raises(ExportError, match="weights of 'model' do not fit"):
         write_export(out, fam, wide_states, {"step": 3})
@@ -62,9 +68,13 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
         local = write_export(str(tmp_path / f"export{step}"), fam, states, {"step": step})
         check_remote_replaceable(url)
         publish_remote(local, url)
-    storage.write_bytes(f"{url}/stray.bin", b"x")  # an object the next publish does not write
+    storage.write_bytes(f"{url}/samples.png", b"x")  # an object the export does not list: the user's, kept
+    listed = write_export(str(tmp_path / "export3"), fam, states, {"step": 3})
+    (tmp_path / "export3" / "extra.bin").write_bytes(b"e")  # a file only this export lists
+    edit_config(listed, lambda c: {**c, "files": {**c["files"], "extra.bin": hashlib.sha256(b"e").hexdigest()}})
+    publish_remote(listed, url)
     publish_remote(str(tmp_path / "export2"), url)
-    assert not storage.exists(f"{url}/stray.bin")
+    assert not storage.exists(f"{url}/extra.bin") and storage.exists(f"{url}/samples.png")
     loaded, modules, config = load_export_url(url)
     assert config["step"] == 2 and sorted(modules) == ["model"]
     png = str(tmp_path / "s.png")
@@ -90,6 +100,11 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
     storage.write_bytes(f"{s3_bucket}/other/data.bin", b"x")
     with pytest.raises(ExportError, match="holds 1 objects and is not an earlier export"):
         check_remote_replaceable(f"{s3_bucket}/other")
+    storage.write_bytes(f"{s3_bucket}/hf/config.json", b'{"model_type": "bert"}')  # a config.json, not an export's
+    storage.write_bytes(f"{s3_bucket}/hf/pytorch_model.bin", b"w")
+    with pytest.raises(ExportError, match=r"hf: holds 2 objects and is not an earlier export \(no config.json of "
+                                          r"format 1\)"):
+        check_remote_replaceable(f"{s3_bucket}/hf")
     # a URL that is not an export is one request, named as the URL (it used to download everything under it)
     with pytest.raises(ExportError, match=rf"^{s3_bucket}/other: not an export \(no config.json\)$"):
         load_export_url(f"{s3_bucket}/other")
@@ -183,6 +198,10 @@ def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
     with pytest.raises(CheckpointError, match=r"no complete checkpoint to export \(is the run's checkpoint_root"):
         export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    (root / "step-00000030.partial").mkdir()  # a local save cut before its rename
+    (root / "step-00000030.partial" / "meta.json").write_text("{}")
+    with pytest.raises(CheckpointError, match=r"step-00000030.partial: an incomplete checkpoint"):
+        export_checkpoint(str(root), str(tmp_path / "out"), "step-00000030.partial")
     (root / "step-00000020" / "meta.json").write_text("{}")
     with pytest.raises(CheckpointError, match="step-00000020/meta.json: unreadable metadata"):  # found, then read
         export_checkpoint(str(root), str(tmp_path / "out"), "step-00000020/")

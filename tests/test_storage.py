@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import pickle
 import socket
@@ -25,7 +26,7 @@ from data_pipeline.storage import (
     configure_s3,
 )
 from tests.fixtures_s3 import FlakyS3Proxy, free_port
-from trainer.checkpoint import CheckpointStore
+from trainer.checkpoint import CheckpointMeta, CheckpointStore
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -471,6 +472,21 @@ def test_checkpoint_save_clears_an_interrupted_save_and_prune_keeps_later_tags(s
     storage.write_bytes(f"{root}/step-00000012/meta.json", b"{}")
     store._point_latest("step-00000012")
     assert store.all_tags() == ["step-00000012", "step-00000016"]
+
+
+def test_an_s3_checkpoint_is_complete_once_every_rank_uploaded(s3_bucket: str, tmp_path) -> None:
+    """``dgm export --tag`` of a checkpoint whose upload is still missing ranks is refused (its meta.json, written
+    by rank 0, is there long before the other ranks' files)."""
+    root = f"{s3_bucket}/ckpt"
+    meta = CheckpointMeta(step=16, stream_state={}, world_size=4, family="x", engines=["model"], zero_stage=2,
+                          config={}, data_info={})
+    storage.write_bytes(f"{root}/step-00000016/meta.json", json.dumps(dataclasses.asdict(meta)).encode())
+    store = CheckpointStore(root, staging=str(tmp_path))
+    for r in range(1, 4):
+        storage.write_bytes(f"{root}/step-00000016/_uploaded/rank{r}", b"")
+    assert not store.is_complete("step-00000016") and not store.is_complete("step-00000099")
+    storage.write_bytes(f"{root}/step-00000016/_uploaded/rank0", b"")
+    assert store.is_complete("step-00000016")
 
 
 def test_ray_workers_do_not_log_where_boto_found_credentials() -> None:

@@ -107,6 +107,13 @@ class CheckpointStore:
             raise CheckpointError(f"{url} points at {tag!r}, which is not a complete checkpoint")
         return tag
 
+    def is_complete(self, tag: str) -> bool:
+        """Whether ``tag`` names a whole checkpoint: a finished local save (not a cut ``.partial`` one), or an
+        s3:// one that every rank finished uploading."""
+        if step_of_tag(tag) is None or not storage.exists(storage.join(self.root, tag, META)):
+            return False
+        return not self.remote or self._uploaded_ranks(tag) >= self.read_meta(tag).world_size
+
     def _latest_name(self) -> str | None:
         """What ``latest`` says, unchecked; None when there is no ``latest``."""
         url = storage.join(self.root, LATEST)

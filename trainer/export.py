@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import os
 import shutil
 import struct
@@ -31,6 +32,9 @@ WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 _DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.int64: "I64",
            torch.int32: "I32", torch.uint8: "U8", torch.bool: "BOOL", torch.float64: "F64"}
+
+
+log = logging.getLogger(__name__)
 
 
 class ExportError(RuntimeError):
@@ -95,11 +99,25 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
         }
         with open(os.path.join(tmp, CONFIG), "w") as f:
             json.dump(config, f, indent=1, sort_keys=True)
+        try:  # what is published is what loads: the family reads its own files back (a bundled dVAE export...)
+            read_export(tmp)
+        except ExportError as e:
+            raise ExportError(f"{out_dir}: the new export does not load back, nothing was replaced "
+                              f"({str(e).replace(tmp, out_dir)})") from e
+        kept = user_entries(out_dir)
         old = f"{out_dir.rstrip('/')}.old-{os.urandom(6).hex()}"
         if os.path.exists(out_dir):  # renamed aside, not deleted first: a crash never leaves neither export
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        clash = [name for name in kept if os.path.lexists(os.path.join(out_dir, name))]
+        for name in kept:  # files the user put in the folder (a sample grid) stay with the export
+            if name not in clash:
+                os.replace(os.path.join(old, name), os.path.join(out_dir, name))
+        if clash:
+            log.warning("%s: the new export has files named like %s, which were not the earlier export's; they "
+                        "are kept in %s", out_dir, ", ".join(clash), old)
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left
     return out_dir
@@ -128,6 +146,24 @@ def check_fits(family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tens
                               f"({_summary(problems)})")
 
 
+def export_names(config: Mapping[str, Any]) -> set[str]:
+    """The top-level names an export's config.json accounts for: itself and the first part of every listed file."""
+    files = config.get("files")
+    return {CONFIG} | {str(n).replace("\\", "/").split("/")[0] for n in files} if isinstance(files, dict) else {CONFIG}
+
+
+def user_entries(out_dir: str) -> list[str]:
+    """Entries of an earlier export folder that its config.json does not list (a sample grid ``dgm sample`` wrote
+    there, the user's notes): a new export carries them over instead of deleting them."""
+    try:
+        with open(os.path.join(out_dir, CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+        entries = os.listdir(out_dir)
+    except (OSError, ValueError):
+        return []
+    return sorted(set(entries) - export_names(config)) if isinstance(config, dict) else []
+
+
 def check_replaceable(out_dir: str) -> None:
     """An export replaces only a missing or empty folder or an earlier export: never a folder of other files (a run
     directory, ``.``), which ``--out`` could otherwise name by mistake and lose."""
@@ -146,12 +182,13 @@ def check_replaceable(out_dir: str) -> None:
         is_export = False
     if not is_export:
         raise ExportError(f"{out_dir}: holds {len(entries)} entries and is not an earlier export (no {CONFIG} of "
-                          f"format {EXPORT_FORMAT}); an export replaces its folder whole, so it will not write "
+                          f"format {EXPORT_FORMAT}); an export replaces its folder, so it will not write "
                           "there: give --out a new or empty folder")
 
 
-def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
-    """Rebuild a family and its networks from an export folder, after checking every file's sha256."""
+def read_export(export_dir: str) -> tuple[Family, dict[str, Any]]:
+    """An export folder's family, rebuilt from config.json once every listed file's sha256 is checked and the
+    family has read back its own files (tokenizer, bundled exports); the weights are not loaded."""
     cfg_path = os.path.join(export_dir, CONFIG)
     if not os.path.isfile(cfg_path):
         raise ExportError(f"{export_dir}: not an export folder (no {CONFIG})")
@@ -195,6 +232,12 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
     except (ConfigError, ValueError, KeyError, TypeError) as e:
         raise ExportError(f"{cfg_path}: cannot rebuild the model ({e})") from e
     family.attach_export(export_dir)
+    return family, config
+
+
+def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str, nn.Module], dict[str, Any]]:
+    """Rebuild a family and its networks from an export folder, after checking every file's sha256."""
+    family, config = read_export(export_dir)
     modules = family.build_modules()
     weights = os.path.join(export_dir, WEIGHTS)
     try:
