@@ -135,7 +135,11 @@ def set_dotted(raw: dict[str, Any], dotted: str) -> None:
         if not isinstance(nxt, dict):
             raise ConfigError(f"{'.'.join(parts[: i + 1])}: is a value, cannot set {key}")
         node = nxt
-    value = _override_value(text)
+    try:
+        value = _override_value(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {key.strip()}: value {text!r} is not valid YAML ({str(e).splitlines()[0]}); "
+                          "quote it for a string with brackets or colons") from e
     last = parts[-1]
     if isinstance(value, dict) and isinstance(node.get(last), dict):
         node[last] = _merged(node[last], value)  # a section given as a mapping keeps the keys it does not name
@@ -194,6 +198,12 @@ def read_yaml(path: str, overrides: list[str] | None = None) -> dict[str, Any]:
             raw = yaml.safe_load(f) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: is a folder, not a config file (e.g. configs/demo.yaml)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not a text file ({e})") from e
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({e})") from e
     if not isinstance(raw, dict):

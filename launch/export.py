@@ -6,8 +6,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from typing import Any
 import tempfile
+from typing import Any
 
 import torch
 

@@ -41,6 +41,8 @@ class ZeroConfig:
             raise ValueError(f"zero.grad_accum must be >= 1, got {self.grad_accum}")
         if self.bucket_elements < 1:
             raise ValueError(f"zero.bucket_elements must be >= 1, got {self.bucket_elements}")
+        if not (math.isfinite(self.grad_clip) and self.grad_clip >= 0):
+            raise ValueError(f"zero.grad_clip must be a finite number >= 0 (0: no clipping), got {self.grad_clip}")
 
 
 @dataclass

@@ -115,6 +115,29 @@ def test_bad_files_are_named(tmp_path):
         load_config(str(bad))
 
 
+def test_config_files_and_overrides_that_cannot_be_read_are_named(tmp_path):
+    with pytest.raises(ConfigError, match=rf"^{tmp_path}: is a folder, not a config file"):
+        load_config(str(tmp_path))
+    binary = tmp_path / "b.yaml"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    with pytest.raises(ConfigError, match=rf"^{binary}: not a text file"):
+        load_config(str(binary))
+    with pytest.raises(ConfigError, match=r"^override trainer.steps: value '\[1' is not valid YAML"):
+        load_config(DIGITS, ["trainer.steps=[1"])
+
+
+@pytest.mark.parametrize("override, message", [
+    ("trainer.optim.lr=nan", r"trainer.optim: lr must be a finite number"),
+    ("trainer.optim.lr=-1", r"trainer.optim: lr and eps must be > 0"),
+    ("trainer.optim.beta2=1.5", r"trainer.optim: beta1 and beta2 must be in \[0, 1\)"),
+    ("zero.grad_clip=nan", r"zero.grad_clip must be a finite number >= 0"),
+    ("zero.grad_clip=-3", r"zero.grad_clip must be a finite number >= 0"),
+])
+def test_optimizer_and_clipping_values_are_checked_before_anything_starts(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(DIGITS, [override])
+
+
 def test_cli_reports_config_errors_in_one_line(capsys):
     assert main(["train", DIGITS, "trainer.optim.lrr=1"]) == 2
     err = capsys.readouterr().err

@@ -8,6 +8,7 @@ Everything here must work with torch alone, so exported models load without Deep
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -38,6 +39,18 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.95
     eps: float = 1e-8
+
+    def __post_init__(self) -> None:
+        values = {"lr": self.lr, "weight_decay": self.weight_decay, "beta1": self.beta1, "beta2": self.beta2,
+                  "eps": self.eps}
+        bad = [k for k, v in values.items() if not math.isfinite(v)]
+        if bad:
+            raise ValueError(f"{bad[0]} must be a finite number, got {values[bad[0]]}")
+        if self.lr <= 0 or self.eps <= 0 or self.weight_decay < 0:
+            raise ValueError(f"lr and eps must be > 0 and weight_decay >= 0, got lr={self.lr}, eps={self.eps}, "
+                             f"weight_decay={self.weight_decay}")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            raise ValueError(f"beta1 and beta2 must be in [0, 1), got {self.beta1} and {self.beta2}")
 
 
 @dataclass
