@@ -36,6 +36,7 @@ from launch.run_record import resolve_root
 from trainer.checkpoint import CheckpointError, CheckpointStore, step_of_tag
 from trainer.duality_gap import GapConfig, duality_gaps
 from trainer.families import family_class
+from trainer.ray_env import absolute
 from trainer.typed_config import ConfigError, from_dict
 
 GAP_FILE = "gap.jsonl"
@@ -78,6 +79,7 @@ def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig
     if not cfg.run_dir:
         raise ConfigError("run_dir: the training run to watch is required")
     cfg.run_dir = os.path.abspath(cfg.run_dir)
+    cfg.eval_data = absolute(cfg.eval_data)
     # the run's own record (run.json) when the monitor is not told: a run resumed from s3:// without repeating
     # checkpoint_root keeps its checkpoints there, not in <run_dir>/checkpoints
     cfg.checkpoint_root = resolve_root(cfg.run_dir, cfg.checkpoint_root, os.path.join(cfg.run_dir, "checkpoints"))

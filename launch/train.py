@@ -21,11 +21,17 @@ __all__ = ["PROJECT_ROOT", "TrainingFailed", "absolute", "ensure_ray", "run_spec
 
 
 def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0, checkpoint_root: str = "") -> RunSpec:
+    """The workers' view of a run. The config each checkpoint records names the data sets by the absolute URLs
+    read (a gap monitor or export elsewhere reads ``data.eval`` from it; a relative path would be its own cwd's)."""
     run_dir = os.path.abspath(cfg.run_dir)
+    train, held_out = absolute(cfg.data.train), absolute(cfg.data.eval)
+    recorded = dict(raw)
+    data = recorded.get("data")
+    if isinstance(data, dict):
+        recorded["data"] = {**data, **{k: v for k, v in (("train", train), ("eval", held_out)) if k in data}}
     return RunSpec(run_dir=run_dir, checkpoint_root=checkpoint_root or absolute(cfg.checkpoints), family=cfg.family,
-                   model=cfg.model,
-                   train_data=absolute(cfg.data.train), eval_data=absolute(cfg.data.eval), stream=cfg.data.stream,
-                   zero=cfg.zero, trainer=cfg.trainer, config=raw, stop_after=stop_after)
+                   model=cfg.model, train_data=train, eval_data=held_out, stream=cfg.data.stream,
+                   zero=cfg.zero, trainer=cfg.trainer, config=recorded, stop_after=stop_after)
 
 
 def _loop(config: dict[str, Any]) -> None:

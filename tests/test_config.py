@@ -254,3 +254,18 @@ def test_a_failed_worker_group_names_the_rank_that_failed_on_its_own_first():
                         "Task was killed due to the node running low on memory.; rank 0: RuntimeError: "
                         "[../third_party/gloo/gloo/transport/tcp/pair.cc:534] Connection closed by peer "
                         "(a consequence: its peer is gone)")
+
+
+def test_the_recorded_config_names_the_data_by_absolute_urls(tmp_path, monkeypatch):
+    """A gap monitor (or export) started elsewhere reads data.eval from a checkpoint's config: a relative path
+    there would be resolved against its own folder, not the training's."""
+    from launch.gap_monitor import load_monitor_config
+    from launch.train import run_spec
+
+    monkeypatch.chdir(tmp_path)
+    cfg, raw = load_config(DIGITS, ["data.eval=runs/x/eval", "data.train=s3://b/train"])
+    spec = run_spec(cfg, raw)
+    assert spec.config["data"]["eval"] == str(tmp_path / "runs/x/eval") == spec.eval_data
+    assert spec.config["data"]["train"] == "s3://b/train" and raw["data"]["eval"] == "runs/x/eval"
+    assert spec.config["model"] == raw["model"]
+    assert load_monitor_config(None, ["run_dir=r", "eval_data=held"]).eval_data == str(tmp_path / "held")
