@@ -15,6 +15,7 @@ from trainer.duality_gap import (
     Scalar,
     duality_gaps,
     input_grad_distance,
+    labelled_game_value,
     param_penalty,
 )
 
@@ -147,3 +148,19 @@ def test_bad_gap_settings_are_refused(field, value) -> None:
 def test_games_without_inputs_refuse_the_input_gradient_penalty() -> None:
     with pytest.raises(NotImplementedError, match="penalty=params"):
         duality_gaps(Scalar(1.0), Scalar(1.0), SPEC_GAME, GapConfig(penalty="input_grad", d_epochs=1, g_epochs=1))
+
+
+def test_the_labelled_games_value_is_what_a_label_only_discriminator_wins() -> None:
+    """When the fakes' label frequencies (fixed by the noise) differ from the real ones, even a G that matches each
+    label's real samples leaves D the labels: V* is what the best label-only D scores, not -2 / -2 log 2."""
+    real = torch.tensor([0] * 60 + [1] * 30 + [2] * 10)
+    fake = torch.tensor([0] * 20 + [1] * 40 + [2] * 40)
+    a, b = torch.tensor([0.6, 0.3, 0.1]), torch.tensor([0.2, 0.4, 0.4])
+    d = torch.where(a > b, 1.0, -1.0)  # hinge: the best label-only D
+    hinge = torch.clamp(d[real] - 1, max=0).mean() + torch.clamp(-1 - d[fake], max=0).mean()
+    assert labelled_game_value("hinge", real, fake) == pytest.approx(float(hinge)) == pytest.approx(-2 + 2 * 0.4)
+    p = a / (a + b)  # BCE: the best label-only D's probability of "real"
+    bce = torch.log(p[real]).mean() + torch.log(1 - p[fake]).mean()
+    assert labelled_game_value("bce", real, fake) == pytest.approx(float(bce))
+    assert labelled_game_value("hinge", real, real[torch.randperm(100)]) == pytest.approx(-2.0)
+    assert labelled_game_value("bce", real, real) == pytest.approx(-2 * math.log(2))

@@ -355,4 +355,7 @@ def test_the_games_value_is_claimed_only_where_a_generator_can_match_the_real_pa
     selfl = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, confidence=1.0), ring_info())
     assert selfl.gap_game(selfl.build_modules(), batch(selfl)).game_value is None  # no confident self-label
     sure = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, confidence=0.0), ring_info())
-    assert sure.gap_game(sure.build_modules(), batch(sure)).game_value == -2.0  # every real sample labelled
+    game = sure.gap_game(sure.build_modules(), batch(sure))  # every real sample labelled, by an untrained C
+    real, fake = game.splits["eval"][1][0], sure.noise(1 << 16, torch.Generator().manual_seed(0))[1]
+    tv = 0.5 * sum(abs(float((real == k).double().mean() - (fake == k).double().mean())) for k in range(8))
+    assert tv > 0.1 and game.game_value == pytest.approx(-2.0 + 2 * tv)  # D wins the label frequencies' gap

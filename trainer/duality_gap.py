@@ -159,6 +159,22 @@ def input_grad_distance(score: Callable[[nn.Module, torch.Tensor], torch.Tensor]
     return ((g_new - g_old.detach()) ** 2).flatten(1).sum(1).mean()
 
 
+def labelled_game_value(loss: str, real_labels: torch.Tensor, fake_labels: torch.Tensor) -> float:
+    """V* = min_G max_D V of a GAN whose fakes' labels come from the noise, with label frequencies that may differ
+    from the real ones. The best G matches each label's real samples, which leaves D only the labels: per label y,
+    with real and fake frequencies a and b, hinge D's best is -2 min(a, b) and BCE's a log(a/(a+b)) + b log(b/(a+b)).
+    So V* = -2 + 2 TV (hinge) or -2 log 2 + 2 JSD (BCE) of the two label distributions, not the textbook value
+    that a label-blind comparison (or matching frequencies) gives."""
+    labels = torch.cat([real_labels, fake_labels]).unique()
+    a = (real_labels[:, None] == labels).double().mean(0)
+    b = (fake_labels[:, None] == labels).double().mean(0)
+    if loss == "hinge":
+        return float(-2.0 * torch.minimum(a, b).sum())
+    both = a + b
+    terms = torch.special.xlogy(a, a / both) + torch.special.xlogy(b, b / both)
+    return float(terms.sum())
+
+
 class GanGame(Game):
     """A GAN's game: V(D, G) = -(D's loss), with real data held out in two splits.
 
@@ -167,11 +183,14 @@ class GanGame(Game):
     relu(1 + D(G(z))); G: -D(G(z))) or "bce" (D: softplus(-D(x)) + softplus(D(G(z))); G non-saturating).
     ``game_value_known``: whether a generator can match the real (x, conditioning) pairs, which makes the game's
     value V* the textbook -2 (hinge) / -2 log 2 (BCE); otherwise V* is None and value_gap is not reported.
+    ``fake_labels``: for a game whose first conditioning tensor is a class label, a large draw of the labels the
+    noise gives the fakes; V* then counts what D wins from the labels alone (``labelled_game_value``).
     """
 
     def __init__(self, real_x: torch.Tensor, real_cond: tuple[torch.Tensor, ...],
                  noise_fn: Callable[[int, torch.Generator], tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...]]],
-                 loss: str = "hinge", game_value_known: bool = True) -> None:
+                 loss: str = "hinge", game_value_known: bool = True,
+                 fake_labels: torch.Tensor | None = None) -> None:
         if len(real_x) < 2:
             raise ValueError("a GAN game needs at least 2 held-out real samples (one per split)")
         if loss not in ("hinge", "bce"):
@@ -182,6 +201,8 @@ class GanGame(Game):
         self.n_fit, self.n_eval = half, len(real_x) - half
         self.noise_fn, self.loss = noise_fn, loss
         self.game_value = (-2.0 if loss == "hinge" else -2.0 * math.log(2.0)) if game_value_known else None
+        if game_value_known and fake_labels is not None:
+            self.game_value = labelled_game_value(loss, self.splits["eval"][1][0], fake_labels)
 
     def real(self, split: str, index: torch.Tensor) -> Any:
         x, cond = self.splits[split]

@@ -435,5 +435,9 @@ class SLSAGanFamily(Family):
         # V* = -2 (hinge) assumes a G that matches the real (x, label) pairs. Real samples without a label (no
         # confident self-label) get only D's unconditional term while every fake carries one: D can tell them
         # apart even against a perfect G, so V* is then unknown and value_gap is not reported.
+        # With every real sample labelled, G's labels are still the noise's (latent cells, uniform classes): their
+        # frequencies differ from the real labels', which D can exploit whatever G draws (labelled_game_value).
         known = self.config.mode == "unconditional" or bool((y_real >= 0).all())
-        return GanGame(real["x"], (y_real,), noise_fn, loss=self.config.loss, game_value_known=known)
+        fake_labels = self.noise(1 << 16, torch.Generator().manual_seed(0))[1].cpu()
+        return GanGame(real["x"], (y_real,), noise_fn, loss=self.config.loss, game_value_known=known,
+                       fake_labels=fake_labels.to(y_real.device))
