@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import threading
 import time
@@ -62,8 +64,12 @@ class MonitorConfig:
     def __post_init__(self) -> None:
         if self.max_eval_samples < 2:
             raise ValueError(f"max_eval_samples must be >= 2, got {self.max_eval_samples}")
-        if self.poll_s <= 0 or self.idle_timeout_s <= 0 or not 0 < self.num_cpus:
-            raise ValueError("poll_s, idle_timeout_s and num_cpus must be > 0")
+        timing = (self.poll_s, self.idle_timeout_s, self.num_cpus)
+        if not all(math.isfinite(v) and v > 0 for v in timing):
+            raise ValueError(f"poll_s, idle_timeout_s and num_cpus must be finite numbers > 0, got {timing}")
+        if self.threads < 1 or self.stop_at_step < 0:
+            raise ValueError(f"threads must be >= 1 and stop_at_step >= 0 (0: never), got {self.threads}, "
+                             f"{self.stop_at_step}")
 
     @property
     def root(self) -> str:
@@ -241,6 +247,8 @@ class GapMonitor:
         finally:
             if self.writer is not None:
                 self.writer.close()
+            if self.store.remote:  # the last checkpoint's download (optimizer states included) is not kept
+                shutil.rmtree(self.store.staging, ignore_errors=True)
         return {"evaluated": self.evaluated, "last_step": self.last_step, "reason": reason}
 
     def stop(self) -> None:

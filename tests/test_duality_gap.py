@@ -139,7 +139,8 @@ def test_penalties_vanish_at_the_anchor_and_grow_away_from_it() -> None:
 
 @pytest.mark.parametrize("field,value", [("lam", -1.0), ("k", 0), ("optimizer", "rmsprop"), ("penalty", "l1"),
                                          ("d_epochs", 0.0), ("lr_d", 0.0), ("lr_g", float("nan")), ("beta1", 1.0),
-                                         ("perturb_std", -1e-3)])
+                                         ("perturb_std", -1e-3), ("lam", float("nan")), ("lam", float("inf")),
+                                         ("g_epochs", float("inf")), ("d_epochs", float("nan"))])
 def test_bad_gap_settings_are_refused(field, value) -> None:
     with pytest.raises(ValueError, match=field):
         GapConfig(**{field: value})

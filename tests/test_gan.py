@@ -152,6 +152,8 @@ def test_modes_build_the_right_networks_and_bad_configs_are_refused() -> None:
             SLSAGanConfig(**bad)
     with pytest.raises(ValueError, match="power-of-2"):
         SLSAGanFamily(SLSAGanConfig(arch="conv"), {"codec": {"name": "image"}, "image_shape": [6, 6, 1]})
+    with pytest.raises(ValueError, match=r"model.arch mlp takes point data .* use model.arch conv"):
+        SLSAGanFamily(SLSAGanConfig(arch="mlp"), digits)  # it failed at the first step, after Ray and DeepSpeed
 
 
 def test_classifier_ema_lives_in_buffers_and_follows_the_net() -> None:

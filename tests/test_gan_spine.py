@@ -19,6 +19,7 @@ from launch.config import load_config
 from launch.export import export_checkpoint
 from launch.gap_monitor import GAP_FILE, load_monitor_config, start_monitor
 from launch.train import run_training
+from trainer.typed_config import ConfigError
 
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -179,6 +180,23 @@ def _monitor_on(run_dir, *tags: str, **settings):
         with open(os.path.join(root, "latest"), "w") as f:
             f.write(tags[-1])
     return GapMonitor(MonitorConfig(run_dir=str(run_dir), poll_s=0.01, idle_timeout_s=2.0, **settings))
+
+
+@pytest.mark.parametrize("override", ["threads=0", "stop_at_step=-5", "idle_timeout_s=nan", "poll_s=inf"])
+def test_monitor_settings_that_would_crash_or_never_end_are_refused(override):
+    with pytest.raises(ConfigError, match=r"threads must be >= 1|must be finite numbers > 0"):
+        load_monitor_config(None, ["run_dir=r", override])
+
+
+def test_a_monitor_of_an_s3_run_leaves_no_checkpoint_download_behind(s3_bucket, tmp_path):
+    from launch.gap_monitor import GapMonitor, MonitorConfig
+
+    monitor = GapMonitor(MonitorConfig(run_dir=str(tmp_path / "run"), checkpoint_root=f"{s3_bucket}/ckpt",
+                                       poll_s=0.01, idle_timeout_s=0.05))
+    download = os.path.join(monitor.store.staging, "dgm-ckpt-load-rank0", "x", "step-00000010")
+    os.makedirs(download)
+    open(os.path.join(download, "optim_states.pt"), "wb").write(b"\0" * 1000)
+    assert monitor.run()["reason"] == "idle" and not os.path.exists(monitor.store.staging)
 
 
 def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tmp_path, monkeypatch):

@@ -78,8 +78,10 @@ class GapConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if self.lam < 0:
-            raise ValueError(f"gap.lam must be >= 0, got {self.lam}")
+        if not (math.isfinite(self.lam) and self.lam >= 0):  # nan would drop the penalty without a word
+            raise ValueError(f"gap.lam must be a finite number >= 0, got {self.lam}")
+        if not (math.isfinite(self.d_epochs) and math.isfinite(self.g_epochs)):
+            raise ValueError(f"gap.d_epochs and gap.g_epochs must be finite, got {self.d_epochs}, {self.g_epochs}")
         if self.k < 1 or self.final_k < 0:
             raise ValueError(f"gap.k must be >= 1 and gap.final_k >= 0, got {self.k}, {self.final_k}")
         if self.d_epochs <= 0 or self.g_epochs <= 0 or self.batch_size < 1:
@@ -341,11 +343,12 @@ class DualityGapEvaluator:
         G0, anchor = self._copy(G, gen), self._copy(D, gen)
         for p in anchor.parameters():
             p.requires_grad_(False)
+        anchor.eval()  # the fixed D: in train mode each forward would move a spectral norm's power iteration
         eval_batches = self._eval_batches()
         d_steps, g_steps = self._steps(cfg.d_epochs), self._steps(cfg.g_epochs)
         fit = _Batches(self.game, "fit", cfg.batch_size, gen)
 
-        D1 = copy.deepcopy(anchor)
+        D1 = copy.deepcopy(anchor).train()
         for p in D1.parameters():
             p.requires_grad_(True)
         self._train_d(G0, D1, d_steps, fit)
@@ -369,7 +372,7 @@ class DualityGapEvaluator:
 
         m2_plain = float("nan")
         if cfg.plain:
-            G3, D_fixed = copy.deepcopy(G0), copy.deepcopy(anchor)
+            G3, D_fixed = copy.deepcopy(G0), copy.deepcopy(anchor)  # in eval mode, as the anchor: fixed
             g3_opt = self._optim(G3, cfg.lr_g)
             for _ in range(g_steps):
                 self._g_step(G3, D_fixed, g3_opt, fit)

@@ -136,6 +136,9 @@ class SLSAGanFamily(Family):
         shape = [int(s) for s in self.data_info.get("image_shape", (8, 8, 1))]
         self.points = codec == "points"
         arch = config.arch if config.arch != "auto" else ("mlp" if self.points else "conv")
+        if arch == "mlp" and not self.points:
+            raise ValueError(f"model.arch mlp takes point data (codec points); this data set is {codec} images "
+                             f"{shape}: use model.arch conv (or auto)")
         if arch == "mlp":
             self.dim = int(np.prod(shape))
         else:
