@@ -28,7 +28,8 @@ from data_pipeline.codecs.dct_sequence import (
 )
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, CHANNEL_ZIGZAG, ZIGZAG, channel_quant, quant_tables
 from data_pipeline.codecs.dct_transform import (
-    RGB_TO_YCBCR,
+    RGB_TO_YCBCR_FIXED,
+    YCBCR_ROUNDING,
     dct2_blocks,
     dct_image_to_rgb,
     idct2_blocks,
@@ -76,7 +77,7 @@ def _pillow_jpeg(img: np.ndarray, quality: int, path: Path | None = None) -> byt
 def _reference_dct_image(img: np.ndarray, quality: int) -> np.ndarray:
     """The spec's steps written plainly in float64, one image: the fast batched path must agree with it."""
     h, w = img.shape[0] // 16, img.shape[1] // 16
-    ycc = np.rint(img.astype(np.float64) @ RGB_TO_YCBCR.T)
+    ycc = np.floor((img.astype(np.float64) @ RGB_TO_YCBCR_FIXED.T + YCBCR_ROUNDING) / 65536)  # libjpeg's
     ycc[..., 0] -= 128
     luma = ycc[..., 0].reshape(2 * h, 8, 2 * w, 8).transpose(0, 2, 1, 3)
     chroma = ycc[..., 1:].reshape(8 * h, 2, 8 * w, 2, 2).mean(axis=(1, 3))
@@ -289,6 +290,21 @@ def test_jpeglib_coefficients_match_our_encoder(
             name,
             quality,
         )
+
+
+@pytest.mark.parametrize("backend", ["kernel", "numpy"])
+def test_saturated_and_flat_colours_convert_as_libjpeg_does(tmp_path: Path, backend: str) -> None:
+    """Pure blue's Cb is 127.5 above 128: rounded to even it became 256, outside 8 bits, and .5 ties in flat tints
+    (Cb = (B - R) / 2 when R = G) went the other way from libjpeg's: at quality 95-100 the JPEG-file path and the
+    pixel path then disagreed by 4-8 steps on the same image. libjpeg's fixed-point conversion makes them equal."""
+    colours = [(0, 0, 255), (255, 0, 0), (0, 255, 0), (255, 255, 255), (100, 100, 103), (90, 90, 89), (7, 7, 8)]
+    img = np.concatenate([np.full((16, 16, 3), c, dtype=np.uint8) for c in colours], axis=1)
+    for quality in (95, 100):
+        path = tmp_path / f"flat{quality}.jpg"
+        _pillow_jpeg(img, quality, path)
+        from_file = read_jpeg_dct(path, DCTCodecConfig(resolution=img.shape[:2], quality=quality))
+        ours = rgb_to_dct_image(img[None], quality, backend=backend)[0]
+        assert np.array_equal(ours, from_file), (quality, np.abs(ours.astype(int) - from_file).max())
 
 
 def test_jpeg_files_encode_to_sequences(photos: dict[str, np.ndarray], tmp_path: Path) -> None:

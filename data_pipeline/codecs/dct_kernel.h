@@ -12,7 +12,7 @@ typedef struct {
     float basis[64];      /* basis[u * 8 + x]: sqrt(8) * orthonormal DCT-II */
     float luma_div[64];   /* 8 * luma table, transposed (index 8v + u): scaled DCT / this = quantised value */
     float chroma_div[64]; /* 32 * chroma table, transposed: the chroma input is a 2x2 sum, not the mean */
-    float rgb_to_ycc[9];  /* JFIF: [Y, Cb - 128, Cr - 128] = M @ [R, G, B] */
+    float rgb_to_ycc[9];  /* libjpeg fixed point: [Y, Cb - 128, Cr - 128] = floor((M @ [R, G, B] + rounding) / 2^16) */
     float ycc_to_rgb[4];  /* JFIF inverse's non-trivial entries: R: Cr, G: Cb, Cr, B: Cb */
 } Tables;
 

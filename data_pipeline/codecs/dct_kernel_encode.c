@@ -1,4 +1,5 @@
 /* Part of the sparse DCT codec's kernel: see _dct_kernel.c. */
+#include <stdint.h>
 #include <string.h>
 
 #include "dct_kernel.h"
@@ -59,13 +60,15 @@ static void encode_macroblock(const uint8_t *img, ptrdiff_t width, const Tables 
     float luma[4][64], chroma[2][64];
     float sums[2][64];
     const float *m = t->rgb_to_ycc;
+    static const int32_t rounding[3] = {32768, 32767, 32767}; /* libjpeg: luma ties up, chroma ties down */
     for (int y = 0; y < 16; y++) {
         const uint8_t *row = img + (ptrdiff_t)y * width * 3;
         float r[16], g[16], b[16], ycc[3][16];
         load_rgb16(row, r, g, b);
         for (int c = 0; c < 3; c++)
             for (int x = 0; x < 16; x++)
-                ycc[c][x] = round_even(r[x] * m[3 * c] + g[x] * m[3 * c + 1] + b[x] * m[3 * c + 2]);
+                ycc[c][x] = (float)(((int32_t)(r[x] * m[3 * c] + g[x] * m[3 * c + 1] + b[x] * m[3 * c + 2]) +
+                                     rounding[c]) >> 16); /* exact integer sums; >> is libjpeg's floor */
         float *l0 = luma[(y >> 3) * 2] + (y & 7) * 8, *l1 = luma[(y >> 3) * 2 + 1] + (y & 7) * 8;
         for (int x = 0; x < 8; x++) {
             l0[x] = ycc[0][x] - 128.0f;

@@ -1,6 +1,7 @@
 """Pixels <-> quantised DCT image, vectorised over a batch.
 
-Encoder: RGB -> YCbCr with the JFIF matrix of the spec, rounded to 8 bits as every JPEG encoder stores it ->
+Encoder: RGB -> YCbCr with the JFIF matrix of the spec in libjpeg's 16-bit fixed point, rounded to 8 bits as
+libjpeg does (bit for bit; see RGB_TO_YCBCR_FIXED) ->
 4:2:0 chroma by the exact 2x2 mean -> minus 128 -> orthonormal 8x8 DCT-II -> divide by the IJG table -> round to
 nearest -> int16.
 
@@ -8,8 +9,9 @@ Chroma downsampling, against libjpeg: its h2v2_downsample averages the same 2x2 
 each average to an integer with an alternating +1/+2 bias (an ordered dither); we keep the exact quarter-integer
 mean up to the quantiser. libjpeg's default encoder also uses a 13-bit integer DCT. Together these make about
 0.2% (quality 75) to 2% (quality 95) of the coefficients differ by one step from a file libjpeg wrote, never more
-(tests/test_dct_codec.py measures it). Rounding is np.rint: exact .5 ties, which a float pipeline only meets by
-accident, go to even (libjpeg rounds them away from zero).
+(tests/test_dct_codec.py measures it; flat and saturated colours match exactly). The quantiser rounds with
+np.rint: exact .5 ties, which a float pipeline only meets by accident, go to even (libjpeg rounds them away from
+zero).
 
 Decoder: multiply by the table -> inverse DCT -> + 128, clamp the planes to 0..255 (libjpeg's range limit) ->
 upsample chroma ("fancy": libjpeg's default triangle filter, 3/4 nearest + 1/4 next sample along each axis with
@@ -30,7 +32,7 @@ Compiled kernel: ``_dct_kernel.c`` and ``dct_kernel_*.c`` (built by ``pip instal
 macroblock's whole path in registers, 2-3x faster at 256x256 (bench/README.md), and are what ``backend="auto"``
 uses; this numpy code stays as the reference they are tested against (tests/test_dct_kernel.py) and as the
 fallback where the extension is not built (a source tree used without install), announced once by a
-RuntimeWarning. Both convert colour elementwise in float32 in the same order, and both sum the rational DCT rows
+RuntimeWarning. Both convert colour in exact float32 integer arithmetic, and both sum the rational DCT rows
 (DC, (0,4), (4,0), (4,4), basis +-1/8) exactly, so their 8-bit and quantiser roundings, where exact .5 ties are
 common, agree bit for bit; the other coefficients are float32 sums in other orders, so a near-tie can differ by one
 step (0 to 4e-5 of them, like the batch-composition caveat above). The kernel's results do not depend on the
@@ -69,6 +71,11 @@ CHUNK_PIXELS = 1 << 16
 
 RGB_TO_YCBCR = np.array([[0.299, 0.587, 0.114], [-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]])
 """JFIF: [Y, Cb - 128, Cr - 128] = RGB_TO_YCBCR @ [R, G, B]."""
+RGB_TO_YCBCR_FIXED = np.array([[19595, 38470, 7471], [-11059, -21709, 32768], [32768, -27439, -5329]])
+YCBCR_ROUNDING = np.array([32768, 32767, 32767])
+"""libjpeg's 8-bit conversion (jccolor.c): [Y, Cb - 128, Cr - 128] = floor((FIXED @ [R, G, B] + ROUNDING) / 2^16),
+RGB_TO_YCBCR in 16-bit fixed point. Luma ties round up and chroma ties down, so pure blue's Cb is 255, never 256:
+the encoder's YCbCr is libjpeg's bit for bit (every partial sum is an integer below 2^24, exact in float32)."""
 YCBCR_TO_RGB = np.array([[1.0, 0.0, 1.402], [1.0, -0.344136, -0.714136], [1.0, 1.772, 0.0]])
 """JFIF inverse: [R, G, B] = YCBCR_TO_RGB @ [Y, Cb - 128, Cr - 128]."""
 
@@ -230,7 +237,7 @@ def kernel_tables(quality: int) -> np.ndarray:
         basis.reshape(-1),
         8.0 * luma.T.reshape(-1),
         32.0 * chroma.T.reshape(-1),
-        RGB_TO_YCBCR.reshape(-1),
+        RGB_TO_YCBCR_FIXED.reshape(-1),
         YCBCR_TO_RGB[[0, 1, 1, 2], [2, 1, 2, 1]],
     ]
     return _frozen(np.concatenate(parts))
@@ -311,22 +318,23 @@ def rgb_to_dct_image(
         return np.ascontiguousarray(out.transpose(0, 2, 3, 1)) if channels_last else out
     out = np.empty((bsz, NUM_FREQS, 6, hw), dtype=np.int16)
     bases = _encode_bases(quality)
-    colour = RGB_TO_YCBCR.astype(np.float32)
+    colour, rounding = RGB_TO_YCBCR_FIXED.astype(np.float32), YCBCR_ROUNDING.astype(np.float32)
     n = max(1, CHUNK_PIXELS // (height * width))
     with single_threaded_blas():
         for start, k, buf in _chunks(bsz, n, lambda size: _encode_buffers(size, h, w)):
             rgb, ycc, pairs, luma, chroma = buf["rgb"], buf["ycc"], buf["pairs"], buf["luma"], buf["chroma"]
             src = images[start : start + k].reshape(k, h, 2, BLOCK, w, 2, BLOCK, 3)
             np.copyto(rgb, src.transpose(7, 0, 1, 4, 2, 5, 3, 6), casting="unsafe")
-            # Elementwise (R * m0 + G * m1) + B * m2 in float32, the kernel's order: its 8-bit roundings, where
-            # exact .5 ties are common (Cb = (B - R) / 2 when R = G), then agree bit for bit.
+            # libjpeg's fixed-point conversion (RGB_TO_YCBCR_FIXED): integer sums, exact in float32.
             planes, product = rgb.reshape(3, -1), pairs.reshape(-1)
             for ch in range(3):
                 np.multiply(planes[0], colour[ch, 0], out=ycc[ch])
                 for src_ch in (1, 2):
                     np.multiply(planes[src_ch], colour[ch, src_ch], out=product)
                     ycc[ch] += product
-            np.rint(ycc, out=ycc)  # 8-bit YCbCr, as every JPEG encoder stores it
+                ycc[ch] += rounding[ch]
+            ycc *= np.float32(1.0 / 65536)
+            np.floor(ycc, out=ycc)  # 8-bit YCbCr, as libjpeg stores it
             np.matmul(bases.luma, ycc[0].reshape(-1, NUM_FREQS).T, out=luma.reshape(NUM_FREQS, -1))
             # Chroma: sum horizontal pixel pairs (adjacent in memory); the GEMM sums the vertical ones.
             np.add(ycc[1:, 0::2], ycc[1:, 1::2], out=pairs)
