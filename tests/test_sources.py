@@ -395,3 +395,18 @@ def test_image_folder_content_digest_follows_the_listing(tmp_path: Path) -> None
     resized = build_source("image_folder", {"path": str(tmp_path)})
     assert len({first, added, resized.content_digest}) == 3
     assert resized.image_shapes() == {(4, 4, 3), (6, 4, 3)}
+    # The same file length and dimensions, other pixels: a new EXIF orientation (1 -> 3, a half turn)...
+    exif = Image.Exif()
+    exif[0x0112] = 1
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(tmp_path / "c.png", exif=exif)
+    os.utime(tmp_path / "c.png", ns=(10**18, 10**18))
+    upright = build_source("image_folder", {"path": str(tmp_path)}).content_digest
+    size = (tmp_path / "c.png").stat().st_size
+    exif[0x0112] = 3
+    Image.fromarray(np.arange(48, dtype=np.uint8).reshape(4, 4, 3)).save(tmp_path / "c.png", exif=exif)
+    os.utime(tmp_path / "c.png", ns=(10**18, 10**18))
+    assert (tmp_path / "c.png").stat().st_size == size
+    turned = build_source("image_folder", {"path": str(tmp_path)}).content_digest
+    assert turned != upright
+    os.utime(tmp_path / "c.png", ns=(2 * 10**18, 2 * 10**18))  # ...or an edit in place that keeps both
+    assert build_source("image_folder", {"path": str(tmp_path)}).content_digest != turned
