@@ -11,8 +11,7 @@ Every file's header is read when the source is built; with `verify="decode"` (th
 all of it is decoded. An unreadable file raises `BadImageError` naming it, or with `skip_bad=True` is left out with
 a warning. A file that passes a header-only scan but fails to decode later raises `BadImageError` naming it. The
 scan is done once: `content_digest` (paths, sizes, modes, dimensions, EXIF orientations, modification times, what
-was skipped) is what `dgm prepare`
-fingerprints, so shards written from one listing are never reused for another.
+was skipped) is what `dgm prepare` fingerprints, so shards written from one listing are never reused for another.
 
 Conversions to uint8 RGB: EXIF orientation is applied (an EXIF block that cannot be parsed counts as "upright");
 grey (L, 1, I;16, I, F) is replicated to three channels (the 16-bit I modes scaled by 1/257, F clipped to 0..255);
