@@ -369,6 +369,15 @@ def test_image_folder_prepare_previews_photos_and_refuses_mixed_sizes(tmp_path):
     prepare_dataset(PrepareConfig(output=mixed, source="image_folder", parallel=False,
                                   source_settings={"path": str(folder), "resolution": 24}), report=lambda _: None)
     assert load_manifest(mixed).extra["image_shape"] == [24, 24, 3]
+    # The DCT codec resizes by its size policy: a size it cannot serve (crop only shrinks) is refused up front,
+    # not in the shard task that meets the file, after other shards were written.
+    dct = str(tmp_path / "dct")
+    with pytest.raises(ValueError, match=r"source images: size 500x90 \(HxW\) does not match the codec resolution "
+                                         r"128x128 under size_policy='crop'"):
+        prepare_dataset(PrepareConfig(output=dct, source="image_folder", source_settings={"path": str(folder)},
+                                      codec="dct", codec_settings={"resolution": 128, "size_policy": "crop"},
+                                      samples_per_shard=1, parallel=False), report=lambda _: None)
+    assert not os.path.exists(dct)
 
 
 def test_prepare_resumed_on_a_changed_folder_rewrites_every_shard(tmp_path):

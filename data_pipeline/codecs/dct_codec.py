@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline.codecs.dct_config import DCTCodecConfig, Vocab
-from data_pipeline.codecs.dct_images import as_rgb_batch
+from data_pipeline.codecs.dct_images import as_rgb_batch, check_size
 from data_pipeline.codecs.dct_sequence import (
     SequenceError,
     SparseBatch,
@@ -98,7 +98,9 @@ class DCTCodec:
         return self.config.vocab
 
     def stored_shape(self, shape: tuple[int, ...]) -> tuple[int, int, int]:
-        """The (H, W, C) an image of ``shape`` decodes back to: the codec's resolution, the source's channels."""
+        """The (H, W, C) an image of ``shape`` decodes back to: the codec's resolution, the source's channels. A
+        size the size policy cannot serve is refused here, before any shard is written."""
+        check_size(int(shape[0]), int(shape[1]), self.config, "source images")
         height, width = self.config.resolution  # type: ignore[misc]
         return height, width, int(shape[2]) if len(shape) == 3 else 1
 

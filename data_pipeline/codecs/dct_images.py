@@ -55,22 +55,27 @@ def to_rgb(image: np.ndarray, alpha: AlphaPolicy = "white", where: str = "image"
     return image
 
 
-def fit_size(image: np.ndarray, config: DCTCodecConfig, where: str = "image") -> np.ndarray:
-    """Apply the size policy to one image [H, W, C]; error naming the size when it still does not fit."""
-    h, w = image.shape[:2]
+def check_size(height: int, width: int, config: DCTCodecConfig, where: str = "image") -> None:
+    """Refuse, naming the size, an image the size policy cannot bring to the codec's resolution (crop only
+    shrinks an axis, pad only grows one); checked from shapes alone, so a whole folder is checked before a shard."""
     target_h, target_w = config.resolution  # type: ignore[misc]
-    if (h, w) == (target_h, target_w):
-        return image
-    out = _fit_axis(_fit_axis(image, 0, target_h, config.size_policy), 1, target_w, config.size_policy)
-    if out.shape[:2] != (target_h, target_w):
-        hint = (
-            "" if config.size_policy != "error" else "; set size_policy='crop' or 'pad', or resize it first"
-        )
-        raise ValueError(
-            f"{where}: size {h}x{w} (HxW) does not match the codec resolution {target_h}x{target_w} under "
-            f"size_policy={config.size_policy!r}{hint}"
-        )
-    return out
+    policy = config.size_policy
+
+    def fits(size: int, target: int) -> bool:
+        return size == target or (size > target and policy == "crop") or (size < target and policy == "pad")
+
+    if not (fits(height, target_h) and fits(width, target_w)):
+        hint = "" if policy != "error" else "; set size_policy='crop' or 'pad', or resize it first"
+        raise ValueError(f"{where}: size {height}x{width} (HxW) does not match the codec resolution "
+                         f"{target_h}x{target_w} under size_policy={policy!r}{hint}")
+
+
+def fit_size(image: np.ndarray, config: DCTCodecConfig, where: str = "image") -> np.ndarray:
+    """Apply the size policy to one image [H, W, C]; error naming the size when it does not fit."""
+    h, w = image.shape[:2]
+    check_size(h, w, config, where)
+    target_h, target_w = config.resolution  # type: ignore[misc]
+    return _fit_axis(_fit_axis(image, 0, target_h, config.size_policy), 1, target_w, config.size_policy)
 
 
 def as_rgb_batch(images: np.ndarray | Sequence[np.ndarray], config: DCTCodecConfig) -> np.ndarray:
