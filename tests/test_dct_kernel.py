@@ -166,6 +166,11 @@ def test_token_decode_semantics_match_numpy(photos: np.ndarray) -> None:
     for backend in ("kernel", "numpy"):
         with pytest.raises(SequenceError, match=r"sequence 1: row 4: value token 2048 is outside"):
             sequences_to_rgb([seqs[0], bad], cfg, backend=backend)
+    unknown = seqs[2].copy()
+    unknown[5, 0] = 999  # neither EOS (384) nor PAD (385): an error, not the silent end of the sequence
+    for backend in ("kernel", "numpy"):
+        with pytest.raises(SequenceError, match=r"sequence 0: row 5: channel token 999 is outside"):
+            sequences_to_rgb([unknown], cfg, backend=backend)
     assert sequences_to_rgb([], cfg, backend="kernel").shape == (0, 64, 64, 3)
 
 

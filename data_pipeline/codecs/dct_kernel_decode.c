@@ -146,21 +146,21 @@ int dctk_decode_work_init(DecodeWork *w, ptrdiff_t height, ptrdiff_t width)
     return 0;
 }
 
-/* Rows of one sequence up to its first special row (channel >= 384) -> a zeroed position-major image in kernel
+/* Rows of one sequence up to its first EOS or PAD row (channel 384 or 385) -> a zeroed position-major image in kernel
  * order; returns the index of the first row with a token out of range, or -1. Duplicate (channel, position): the
  * last wins. */
 #define SCATTER_ROWS(T)                                                                                         \
-    ptrdiff_t dctk_scatter_rows_##T(const T *rows, ptrdiff_t n, ptrdiff_t positions, int range,          \
-                                       int16_t *dst)                                                            \
-    {                                                                                                           \
+    ptrdiff_t dctk_scatter_rows_##T(const T *rows, ptrdiff_t n, ptrdiff_t positions, int range,                \
+                                       int16_t *dst)                                                           \
+    {                                                                                                          \
         memset(dst, 0, (size_t)(NCH * positions) * sizeof(int16_t));                                           \
         for (ptrdiff_t i = 0; i < n; i++) {                                                                    \
-            long c = rows[3 * i], p = rows[3 * i + 1], t = rows[3 * i + 2];                                     \
-            if (c >= NCH) break;                                                                                \
-            if (c < 0 || p < 0 || p >= positions || t < 0 || t >= 2 * range) return i;                         \
+            long c = rows[3 * i], p = rows[3 * i + 1], t = rows[3 * i + 2];                                    \
+            if (c == NCH || c == NCH + 1) break; /* EOS or PAD; any other id >= NCH is out of range */         \
+            if (c < 0 || c >= NCH || p < 0 || p >= positions || t < 0 || t >= 2 * range) return i;             \
             dst[p * NCH + dctk_mb_index[c]] = (int16_t)(t - range + (t >= range));                             \
-        }                                                                                                       \
-        return -1;                                                                                              \
+        }                                                                                                      \
+        return -1;                                                                                             \
     }
 SCATTER_ROWS(int16_t)
 SCATTER_ROWS(int32_t)

@@ -170,7 +170,7 @@ def triples_to_dct_image(
     bodies = []
     for i, seq in enumerate(sequences):
         arr = _as_rows(seq, i)
-        special = arr[:, 0] >= vocab.num_channels
+        special = (arr[:, 0] == vocab.channel_eos) | (arr[:, 0] == vocab.channel_pad)  # other ids: out of range
         end = int(special.argmax()) if len(arr) else 0
         bodies.append(arr[:end] if len(arr) and special[end] else arr)
     bsz, positions = len(bodies), config.num_positions
