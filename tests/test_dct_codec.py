@@ -354,6 +354,9 @@ def test_jpeg_grey_crop_requantize_and_fallback(photos: dict[str, np.ndarray], t
     with Image.open(CHINA) as im:
         expected = rgb_to_dct_image(as_rgb_batch([np.asarray(im.convert("RGB"))], cfg), 75)[0]
     assert np.array_equal(fallback, expected)
+    too_big = DCTCodecConfig(resolution=(512, 640), size_policy="crop")  # china.jpg is 427 high: crop cannot grow
+    with pytest.raises(JPEGReadError, match=r"china\.jpg: size 427x640 \(HxW\) does not match the codec resolution"):
+        read_jpeg_dct(CHINA, too_big, pixel_fallback=True)
 
 
 def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[str, np.ndarray],

@@ -195,7 +195,10 @@ def _decode_and_encode(path: str, config: DCTCodecConfig) -> np.ndarray:
             rgb = np.asarray(im.convert("RGB"))
     except (OSError, UnidentifiedImageError) as e:
         raise JPEGReadError(f"{path}: corrupt or unreadable JPEG file ({e})") from e
-    return rgb_to_dct_image(as_rgb_batch([rgb], config), config.quality)[0]
+    try:
+        return rgb_to_dct_image(as_rgb_batch([rgb], config), config.quality)[0]
+    except ValueError as e:  # a size the size policy cannot serve: named by the file, not "image 0"
+        raise JPEGReadError(f"{path}: {str(e).removeprefix('image 0: ')}") from e
 
 
 def read_jpeg_dct_batch(
