@@ -67,6 +67,27 @@ def test_one_chunk_covering_the_sequence_gives_the_exact_sequence_nll(scenes, mo
     assert torch.isfinite(chunked).all()
 
 
+def test_the_training_loss_is_an_unbiased_estimate_of_the_whole_sequences_nll(scenes):
+    """One chunk per image, chosen uniformly among its n: weighted by n, the chunk's NLL averages to the image's.
+    Unweighted (as before) the objective was sum_i NLL_i / n_i, which favours short sequences (fewer objects)."""
+    fam, model = family(chunk_size=24)
+    batch = fam.collate(scenes)
+    lengths = batch["lengths"]
+    n_chunks = (lengths + 23) // 24
+    assert len(set(n_chunks.tolist())) > 1  # images of different chunk counts, or there is nothing to weigh
+    with torch.no_grad():
+        per_chunk = torch.stack([fam.chunk_nll(model, batch, torch.full_like(lengths, 24 * k))[0]
+                                 for k in range(int(n_chunks.max()))], dim=1)  # [B, K, T]
+        exact = float(fam.sequence_nll(model, batch).sum() / lengths.sum())
+    rows = torch.arange(len(lengths))
+    estimates = [float(fam.chunk_loss(per_chunk[rows, fam.random_starts(lengths, seed) // 24], batch))
+                 for seed in range(4000)]
+    mean, spread = float(np.mean(estimates)), float(np.std(estimates)) / np.sqrt(len(estimates))
+    assert abs(mean - exact) < 4 * spread + 1e-6, (mean, exact, spread)
+    unweighted = float((per_chunk.sum(2).sum(1) / n_chunks).sum() / lengths.sum())  # the old objective's mean
+    assert exact - unweighted > 20 * spread  # which the test tells apart
+
+
 def test_chunk_loss_equals_the_triple_by_triple_cached_reference(scenes):
     """Teacher forcing through the sampler's KV-cache path reproduces the batched chunk logits' NLL."""
     fam, model = family(chunk_size=24)
