@@ -207,3 +207,25 @@ def test_kernel_checks_buffer_sizes() -> None:
         kernel().encode_dense(images, kernel_tables(75), out[:1], counts, 2, 32, 32)
     with pytest.raises(ValueError, match="geometry"):
         kernel().encode_dense(images, kernel_tables(75), out, counts, 2, 30, 32)
+
+
+def test_a_copy_of_the_sources_without_the_build_uses_the_installed_kernel(tmp_path) -> None:
+    """A Ray job runs a copy of the project's tracked files (no build products) ahead of the node's installed dgm:
+    its codec must find the installed build, not fall back to numpy (2-3x slower) with only a warning."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    shutil.copytree(os.path.join(root, "data_pipeline"), tmp_path / "data_pipeline",
+                    ignore=shutil.ignore_patterns("*.so", "__pycache__"))
+    probe = ("import warnings; warnings.simplefilter('error'); "
+             "from data_pipeline.codecs import dct_transform as t; "
+             "print(t.__file__); print(t._dct_kernel.__file__); print(t.use_kernel('auto'))")
+    out = subprocess.run([sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    module, kernel_file, used = out.stdout.split()
+    assert module.startswith(str(tmp_path))  # the copy's sources run...
+    assert kernel_file.startswith(os.path.join(root, "data_pipeline", "codecs")) and used == "True"  # ...with the build

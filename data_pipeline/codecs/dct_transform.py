@@ -58,11 +58,11 @@ from data_pipeline.codecs.dct_tables import (
     check_quality,
     quant_tables,
 )
+from data_pipeline.codecs.kernel_loader import load_kernel
 
-try:
-    from data_pipeline.codecs import _dct_kernel
-except ImportError:  # a source tree used without `pip install -e .`: the numpy path serves, with a warning
-    _dct_kernel = None
+# None in a source tree used without `pip install -e .` (and no installed dgm's build): the numpy path serves, with
+# a warning. A Ray job's copy of the sources finds the node's installed build (kernel_loader).
+_dct_kernel = load_kernel()
 
 Upsampling = Literal["fancy", "nearest"]
 Backend = Literal["auto", "kernel", "numpy"]
