@@ -299,3 +299,19 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
     assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")
     with pytest.raises(ValueError, match="job id 'a/b'"):
         jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "a/b")
+
+
+def test_a_jobs_own_env_vars_do_not_clash_with_the_drivers_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dgm submit --env DGM_S3_ENDPOINT_URL=...` (a MinIO endpoint) puts the variable in the job's runtime env and
+    in the driver's environment; naming it again in ray.init's runtime env made Ray refuse the merge."""
+    from ray.runtime_env.runtime_env import _merge_runtime_env
+
+    from trainer.ray_env import driver_runtime_env, worker_env
+
+    job_env = {"env_vars": {"DGM_S3_ENDPOINT_URL": "http://minio:9000", "DS_ACCELERATOR": "cpu"}}
+    monkeypatch.setenv("RAY_JOB_CONFIG_JSON_ENV_VAR", json.dumps({"runtime_env": job_env}))
+    monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://minio:9000")
+    assert _merge_runtime_env(job_env, {"env_vars": worker_env()}) is None  # what ray.init was given before
+    merged = _merge_runtime_env(job_env, driver_runtime_env())
+    assert merged is not None and merged["env_vars"]["DGM_S3_ENDPOINT_URL"] == "http://minio:9000"
+    assert "TORCH_EXTENSIONS_DIR" in merged["env_vars"]  # what the job does not set still reaches the workers

@@ -4,7 +4,9 @@ settings whichever command started it."""
 
 from __future__ import annotations
 
+import json
 import os
+from typing import Any
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -28,6 +30,27 @@ def worker_env(use_gpu: bool = False) -> dict[str, str]:
     return env
 
 
+def job_env_keys() -> set[str]:
+    """Environment variables the Ray job this driver runs in already gives every worker (its runtime env). Ray
+    refuses a ``ray.init`` runtime env that names one of them again ("Failed to merge the Job's runtime env"),
+    and a job's variables are also in this process's environment, where ``worker_env`` would pick them up."""
+    raw = os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR")
+    if not raw:
+        return set()
+    try:
+        env_vars = (json.loads(raw).get("runtime_env") or {}).get("env_vars") or {}
+    except (ValueError, AttributeError):
+        return set()
+    return set(env_vars) if isinstance(env_vars, dict) else set()
+
+
+def driver_runtime_env() -> dict[str, Any]:
+    """What ``ray.init`` adds to every worker: ``worker_env`` less what an enclosing job already sets."""
+    taken = job_env_keys()
+    return {"env_vars": {k: v for k, v in worker_env().items() if k not in taken},
+            "worker_process_setup_hook": quiet_worker_noise}
+
+
 def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
     """Connect to ``address``, or start an in-process local cluster sized to this machine. True if started here."""
     import ray
@@ -37,12 +60,10 @@ def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
     for key, value in worker_env().items():
         os.environ.setdefault(key, value)
     if address:
-        ray.init(address=address, runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": quiet_worker_noise},
-                 log_to_driver=True)
+        ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
-             runtime_env={"env_vars": worker_env(), "worker_process_setup_hook": quiet_worker_noise},
-             log_to_driver=True, configure_logging=False)
+             runtime_env=driver_runtime_env(), log_to_driver=True, configure_logging=False)
     return True
 
 
