@@ -34,10 +34,22 @@ def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0, ch
                    zero=cfg.zero, trainer=cfg.trainer, config=recorded, stop_after=stop_after)
 
 
+def torch_threads(assigned_cpus: float | None) -> int | None:
+    """Intra-op threads for a rank that reserved ``assigned_cpus`` CPUs (None: leave torch's choice). Clusters
+    started by `ray up` run everything under OMP_NUM_THREADS=1 (Ray's command runner exports it), which torch would
+    take, so a 16-CPU rank trained on one thread."""
+    return max(1, int(assigned_cpus)) if assigned_cpus else None
+
+
 def _loop(config: dict[str, Any]) -> None:
+    import ray
     import ray.train
+    import torch
 
     os.environ.update(config.get("env", {}))
+    threads = torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    if threads is not None:
+        torch.set_num_threads(threads)
     summary = train_worker(config["spec"])
     ray.train.report({k: v for k, v in summary.items() if k != "losses"})
 

@@ -58,6 +58,8 @@ def test_each_zero_stage_trains_and_the_loss_falls(ray_local, digits_data, tmp_p
     assert len(seq) == 30
     assert sum(seq[-5:]) / 5 < sum(seq[:5]) / 5 - 0.3, seq
     assert os.path.exists(os.path.join(run, "samples", "step-00000030.png"))
+    with open(os.path.join(run, "summary.json")) as f:  # each rank uses the CPUs it reserved, no more, no fewer
+        assert json.load(f)["torch_threads"] == 1  # cluster.cpus_per_worker
     assert os.path.exists(os.path.join(run, "checkpoints", "latest"))
     assert any(n.startswith("events.out") for n in os.listdir(os.path.join(run, "tensorboard")))
 
@@ -68,6 +70,13 @@ def reference_run(ray_local, digits_data, tmp_path_factory) -> str:
     run = str(tmp_path_factory.mktemp("ref") / "run")
     train(run, digits_data)
     return run
+
+
+def test_a_rank_takes_as_many_torch_threads_as_cpus_it_reserved():
+    """`ray up` clusters run everything under OMP_NUM_THREADS=1, which torch would take whatever a rank reserved."""
+    from launch.train import torch_threads
+
+    assert torch_threads(16.0) == 16 and torch_threads(0.5) == 1 and torch_threads(None) is None
 
 
 def test_resume_gives_the_uninterrupted_loss_sequence(reference_run, digits_data, tmp_path):

@@ -496,7 +496,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     elapsed = last_step_at - (first_step_at or started)
     summary = {"step": step, "losses": losses, "rank": rank, "world_size": world,
                "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
-               "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall}
+               "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall,
+               "torch_threads": torch.get_num_threads()}
     if rank == 0:
         with open(os.path.join(spec.run_dir, SUMMARY), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1)
