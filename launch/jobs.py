@@ -154,7 +154,8 @@ class ClusterResources:
 
 
 def resolve_address(address: str | None) -> str:
-    """The dashboard URL for an address given as http(s)://host:port, host:port or host (port 8265)."""
+    """The dashboard URL for an address given as http(s)://host:port, host:port or host (port 8265; an https://
+    URL without a port keeps 443, a proxy's)."""
     address = (address or os.environ.get("RAY_API_SERVER_ADDRESS") or DEFAULT_DASHBOARD).strip().rstrip("/")
     if address in ("auto", "local") or address.startswith("ray://"):
         raise ClusterError(f"address {address!r}: give the Ray dashboard's HTTP address, e.g. {DEFAULT_DASHBOARD} "
@@ -163,7 +164,7 @@ def resolve_address(address: str | None) -> str:
         address = "http://" + address
     if not re.fullmatch(r"https?://[^/:\s]+(:\d+)?(/.*)?", address):
         raise ClusterError(f"address {address!r} is not a valid http(s)://host:port URL")
-    if re.fullmatch(r"https?://[^/:]+", address):
+    if re.fullmatch(r"http://[^/:]+", address):
         address += ":8265"
     return address
 

@@ -53,6 +53,7 @@ def test_resolve_address() -> None:
     assert jobs.resolve_address("http://10.0.0.1:8265/") == "http://10.0.0.1:8265"
     assert jobs.resolve_address("10.0.0.1:9000") == "http://10.0.0.1:9000"
     assert jobs.resolve_address("head.example") == "http://head.example:8265"
+    assert jobs.resolve_address("https://ray.example.com") == "https://ray.example.com"  # a proxy on 443
     for bad in ("ray://head:10001", "auto", "http://bad host:1"):
         with pytest.raises(ClusterError):
             jobs.resolve_address(bad)
