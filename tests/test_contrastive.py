@@ -83,6 +83,12 @@ def test_retrieval_accuracy_counts_a_same_caption_hit_as_right():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.0, 0.1, 0.5]])
     assert retrieval_accuracy(sim, torch.tensor([1, 2, 3])) == pytest.approx((2 / 3, 1.0))  # row 1 picks text 0
     assert retrieval_accuracy(sim, torch.tensor([1, 1, 3])) == pytest.approx((1.0, 1.0))
+    # A rank's micro-batch of padding only (a held-out set's last one): no crash, no NaN, a graph to backward.
+    empty = torch.zeros(0, 4, requires_grad=True)
+    assert retrieval_accuracy(torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)) == (0.0, 0.0)
+    loss = contrastive_loss(empty, empty, torch.tensor(10.0), torch.zeros(0, dtype=torch.long))
+    loss.backward()
+    assert float(loss) == 0.0
 
 
 def test_logit_scale_is_clamped_without_gradient_beyond_the_cap():

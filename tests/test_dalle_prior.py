@@ -192,6 +192,21 @@ def test_per_block_gradient_scaling_leaves_fp32_gradients_unchanged(world):
     assert float(seen["scaled"] / seen["plain"]) == pytest.approx(2.0**14, rel=1e-4)
 
 
+def test_block_scales_beyond_fp16s_range_still_scale_fp16_gradients():
+    """fp16 tops out at 65504: a block scale of 2^16 cast to fp16 was inf, which made every gradient of the block
+    inf (and 0 * inf NaN), so the filter zeroed the block's and all lower blocks' gradients on a clean step."""
+    from trainer.dalle.grad_scaling import _ScaleGrad, filtered_unscale
+
+    x = torch.ones(3, dtype=torch.float16, requires_grad=True)
+    scale = torch.tensor(2.0**16)
+    (_ScaleGrad.apply(x, scale) * torch.tensor([0.0, 1e-3, -2e-4], dtype=torch.float16)).sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad[0] == 0
+    overflow = torch.zeros(1, dtype=torch.bool)
+    back = filtered_unscale(x.grad, scale, overflow, 0)
+    torch.testing.assert_close(back, torch.tensor([0.0, 1e-3, -2e-4], dtype=torch.float16), rtol=1e-3, atol=0)
+    assert not overflow.any()
+
+
 def test_block_scales_back_off_on_overflow_and_grow_when_clean(world):
     fam, model = prior(world["info"], seed=6, grad_scaling="per_block", block_scale_init_log2=5,
                        block_scale_growth_interval=2)

@@ -156,6 +156,8 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
     is then -log of the probability mass on all its positives. ``negative_text_emb`` [M, D] adds texts that only
     ever serve as negatives, in the image->text direction."""
     n = image_emb.shape[0]
+    if n == 0:  # a rank's micro-batch of padding only: nothing to contrast, no gradient (not the NaN of a mean)
+        return scale * image_emb.sum() * 0.0
     positive = (caption_ids[:, None] == caption_ids[None, :] if caption_ids is not None
                 else torch.eye(n, dtype=torch.bool, device=image_emb.device))
     logits = (scale * image_emb @ text_emb.t()).float()
@@ -168,7 +170,10 @@ def contrastive_loss(image_emb: torch.Tensor, text_emb: torch.Tensor, scale: tor
 
 def retrieval_accuracy(similarity: torch.Tensor, caption_ids: torch.Tensor) -> tuple[float, float]:
     """Top-1 image->text and text->image accuracy of an [N, N] similarity matrix; a retrieved item counts as
-    right when its caption equals the query's (repeated captions are indistinguishable by construction)."""
+    right when its caption equals the query's (repeated captions are indistinguishable by construction). An empty
+    matrix (a micro-batch of padding only, which the loop does not count) scores 0."""
+    if similarity.numel() == 0:
+        return 0.0, 0.0
     i2t = (caption_ids[similarity.argmax(dim=1)] == caption_ids).float().mean()
     t2i = (caption_ids[similarity.argmax(dim=0)] == caption_ids).float().mean()
     return float(i2t), float(t2i)

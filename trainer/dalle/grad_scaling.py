@@ -32,8 +32,8 @@ class _ScaleGrad(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:  # noqa: ANN001
-        (scale,) = ctx.saved_tensors
-        return grad * scale.to(grad.dtype), None
+        (scale,) = ctx.saved_tensors  # multiplied in fp32: in fp16 a scale of 2^16 is inf, and 0 * inf NaN
+        return (grad.float() * scale).to(grad.dtype), None
 
 
 class _UnscaleGrad(torch.autograd.Function):
