@@ -323,6 +323,16 @@ def test_an_export_that_would_not_load_back_never_replaces_a_good_one(world, tmp
     assert load_export(out)[2]["step"] == 1 and sorted(os.listdir(tmp_path)) == ["dvae", "export"]
 
 
+def test_held_out_tokens_of_another_dvae_are_refused_before_training(world):
+    fam = DalleFamily(small(), world["info"])
+    eval_info = data_info(load_manifest(world["eval"]))
+    fam.check_eval_data(eval_info, world["eval"])  # one dVAE and tokenizer for both splits: fine
+    other = {**eval_info, "dvae_weights_sha256": "0" * 64}
+    with pytest.raises(DatasetError, match=r"data.eval .*eval: tokenised differently from the training data "
+                                           r"\(dvae_weights_sha256 '0000"):
+        fam.check_eval_data(other, world["eval"])
+
+
 def test_a_tokenizer_that_does_not_match_training_is_refused(world, tmp_path):
     fam, model = prior(world["info"])
     out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()})

@@ -414,6 +414,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         check_eval_size(eval_manifest, spec.stream.global_batch, spec.eval_data)
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
     family = family_class(spec.family)(spec.model, data_info(manifest))
+    if eval_manifest is not None:
+        family.check_eval_data(data_info(eval_manifest), spec.eval_data)
     store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,
                             staging=os.path.join(spec.run_dir, ".staging"), async_upload=cfg.async_checkpoint_upload)
     tag, universal = _resume_point(store, world, rank, spec)

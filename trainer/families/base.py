@@ -141,6 +141,11 @@ class Family(ABC):
             raise ValueError(f"labels {labels}: this {self.name} model has {k} classes (0..{k - 1})")
         return labels
 
+    def check_eval_data(self, eval_info: Mapping[str, Any], url: str) -> None:
+        """Refuse a held-out set this model cannot be scored on (``eval_info``: its ``data_info``), before
+        training starts. Families whose samples depend on side files (a tokenizer, a dVAE) compare them here."""
+        return None
+
     def export_files(self) -> dict[str, bytes]:
         """Extra files an export must carry (tokenizer, codec settings...)."""
         return {}

@@ -62,6 +62,19 @@ class DalleFamily(Family):
     def build_modules(self) -> dict[str, nn.Module]:
         return {"model": DallePrior(self.config, self.text_vocab, self.image_vocab, self.grid)}
 
+    def check_eval_data(self, eval_info: Mapping[str, Any], url: str) -> None:
+        """The held-out tokens must come from the training tokens' dVAE and tokenizer: codes of another dVAE (of
+        the same K and grid) would be scored as if they were this one's, and the held-out losses mean nothing."""
+        facts = {"dvae_weights_sha256": lambda i: i.get("dvae_weights_sha256"),
+                 "tokenizer sha256": lambda i: (i.get("tokenizer") or {}).get("sha256"),
+                 "image_vocab": lambda i: i.get("image_vocab"), "image_grid": lambda i: list(i.get("image_grid") or []),
+                 "text_vocab": lambda i: i.get("text_vocab")}
+        differ = [f"{name} {get(eval_info)!r} vs the training data's {get(self.data_info)!r}"
+                  for name, get in facts.items() if get(eval_info) != get(self.data_info)]
+        if differ:
+            raise DatasetError(f"data.eval {url}: tokenised differently from the training data ({'; '.join(differ)}):"
+                               " tokenise both splits with one dVAE export and tokenizer (one `dgm tokenize` run)")
+
     # --- side files: tokenizer and dVAE -------------------------------------------------------------------
     def _tokenizer_url(self) -> str:
         if self._export_dir is not None:
