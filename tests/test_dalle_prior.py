@@ -271,6 +271,18 @@ def test_the_shuffled_baseline_never_pairs_a_caption_with_itself():
         other_captions(["same", "same"])
 
 
+def test_faithfulness_and_generate_refuse_sizes_they_cannot_serve(world):
+    from trainer.dalle.faithfulness import evaluate, main
+
+    with pytest.raises(ValueError, match="captions and candidates must be >= 1, got 0 and 8"):
+        evaluate("prior", "clip", world["eval"], captions=0)  # checked before the exports are read
+    with pytest.raises(SystemExit):
+        main(["prior", "clip", world["eval"], "--candidates", "0"])
+    fam, model = prior(world["info"])
+    with pytest.raises(ValueError, match=r"text must be \[B, n <= text_len=\d+\] caption ids, got \(1, \d+\)"):
+        model.generate(torch.zeros(1, fam.text_len + 1, dtype=torch.long))
+
+
 def test_collate_truncates_pads_and_refuses_wrong_grids(world):
     fam = DalleFamily(small(text_len=4), world["info"])
     import numpy as np

@@ -84,6 +84,8 @@ def other_captions(texts: list[str]) -> list[str]:
 
 def evaluate(prior_export: str, clip_export: str, dataset_url: str, *, captions: int = 48, candidates: int = 8,
              temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0) -> dict[str, Any]:
+    if captions < 1 or candidates < 1:  # 0 read every caption of the data set: hours of sampling
+        raise ValueError(f"faithfulness: captions and candidates must be >= 1, got {captions} and {candidates}")
     family, modules, _ = load_export(prior_export)
     clip_family, clip_modules, _ = load_export(clip_export)
     texts = held_out_captions(dataset_url, captions)
@@ -131,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args(argv)
+    for flag, value in (("--captions", a.captions), ("--candidates", a.candidates)):
+        if value < 1:
+            p.error(f"{flag} must be >= 1, got {value}")
     torch.set_num_threads(1)
     result = evaluate(a.prior_export, a.clip_export, a.dataset, captions=a.captions, candidates=a.candidates,
                       temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, seed=a.seed)

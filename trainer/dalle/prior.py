@@ -169,6 +169,9 @@ class DallePrior(nn.Module):
         """Complete ``text`` [B, n <= L] (a caption prefix, often all L ids) to L caption ids, then draw the N image
         tokens one at a time. Returns (text [B, L], image [B, N]). ``use_cache=False`` recomputes every prefix (the
         reference). Drawn captions stay PAD once they drew a PAD."""
+        if text.dim() != 2 or text.shape[1] > self.text_len:
+            raise ValueError(f"generate: text must be [B, n <= text_len={self.text_len}] caption ids, got "
+                             f"{tuple(text.shape)} (the family's pad_ids truncates a caption to text_len)")
         b, device = text.shape[0], text.device
         held = torch.cat([torch.zeros(b, 1, dtype=torch.long, device=device), text], dim=1)
         cache = self.stack.new_cache() if use_cache else None
