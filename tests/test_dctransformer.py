@@ -471,6 +471,12 @@ def test_conditioning_images_are_checked_and_brought_to_the_codec():
                                  {"codec": {"name": "dct", "settings": crop.to_dict()},
                                   "source": {"name": "image_folder", "settings": {"path": "builtin:samples"}}})
     assert photos.source_images(4).shape == (4, 32, 32, 3)
+    # With a held-out set, its scenes are the default conditions, not the training scenes the model saw.
+    held = {"name": "shapes", "settings": {"num_samples": 16, "resolution": 32, "seed": 99}}
+    ceval = DCTransformerFamily(small(chunk_size=16, mode="colourise"), {**INFO, "eval_source": held})
+    train_last = DCTransformerFamily(small(chunk_size=16, mode="colourise"), INFO).source_images(1)
+    eval_last = ShapesSource(ShapesConfig(num_samples=16, resolution=32, seed=99)).sample(15).image
+    assert np.array_equal(ceval.source_images(1)[0], eval_last) and not np.array_equal(eval_last, train_last[0])
 
 
 def test_superres_takes_low_resolution_images_as_they_are():

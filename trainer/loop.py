@@ -158,10 +158,14 @@ def rng_untouched() -> Iterator[None]:
         set_rng_state(state)
 
 
-def data_info(manifest: Manifest) -> dict[str, Any]:
+def data_info(manifest: Manifest, eval_manifest: Manifest | None = None) -> dict[str, Any]:
     """What a family may know of its data set: the manifest's extra facts, source and codec settings, and the
-    folder the manifest lives in (for files written beside it, such as a caption tokenizer)."""
-    return {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": manifest.url}
+    folder the manifest lives in (for files written beside it, such as a caption tokenizer); and the held-out
+    set's source (``eval_source``), which conditional sampling draws its default conditions from."""
+    info = {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": manifest.url}
+    if eval_manifest is not None:
+        info["eval_source"] = eval_manifest.source
+    return info
 
 
 def torchrun_cuda_index(env: Mapping[str, str], device_count: int) -> int | None:
@@ -413,7 +417,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if eval_manifest is not None:
         check_eval_size(eval_manifest, spec.stream.global_batch, spec.eval_data)
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
-    family = family_class(spec.family)(spec.model, data_info(manifest))
+    family = family_class(spec.family)(spec.model, data_info(manifest, eval_manifest))
     if eval_manifest is not None:
         family.check_eval_data(data_info(eval_manifest), spec.eval_data)
     store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,

@@ -277,11 +277,12 @@ class DCTransformerFamily(Family):
         return self.config.max_triples or self.codec.max_sequence_length
 
     def source_images(self, n: int) -> np.ndarray:
-        """Conditioning images when none are given: the data set's own source, counted from its last index,
-        brought to the codec's size as prepare did (its size_policy)."""
+        """Conditioning images when none are given: the held-out set's source (the training set's when the run
+        had none), counted from its last index, brought to the codec's size as prepare did (its size_policy).
+        Conditions from the training images would show what the model memorised, not what it does."""
         from data_pipeline.sources import build_source
 
-        src_info = self.data_info.get("source") or {}
+        src_info = self.data_info.get("eval_source") or self.data_info.get("source") or {}
         name = src_info.get("name", "shapes")
         source = build_source(name, src_info.get("settings", {}))
         if n > len(source):
