@@ -229,3 +229,12 @@ def test_a_copy_of_the_sources_without_the_build_uses_the_installed_kernel(tmp_p
     module, kernel_file, used = out.stdout.split()
     assert module.startswith(str(tmp_path))  # the copy's sources run...
     assert kernel_file.startswith(os.path.join(root, "data_pipeline", "codecs")) and used == "True"  # ...with the build
+    # A build of older sources in the copy (here a stand-in reporting interface 1) reads the tables of these
+    # sources wrongly without an error: it is passed over, and named.
+    (tmp_path / "data_pipeline" / "codecs" / "_dct_kernel.py").write_text("INTERFACE = 1\n")
+    probe_stale = probe + "; from data_pipeline.codecs import kernel_loader; print(kernel_loader.stale)"
+    out = subprocess.run([sys.executable, "-c", probe_stale], cwd=tmp_path, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(tmp_path)})
+    assert out.returncode == 0, out.stderr[-2000:]
+    lines = out.stdout.splitlines()
+    assert lines[1].startswith(os.path.join(root, "data_pipeline", "codecs")) and "_dct_kernel.py" in lines[3]

@@ -289,8 +289,17 @@ static struct PyModuleDef module = {
     .m_methods = methods,
 };
 
+/* What the Python side's tables and arguments mean to this build: bumped whenever they change (2: fixed-point
+ * colour matrix, EOS/PAD-only sequence ends), so kernel_loader refuses a build older than the sources. */
+#define DCTK_INTERFACE 2
+
 PyMODINIT_FUNC PyInit__dct_kernel(void)
 {
     dctk_init_mb_index();
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m && PyModule_AddIntConstant(m, "INTERFACE", DCTK_INTERFACE) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
 }

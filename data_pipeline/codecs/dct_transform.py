@@ -49,6 +49,7 @@ from typing import Any, Literal, NamedTuple
 
 import numpy as np
 
+from data_pipeline.codecs import kernel_loader
 from data_pipeline.codecs.dct_tables import (
     BLOCK,
     MACROBLOCK,
@@ -191,10 +192,15 @@ def kernel() -> Any:
     """The compiled kernel module, or an error saying how to build it."""
     if _dct_kernel is None:
         raise RuntimeError(
-            "the sparse DCT codec's compiled kernel (data_pipeline/codecs/_dct_kernel.c) is not built: "
+            f"the sparse DCT codec's compiled kernel (data_pipeline/codecs/_dct_kernel.c) is {_missing()}: "
             'run `pip install -e ".[test]"` (or `make setup`) in the project root'
         )
     return _dct_kernel
+
+
+def _missing() -> str:
+    """Why there is no kernel: none built, or only builds of older sources (which would read the tables wrongly)."""
+    return f"built from older sources ({', '.join(kernel_loader.stale)})" if kernel_loader.stale else "not built"
 
 
 _warned_numpy_fallback = False
@@ -216,8 +222,8 @@ def use_kernel(backend: Backend) -> bool:
     if not _warned_numpy_fallback:
         _warned_numpy_fallback = True
         warnings.warn(
-            "data_pipeline.codecs._dct_kernel is not built (run `pip install -e .`): the sparse DCT codec runs "
-            "its numpy reference path, about 2-3x slower at 256x256",
+            f"data_pipeline.codecs._dct_kernel is {_missing()} (run `pip install -e .`): the sparse DCT codec "
+            "runs its numpy reference path, about 2-3x slower at 256x256",
             RuntimeWarning,
             stacklevel=3,
         )

@@ -19,16 +19,31 @@ from urllib.parse import unquote, urlparse
 
 MODULE = "data_pipeline.codecs._dct_kernel"
 HERE = Path(__file__).resolve().parent
+INTERFACE = 2
+"""The kernel build these sources need (``DCTK_INTERFACE`` in _dct_kernel.c): a build of older sources reads the
+tables of these ones wrongly, without an error, so it is not used."""
+
+stale: list[str] = []
+"""Builds found but refused as built from other sources (the fallback warning names them)."""
+
+
+def _current(module: ModuleType) -> bool:
+    if getattr(module, "INTERFACE", 1) == INTERFACE:
+        return True
+    stale.append(str(getattr(module, "__file__", module)))
+    return False
 
 
 def load_kernel() -> ModuleType | None:
-    """The kernel module: this package's own build, else the installed dgm's; None when neither imports."""
+    """The kernel module: this package's own build, else the installed dgm's; None when neither imports or every
+    build found is of other sources (rebuild with `pip install -e .`, which `make setup` runs)."""
     try:
         from data_pipeline.codecs import _dct_kernel
     except ImportError:
         pass
     else:
-        return _dct_kernel
+        if _current(_dct_kernel):
+            return _dct_kernel
     for path in installed_kernels():
         try:
             spec = importlib.util.spec_from_file_location(MODULE, path)
@@ -38,7 +53,8 @@ def load_kernel() -> ModuleType | None:
             spec.loader.exec_module(module)
         except ImportError:  # built for another Python: try the next
             continue
-        return module
+        if _current(module):
+            return module
     return None
 
 
