@@ -111,9 +111,13 @@ def publish_remote(local_dir: str, url: str) -> None:
     """Upload an export with config.json last (an earlier export's config.json removed first), so a cut upload is
     never a loadable export; files of the earlier export that the new one lacks are removed after, objects it did
     not list (a sample grid put beside it) are left."""
-    config = _earlier_config(url)
-    earlier = {n for n in _names_below(url) if config is not None and n.split("/")[0] in export_names(config)}
-    storage.write_bytes(storage.join(url, PUBLISHING), b"")  # a cut publish stays recognisably ours, retryable
+    config, names = _earlier_config(url), _names_below(url)
+    if config is not None:
+        earlier = {n for n in names if n.split("/")[0] in export_names(config)}
+    else:  # a publish that was cut after removing config.json: its marker kept the earlier export's names
+        earlier = set(_marker_names(url)) & set(names) if PUBLISHING in names else set()
+    # the marker: a cut publish stays recognisably ours and retryable, and remembers what the earlier export held
+    storage.write_bytes(storage.join(url, PUBLISHING), json.dumps(sorted(earlier)).encode())
     if CONFIG in earlier:
         storage.delete(storage.join(url, CONFIG))
     written = []
@@ -127,6 +131,15 @@ def publish_remote(local_dir: str, url: str) -> None:
     for stale in sorted(earlier - set(written) - {CONFIG, PUBLISHING}):
         storage.delete(storage.join(url, stale))
     storage.delete(storage.join(url, PUBLISHING))
+
+
+def _marker_names(url: str) -> list[str]:
+    """The earlier export's object names that a cut publish's marker recorded (none for an unreadable marker)."""
+    try:
+        names = json.loads(storage.read_bytes(storage.join(url, PUBLISHING)) or b"[]")
+    except (storage.StorageNotFoundError, ValueError):
+        return []
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list) else []
 
 
 def _names_below(url: str) -> list[str]:

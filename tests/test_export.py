@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
 
 import pytest
 
@@ -49,6 +50,17 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     assert load_export(out)[2]["step"] == 2
     assert (tmp_path / "export" / "samples.png").read_bytes() == b"a grid dgm sample wrote here"
     assert (tmp_path / "export" / "notes" / "eval.txt").read_text() == "keep me"
+    # A write that crashed after setting the earlier export aside left the user's grid there: the next write
+    # carries it over and removes the rest; a folder of that name pattern that is not an export is left alone.
+    stranded = tmp_path / "export.old-0123456789ab"
+    write_export(str(stranded), fam, states, {"step": 0})
+    (stranded / "old-grid.png").write_bytes(b"stranded")
+    (tmp_path / "export.old-backup").mkdir()
+    (tmp_path / "export.old-backup" / "mine.txt").write_text("not an export")
+    write_export(out, fam, states, {"step": 2})
+    assert (tmp_path / "export" / "old-grid.png").read_bytes() == b"stranded" and not stranded.exists()
+    assert (tmp_path / "export.old-backup" / "mine.txt").read_text() == "not an export"
+    shutil.rmtree(tmp_path / "export.old-backup")
     wider, wide_states = tiny(d_model=32)  # weights that do not load into the family written beside them
     with pytest.raises(ExportError, match="weights of 'model' do not fit"):
         write_export(out, fam, wide_states, {"step": 3})
@@ -86,6 +98,7 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
             raise OSError("connection reset (injected)")
         real_upload(local, target)
 
+    publish_remote(listed, url)  # the export the cut publish replaces lists extra.bin
     storage.upload_file = cut
     try:
         with pytest.raises(OSError, match="injected"):
@@ -97,6 +110,8 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
     check_remote_replaceable(url)  # but it is ours: a retry may replace it
     publish_remote(str(tmp_path / "export1"), url)
     assert load_export_url(url)[2]["step"] == 1 and not storage.exists(f"{url}/.dgm-publishing")
+    # the retry still knew what the replaced export held (its config.json was gone): its extra.bin is removed
+    assert not storage.exists(f"{url}/extra.bin") and storage.exists(f"{url}/samples.png")
     storage.write_bytes(f"{s3_bucket}/other/data.bin", b"x")
     with pytest.raises(ExportError, match="holds 1 objects and is not an earlier export"):
         check_remote_replaceable(f"{s3_bucket}/other")

@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 from collections.abc import Iterable, Mapping
@@ -104,23 +105,38 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
         except ExportError as e:
             raise ExportError(f"{out_dir}: the new export does not load back, nothing was replaced "
                               f"({str(e).replace(tmp, out_dir)})") from e
-        kept = user_entries(out_dir)
-        old = f"{out_dir.rstrip('/')}.old-{os.urandom(6).hex()}"
+        base = out_dir.rstrip("/")
+        parent, name = os.path.split(os.path.abspath(base))
+        # earlier exports set aside by a write that crashed before it could carry the user's files over
+        aside_name = re.compile(re.escape(name) + r"\.old-[0-9a-f]{12}")
+        stranded = sorted(os.path.join(parent, n) for n in os.listdir(parent) if aside_name.fullmatch(n))
+        old = f"{base}.old-{os.urandom(6).hex()}"
         if os.path.exists(out_dir):  # renamed aside, not deleted first: a crash never leaves neither export
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
-        clash = [name for name in kept if os.path.lexists(os.path.join(out_dir, name))]
-        for name in kept:  # files the user put in the folder (a sample grid) stay with the export
-            if name not in clash:
-                os.replace(os.path.join(old, name), os.path.join(out_dir, name))
-        if clash:
-            log.warning("%s: the new export has files named like %s, which were not the earlier export's; they "
-                        "are kept in %s", out_dir, ", ".join(clash), old)
-        else:
-            shutil.rmtree(old, ignore_errors=True)
+        for aside in [old, *stranded]:
+            if os.path.isdir(aside):
+                _carry_user_entries(aside, out_dir)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)  # what a failed write left
     return out_dir
+
+
+def _carry_user_entries(aside: str, out_dir: str) -> None:
+    """Move the files the user put in an earlier export (listed only now that it is set aside, so nothing written
+    meanwhile is missed) into the new one, then remove the rest of it; a name the new export uses too stays."""
+    if os.listdir(aside) and not _is_export(aside):
+        return  # not an export set aside by write_export: not ours to empty
+    kept = user_entries(aside)
+    clash = [name for name in kept if os.path.lexists(os.path.join(out_dir, name))]
+    for name in kept:
+        if name not in clash:
+            os.replace(os.path.join(aside, name), os.path.join(out_dir, name))
+    if clash:
+        log.warning("%s: the new export has files named like %s, which were not the earlier export's; they are "
+                    "kept in %s", out_dir, ", ".join(clash), aside)
+    else:
+        shutil.rmtree(aside, ignore_errors=True)
 
 
 def check_fits(family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]], where: str) -> None:
@@ -164,6 +180,15 @@ def user_entries(out_dir: str) -> list[str]:
     return sorted(set(entries) - export_names(config)) if isinstance(config, dict) else []
 
 
+def _is_export(folder: str) -> bool:
+    try:
+        with open(os.path.join(folder, CONFIG), encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == EXPORT_FORMAT
+
+
 def check_replaceable(out_dir: str) -> None:
     """An export replaces only a missing or empty folder or an earlier export: never a folder of other files (a run
     directory, ``.``), which ``--out`` could otherwise name by mistake and lose."""
@@ -174,13 +199,7 @@ def check_replaceable(out_dir: str) -> None:
     entries = os.listdir(out_dir)
     if not entries:
         return
-    try:
-        with open(os.path.join(out_dir, CONFIG), encoding="utf-8") as f:
-            earlier = json.load(f)
-        is_export = isinstance(earlier, dict) and earlier.get("format") == EXPORT_FORMAT
-    except (OSError, ValueError):
-        is_export = False
-    if not is_export:
+    if not _is_export(out_dir):
         raise ExportError(f"{out_dir}: holds {len(entries)} entries and is not an earlier export (no {CONFIG} of "
                           f"format {EXPORT_FORMAT}); an export replaces its folder, so it will not write "
                           "there: give --out a new or empty folder")
