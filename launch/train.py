@@ -34,11 +34,13 @@ def run_spec(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0, ch
                    zero=cfg.zero, trainer=cfg.trainer, config=recorded, stop_after=stop_after)
 
 
-def torch_threads(assigned_cpus: float | None) -> int | None:
+def torch_threads(assigned_cpus: float | None, omp_num_threads: str | None = None) -> int | None:
     """Intra-op threads for a rank that reserved ``assigned_cpus`` CPUs (None: leave torch's choice). Clusters
     started by `ray up` run everything under OMP_NUM_THREADS=1 (Ray's command runner exports it), which torch would
-    take, so a 16-CPU rank trained on one thread."""
-    return max(1, int(assigned_cpus)) if assigned_cpus else None
+    take, so a 16-CPU rank trained on one thread; an OMP_NUM_THREADS other than 1 is the user's and is kept."""
+    if not assigned_cpus or omp_num_threads not in (None, "", "1"):
+        return None
+    return max(1, int(assigned_cpus))
 
 
 def _loop(config: dict[str, Any]) -> None:
@@ -47,7 +49,8 @@ def _loop(config: dict[str, Any]) -> None:
     import torch
 
     os.environ.update(config.get("env", {}))
-    threads = torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"))
+    threads = torch_threads(ray.get_runtime_context().get_assigned_resources().get("CPU"),
+                            os.environ.get("OMP_NUM_THREADS"))
     if threads is not None:
         torch.set_num_threads(threads)
     summary = train_worker(config["spec"])

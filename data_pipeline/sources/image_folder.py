@@ -10,8 +10,8 @@ naming it, never silently left out. File names need not be UTF-8: keys hash the 
 Every file's header is read when the source is built; with `verify="decode"` (the default when `skip_bad=True`)
 all of it is decoded. An unreadable file raises `BadImageError` naming it, or with `skip_bad=True` is left out with
 a warning. A file that passes a header-only scan but fails to decode later raises `BadImageError` naming it. The
-scan is done once: `content_digest` (paths, sizes, modes, dimensions, EXIF orientations, modification times, what
-was skipped) is what `dgm prepare` fingerprints, so shards written from one listing are never reused for another.
+scan is done once: `content_digest` (paths, sizes, modes, dimensions, EXIF orientations, what was
+skipped) is what `dgm prepare` fingerprints, so shards written from one listing are never reused for another.
 
 Conversions to uint8 RGB: EXIF orientation is applied (an EXIF block that cannot be parsed counts as "upright");
 grey (L, 1, I;16, I, F) is replicated to three channels (the 16-bit I modes scaled by 1/257, F clipped to 0..255);
@@ -232,9 +232,11 @@ class ImageFolderSource:
             if turn >= 5:  # EXIF orientations 5..8 turn the image a quarter: width and height swap
                 size = size[::-1]
             self._entries.append((rel, path, size, mode))
-            # What decides the pixels: a file edited in place keeps its size, a new EXIF orientation even its length
-            mtime = path.stat().st_mtime_ns
-            listing.update(os.fsencode(rel) + f"\0{nbytes}\0{mode}\0{size[0]}x{size[1]}\0{turn}\0{mtime}\0".encode())
+            # A new EXIF orientation keeps a file's length and dimensions but turns its pixels (only a turned file
+            # adds it, so upright folders prepared before keep their fingerprint). Not the mtime: a copy of the
+            # same files would read as another data set.
+            turned = f"turn{turn}\0" if turn != 1 else ""
+            listing.update(os.fsencode(rel) + f"\0{nbytes}\0{mode}\0{size[0]}x{size[1]}\0{turned}".encode())
         if not self._entries:
             raise ValueError(f"image_folder: no readable JPEG/PNG files under {cfg.path}")
         self.content_digest = listing.hexdigest()[:16]
