@@ -31,8 +31,9 @@ TEMPLATES: tuple[str, ...] = ("list", "there_are", "count", "relation", "count_r
 
 
 def size_px(resolution: int) -> dict[str, int]:
-    """Object extent (width = height, pixels) per size class: fractions of the resolution, at least 3 px."""
-    small = max(3, round(0.12 * resolution))
+    """Object extent (width = height, pixels) per size class: fractions of the resolution, at least 4 px (a 3 px
+    circle covers its whole 3x3 box, a square, and a 3 px triangle an inverted T: the shape is then not drawn)."""
+    small = max(4, round(0.12 * resolution))
     return {"small": small, "large": max(small + 2, round(0.22 * resolution))}
 
 
