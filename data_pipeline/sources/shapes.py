@@ -11,7 +11,10 @@ be checked with `count_objects`); `label="none"` leaves it out.
 
 Attributes (JSON): {"resolution", "background", "count", "template", "objects": [{"shape", "colour", "size",
 "centre": [x, y], "bbox": [x0, y0, x1, y1]}], "relations": [{"subject": i, "relation": "left of", "object": j}]}.
-Coordinates are pixels with x to the right and y down; bbox is half-open and centre is the bbox centre.
+Coordinates are pixels with x to the right and y down; bbox is half-open and centre is the bbox centre. bbox is the
+d x d box an object is drawn in: with hard edges an even-sized triangle's apex row covers under half of each pixel
+and stays background, so its drawn pixels start one row below bbox (relations, decided by axes the boxes are
+apart on, are unaffected).
 """
 from __future__ import annotations
 
