@@ -65,6 +65,11 @@ def test_codec_refuses_bad_settings_and_members() -> None:
         build_codec("tokens", {**SETTINGS, "image_grid": [8]})
     with pytest.raises(ValueError, match="text_vocab must be a positive int"):
         build_codec("tokens", {**SETTINGS, "text_vocab": 0})
+    with pytest.raises(ValueError, match="text_vocab must be a positive int, got True"):  # YAML's `yes`
+        build_codec("tokens", {**SETTINGS, "text_vocab": True})
+    for level in (10, -3, True, 1.5):  # Pillow's own refusal named neither the setting nor the range
+        with pytest.raises(ValueError, match=r"compress_level must be an int in 0..9"):
+            build_codec("image", {"compress_level": level})
     codec = build_codec("tokens", SETTINGS)
     with pytest.raises(SampleDecodeError, match="sample k: no .iid member"):
         codec.decode({"__key__": "k", "tid": b"\0" * 4})

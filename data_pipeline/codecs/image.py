@@ -21,6 +21,9 @@ class ImageCodecConfig:
     keep: list[str] = field(default_factory=lambda: list(METADATA))
 
     def __post_init__(self) -> None:
+        level = self.compress_level
+        if isinstance(level, bool) or not isinstance(level, int) or not 0 <= level <= 9:
+            raise ValueError(f"compress_level must be an int in 0..9 (PNG's zlib levels), got {level!r}")
         unknown = sorted(set(self.keep) - set(METADATA))
         if unknown:
             raise ValueError(f"keep: unknown metadata {unknown}; known: {list(METADATA)}")

@@ -31,10 +31,10 @@ class TokensCodecConfig:
     def __post_init__(self) -> None:
         for name in ("text_vocab", "image_vocab"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"tokens codec: {name} must be a positive int, got {value!r}")
         grid = list(self.image_grid)
-        if len(grid) != 2 or not all(isinstance(g, int) and g > 0 for g in grid):
+        if len(grid) != 2 or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
             raise ValueError(f"tokens codec: image_grid must be [h, w] of positive ints, got {self.image_grid!r}")
         self.image_grid = grid
         unknown = sorted(set(self.keep) - {"caption", "attributes", "label"})
