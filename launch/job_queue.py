@@ -469,7 +469,7 @@ def enqueue_training(queue_file: str | Path, config_path: str, overrides: list[s
     driver holding them too would leave the workers nothing.
     """
     job_id = job_id or new_job_id("dgmq")
-    spec = training_job_spec(config_path, overrides, project_dir, job_id)
+    spec = training_job_spec(config_path, overrides, project_dir, job_id, snapshot=True)
     return JobQueue(queue_file).enqueue(spec.entrypoint, resources, priority, name=Path(config_path).stem,
                                         job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
                                         reserve_in_ray=reserve_in_ray)

@@ -425,12 +425,13 @@ class JobSpec:
 
 
 def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: str, job_id: str,
-                      env_vars: Mapping[str, str] | None = None) -> JobSpec:
+                      env_vars: Mapping[str, str] | None = None, snapshot: bool = False) -> JobSpec:
     """The job that runs `dgm train CONFIG --address auto OVERRIDES...` in a copy of the project.
 
     A config inside the project travels with it; one outside it (or in a folder the upload leaves out, such as
     runs/) is carried in the runtime env and written to
-    `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts.
+    `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts. ``snapshot`` carries it so
+    whenever it fits (a queued job, submitted later, trains the config as it was when queued, not as edited since).
     """
     check_job_id(job_id)
     root = Path(project_dir).resolve()
@@ -438,7 +439,10 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
     env = dict(env_vars or {})
-    if config.is_relative_to(root) and not excluded_from_upload(root, config):
+    travels = config.is_relative_to(root) and not excluded_from_upload(root, config)
+    if travels and snapshot and len(json.dumps(config.read_text())) <= INLINE_CONFIG_LIMIT:
+        travels = False
+    if travels:
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
     else:

@@ -129,7 +129,10 @@ def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> Non
                               JobResources(num_cpus=2, num_gpus=1), priority=2, job_id="gan-1")
     (again,) = JobQueue(tmp_path / "q.json").list_jobs()
     assert again == queued and again.name == "gan" and not again.reserve_in_ray
-    assert again.entrypoint == "python -m launch.cli train configs/gan.yaml --address auto steps=5"
+    # The config as it was when queued travels with the job: an edit before `queue run` submits it changes nothing
+    (project / "configs" / "gan.yaml").write_text("model: edited\n")
+    assert again.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "model: gan\n"
+    assert again.entrypoint.endswith("python -m launch.cli train .dgm_submitted/gan-1.yaml --address auto steps=5")
     assert again.runtime_env["working_dir"] == str(project.resolve()) and "/.venv/" in again.runtime_env["excludes"]
 
 
