@@ -252,3 +252,36 @@ def test_torchrun_workers_take_the_gpu_of_their_local_rank():
     assert torchrun_cuda_index({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "3"}, 8) == 3
     with pytest.raises(RuntimeError, match=r"LOCAL_RANK=2, but this node shows 2 GPU\(s\).*--nproc_per_node <= 2"):
         torchrun_cuda_index({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "2"}, 2)
+
+
+def _share_worker(rank: int, port: int, out: dict) -> None:
+    import torch.distributed as dist
+
+    from trainer.families.base import StepContext
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        per_sample = [torch.tensor([0.0, 0.0]), torch.tensor([3.0, 5.0])][rank]  # rank 0: padding only
+        valid = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])][rank]  # one real sample in the batch
+        ctx = StepContext(step=1, rank=rank, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
+        local_mean = (per_sample * valid).sum() / valid.sum().clamp(min=1)
+        weighted = local_mean * ctx.batch_share(valid.sum())
+        dist.all_reduce(weighted)  # DeepSpeed's mean over ranks, as it treats gradients
+        out[rank] = float(weighted) / 2
+    finally:
+        dist.destroy_process_group()
+
+
+def test_a_padded_last_batch_averages_over_real_samples_not_ranks():
+    """DeepSpeed averages the ranks' gradients with equal weight: without each rank's share, a batch with one real
+    sample on 2 ranks trained at half the rate it does on one rank (the result depended on the world size)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = mp.Manager().dict()
+    mp.spawn(_share_worker, args=(port, out), nprocs=2, join=True)
+    assert out[0] == out[1] == pytest.approx(3.0)  # the one real sample's loss, as on one rank

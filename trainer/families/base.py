@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 
@@ -61,6 +62,19 @@ class StepContext:
     device: torch.device
     dtype: torch.dtype
     seed: int = 0  # trainer.seed: a family's per-step randomness (chunk choice, noise) should follow it
+
+    def batch_share(self, local_units: torch.Tensor) -> torch.Tensor:
+        """world x this rank's units (real samples, tokens) / all ranks' units, this step. DeepSpeed averages the
+        ranks' gradients with equal weight, so a rank's mean loss times its share makes that average the global
+        batch's mean: in a padded last batch (drop_last=false) or one with skipped samples, a rank with fewer real
+        samples no longer counts as much as a full one, and the result no longer depends on the world size.
+        A collective: every rank calls it in the same step. 1 on one rank."""
+        units = local_units.detach().float().reshape(())
+        if self.world_size == 1 or not (dist.is_available() and dist.is_initialized()):
+            return torch.ones((), device=units.device)
+        total = units.clone()
+        dist.all_reduce(total)
+        return self.world_size * units / total.clamp(min=1)
 
 
 DRAW_OPTIONS = ("temperature", "top_k", "top_p", "value_temperature", "value_top_p", "labels", "images", "mean_of")

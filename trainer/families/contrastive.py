@@ -181,6 +181,8 @@ class ContrastiveFamily(Family):
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         engine = engines["model"]
         loss, sim, keys, _ = self._loss(engine, batch, ctx, with_negatives=self.config.hard_negatives)
+        if not self.config.gather_across_ranks:  # gathered, every rank's loss already covers the global batch
+            loss = loss * ctx.batch_share(batch["valid"].float().sum())
         engine.backward(loss)
         engine.step()
         i2t, t2i = retrieval_accuracy(sim.detach(), keys)

@@ -197,6 +197,8 @@ class DalleFamily(Family):
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         engine = engines["model"]
         out = self._losses(engine, batch)
+        share = ctx.batch_share(batch["valid"].float().sum())
+        out = {k: v * share for k, v in out.items()}
         engine.backward(out["loss"])
         engine.step()
         metrics = {k: float(v.detach()) for k, v in out.items()}

@@ -237,7 +237,7 @@ class DCTransformerFamily(Family):
         starts = self.random_starts(batch["lengths"], self.chunk_seed(ctx))
         nll, _ = self.chunk_nll(engine, batch, starts)
         valid = batch["valid"].float()
-        loss = self.chunk_loss(nll, batch)
+        loss = self.chunk_loss(nll, batch) * ctx.batch_share((batch["lengths"].float() * valid).sum())
         engine.backward(loss)
         engine.step()
         mean_len = float((batch["lengths"].float() * valid).sum() / valid.sum().clamp(min=1))

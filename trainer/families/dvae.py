@@ -126,7 +126,7 @@ class DVAEFamily(Family):
         logits, decoded = engine(images.to(ctx.dtype), tau)
         log_px, kl = self.elb_terms(images, logits, decoded, step=ctx.step)
         w = valid.float()
-        loss = -((log_px - beta * kl) * w).sum() / (w.sum().clamp(min=1) * self.dims)
+        loss = -((log_px - beta * kl) * w).sum() / (w.sum().clamp(min=1) * self.dims) * ctx.batch_share(w.sum())
         engine.backward(loss)
         engine.step()
         with torch.no_grad():

@@ -121,7 +121,7 @@ class ImageGPTFamily(Family):
         engine = engines["model"]
         per_image = self.nll(engine, batch)
         valid = batch["valid"].float()
-        loss = (per_image * valid).sum() / valid.sum().clamp(min=1)
+        loss = (per_image * valid).sum() / valid.sum().clamp(min=1) * ctx.batch_share(valid.sum())
         engine.backward(loss)
         engine.step()
         return {"loss": float(loss.detach()), "bits_per_pixel": float(loss.detach()) / np.log(2)}
