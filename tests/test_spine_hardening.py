@@ -285,3 +285,42 @@ def test_a_padded_last_batch_averages_over_real_samples_not_ranks():
     out = mp.Manager().dict()
     mp.spawn(_share_worker, args=(port, out), nprocs=2, join=True)
     assert out[0] == out[1] == pytest.approx(3.0)  # the one real sample's loss, as on one rank
+
+
+def test_a_resume_off_the_accumulation_grid_is_refused(tmp_path):
+    """DeepSpeed restarts its micro-step count at 0 on load: a step-6 checkpoint resumed with grad_accum=4 put
+    every later boundary mid-way (steps 10, 14...), and checkpoints at 8 and 12 dropped gathered gradients."""
+    import dataclasses
+    import json
+
+    from trainer.checkpoint import CheckpointMeta
+    from trainer.loop import _resume_point
+
+    cfg, raw = load_config(CONFIG, [f"run_dir={tmp_path}", "zero.grad_accum=4", "trainer.steps=12",
+                                    "trainer.checkpoint_every=4"])
+    spec = run_spec(cfg, raw)
+    tag = os.path.join(spec.checkpoint_root, "step-00000006")
+    os.makedirs(tag)
+    meta = CheckpointMeta(step=6, stream_state={}, world_size=1, family=spec.family, engines=["model"],
+                          zero_stage=spec.zero.stage, config=raw, data_info={})
+    with open(os.path.join(tag, "meta.json"), "w") as f:
+        json.dump(dataclasses.asdict(meta), f)
+    with open(os.path.join(spec.checkpoint_root, "latest"), "w") as f:
+        f.write("step-00000006")
+    with pytest.raises(ConfigError, match=r"step-00000006 is at step 6, not a multiple of zero.grad_accum=4"):
+        _resume_point(CheckpointStore(spec.checkpoint_root), 1, 0, spec)
+
+
+def test_a_restart_before_the_first_checkpoint_does_not_double_tensorboard(tmp_path):
+    """Ray Train restarts the workers (max_failures) from step 0 when no checkpoint exists yet: TensorBoard must
+    drop the first attempt's records, as metrics.jsonl does."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for attempt in (10.0, 20.0):
+        reporter = Reporter(str(tmp_path), total_steps=3, global_batch=8, enabled=True, first_step=0)
+        for step in (1, 2, 3):
+            reporter.scalars(step, "train", {"loss": attempt + step})
+        reporter.close()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 21.0), (2, 22.0), (3, 23.0)]

@@ -214,9 +214,9 @@ class Reporter:
             from torch.utils.tensorboard import SummaryWriter
 
             os.makedirs(run_dir, exist_ok=True)
-            # A resumed run redoes the steps after its checkpoint: their earlier records go, not doubled.
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"),
-                                        purge_step=first_step + 1 if first_step else None)
+            # A resumed run redoes the steps after its checkpoint (a restart before the first checkpoint: all of
+            # them): their earlier records go, not doubled.
+            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=first_step + 1)
             path = os.path.join(run_dir, "metrics.jsonl")
             _drop_records_after(path, first_step)
             _end_with_newline(path)
@@ -319,6 +319,11 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
     if tag is None:
         return None, False
     meta = store.read_meta(tag)
+    if meta.step % spec.zero.grad_accum:  # DeepSpeed restarts its micro-step count at 0 on load
+        raise ConfigError(f"checkpoint {store.root}/{tag} is at step {meta.step}, not a multiple of zero.grad_accum="
+                          f"{spec.zero.grad_accum}: every accumulation boundary after it would fall mid-way and "
+                          f"checkpoints would drop gathered gradients; resume with a grad_accum that divides "
+                          f"{meta.step}")
     refused = spec.trainer.on_model_change == "error"  # a tolerated change is warned about once, at the load
     store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage,
                 model_config=spec.model if refused else None)
