@@ -429,6 +429,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                             staging=os.path.join(spec.run_dir, ".staging"), async_upload=cfg.async_checkpoint_upload)
     tag, universal = _resume_point(store, world, rank, spec)
     engines = build_engines(family, spec, world, universal)
+    # Networks are built from one seed on every rank (same initial weights); what is drawn after (dropout) must
+    # differ between ranks, or every rank drops the same units. A resume restores each rank's own state instead.
+    torch.manual_seed((cfg.seed * 1_000_003 + rank) % (2**63))
     if rank == 0:
         for name, e in engines.items():
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
