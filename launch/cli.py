@@ -318,8 +318,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep only the best N candidates (default: all)")
     p.add_argument("--images", default=_SAMPLE_DEFAULTS["images"], metavar="PATH",
                    help="colourisation / super-resolution DCTransformer exports: condition on this image file or "
-                        "folder of them (default: the export's training source). Super-resolution takes images "
-                        "at half the model's size as they are, and full-size ones through the codec, downsampled")
+                        "folder of them (default: the last scenes of the export's held-out source, the training "
+                        "source if the run had none). Super-resolution takes images at half the model's size as "
+                        "they are, and full-size ones through the codec, downsampled")
     p.add_argument("--mean-of", type=at_least(1, int), default=_SAMPLE_DEFAULTS["mean_of"], metavar="K",
                    help="conditional DCTransformer (colourise, superres): each image is the mean of K draws")
     commands["sample"] = cmd_sample
