@@ -254,37 +254,43 @@ def test_torchrun_workers_take_the_gpu_of_their_local_rank():
         torchrun_cuda_index({"TORCHELASTIC_RUN_ID": "x", "LOCAL_RANK": "2"}, 2)
 
 
-def _share_worker(rank: int, port: int, out: dict) -> None:
-    import torch.distributed as dist
+SHARE_SCRIPT = r"""
+import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
+from trainer.families.base import StepContext
 
-    from trainer.families.base import StepContext
-
+def worker(rank, port):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
-    try:
-        per_sample = [torch.tensor([0.0, 0.0]), torch.tensor([3.0, 5.0])][rank]  # rank 0: padding only
-        valid = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])][rank]  # one real sample in the batch
-        ctx = StepContext(step=1, rank=rank, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
-        local_mean = (per_sample * valid).sum() / valid.sum().clamp(min=1)
-        weighted = local_mean * ctx.batch_share(valid.sum())
-        dist.all_reduce(weighted)  # DeepSpeed's mean over ranks, as it treats gradients
-        out[rank] = float(weighted) / 2
-    finally:
-        dist.destroy_process_group()
+    per_sample = [torch.tensor([0.0, 0.0]), torch.tensor([3.0, 5.0])][rank]  # rank 0: padding only
+    valid = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])][rank]  # one real sample in the batch
+    ctx = StepContext(step=1, rank=rank, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
+    weighted = (per_sample * valid).sum() / valid.sum().clamp(min=1) * ctx.batch_share(valid.sum())
+    dist.all_reduce(weighted)  # DeepSpeed's mean over ranks, as it treats gradients
+    print(f"RANK {rank} {float(weighted) / 2}", flush=True)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]),), nprocs=2, join=True)
+"""
 
 
-def test_a_padded_last_batch_averages_over_real_samples_not_ranks():
+def test_a_padded_last_batch_averages_over_real_samples_not_ranks(tmp_path):
     """DeepSpeed averages the ranks' gradients with equal weight: without each rank's share, a batch with one real
-    sample on 2 ranks trained at half the rate it does on one rank (the result depended on the world size)."""
+    sample on 2 ranks trained at half the rate it does on one rank (the result depended on the world size). Run in
+    a process of its own: forking helpers from the test process (which holds a Ray driver) broke its GCS link."""
     import socket
-
-    import torch.multiprocessing as mp
+    import subprocess
+    import sys
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    out = mp.Manager().dict()
-    mp.spawn(_share_worker, args=(port, out), nprocs=2, join=True)
-    assert out[0] == out[1] == pytest.approx(3.0)  # the one real sample's loss, as on one rank
+    script = tmp_path / "share.py"
+    script.write_text(SHARE_SCRIPT)
+    out = subprocess.run([sys.executable, str(script), str(port)], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    assert out.returncode == 0, out.stderr[-2000:]
+    values = [float(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("RANK")]
+    assert values == [pytest.approx(3.0)] * 2, out.stdout  # the one real sample's loss, as on one rank
 
 
 def test_a_resume_off_the_accumulation_grid_is_refused(tmp_path):
