@@ -258,18 +258,20 @@ SHARE_SCRIPT = r"""
 import sys, torch, torch.distributed as dist, torch.multiprocessing as mp
 from trainer.families.base import StepContext
 
-def worker(rank, port):
+def worker(rank, port, out):
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     per_sample = [torch.tensor([0.0, 0.0]), torch.tensor([3.0, 5.0])][rank]  # rank 0: padding only
     valid = [torch.tensor([0.0, 0.0]), torch.tensor([1.0, 0.0])][rank]  # one real sample in the batch
     ctx = StepContext(step=1, rank=rank, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
     weighted = (per_sample * valid).sum() / valid.sum().clamp(min=1) * ctx.batch_share(valid.sum())
     dist.all_reduce(weighted)  # DeepSpeed's mean over ranks, as it treats gradients
-    print(f"RANK {rank} {float(weighted) / 2}", flush=True)
+    with open(f"{out}/rank{rank}.txt", "w") as f:  # a file each: two ranks printing interleave their lines
+        f.write(str(float(weighted) / 2))
     dist.destroy_process_group()
 
 if __name__ == "__main__":
-    mp.spawn(worker, args=(int(sys.argv[1]),), nprocs=2, join=True)
+    out = sys.argv[2]
+    mp.spawn(worker, args=(int(sys.argv[1]), out), nprocs=2, join=True)
 """
 
 
@@ -286,11 +288,11 @@ def test_a_padded_last_batch_averages_over_real_samples_not_ranks(tmp_path):
         port = s.getsockname()[1]
     script = tmp_path / "share.py"
     script.write_text(SHARE_SCRIPT)
-    out = subprocess.run([sys.executable, str(script), str(port)], cwd=ROOT, capture_output=True, text=True,
-                         timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
+    out = subprocess.run([sys.executable, str(script), str(port), str(tmp_path)], cwd=ROOT, capture_output=True,
+                         text=True, timeout=120, env={**os.environ, "PYTHONPATH": ROOT})
     assert out.returncode == 0, out.stderr[-2000:]
-    values = [float(line.split()[2]) for line in out.stdout.splitlines() if line.startswith("RANK")]
-    assert values == [pytest.approx(3.0)] * 2, out.stdout  # the one real sample's loss, as on one rank
+    values = [float((tmp_path / f"rank{r}.txt").read_text()) for r in (0, 1)]
+    assert values == [pytest.approx(3.0)] * 2  # the one real sample's loss, as on one rank
 
 
 def test_a_resume_off_the_accumulation_grid_is_refused(tmp_path):
