@@ -361,3 +361,15 @@ def test_the_games_value_is_claimed_only_where_a_generator_can_match_the_real_pa
     real, fake = game.splits["eval"][1][0], sure.noise(1 << 16, torch.Generator().manual_seed(0))[1]
     tv = 0.5 * sum(abs(float((real == k).double().mean() - (fake == k).double().mean())) for k in range(8))
     assert tv > 0.1 and game.game_value == pytest.approx(-2.0 + 2 * tv)  # D wins the label frequencies' gap
+
+
+def test_the_real_term_is_weighted_by_the_ranks_share_of_real_samples():
+    """Every rank draws the same number of fakes, but a padded last batch leaves a rank fewer real samples: its
+    real term is weighted by its share (StepContext.batch_share) so that the ranks' average is the mean over all
+    real samples, as the other families' losses are."""
+    fam = SLSAGanFamily(SLSAGanConfig(mode="unconditional", hidden=16, latent_dim=8), ring_info())
+    d_real, d_fake = torch.tensor([0.5, -1.0]), torch.tensor([0.2, -0.4, 0.0])
+    real_term, fake_term = float(F.relu(1 - d_real).mean()), float(F.relu(1 + d_fake).mean())
+    assert float(fam.d_loss(d_real, d_fake)) == pytest.approx(real_term + fake_term)
+    assert float(fam.d_loss(d_real, d_fake, torch.tensor(2.0))) == pytest.approx(2 * real_term + fake_term)
+    assert float(fam.d_loss(d_real[:0], d_fake, torch.tensor(0.0))) == pytest.approx(fake_term)

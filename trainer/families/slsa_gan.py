@@ -280,14 +280,17 @@ class SLSAGanFamily(Family):
             classifier.align.copy_(torch.from_numpy(mapping))
 
     # ------------------------------------------------------------------ training
-    def d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor) -> torch.Tensor:
+    def d_loss(self, d_real: torch.Tensor, d_fake: torch.Tensor, real_share: torch.Tensor | float = 1.0
+               ) -> torch.Tensor:
         """In float32 whatever the networks' precision. A rank whose batch holds no real sample (padding only)
-        gets a real term of 0 that still reaches every D parameter, so its backward is the same collective."""
+        gets a real term of 0 that still reaches every D parameter, so its backward is the same collective.
+        ``real_share`` (``StepContext.batch_share`` of the real samples) weights the real term so that the ranks'
+        average is the mean over all real samples; every rank draws the same number of fakes."""
         d_real, d_fake = d_real.float(), d_fake.float()
         real_term = (F.relu(1 - d_real) if self.config.loss == "hinge" else F.softplus(-d_real))
         real_term = real_term.mean() if real_term.numel() else real_term.sum()
         fake_term = F.relu(1 + d_fake) if self.config.loss == "hinge" else F.softplus(d_fake)
-        return real_term + fake_term.mean()
+        return real_term * real_share + fake_term.mean()
 
     def g_loss(self, d_fake: torch.Tensor) -> torch.Tensor:
         d_fake = d_fake.float()
@@ -315,7 +318,8 @@ class SLSAGanFamily(Family):
             z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
             with torch.no_grad():
                 fake = G(z, y_fake)
-            loss_d = self.d_loss(D(real["x"][idx], y_real[idx]), D(fake.detach(), y_fake))
+            share = ctx.batch_share(torch.tensor(float(len(idx)), device=ctx.device))
+            loss_d = self.d_loss(D(real["x"][idx], y_real[idx]), D(fake.detach(), y_fake), share)
             D.backward(loss_d)
             D.step()
             d_losses.append(float(loss_d.detach()))
