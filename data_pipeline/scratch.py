@@ -18,9 +18,13 @@ import tempfile
 from contextlib import suppress
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname())
+
+
 def _owner() -> str:
     """``<host>-<pid>-``: who a scratch name belongs to."""
-    return f"{re.sub(r'[^A-Za-z0-9.]', '_', socket.gethostname())}-{os.getpid()}-"
+    return f"{_host()}-{os.getpid()}-"
 
 
 def _alive(pid: int) -> bool:
@@ -37,8 +41,7 @@ def sweep(prefix: str, directory: str | None = None) -> list[str]:
     """Remove ``prefix<host>-<pid>-...`` entries of ``directory`` (default: the temp folder) of this host whose pid
     is not running; returns the paths removed. Live processes' entries, other hosts' and other names stay."""
     directory = directory or tempfile.gettempdir()
-    host = _owner().rsplit("-", 2)[0]
-    pattern = re.compile(re.escape(f"{prefix}{host}-") + r"(\d+)-")
+    pattern = re.compile(re.escape(f"{prefix}{_host()}-") + r"(\d+)-")
     removed = []
     with suppress(OSError):
         names = os.listdir(directory)

@@ -14,7 +14,15 @@ import torch
 from data_pipeline import storage
 from data_pipeline.scratch import scratch_dir
 from trainer.checkpoint import CheckpointError, CheckpointStore
-from trainer.export import CONFIG, EXPORT_FORMAT, ExportError, check_replaceable, export_names, write_export
+from trainer.export import (
+    CONFIG,
+    EXPORT_FORMAT,
+    ExportError,
+    check_replaceable,
+    export_config,
+    export_names,
+    write_export,
+)
 from trainer.families import family_class
 from trainer.typed_config import ConfigError, from_dict
 
@@ -101,10 +109,9 @@ def check_remote_replaceable(url: str) -> None:
 def _earlier_config(url: str) -> dict | None:
     """The config.json of an earlier export at ``url``; None when there is none or it is not an export's."""
     try:
-        config = json.loads(storage.read_bytes(storage.join(url, CONFIG)))
-    except (storage.StorageNotFoundError, ValueError):
+        return export_config(storage.read_bytes(storage.join(url, CONFIG)))
+    except storage.StorageNotFoundError:
         return None
-    return config if isinstance(config, dict) and config.get("format") == EXPORT_FORMAT else None
 
 
 def publish_remote(local_dir: str, url: str) -> None:

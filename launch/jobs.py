@@ -439,17 +439,16 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     if not config.is_file():
         raise ClusterError(f"config {config_path} does not exist")
     env = dict(env_vars or {})
+    text = config.read_text()
+    # measured as Ray passes it: JSON-escaped on a worker's command line (non-ASCII grows to \uXXXX), where Linux
+    # allows 128 KiB per argument; past it the job stays PENDING without an error
+    fits_inline = len(json.dumps(text)) <= INLINE_CONFIG_LIMIT
     travels = config.is_relative_to(root) and not excluded_from_upload(root, config)
-    if travels and snapshot and len(json.dumps(config.read_text())) <= INLINE_CONFIG_LIMIT:
-        travels = False
-    if travels:
+    if travels and not (snapshot and fits_inline):
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
     else:
-        text = config.read_text()
-        # measured as Ray passes it: JSON-escaped on a worker's command line (non-ASCII grows to \uXXXX), where
-        # Linux allows 128 KiB per argument; past it the job stays PENDING without an error
-        if len(json.dumps(text)) > INLINE_CONFIG_LIMIT:
+        if not fits_inline:
             raise ClusterError(f"config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB: move it into "
                                f"the project dir {root} so it travels with it")
         config_in_job = f".dgm_submitted/{job_id}.yaml"

@@ -168,25 +168,33 @@ def export_names(config: Mapping[str, Any]) -> set[str]:
     return {CONFIG} | {str(n).replace("\\", "/").split("/")[0] for n in files} if isinstance(files, dict) else {CONFIG}
 
 
+def export_config(raw: bytes | str) -> dict | None:
+    """An export's config.json content as a mapping, or None when it is not an export's (unreadable JSON, another
+    shape, another format): what decides whether a folder or prefix may be replaced."""
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        return None
+    return config if isinstance(config, dict) and config.get("format") == EXPORT_FORMAT else None
+
+
+def _local_export_config(folder: str) -> dict | None:
+    try:
+        with open(os.path.join(folder, CONFIG), "rb") as f:
+            return export_config(f.read())
+    except OSError:
+        return None
+
+
 def user_entries(out_dir: str) -> list[str]:
     """Entries of an earlier export folder that its config.json does not list (a sample grid ``dgm sample`` wrote
     there, the user's notes): a new export carries them over instead of deleting them."""
-    try:
-        with open(os.path.join(out_dir, CONFIG), encoding="utf-8") as f:
-            config = json.load(f)
-        entries = os.listdir(out_dir)
-    except (OSError, ValueError):
-        return []
-    return sorted(set(entries) - export_names(config)) if isinstance(config, dict) else []
+    config = _local_export_config(out_dir)
+    return [] if config is None else sorted(set(os.listdir(out_dir)) - export_names(config))
 
 
 def _is_export(folder: str) -> bool:
-    try:
-        with open(os.path.join(folder, CONFIG), encoding="utf-8") as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("format") == EXPORT_FORMAT
+    return _local_export_config(folder) is not None
 
 
 def check_replaceable(out_dir: str) -> None:

@@ -208,10 +208,14 @@ class DCTransformerFamily(Family):
     def _allowed(self, like: torch.Tensor) -> torch.Tensor | None:
         return None if self.allowed is None else self.allowed.to(like.device)
 
+    def chunk_counts(self, lengths: torch.Tensor) -> torch.Tensor:
+        """How many chunks each sequence of ``lengths`` rows spans (the last one may be partial)."""
+        return (lengths + self.config.chunk_size - 1) // self.config.chunk_size
+
     def random_starts(self, lengths: torch.Tensor, seed: int) -> torch.Tensor:
         """One chunk per image, uniformly among its chunks; a pure function of (seed, lengths) for exact resume."""
         gen = torch.Generator().manual_seed(seed)
-        n_chunks = (lengths.cpu() + self.config.chunk_size - 1) // self.config.chunk_size
+        n_chunks = self.chunk_counts(lengths.cpu())
         k = (torch.rand(len(lengths), generator=gen) * n_chunks).long()
         return (k * self.config.chunk_size).to(lengths.device)
 
@@ -228,7 +232,7 @@ class DCTransformerFamily(Family):
         estimate's expectation is the exact NLL. Unweighted, the objective would be sum_i NLL_i / n_i, whose
         optimum is p(x) / n(x): long sequences (more objects, more coefficients) under-learned."""
         valid = batch["valid"].float()
-        n_chunks = (batch["lengths"] + self.config.chunk_size - 1) // self.config.chunk_size
+        n_chunks = self.chunk_counts(batch["lengths"])
         triples = (batch["lengths"].float() * valid).sum().clamp(min=1)
         return (nll.sum(dim=1) * n_chunks * valid).sum() / triples
 
