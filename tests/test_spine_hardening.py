@@ -21,7 +21,6 @@ from sharding.sample_order import StreamState
 from trainer.checkpoint import CheckpointError, CheckpointStore
 from trainer.families import family_class
 from trainer.loop import (
-    Reporter,
     RunSpec,
     TrainerConfig,
     apply_schedule,
@@ -32,6 +31,7 @@ from trainer.loop import (
     torchrun_cuda_index,
     train_worker,
 )
+from trainer.run_outputs import Reporter
 from trainer.typed_config import ConfigError
 
 pytestmark = pytest.mark.slow
@@ -139,6 +139,26 @@ def test_the_checkpoint_is_saved_before_a_failing_eval(crashed_run):
     run, error = crashed_run
     assert ".tar" in str(error)  # it failed where meant to: reading the eval shards
     assert CheckpointStore(os.path.join(run, "checkpoints")).latest() == STEP2
+
+
+def test_a_resume_makes_the_eval_and_grid_its_checkpoints_step_missed(crashed_run, digits_data, tmp_path):
+    """The crashed run saved step 2, then failed in step 2's eval, so step 2 had no eval record and no grid. Resumed
+    (nothing left to train), it makes both; resumed again, it makes neither twice."""
+    run = str(tmp_path / "run")
+    shutil.copytree(crashed_run[0], run)
+    grid = os.path.join(run, "samples", "step-00000002.png")
+    assert not os.path.exists(grid)
+
+    def evals() -> list[int]:
+        with open(os.path.join(run, "metrics.jsonl")) as f:
+            return [r["step"] for r in map(json.loads, f) if r["split"] == "eval"]
+
+    assert evals() == []
+    train_worker(spec_of(run, digits_data))
+    assert evals() == [2] and os.path.exists(grid)
+    made = os.path.getmtime(grid)
+    train_worker(spec_of(run, digits_data))
+    assert evals() == [2] and os.path.getmtime(grid) == made
 
 
 def test_eval_and_sample_grids_leave_the_training_rng_alone():

@@ -37,6 +37,7 @@ from trainer.checkpoint import (
 from trainer.families import family_class
 from trainer.families.base import Family, OptimConfig, StepContext
 from trainer.images import save_grid
+from trainer.run_outputs import Reporter, grid_path, missed_at_resume
 from trainer.typed_config import ConfigError
 
 log = logging.getLogger(__name__)
@@ -203,90 +204,6 @@ def _mean_across_ranks(values: dict[str, float], device: torch.device | str = "c
     return dict(zip(keys, t.cpu().tolist(), strict=True))
 
 
-class Reporter:
-    """Rank 0's outputs: console progress with rate and ETA, TensorBoard, metrics.jsonl."""
-
-    def __init__(self, run_dir: str, total_steps: int, global_batch: int, enabled: bool, first_step: int) -> None:
-        self.enabled, self.total, self.global_batch = enabled, total_steps, global_batch
-        self.start, self.start_step = time.monotonic(), first_step
-        self.writer = None
-        if enabled:
-            from torch.utils.tensorboard import SummaryWriter
-
-            os.makedirs(run_dir, exist_ok=True)
-            # A resumed run redoes the steps after its checkpoint (a restart before the first checkpoint: all of
-            # them): their earlier records go, not doubled.
-            self.writer = SummaryWriter(os.path.join(run_dir, "tensorboard"), purge_step=first_step + 1)
-            path = os.path.join(run_dir, "metrics.jsonl")
-            _drop_records_after(path, first_step)
-            _end_with_newline(path)
-            self.jsonl = open(path, "a")
-
-    def scalars(self, step: int, prefix: str, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        for k, v in metrics.items():
-            self.writer.add_scalar(f"{prefix}/{k}", v, step)
-        self.jsonl.write(json.dumps({"step": step, "split": prefix, "time": round(time.time(), 3), **metrics}) + "\n")
-        self.jsonl.flush()
-
-    def progress(self, step: int, metrics: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        elapsed = max(time.monotonic() - self.start, 1e-9)
-        rate = (step - self.start_step) / elapsed
-        eta = (self.total - step) / rate if rate > 0 else float("inf")
-        shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items())
-        print(f"[train] step {step}/{self.total} {shown} | {rate * self.global_batch:.1f} samples/s "
-              f"{rate:.2f} steps/s | ETA {eta:.0f}s", flush=True)
-
-    def close(self) -> None:
-        if self.enabled:
-            self.writer.close()
-            self.jsonl.close()
-
-
-def _drop_records_after(path: str, step: int) -> None:
-    """Rewrite metrics.jsonl without the records of steps after ``step`` (atomically; unparsable lines kept)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = f.readlines()
-    kept = []
-    for line in lines:
-        try:
-            if int(json.loads(line)["step"]) > step:
-                continue
-        except (ValueError, KeyError, TypeError):
-            pass
-        kept.append(line)
-    if len(kept) != len(lines):
-        tmp = path + ".tmp"
-        with open(tmp, "w") as f:
-            f.writelines(kept)
-        os.replace(tmp, path)
-
-
-def _end_with_newline(path: str) -> None:
-    """A record cut short by a crash (no newline) would glue itself to the next one appended: drop it if it is
-    not whole JSON, else end it."""
-    if not os.path.exists(path) or not os.path.getsize(path):
-        return
-    with open(path, "rb+") as f:
-        f.seek(-1, os.SEEK_END)
-        if f.read(1) == b"\n":
-            return
-        f.seek(0)
-        data = f.read()
-        start = data.rfind(b"\n") + 1
-        try:
-            json.loads(data[start:])
-        except ValueError:
-            f.truncate(start)
-            return
-        f.write(b"\n")
-
-
 def _record_pid(run_dir: str, rank: int) -> None:
     """<run_dir>/workers/rank<r>.pid: which process serves which rank (for operators, and the worker-loss test)."""
     folder = os.path.join(run_dir, "workers")
@@ -394,6 +311,23 @@ def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float
     return {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(ordered) if t[i, 1] > 0}
 
 
+def eval_due(step: int, cfg: TrainerConfig) -> bool:
+    return step % cfg.eval_every == 0 or step == cfg.steps
+
+
+def grid_due(step: int, cfg: TrainerConfig) -> bool:
+    return step % cfg.sample_every == 0 or step == cfg.steps
+
+
+def _agreed(decision: tuple[bool, bool] | None, world: int) -> tuple[bool, bool]:
+    """Rank 0's decision on every rank: an eval or a sample grid is a collective under ZeRO-3."""
+    if world == 1 and decision is not None:
+        return decision
+    box = [decision]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def _samples(family: Family, engines: dict[str, Any], spec: RunSpec, step: int, rank: int) -> None:
     modules = {k: e.module for k, e in engines.items()}
     for m in modules.values():
@@ -403,7 +337,7 @@ def _samples(family: Family, engines: dict[str, Any], spec: RunSpec, step: int, 
     for m in modules.values():
         m.train()
     if rank == 0:
-        save_grid(images, os.path.join(spec.run_dir, "samples", f"step-{step:08d}.png"))
+        save_grid(images, grid_path(spec.run_dir, step))
 
 
 def train_worker(spec: RunSpec) -> dict[str, Any]:
@@ -458,6 +392,30 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         print(f"[train] {manifest.total} samples, {stream.batches_per_epoch} global batches of "
               f"{spec.stream.global_batch} per epoch, {world} ranks", flush=True)
     reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0, step)
+
+    def evaluate_and_report(at: int) -> None:
+        with rng_untouched():
+            ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode, device)
+        reporter.scalars(at, "eval", ev)
+        if rank == 0:
+            print("[eval] step {} {}".format(at, " ".join(f"{k} {v:.4f}" for k, v in ev.items())), flush=True)
+
+    def sample_grid(at: int) -> None:
+        with rng_untouched():
+            _samples(family, engines, spec, at, rank)
+
+    if tag is not None:
+        # A run that stopped between its checkpoint and that step's eval or sample grid never made them: make them
+        # now, before training goes on, so the eval curve and the grids have no hole at the resumed step.
+        due = (eval_manifest is not None and eval_due(step, cfg), grid_due(step, cfg))
+        redo_eval, redo_grid = _agreed(missed_at_resume(spec.run_dir, step, *due) if rank == 0 else None, world)
+        if rank == 0 and (redo_eval or redo_grid):
+            made = " and ".join(n for n, redo in (("eval", redo_eval), ("sample grid", redo_grid)) if redo)
+            print(f"[train] making step {step}'s {made}, missing since the run stopped", flush=True)
+        if redo_eval:
+            evaluate_and_report(step)
+        if redo_grid:
+            sample_grid(step)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.zero.precision]
     first_step_at: float | None = None
     first_step_wall = 0.0
@@ -490,16 +448,10 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                 if rank == 0:
                     note = " (uploading in the background)" if store.remote and store.async_upload else ""
                     print(f"[checkpoint] {store.root}/{saved}{note}", flush=True)
-            if eval_manifest is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
-                with rng_untouched():
-                    ev = _eval(family, engines, eval_manifest, spec, rank, world, codec.decode, device)
-                reporter.scalars(step, "eval", ev)
-                if rank == 0:
-                    print("[eval] step {} {}".format(step, " ".join(f"{k} {v:.4f}" for k, v in ev.items())),
-                          flush=True)
-            if step % cfg.sample_every == 0 or step == cfg.steps:
-                with rng_untouched():
-                    _samples(family, engines, spec, step, rank)
+            if eval_manifest is not None and eval_due(step, cfg):
+                evaluate_and_report(step)
+            if grid_due(step, cfg):
+                sample_grid(step)
             if stopping:
                 break
         store.wait()
