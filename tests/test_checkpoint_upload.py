@@ -79,3 +79,51 @@ def test_crash_mid_upload_keeps_latest_on_the_complete_checkpoint(s3_bucket, fla
     again = _run([root, str(tmp_path / "c"), "load"])
     out, _ = again.communicate(timeout=300)
     assert again.returncode == 0 and "LOADED step-00000001 1" in out, out
+
+
+TWO_RANKS = r"""
+import datetime, os, sys, torch.distributed as dist, torch.multiprocessing as mp
+from data_pipeline.s3 import S3Settings, configure_s3
+from trainer.checkpoint import CheckpointMeta, CheckpointStore
+
+def worker(rank, port, root, staging, out, async_upload):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=20))
+    if rank == 1:  # this rank's uploads fail at once: nothing listens there
+        configure_s3(S3Settings(endpoint_url=f"http://127.0.0.1:{sys.argv[6]}", max_attempts=1, connect_timeout=1))
+    store = CheckpointStore(root, rank=rank, world_size=2, staging=staging, async_upload=async_upload)
+    meta = lambda step: CheckpointMeta(step=step, stream_state={}, world_size=2, family="x", engines=[],
+                                       zero_stage=2, config={}, data_info={})
+    try:
+        store.save(1, {}, meta(1))
+        store.save(2, {}, meta(2))  # where an upload of step 1 that failed in the background is found
+        outcome = "no error"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(f"{out}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    port, root, staging, out, mode = sys.argv[1:6]
+    mp.spawn(worker, args=(int(port), root, staging, out, mode == "async"), nprocs=2, join=True)
+"""
+
+
+@pytest.mark.parametrize("mode", ["async", "sync"])
+def test_an_upload_that_fails_on_one_rank_fails_the_save_on_every_rank(s3_bucket, tmp_path, mode):
+    """Under torchrun nothing ends the other ranks when one raises: they waited in the save's barrier until the
+    process group's timeout. Every rank must raise, and name the rank whose upload failed. A subprocess of its own:
+    forking from the test process (which holds a Ray driver) breaks Ray."""
+    from tests.fixtures_s3 import free_port
+
+    script = tmp_path / "two_ranks.py"
+    script.write_text(TWO_RANKS)
+    args = [str(free_port()), f"{s3_bucket}/ckpt", str(tmp_path / "staging"), str(tmp_path), mode, str(free_port())]
+    done = subprocess.run([sys.executable, str(script), *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=180, env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank1.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed"), rank1
+    assert rank0.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed on rank 1: "), rank0
+    assert not storage.exists(f"{s3_bucket}/ckpt/latest")  # no checkpoint was complete on both ranks

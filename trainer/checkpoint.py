@@ -69,6 +69,31 @@ def _barrier() -> None:
         dist.barrier()
 
 
+def _fail_together(error: CheckpointError | None, root: str) -> None:
+    """Collective: when any rank's upload failed, every rank raises. A rank that raised alone would leave the others
+    in the next barrier until the process group's timeout (torchrun does not end the group for them)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        if error is not None:
+            raise error
+        return
+    reports: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(reports, None if error is None else str(error))
+    if error is not None:
+        raise error
+    failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
+    if failed:
+        rank, report = failed[0]
+        raise CheckpointError(f"checkpoint upload to {root} failed on rank {rank}: {report}")
+
+
+def _upload_error_of(wait: Callable[[], None]) -> CheckpointError | None:
+    try:
+        wait()
+    except CheckpointError as e:
+        return e
+    return None
+
+
 def _local(url: str) -> str:
     return url[len("file://"):] if url.startswith("file://") else url
 
@@ -142,7 +167,7 @@ class CheckpointStore:
         s3:// roots with ``async_upload``: returns once the checkpoint is staged locally; the upload runs in the
         background and ``latest`` moves when every rank's upload is complete (see ``wait``)."""
         tag = tag_for(step)
-        self._join_upload()
+        _fail_together(_upload_error_of(self._join_upload), self.root)
         out = self._write_dir(tag)
         if (self.remote or self.rank == 0) and os.path.exists(out):
             shutil.rmtree(out)
@@ -176,8 +201,7 @@ class CheckpointStore:
                 self._finalizer.start()
         else:
             self._upload(out, tag)
-            self._raise_upload_error()
-            _barrier()
+            _fail_together(_upload_error_of(self._raise_upload_error), self.root)
             if self.rank == 0:
                 self._finalize(tag, None)
             _barrier()
@@ -236,16 +260,14 @@ class CheckpointStore:
 
     def wait(self) -> None:
         """Collective: finish this rank's upload; rank 0 then moves ``latest`` to the last complete checkpoint."""
-        try:
-            self._join_upload()
-        finally:
-            _barrier()
-            if self.rank == 0 and self._finalizer is not None:
-                self._stop.set()
-                self._finalizer.join()
-                self._finalizer = None
-                self._stop.clear()
-            _barrier()
+        error = _upload_error_of(self._join_upload)
+        _barrier()
+        if self.rank == 0 and self._finalizer is not None:
+            self._stop.set()
+            self._finalizer.join()
+            self._finalizer = None
+            self._stop.clear()
+        _fail_together(error, self.root)
 
     def all_tags(self) -> list[str]:
         if self.remote:
