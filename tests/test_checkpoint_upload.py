@@ -125,5 +125,6 @@ def test_an_upload_that_fails_on_one_rank_fails_the_save_on_every_rank(s3_bucket
     assert done.returncode == 0, done.stderr[-3000:]
     rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
     assert rank1.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed"), rank1
-    assert rank0.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed on rank 1: "), rank0
+    assert rank0.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed on rank 1: {s3_bucket}/ckpt/"
+                            "step-00000001/"), rank0  # the cause, as rank 1 met it
     assert not storage.exists(f"{s3_bucket}/ckpt/latest")  # no checkpoint was complete on both ranks

@@ -77,7 +77,7 @@ def _fail_together(error: CheckpointError | None, root: str) -> None:
             raise error
         return
     reports: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, None if error is None else str(error))
+    dist.all_gather_object(reports, None if error is None else str(error.__cause__ or error))
     if error is not None:
         raise error
     failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
