@@ -225,6 +225,19 @@ def test_a_truncated_checkpoint_file_is_named(damaged, digits_data, tmp_path, fi
                                       model_config=spec.model)
 
 
+@pytest.mark.parametrize("file", ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+def test_a_truncated_file_met_converting_for_another_world_size_is_named(damaged, file):
+    """DeepSpeed's universal conversion said only 'OSError: Invalid argument' or 'failed finding central directory'."""
+    from trainer.checkpoint import to_universal
+
+    path = os.path.join(damaged, STEP2, "model", "ds", file)
+    os.truncate(path, 3000)
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {path} is unreadable: truncated or corrupt .*"
+                                              "cannot be converted to load at another world size"):
+        to_universal(os.path.join(damaged, STEP2), "model")
+    assert not os.path.exists(os.path.join(damaged, STEP2, "model", "ds_universal"))
+
+
 def test_a_shape_mismatch_still_does_not_fit_and_zero_1_loads_zero_2(damaged, digits_data, tmp_path):
     wider = spec_of(tmp_path, digits_data, "model.transformer.d_model=32")
     with pytest.raises(CheckpointError, match=r"(?s)network .model. does not fit this model \(RuntimeError: .*size mismatch"):

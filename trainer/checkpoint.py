@@ -69,9 +69,10 @@ def _barrier() -> None:
         dist.barrier()
 
 
-def _fail_together(error: CheckpointError | None, root: str) -> None:
-    """Collective: when any rank's upload failed, every rank raises. A rank that raised alone would leave the others
-    in the next barrier until the process group's timeout (torchrun does not end the group for them)."""
+def fail_together(error: Exception | None, what: str) -> None:
+    """Collective: when any rank failed at ``what``, every rank raises (the others a CheckpointError naming the
+    rank and its cause). A rank that raised alone would leave the others in the next barrier until the process
+    group's timeout: torchrun does not end the group for them."""
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
         if error is not None:
             raise error
@@ -83,13 +84,14 @@ def _fail_together(error: CheckpointError | None, root: str) -> None:
     failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
     if failed:
         rank, report = failed[0]
-        raise CheckpointError(f"checkpoint upload to {root} failed on rank {rank}: {report}")
+        raise CheckpointError(f"{what} failed on rank {rank}: {report}")
 
 
-def _upload_error_of(wait: Callable[[], None]) -> CheckpointError | None:
+def error_of(work: Callable[[], None], *kinds: type[Exception]) -> Exception | None:
+    """Run ``work``; the error of one of ``kinds`` it raised (for ``fail_together``), or None."""
     try:
-        wait()
-    except CheckpointError as e:
+        work()
+    except kinds as e:
         return e
     return None
 
@@ -167,7 +169,7 @@ class CheckpointStore:
         s3:// roots with ``async_upload``: returns once the checkpoint is staged locally; the upload runs in the
         background and ``latest`` moves when every rank's upload is complete (see ``wait``)."""
         tag = tag_for(step)
-        _fail_together(_upload_error_of(self._join_upload), self.root)
+        fail_together(error_of(self._join_upload, CheckpointError), f"checkpoint upload to {self.root}")
         out = self._write_dir(tag)
         if (self.remote or self.rank == 0) and os.path.exists(out):
             shutil.rmtree(out)
@@ -201,7 +203,8 @@ class CheckpointStore:
                 self._finalizer.start()
         else:
             self._upload(out, tag)
-            _fail_together(_upload_error_of(self._raise_upload_error), self.root)
+            fail_together(error_of(self._raise_upload_error, CheckpointError),
+                          f"checkpoint upload to {self.root}")
             if self.rank == 0:
                 self._finalize(tag, None)
             _barrier()
@@ -260,14 +263,14 @@ class CheckpointStore:
 
     def wait(self) -> None:
         """Collective: finish this rank's upload; rank 0 then moves ``latest`` to the last complete checkpoint."""
-        error = _upload_error_of(self._join_upload)
+        error = error_of(self._join_upload, CheckpointError)
         _barrier()
         if self.rank == 0 and self._finalizer is not None:
             self._stop.set()
             self._finalizer.join()
             self._finalizer = None
             self._stop.clear()
-        _fail_together(error, self.root)
+        fail_together(error, f"checkpoint upload to {self.root}")
 
     def all_tags(self) -> list[str]:
         if self.remote:
@@ -495,9 +498,16 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
         return
 
     def convert(work: str) -> None:
-        ds_to_universal(type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
-                                              num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                              inject_missing_state=True))())
+        try:
+            ds_to_universal(type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
+                                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                                  inject_missing_state=True))())
+        except Exception as e:
+            bad = _unreadable_file(src)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint file {bad[0]} is unreadable: truncated or corrupt ({bad[1]}); "
+                                      "it cannot be converted to load at another world size") from e
+            raise
 
     _publish_dir(dst, CONVERTED, convert)
     with open(os.path.join(checkpoint_dir, engine_name, "latest_universal"), "w") as f:

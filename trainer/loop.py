@@ -30,6 +30,8 @@ from trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     CheckpointStore,
+    error_of,
+    fail_together,
     rng_state,
     set_rng_state,
     to_universal,
@@ -250,11 +252,13 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
             raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
         # A local root is one folder every rank shares: rank 0 converts it. An s3:// checkpoint is downloaded
         # into each rank's own staging folder, so each rank converts its copy.
-        if store.remote or rank == 0:
-            path = store.local_copy(tag)
-            for name in meta.engines:
-                to_universal(path, name)
-        dist.barrier()
+        def convert() -> None:
+            if store.remote or rank == 0:
+                path = store.local_copy(tag)
+                for name in meta.engines:
+                    to_universal(path, name)
+
+        fail_together(error_of(convert, Exception), f"converting checkpoint {store.root}/{tag}")
     return tag, universal
 
 
@@ -369,7 +373,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if rank == 0:
         for name, e in engines.items():
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
-            print(estimate_memory(n_params, spec.zero, world).describe(f"{name} ({n_params:,} params, "
+            print(estimate_memory(n_params, spec.zero, world, e.module).describe(f"{name} ({n_params:,} params, "
                   f"ZeRO-{spec.zero.stage}, {spec.zero.precision}, {world} ranks)"), flush=True)
     step, state = 0, StreamState()
     order = sample_order(manifest, spec.stream)
