@@ -5,11 +5,14 @@ The scheduling rule, applied on every round (`QueueRunner.run_once`):
    first). Aging lets an old low-priority job overtake a stream of newer high-priority ones.
 2. Walk the ranking with the cluster's free resources; every job that fits starts (so a smaller, lower-ranked job
    backfills into what a bigger, higher-ranked one leaves free).
-3. The highest-ranked job that does not fit is the head. Once the head has waited `reserve_after_s` it holds a
-   reservation: lower-ranked jobs may only use what the head does not need, so freed resources pile up until it
-   fits. A big job therefore waits at most reserve_after_s plus the time the jobs already running take to end.
+3. The highest-ranked waiting job that has waited `reserve_after_s` holds a reservation (not merely the head: a
+   newer, higher-ranked job that does not fit either must not take it away): jobs ranked above it still start when
+   they fit, those below it may only use what it does not need, so freed resources pile up until it fits. A big
+   job therefore waits at most reserve_after_s plus the time the jobs running and those ranked above it take.
 Free resources = min(what Ray reports free, cluster total - what the queue's running jobs declared): the second
-term covers the seconds between a submission and Ray reporting its resources as used.
+term covers the seconds between a submission and Ray reporting its resources as used. A one-process job must also
+fit what one node has free. A submission that failed is retried after a wait that doubles with each failure, and
+not at all when the cluster refused it (a bad runtime env, an HTTP 4xx): it would be refused again.
 
 A job's declared resources are held by its entrypoint in Ray (`reserve_in_ray=True`, right for one-process jobs),
 or, for jobs whose Ray tasks/actors claim them (Ray Train workers), only booked by the queue (`reserve_in_ray=False`).
@@ -26,7 +29,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +53,7 @@ FINISHED = frozenset({SUCCEEDED, FAILED, STOPPED})
 _RAY_TO_STATE = {"PENDING": RUNNING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
                  "STOPPED": STOPPED}
 FORMAT_VERSION = 1
+MAX_RETRY_WAIT_S = 3600.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +84,8 @@ class QueuedJob:
     finished_at: float | None = None
     stop_requested: bool = False
     submit_failures: int = 0
+    retry_at: float | None = None  # after a failed submission: not submitted again before this time
+    submit_error: str = ""  # what the last failed submission said
 
     def effective_priority(self, now: float, policy: QueuePolicy) -> float:
         return self.priority + policy.aging_per_hour * max(0.0, now - self.enqueued_at) / 3600.0
@@ -119,37 +125,64 @@ def planning_free(total: Mapping[str, float], available: Mapping[str, float], bo
     return {k: min(available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in total.items()}
 
 
-def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float,
-         policy: QueuePolicy) -> tuple[list[QueuedJob], dict[str, str]]:
-    """The jobs to start this round, in order, and a reason for each job that waits. Pure: no I/O."""
+def _node_shortfall(need: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> str:
+    """'waiting for 2 CPU on one node: at most 1 CPU free on any node' when free resources are split over nodes."""
+    best = {k: max((n.get(k, 0.0) for n in nodes), default=0.0) for k in need}
+    short = [describe({k: best[k]}) for k, v in need.items() if best[k] < v - 1e-9]
+    why = f"at most {', '.join(short)} free on any node" if short else "no node has all of them free at once"
+    return f"waiting for {describe(need)} on one node: {why}"
+
+
+def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float, policy: QueuePolicy,
+         node_free: Sequence[Mapping[str, float]] | None = None) -> tuple[list[QueuedJob], dict[str, str]]:
+    """The jobs to start this round, in order, and a reason for each job that waits. Pure: no I/O.
+
+    ``node_free``: what each live node has free, when known. A one-process job (reserve_in_ray) must then also fit
+    one node, since its entrypoint holds all it declared; it is charged to the first node it fits, a guess that
+    the next round replaces with where Ray put it. Others (Ray Train workers) may spread over nodes.
+    """
     free = dict(free)
+    nodes = [dict(n) for n in node_free] if node_free is not None else None
+    holder: QueuedJob | None = None
     reserved: dict[str, float] = {}
-    head: QueuedJob | None = None
     start: list[QueuedJob] = []
     behind: set[str] = set()
     waiting: list[QueuedJob] = []
+
+    def one_node(job: QueuedJob, need: Mapping[str, float]) -> bool:
+        return nodes is not None and job.reserve_in_ray and bool(need)
+
     for job in sorted(queued, key=lambda j: (-j.effective_priority(now, policy), j.seq)):
         need = job.resources.request()
-        if _fits(need, {k: max(0.0, v - reserved.get(k, 0.0)) for k, v in free.items()}):
+        node = next((n for n in nodes or [] if _fits(need, n)), None) if one_node(job, need) else None
+        placeable = node is not None or not one_node(job, need)
+        retrying = job.retry_at is not None and job.retry_at > now
+        room = {k: max(0.0, v - reserved.get(k, 0.0)) for k, v in free.items()}
+        if not retrying and placeable and _fits(need, room):
             start.append(job)
-            for k, v in need.items():
-                free[k] = free.get(k, 0.0) - v
+            for pool in [free] if node is None else [free, node]:
+                pool.update({k: pool.get(k, 0.0) - v for k, v in need.items()})
             continue
         waiting.append(job)
-        if head is None:
-            head = job
-            if now - job.enqueued_at >= policy.reserve_after_s:
-                reserved = need
-        elif _fits(need, free):
+        if holder is None and now - job.enqueued_at >= policy.reserve_after_s:
+            holder, reserved = job, need  # what it needs stays free for it, even while it waits to retry
+        elif holder is not None and not retrying and placeable and _fits(need, free):
             behind.add(job.job_id)
     reasons = {}  # worded with what is free after this round's starts
     for job in waiting:
-        if job.job_id in behind and head is not None:
-            reasons[job.job_id] = f"behind job {head.job_id} of higher priority, which has reserved {describe(reserved)}"
+        need = job.resources.request()
+        if job.retry_at is not None and job.retry_at > now:
+            at = time.strftime("%H:%M:%S", time.localtime(job.retry_at))
+            reasons[job.job_id] = (f"submission failed {job.submit_failures} time(s), retrying at {at} "
+                                   f"(in {job.retry_at - now:.0f} s): {job.submit_error}")
+        elif job.job_id in behind and holder is not None:
+            reasons[job.job_id] = f"behind job {holder.job_id} of higher priority, which has reserved {describe(reserved)}"
+        elif one_node(job, need) and _fits(need, free) and not any(_fits(need, n) for n in nodes or []):
+            reasons[job.job_id] = _node_shortfall(need, nodes or [])
         else:
-            reasons[job.job_id] = _shortfall(job.resources.request(), free)
-            if job is head and reserved:
-                reasons[job.job_id] += " (holds a reservation: nothing ranked lower may take what it needs)"
+            reasons[job.job_id] = _shortfall(need, free)
+        if job is holder and reserved:
+            reasons[job.job_id] += " (holds a reservation: nothing ranked lower may take what it needs)"
     return start, reasons
 
 
@@ -264,13 +297,14 @@ class QueueRunner:
     def __init__(self, queue: JobQueue | str | Path, address: str, *, token: str | None = None,
                  policy: QueuePolicy = QueuePolicy(), log: Callable[[str], Any] = print,
                  node_shapes: list[dict[str, float]] | None = None, max_total: dict[str, float] | None = None,
-                 max_submit_failures: int = 5) -> None:
+                 max_submit_failures: int = 5, retry_after_s: float = 15.0) -> None:
         """``node_shapes`` / ``max_total``: what an autoscaling cluster can add (launch.clusters.node_shapes and
-        max_total of its file); without them a job is judged by the nodes this runner has seen."""
+        max_total of its file); without them a job is judged by the nodes this runner has seen. A failed submission
+        is retried after ``retry_after_s``, doubled after each further failure, until ``max_submit_failures``."""
         self.queue = queue if isinstance(queue, JobQueue) else JobQueue(queue)
         self.address, self.token, self.policy, self.log = address, token, policy, log
         self.node_shapes, self.max_total = list(node_shapes or []), dict(max_total or {})
-        self.max_submit_failures = max_submit_failures
+        self.max_submit_failures, self.retry_after_s = max_submit_failures, retry_after_s
         self._seen_shapes: list[dict[str, float]] = []
         self._seen_total: dict[str, float] = {}
         self._seen_file = self.queue.path.with_name(self.queue.path.name + ".nodes")
@@ -300,7 +334,8 @@ class QueueRunner:
             free = planning_free(cluster.total, cluster.available, booked, self.max_total)
             self._remember(cluster.total, cluster.nodes)
             queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
-            start, reasons = plan(queued, free, now, self.policy)
+            # an autoscaling cluster adds the node a pending job needs: no per-node limit there
+            start, reasons = plan(queued, free, now, self.policy, None if self.max_total else cluster.node_free)
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
             try:
@@ -393,19 +428,25 @@ class QueueRunner:
         try:
             client.submit(job.entrypoint, resources=res, job_id=job.job_id, runtime_env=job.runtime_env,
                           metadata=meta, check_resources=False)
-        except ValueError as e:  # an entry written before ids were checked: this job can never be submitted
+        except (ValueError, TypeError) as e:  # an id from before ids were checked, a runtime env of wrong types
             job.state, job.finished_at, job.reason = FAILED, time.time(), str(e)
             self.log(f"{job.job_id}: {job.reason}")
             return
         except ClusterError as e:
             if "already exists" not in str(e):
-                job.submit_failures += 1
-                if job.submit_failures >= self.max_submit_failures:
-                    job.state, job.finished_at = FAILED, time.time()
+                now = time.time()
+                job.submit_failures, job.submit_error = job.submit_failures + 1, str(e)
+                if e.refused:
+                    job.state, job.finished_at = FAILED, now
+                    job.reason = f"submission refused, not retrying: {e}"
+                elif job.submit_failures >= self.max_submit_failures:
+                    job.state, job.finished_at = FAILED, now
                     job.reason = f"submission failed {job.submit_failures} times, giving up: {e}"
                 else:
+                    wait = min(MAX_RETRY_WAIT_S, self.retry_after_s * 2 ** (job.submit_failures - 1))
+                    job.retry_at = now + wait
                     job.reason = (f"submission failed ({job.submit_failures} of {self.max_submit_failures} tries), "
-                                  f"will retry: {e}")
+                                  f"will retry in {wait:g} s: {e}")
                 self.log(f"{job.job_id}: {job.reason}")
                 return
             ours = self._ours(client, job)
@@ -418,7 +459,7 @@ class QueueRunner:
                               "(not submitted by this queue); queue this one under a new id")
                 self.log(f"{job.job_id}: {job.reason}")
                 return
-        job.state, job.reason, job.submitted_at = RUNNING, "submitted", time.time()
+        job.state, job.reason, job.submitted_at, job.retry_at = RUNNING, "submitted", time.time(), None
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
 
     def _ours(self, client: JobsClient, job: QueuedJob) -> bool | None:
@@ -433,7 +474,7 @@ class QueueRunner:
         return same_queue and info.entrypoint == job.entrypoint
 
 
-_RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures")
+_RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures", "retry_at", "submit_error")
 
 
 def _merge(current: list[QueuedJob], worked: Mapping[str, QueuedJob], before: Mapping[str, str]) -> None:

@@ -7,11 +7,14 @@ Why not use `JobSubmissionClient` directly from the CLI:
   in the caller's environment; here the token is found the way Ray stores it (see `resolve_token`) and always sent;
 - a job asking for resources no node has stays PENDING forever and cannot even be stopped; here it is refused at
   submission (`check_feasible`), against the live nodes plus any autoscaler node shapes the caller passes;
+- its log stream (`tail_job_logs`) waits forever on a connection that died without a close frame; here a
+  heartbeat checks the job's state after each silent stretch (`stream_with_heartbeat`);
 - errors come back as `ClusterError` naming the address or job, and results as small dataclasses.
 """
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -21,7 +24,7 @@ import shlex
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0  # a large working_dir upload is acknowledged only once stored
+HEARTBEAT_S = 30.0  # `dgm logs --follow`: silence after which the job's state is checked
+STATUS_READ_TIMEOUT_S = 10.0  # that check's answer: a live head reads its job table at once
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 # Folders that never belong in a job's working_dir (Ray also honours the project's .gitignore and .rayignore).
 DEFAULT_EXCLUDES = ("/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/",
@@ -48,7 +53,12 @@ _MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 
 
 class ClusterError(RuntimeError):
-    """A cluster operation failed; the message names the address or job and says what to do."""
+    """A cluster operation failed; the message names the address or job and says what to do. ``refused``: the
+    cluster (or Ray's client, before sending) refused the request itself, so trying again cannot help."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
 
 
 class JobNotFoundError(ClusterError):
@@ -151,6 +161,7 @@ class ClusterResources:
     nodes: list[NodeResources]
     total: dict[str, float]
     available: dict[str, float]
+    node_free: list[dict[str, float]] | None = None  # per node, in the order of ``nodes``, when Ray reports it
 
 
 def resolve_address(address: str | None) -> str:
@@ -255,7 +266,7 @@ class JobsClient:
             text = str(e)
             if "404" in text and "does not exist" in text:
                 raise JobNotFoundError(f"{what}: no such job on the cluster at {self.address}") from None
-            raise ClusterError(f"{what} on {self.address}: {text}") from None
+            raise ClusterError(f"{what} on {self.address}: {text}", refused=_refused(e)) from None
 
     def cluster_resources(self) -> ClusterResources:
         """Live nodes (state API) and cluster-wide free resources (autoscaler load report)."""
@@ -273,7 +284,7 @@ class JobsClient:
         for name, value in total.items():
             used = usage.get(to_camel_case(name), usage.get(name, [0.0, value]))[0]  # the dashboard camelCases keys
             available[name] = max(0.0, value - float(used))
-        return ClusterResources(nodes=nodes, total=total, available=available)
+        return ClusterResources(nodes=nodes, total=total, available=available, node_free=nodes_free(status, nodes))
 
     def check_feasible(self, resources: JobResources,
                        node_shapes: Iterable[Mapping[str, float]] = ()) -> None:
@@ -312,20 +323,45 @@ class JobsClient:
     def logs(self, job_id: str) -> str:
         return self._call(f"logs of job {job_id}", self._client.get_job_logs, job_id)
 
-    def follow_logs(self, job_id: str, write: Callable[[str], Any] = sys.stdout.write) -> JobInfo:
-        """Stream the job's output to `write` as it comes until the job ends; returns its final state."""
+    def follow_logs(self, job_id: str, write: Callable[[str], Any] | None = None,
+                    heartbeat_s: float = HEARTBEAT_S) -> JobInfo:
+        """Stream the job's output to `write` (default stdout) as it comes until the job ends; returns its final
+        state. After `heartbeat_s` seconds without output the job's state is checked (`stream_with_heartbeat`):
+        an ended job ends the follow, with what the stream missed taken from the stored log; an unreachable
+        cluster is ClusterError."""
+        if not heartbeat_s > 0:
+            raise ValueError(f"heartbeat_s={heartbeat_s}: must be above 0")
+        write = write or sys.stdout.write
         self.info(job_id)
+        # the heartbeat's own client: a dashboard that accepts but never answers is given up after seconds, not
+        # after the upload-sized READ_TIMEOUT_S
+        quick = _BoundedClient(self.address, dict(self._headers),
+                               (self._timeout[0], min(self._timeout[1], STATUS_READ_TIMEOUT_S)))
+        printed = 0
 
-        async def tail() -> None:
-            async for chunk in self._client.tail_job_logs(job_id):
-                write(chunk)
+        def counted(chunk: str) -> None:
+            nonlocal printed
+            write(chunk)
+            printed += len(chunk)
+
+        def status() -> JobInfo:
+            return _to_info(self._call(f"job {job_id}", quick.get_job_info, job_id))
 
         try:
-            asyncio.run(tail())
+            cut_short = asyncio.run(stream_with_heartbeat(self._client.tail_job_logs(job_id), counted, status,
+                                                          heartbeat_s, address=self.address, job_id=job_id))
+        except ClusterError:
+            raise
         except Exception as e:  # aiohttp / websocket errors: the job may still have ended normally
-            info = self.info(job_id)
-            if not info.terminal:
+            cut_short = self.info(job_id)
+            if not cut_short.terminal:
                 raise ClusterError(f"following logs of job {job_id} on {self.address}: {e}") from None
+        if cut_short is not None:
+            # the stream stopped before the job's last words (it went silent, or broke): the stored log has them,
+            # and both read the same file from its start, so what was printed is its first `printed` characters
+            rest = self.logs(job_id)[printed:]
+            if rest:
+                write(rest)
         info = self.wait(job_id, timeout_s=10.0)  # the stream closes just before the status flips
         if not info.terminal:
             raise ClusterError(f"the log stream of job {job_id} on {self.address} ended while the job is still "
@@ -345,6 +381,56 @@ class JobsClient:
             time.sleep(poll_s)
             info = self.info(job_id)
         return info
+
+
+async def stream_with_heartbeat(chunks: AsyncIterable[str], write: Callable[[str], Any],
+                                status: Callable[[], JobInfo], heartbeat_s: float, *, address: str,
+                                job_id: str) -> JobInfo | None:
+    """Pass `chunks` to `write` until they end (returns None), or until a status check made after `heartbeat_s`
+    seconds of silence finds the job ended (returns that state; the stream may have missed output).
+
+    Why: Ray's log websocket carries no pings, so a connection that dies without a close frame (a NAT's idle
+    timeout, a head node gone) would leave the reader waiting forever. `status` (a blocking call, run in a
+    thread so the stream keeps being read) uses a fresh connection. A job still running is waited on again on
+    the same stream: a new one would replay the whole log from its start. A failing `status` is ClusterError.
+    """
+    stream = aiter(chunks)
+
+    async def next_chunk() -> str | None:  # None: the stream ended
+        try:
+            return await anext(stream)
+        except StopAsyncIteration:
+            return None
+
+    last = time.monotonic()
+    pending = asyncio.ensure_future(next_chunk())
+    try:
+        while True:
+            done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
+            if done:
+                chunk = pending.result()
+                if chunk is None:
+                    return None
+                write(chunk)
+                last = time.monotonic()
+                pending = asyncio.ensure_future(next_chunk())
+                continue
+            try:
+                info = await asyncio.to_thread(status)
+            except ClusterError as e:
+                raise ClusterError(
+                    f"following logs of job {job_id} on {address}: nothing came for {time.monotonic() - last:.1f} "
+                    f"s and checking the job's state failed ({e}); the job may still be running: check "
+                    f"`dgm status {job_id}` once the cluster is reachable") from None
+            if info.terminal:
+                return info
+    finally:
+        pending.cancel()  # a read on a dead connection ends only so
+        await asyncio.gather(pending, return_exceptions=True)  # lets the stream close its session
+        aclose = getattr(stream, "aclose", None)
+        if aclose is not None:
+            with contextlib.suppress(Exception):
+                await aclose()
 
 
 def infeasibility(request: Mapping[str, float], shapes: Iterable[Mapping[str, float]]) -> str | None:
@@ -482,8 +568,15 @@ def submit_training_job(address: str, config_path: str, overrides: list[str], pr
                         check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
                         env_vars: Mapping[str, str] | None = None) -> str:
     """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id."""
+    from trainer.ray_env import AWS_SECRET_ENV, forwarded_env, withheld_note
+
     job_id = job_id or new_job_id()
-    spec = training_job_spec(config_path, overrides, project_dir, job_id, env_vars)
+    # the job's runtime env is stored in the cluster's job table for anyone with access to read: AWS secrets go
+    # there only on request (DGM_FORWARD_AWS_CREDENTIALS=1); the nodes are expected to have credentials of their own
+    secrets, withheld = forwarded_env(shared=True, keys=AWS_SECRET_ENV)
+    spec = training_job_spec(config_path, overrides, project_dir, job_id, {**secrets, **(env_vars or {})})
+    if withheld:
+        print(withheld_note(withheld, f"job {job_id}"), file=sys.stderr)
     return JobsClient(address, token).submit(
         spec.entrypoint, resources=resources, job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
         check_resources=check_resources, node_shapes=node_shapes)
@@ -501,10 +594,41 @@ def job_logs(address: str, job_id: str, token: str | None = None) -> str:
     return JobsClient(address, token).logs(job_id)
 
 
-def follow_job_logs(address: str, job_id: str, write: Callable[[str], Any] = sys.stdout.write,
-                    token: str | None = None) -> JobInfo:
-    return JobsClient(address, token).follow_logs(job_id, write)
+def follow_job_logs(address: str, job_id: str, write: Callable[[str], Any] | None = None,
+                    token: str | None = None, heartbeat_s: float = HEARTBEAT_S) -> JobInfo:
+    return JobsClient(address, token).follow_logs(job_id, write, heartbeat_s)
 
 
 def stop_job(address: str, job_id: str, wait_s: float = 15.0, token: str | None = None) -> JobInfo:
     return JobsClient(address, token).stop(job_id, wait_s)
+
+
+def _refused(e: RuntimeError | ValueError) -> bool:
+    """Whether Ray's client error says the request itself was refused, so that it would be refused again: a
+    ValueError is a runtime env Ray's client refused before sending (a working_dir that is gone); a RuntimeError
+    carries the job server's HTTP status, a 4xx a request it refused (an invalid runtime env), bar 408/429 (try
+    later) and 401/403 (the caller's token, not the request)."""
+    if isinstance(e, ValueError):
+        return True
+    status = re.search(r"Request failed with status code (\d{3})", str(e))
+    return bool(status) and 400 <= int(status[1]) < 500 and int(status[1]) not in (401, 403, 408, 429)
+
+
+def nodes_free(status: Mapping[str, Any] | None, nodes: Sequence[NodeResources]) -> list[dict[str, float]] | None:
+    """What each live node has free, from the dashboard's /api/cluster_status ``clusterStatus`` (its load report's
+    usageByNode: [used, total] per resource, keyed by node id or by node IP, keys camelCased by the dashboard).
+    None when that cannot be told for every node (no per-node report, as from autoscaler v2; nodes sharing an IP):
+    the queue then plans with cluster-wide figures alone."""
+    by_node = ((status or {}).get("loadMetricsReport") or {}).get("usageByNode") or {}
+    out = []
+    try:
+        for node in nodes:
+            one_ip = sum(n.ip == node.ip for n in nodes) == 1
+            usage = by_node.get(node.node_id) or (by_node.get(node.ip) if one_ip else None)
+            if not isinstance(usage, Mapping):
+                return None
+            out.append({k: max(0.0, v - float(usage.get(to_camel_case(k), usage.get(k, [0.0]))[0]))
+                        for k, v in node.total.items()})
+    except (TypeError, ValueError, IndexError, AttributeError):  # a report shaped otherwise: no per-node figures
+        return None
+    return out or None

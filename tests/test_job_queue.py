@@ -2,12 +2,16 @@
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
+import requests
 
 from launch.job_queue import (
     FAILED,
@@ -24,7 +28,16 @@ from launch.job_queue import (
     plan,
     planning_free,
 )
-from launch.jobs import ClusterError, JobNotFoundError, JobResources, NodeResources
+from launch.jobs import (
+    ClusterError,
+    ClusterResources,
+    JobInfo,
+    JobNotFoundError,
+    JobResources,
+    JobsClient,
+    NodeResources,
+    nodes_free,
+)
 from tests.fixtures_ray_cluster import LocalRayCluster, start_local_cluster
 
 NOW = 1_000_000.0
@@ -77,6 +90,163 @@ def test_reservation_stops_backfill_once_the_head_waited_long_enough() -> None:
     assert [j.job_id for j in start] == ["big"]
 
 
+def test_the_reservation_stays_with_the_job_that_waited_when_a_newer_one_outranks_it() -> None:
+    """A newer, higher-ranked job that does not fit either used to become the head, and being too new to reserve,
+    left nobody holding a reservation: small jobs backfilled again and the big one that had waited starved."""
+    big = job("big", 5, 1, waited_s=400, num_cpus=2)
+    newer = job("newer", 10, 2, num_cpus=3)
+    small = job("small", 1, 3, num_cpus=1)
+    start, reasons = plan([big, newer, small], {"CPU": 1.0}, NOW, POLICY)
+    assert start == []
+    assert reasons["small"] == "behind job big of higher priority, which has reserved 2 CPU"
+    assert reasons["big"].startswith("waiting for 2 CPU, 1 free (holds a reservation")
+    assert reasons["newer"] == "waiting for 3 CPU, 1 free"  # it holds nothing: it has not waited long enough
+    # a job ranked above the holder still starts when it fits
+    hi = job("hi", 9, 4, num_cpus=1)
+    start, reasons = plan([big, newer, small, hi], {"CPU": 1.0}, NOW, POLICY)
+    assert [j.job_id for j in start] == ["hi"] and reasons["small"].startswith("waiting for 1 CPU, 0 free")
+    # once the newer one has waited long enough too, it outranks big for the reservation, and the reasons say so
+    newer.enqueued_at = NOW - 400
+    _, reasons = plan([big, newer, small], {"CPU": 1.0}, NOW, POLICY)
+    assert reasons["small"] == "behind job newer of higher priority, which has reserved 3 CPU"
+    assert reasons["big"] == "waiting for 2 CPU, 1 free" and "holds a reservation" in reasons["newer"]
+
+
+def test_a_one_process_job_must_fit_one_node() -> None:
+    """A reserve_in_ray job's entrypoint holds all it declared, on one node: 2 CPU free over two nodes do not hold
+    it, while a job whose Ray Train workers claim its resources may spread over them."""
+    two_halves = [{"CPU": 1.0}, {"CPU": 1.0}]
+    solo, train = job("solo", 5, 1, num_cpus=2), job("train", 1, 2, num_cpus=2)
+    train.reserve_in_ray = False
+    start, reasons = plan([solo, train], {"CPU": 2.0}, NOW, POLICY, two_halves)
+    assert [j.job_id for j in start] == ["train"]
+    assert reasons["solo"] == "waiting for 2 CPU, 0 free"
+    start, reasons = plan([solo], {"CPU": 2.0}, NOW, POLICY, two_halves)
+    assert start == [] and reasons["solo"] == "waiting for 2 CPU on one node: at most 1 CPU free on any node"
+    start, _ = plan([solo], {"CPU": 2.0}, NOW, POLICY)  # no per-node figures: planned cluster-wide, as before
+    assert start == [solo]
+    # what a job started this round takes from its node counts for the next one
+    x, y = job("x", 0, 10, num_cpus=2), job("y", 0, 11, num_cpus=2)
+    start, reasons = plan([x, y], {"CPU": 4.0}, NOW, POLICY, [{"CPU": 2.0}, {"CPU": 1.0}, {"CPU": 1.0}])
+    assert start == [x] and reasons["y"] == "waiting for 2 CPU on one node: at most 1 CPU free on any node"
+    gpu = job("gpu", 0, 20, num_cpus=1, num_gpus=1)
+    _, reasons = plan([gpu], {"CPU": 1.0, "GPU": 1.0}, NOW, POLICY, [{"CPU": 1.0}, {"CPU": 0.0, "GPU": 1.0}])
+    assert reasons["gpu"] == "waiting for 1 CPU, 1 GPU on one node: no node has all of them free at once"
+
+
+def test_per_node_free_is_read_from_the_load_report() -> None:
+    """The dashboard's cluster status, as Ray 2.60 serves it: usageByNode, [used, total] per camelCased resource,
+    keyed by node id (a local or read-only cluster) or by node IP (a cluster the autoscaler launched)."""
+    a = NodeResources("aa11", "10.0.0.1", True, {"CPU": 4.0, "object_store_memory": 1e9, "my_res": 2.0})
+    b = NodeResources("bb22", "10.0.0.2", False, {"CPU": 4.0, "GPU": 1.0})
+    by_id = {"loadMetricsReport": {"usageByNode": {
+        "aa11": {"CPU": [3.0, 4.0], "objectStoreMemory": [0.5e9, 1e9], "myRes": [2.0, 2.0]},
+        "bb22": {"CPU": [1.0, 4.0], "GPU": [0.0, 1.0]}}}}
+    expected = [{"CPU": 1.0, "object_store_memory": 0.5e9, "my_res": 0.0}, {"CPU": 3.0, "GPU": 1.0}]
+    assert nodes_free(by_id, [a, b]) == expected
+    by_ip = {"loadMetricsReport": {"usageByNode": {"10.0.0.1": by_id["loadMetricsReport"]["usageByNode"]["aa11"],
+                                                   "10.0.0.2": by_id["loadMetricsReport"]["usageByNode"]["bb22"]}}}
+    assert nodes_free(by_ip, [a, b]) == expected
+    twin = NodeResources("cc33", "10.0.0.2", False, {"CPU": 4.0})  # two nodes on one IP: which is which?
+    assert nodes_free(by_ip, [a, b, twin]) is None
+    assert nodes_free(None, [a]) is None and nodes_free({"loadMetricsReport": {}}, [a]) is None  # autoscaler v2
+
+
+def _raise(e: BaseException) -> None:
+    raise e
+
+
+class FakeCluster:
+    """Stands in for JobsClient in a runner's round: nodes of 2 CPU each with some used, submissions that are
+    recorded or fail the way JobsClient turns Ray's client errors into ClusterError (its own `_call`)."""
+
+    def __init__(self, used: dict[str, float]) -> None:
+        self.nodes = [NodeResources(n, f"10.0.0.{i}", i == 0, {"CPU": 2.0}) for i, n in enumerate(used)]
+        self.used, self.submitted, self.error = used, [], None
+
+    def __call__(self, address: str, token: str | None = None) -> FakeCluster:
+        return self
+
+    def cluster_resources(self) -> ClusterResources:
+        total = 2.0 * len(self.nodes)
+        usage = {"loadMetricsReport": {"usageByNode": {n: {"CPU": [u, 2.0]} for n, u in self.used.items()}}}
+        return ClusterResources(self.nodes, {"CPU": total}, {"CPU": total - sum(self.used.values())},
+                                nodes_free(usage, self.nodes))
+
+    def submit(self, entrypoint: str, *, job_id: str, **kwargs: Any) -> str:
+        if self.error is not None:
+            JobsClient._call(SimpleNamespace(address="http://head:8265"), f"submitting job {job_id}", _raise,
+                             self.error)
+        self.submitted.append(job_id)
+        return job_id
+
+    def info(self, job_id: str) -> JobInfo:
+        return JobInfo(job_id, "RUNNING", "true")
+
+
+def test_a_round_plans_one_process_jobs_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeCluster({"n1": 1.0, "n2": 1.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=2), priority=5, job_id="solo")
+    q.enqueue("true", JobResources(num_cpus=2), priority=1, job_id="train", reserve_in_ray=False)
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None)
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert fake.submitted == ["train"] and jobs["solo"].state == QUEUED  # planned cluster-wide, solo took it
+    jobs = {j.job_id: j for j in runner.run_once()}  # train's workers are not reported yet: per node, as before
+    assert fake.submitted == ["train"]
+    assert jobs["solo"].reason == "waiting for 2 CPU on one node: at most 1 CPU free on any node"
+    fake.used = {"n1": 0.0, "n2": 2.0}  # Ray reports train's 2 CPU: the 2 CPU still free are on one node
+    runner.run_once()
+    assert fake.submitted == ["train", "solo"]
+
+
+def test_failed_submissions_back_off_and_refused_ones_fail_at_once(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each ClusterError used to count the same and retry on the very next round. A lost connection, a 5xx, a
+    429 retry after a wait that doubles; a submission the cluster refused fails at once: it would be refused again."""
+    fake = FakeCluster({"n1": 0.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=1), job_id="a")
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None, retry_after_s=60.0, max_submit_failures=4)
+    fake.error = requests.ConnectionError("refused")
+    (a,) = runner.run_once()
+    assert a.state == QUEUED and a.retry_at == pytest.approx(time.time() + 60, abs=5)
+    assert "(1 of 4 tries), will retry in 60 s: submitting job a: lost the Ray dashboard" in a.reason
+    fake.error = None  # the cluster is back, but the job waits for its retry time
+    (a,) = runner.run_once()
+    assert fake.submitted == [] and a.state == QUEUED
+    assert re.fullmatch(r"submission failed 1 time\(s\), retrying at \d\d:\d\d:\d\d \(in (59|60) s\): "
+                        r"submitting job a: lost .*", a.reason), a.reason
+    for error, wait in ((RuntimeError("Request failed with status code 503: agent busy."), 120),
+                        (RuntimeError("Request failed with status code 429: slow down."), 240)):
+        with q.locked() as (entry,):
+            entry.retry_at = time.time() - 1
+        fake.error = error
+        (a,) = runner.run_once()
+        assert a.state == QUEUED and f"will retry in {wait} s" in a.reason, a.reason
+    with q.locked() as (entry,):
+        entry.retry_at = time.time() - 1
+    fake.error = None
+    (a,) = runner.run_once()
+    assert fake.submitted == ["a"] and a.state == RUNNING and a.retry_at is None and a.submit_failures == 3
+
+    refusals = {"bad-env": RuntimeError("Request failed with status code 400: Traceback ... ValueError: pip."),
+                "local": ValueError("working_dir must be an existing directory or a zip package"),
+                "no-jobs-api": RuntimeError("Request failed with status code 404: Not Found.")}
+    for job_id, error in refusals.items():
+        q.enqueue("true", JobResources(), job_id=job_id)
+        fake.error = error
+        jobs = {j.job_id: j for j in runner.run_once()}
+        assert jobs[job_id].state == FAILED and jobs[job_id].submit_failures == 1, jobs[job_id].reason
+        assert jobs[job_id].reason.startswith(f"submission refused, not retrying: submitting job {job_id} on ")
+    q.enqueue("true", JobResources(), job_id="eio")  # packaging the files failed: may pass once the disk is fixed
+    fake.error = OSError(5, "Input/output error", "/proj/data")
+    (eio,) = [j for j in runner.run_once() if j.job_id == "eio"]
+    assert eio.state == QUEUED and "cannot package the job's files (/proj/data)" in eio.reason
+
+
 def test_aging_lets_an_old_low_priority_job_overtake() -> None:
     old = job("old", 0, 1, waited_s=2 * 3600, num_cpus=2)  # 0 + 6/h * 2 h = 12
     new = job("new", 10, 2, num_cpus=2)
@@ -119,6 +289,18 @@ def test_queue_file_roundtrip_stop_and_errors(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="unreadable"):
         q.list_jobs()
     assert path.read_text() == "{not json"
+
+
+def test_a_queue_file_written_before_retry_times_loads(tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    old = {"job_id": "a", "name": "a", "entrypoint": "true", "resources": {"num_cpus": 1}, "priority": 0,
+           "runtime_env": {}, "metadata": {}, "reserve_in_ray": True, "state": QUEUED, "reason": "submission failed",
+           "seq": 1, "enqueued_at": 1.0, "submitted_at": None, "finished_at": None, "stop_requested": False,
+           "submit_failures": 1}
+    path.write_text(json.dumps({"version": 1, "jobs": [old]}))
+    (a,) = JobQueue(path).list_jobs()
+    assert (a.retry_at, a.submit_error, a.submit_failures) == (None, "", 1)
+    assert [j.job_id for j in plan([a], {"CPU": 1.0}, NOW, POLICY)[0]] == ["a"]
 
 
 def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> None:
@@ -183,6 +365,9 @@ def test_queue_on_a_real_cluster_with_restart(cluster: LocalRayCluster, tmp_path
     assert hi.submitted_at <= lo.submitted_at < big.submitted_at  # priority first, then backfill, big last
     assert big.submitted_at >= max(hi.finished_at, lo.finished_at)  # it never ran over the small ones
     assert any(line.startswith("big: started") for line in lines)
+    client = JobsClient(cluster.address, token=cluster.token)  # per-node free, as the live dashboard reports it
+    (node,) = client.cluster_resources().node_free
+    assert 0.0 <= node["CPU"] <= 2.0 and node["memory"] > 0
 
 
 def _node(node_id: str, **total: float) -> NodeResources:
@@ -253,16 +438,18 @@ def test_submissions_that_keep_failing_stop_and_a_stranger_with_our_id_is_not_ad
     q.enqueue("echo", JobResources(), job_id="unreadable", runtime_env={"working_dir": str(unreadable)})
     with q.locked() as entries:  # an entry from before ids were checked
         entries.append(QueuedJob(job_id="team/a", name="old", entrypoint="echo", resources=JobResources(), seq=9))
-    runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None, max_submit_failures=2)
+    runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None, max_submit_failures=2,
+                         retry_after_s=0.0)
     jobs = {j.job_id: j for j in runner.run_once()}
     assert jobs["team/a"].state == FAILED and "job id 'team/a'" in jobs["team/a"].reason
     assert jobs["taken-elsewhere"].state == FAILED, jobs["taken-elsewhere"].reason
     assert "already has another job with id taken-elsewhere" in jobs["taken-elsewhere"].reason
-    assert jobs["broken"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["broken"].reason
-    assert jobs["unreadable"].state == QUEUED and "(1 of 2 tries), will retry" in jobs["unreadable"].reason
+    # a working_dir that is gone: Ray's client refuses the runtime env, and would again
+    assert jobs["broken"].state == FAILED and "submission refused, not retrying" in jobs["broken"].reason
+    assert jobs["unreadable"].state == QUEUED and "(1 of 2 tries), will retry in 0 s" in jobs["unreadable"].reason
     assert "cannot package the job's files" in jobs["unreadable"].reason
     jobs = {j.job_id: j for j in runner.run_once()}
-    assert jobs["broken"].state == FAILED and "failed 2 times, giving up" in jobs["broken"].reason
+    assert jobs["unreadable"].state == FAILED and "failed 2 times, giving up" in jobs["unreadable"].reason
 
 
 def test_queue_cli_stop_and_listing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
