@@ -82,7 +82,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
     from launch.jobs import follow_job_logs, job_logs
 
     if args.follow:
-        info = follow_job_logs(args.address, args.job_id)
+        info = follow_job_logs(args.address, args.job_id, heartbeat_s=args.heartbeat)
         print(f"[logs] {info.job_id} {info.status}", file=sys.stderr)
         return 0 if info.status == "SUCCEEDED" else 1
     print(job_logs(args.address, args.job_id), end="")
@@ -166,6 +166,10 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
         p.add_argument("--address", default="", help=ADDRESS_HELP)
         if name == "logs":
             p.add_argument("--follow", action="store_true")
+            # launch.jobs.HEARTBEAT_S, not imported here: that module imports Ray, which `dgm --help` should not wait for
+            p.add_argument("--heartbeat", type=positive(float), default=30.0, metavar="SECONDS",
+                           help="with --follow: after this long without output, check that the job and the "
+                                "cluster are still there (a dropped connection otherwise waits forever)")
         commands[name] = fn
 
     p = sub.add_parser("queue", help="priority queue for mixed jobs on one cluster (Ray has none)",

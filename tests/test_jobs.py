@@ -1,11 +1,17 @@
 """launch/jobs.py: input checks offline, then the Jobs API against a real local Ray head (token auth on)."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
+import os
 import shlex
 import socket
+import subprocess
+import sys
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -109,6 +115,36 @@ def test_training_entrypoint_quotes_overrides() -> None:
 def test_training_job_missing_config(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="nope.yaml"):
         jobs.submit_training_job("127.0.0.1:1", str(tmp_path / "nope.yaml"), [], str(tmp_path), None, JobResources())
+
+
+def test_a_silent_stream_whose_cluster_stopped_answering_is_a_cluster_error() -> None:
+    """The stream never yields and never closes (a connection gone without a close frame); the heartbeat's status
+    check fails: ClusterError naming the address, the job and how long nothing came, not an endless wait."""
+    async def silent() -> AsyncIterator[str]:
+        await asyncio.Event().wait()
+        yield "never"
+
+    checks: list[float] = []
+
+    def unreachable() -> jobs.JobInfo:
+        checks.append(time.monotonic())
+        raise ClusterError("job j-1: lost the Ray dashboard at http://head:8265 (ConnectionError)")
+
+    t0 = time.monotonic()
+    with pytest.raises(ClusterError, match=r"job j-1 on http://head:8265: nothing came for 0\.[2-9] s .*ConnectionError"):
+        asyncio.run(jobs.stream_with_heartbeat(silent(), print, unreachable, 0.25, address="http://head:8265",
+                                               job_id="j-1"))
+    assert len(checks) == 1 and 0.25 <= checks[0] - t0 < 2
+
+
+def test_logs_heartbeat_flag(capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import build_parser
+
+    assert build_parser().parse_args(["logs", "j-1", "--follow"]).heartbeat == jobs.HEARTBEAT_S
+    assert build_parser().parse_args(["logs", "j-1", "--follow", "--heartbeat", "2.5"]).heartbeat == 2.5
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["logs", "j-1", "--follow", "--heartbeat", "0"])
+    assert "argument --heartbeat" in capsys.readouterr().err
 
 
 # ---------------------------------------------------------------- against a real cluster
@@ -316,3 +352,229 @@ def test_a_jobs_own_env_vars_do_not_clash_with_the_drivers_ray_init(monkeypatch:
     merged = _merge_runtime_env(job_env, driver_runtime_env())
     assert merged is not None and merged["env_vars"]["DGM_S3_ENDPOINT_URL"] == "http://minio:9000"
     assert "TORCH_EXTENSIONS_DIR" in merged["env_vars"]  # what the job does not set still reaches the workers
+
+
+# ---------------------------------------------------------------- a log stream that dies silently
+
+
+class SilentDropProxy:
+    """A TCP relay to the dashboard whose open connections can be cut silently: they stay open but carry nothing
+    more either way, as when a NAT forgets an idle flow or a head node vanishes without closing its sockets.
+    New connections still pass (the NAT case) until `refuse()` (the cluster is gone)."""
+
+    def __init__(self, target: str) -> None:
+        host, port = target.removeprefix("http://").rsplit(":", 1)
+        self._target = (host, int(port))
+        self._server = socket.create_server(("127.0.0.1", 0))
+        self.address = f"http://127.0.0.1:{self._server.getsockname()[1]}"
+        self._links: list[dict] = []
+        self._lock = threading.Lock()
+        self.requests_after_cut: list[str] = []  # first request line of each connection opened after cut()
+        self._was_cut = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                near, _ = self._server.accept()
+                far = socket.create_connection(self._target, timeout=5)
+            except OSError:
+                return
+            far.settimeout(None)
+            link = {"socks": (near, far), "cut": False, "late": self._was_cut}
+            with self._lock:
+                self._links.append(link)
+            threading.Thread(target=self._pump, args=(link, near, far, True), daemon=True).start()
+            threading.Thread(target=self._pump, args=(link, far, near, False), daemon=True).start()
+
+    def _pump(self, link: dict, src: socket.socket, dst: socket.socket, outbound: bool) -> None:
+        first = True
+        while True:
+            try:
+                data = src.recv(65536)
+            except OSError:
+                return
+            if outbound and first and data and link["late"]:
+                self.requests_after_cut.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+            first = False
+            if link["cut"]:
+                if not data:
+                    return  # the far end closed: the near end never hears of it
+                continue
+            if not data:
+                with contextlib.suppress(OSError):
+                    dst.shutdown(socket.SHUT_WR)
+                return
+            try:
+                dst.sendall(data)
+            except OSError:
+                return
+
+    def cut(self) -> None:
+        """Every connection open now goes silent; later ones work."""
+        with self._lock:
+            self._was_cut = True
+            for link in self._links:
+                link["cut"] = True
+
+    def refuse(self) -> None:
+        """New connections are refused from now on."""
+        with contextlib.suppress(OSError):
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the accept() (a bare close() would not)
+        self._server.close()
+
+    def close(self) -> None:
+        self.refuse()
+        with self._lock:
+            for link in self._links:
+                for sock in link["socks"]:
+                    sock.close()
+
+
+def _follow_in_thread(address: str, job_id: str, token: str, heartbeat_s: float,
+                      on_chunk: Callable[[str], None]) -> tuple[threading.Thread, dict]:
+    """follow_job_logs in a thread, so that a follow that waits forever fails the test instead of hanging it."""
+    out: dict = {"chunks": []}
+
+    def write(chunk: str) -> None:
+        out["chunks"].append(chunk)
+        on_chunk("".join(out["chunks"]))
+
+    def run() -> None:
+        try:
+            out["info"] = jobs.follow_job_logs(address, job_id, write=write, token=token, heartbeat_s=heartbeat_s)
+        except Exception as e:
+            out["error"] = e
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, out
+
+
+@pytest.mark.slow
+def test_follow_outlives_a_log_connection_that_dies_silently(cluster: LocalRayCluster,
+                                                               client: jobs.JobsClient) -> None:
+    """The job prints, stays quiet for 4 s, prints again and ends; right after its first line the log connection
+    goes silent for good. The heartbeat finds the job running (keeps waiting), then ended: the follow ends with
+    the job, and what the dead stream missed comes from the stored log, nothing printed twice."""
+    # printed as "mark one" / "mark two": the log also echoes the entrypoint, where they are spelled apart
+    job_id = client.submit(py("import time\nprint('mark', 'one', flush=True)\ntime.sleep(4)\n"
+                              "print('mark', 'two', flush=True)"))
+    proxy = SilentDropProxy(cluster.address)
+
+    def cut_after_first_line(text: str) -> None:
+        if "mark one" in text and not proxy._was_cut:
+            proxy.cut()
+
+    t0 = time.monotonic()
+    thread, out = _follow_in_thread(proxy.address, job_id, cluster.token, 0.5, cut_after_first_line)
+    try:
+        thread.join(timeout=40)
+        assert not thread.is_alive(), "follow_logs is still waiting on the dead connection"
+    finally:
+        proxy.close()
+    assert "error" not in out, out.get("error")
+    assert out["info"].status == "SUCCEEDED" and time.monotonic() - t0 >= 4
+    text = "".join(out["chunks"])
+    assert text.count("mark one") == 1 and text.count("mark two") == 1
+    assert text.index("mark one") < text.index("mark two")
+    status_checks = [r for r in proxy.requests_after_cut if r.startswith(f"GET /api/jobs/{job_id} ")]
+    assert len(status_checks) >= 3, proxy.requests_after_cut  # running (>= 1), ended, then wait()'s own
+
+
+@pytest.mark.slow
+def test_follow_gives_up_with_a_clear_error_when_the_cluster_is_gone(cluster: LocalRayCluster,
+                                                                       client: jobs.JobsClient) -> None:
+    job_id = client.submit(py("import time\nprint('mark', 'one', flush=True)\ntime.sleep(30)"))
+    proxy = SilentDropProxy(cluster.address)
+
+    def vanish_after_first_line(text: str) -> None:
+        if "mark one" in text and not proxy._was_cut:
+            proxy.cut()
+            proxy.refuse()
+
+    thread, out = _follow_in_thread(proxy.address, job_id, cluster.token, 0.5, vanish_after_first_line)
+    try:
+        thread.join(timeout=30)
+        assert not thread.is_alive(), "follow_logs is still waiting on the dead connection"
+    finally:
+        proxy.close()
+        client.stop(job_id)
+    error = out.get("error")
+    assert isinstance(error, ClusterError), out
+    assert f"job {job_id} on {proxy.address}: nothing came for" in str(error)
+    assert "ConnectionError" in str(error) and f"dgm status {job_id}" in str(error)
+
+
+# ---------------------------------------------------------------- AWS secrets and the cluster's job table
+
+AWS_SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+               "AWS_SESSION_TOKEN": "test-session-token"}
+JOINING_DRIVER = """
+import json, sys
+import ray
+from trainer.ray_env import ensure_ray, worker_env
+ensure_ray(sys.argv[1])
+print("RESULT", json.dumps({"job": ray.get_runtime_context().get_job_id(), "worker_env": sorted(worker_env())}))
+ray.shutdown()
+"""
+
+
+def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for key in (*AWS_SECRETS, "DGM_FORWARD_AWS_CREDENTIALS", "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in AWS_SECRETS.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://minio:9000")
+
+
+@pytest.mark.slow
+def test_a_driver_joining_the_cluster_keeps_aws_secrets_out_of_its_job_table(
+        cluster: LocalRayCluster, client: jobs.JobsClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dgm train --address`: the runtime env of ray.init is stored in the cluster's job table, which the job SDK
+    (not only the dashboard) returns in plain text; the secrets go there only with DGM_FORWARD_AWS_CREDENTIALS=1."""
+    _aws_env(monkeypatch)
+    gcs = (cluster.temp_dir / "ray_current_cluster").read_text().strip()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
+    for opt_in in (False, True):
+        if opt_in:
+            env["DGM_FORWARD_AWS_CREDENTIALS"] = "1"
+        run = subprocess.run([sys.executable, "-c", JOINING_DRIVER, gcs], env=env, capture_output=True, text=True,
+                             timeout=120, cwd=Path(__file__).resolve().parents[1])
+        assert run.returncode == 0, run.stderr[-3000:]
+        result = json.loads(run.stdout.split("RESULT ", 1)[1].splitlines()[0])
+        record = client._client.get_job_info(result["job"]).runtime_env["env_vars"]
+        assert record["DGM_S3_ENDPOINT_URL"] == "http://minio:9000"
+        note = "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent to the Ray " \
+               f"cluster at {gcs}"
+        if opt_in:
+            assert {k: record.get(k) for k in AWS_SECRETS} == AWS_SECRETS
+            assert note not in run.stderr
+        else:
+            assert not set(AWS_SECRETS) & set(record), record
+            assert not set(AWS_SECRETS) & set(result["worker_env"])  # nor in Ray Train's train_loop_config
+            assert note in run.stderr and "DGM_FORWARD_AWS_CREDENTIALS=1" in run.stderr
+
+
+@pytest.mark.slow
+def test_submit_keeps_aws_secrets_out_of_the_job_unless_asked(
+        cluster: LocalRayCluster, client: jobs.JobsClient, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    _aws_env(monkeypatch)
+    project = _fake_project(tmp_path / "proj")
+    config = str(project / "configs" / "in.yaml")
+    plain = jobs.submit_training_job(cluster.address, config, [], str(project), "aws-plain", JobResources(),
+                                     token=cluster.token)
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent to job " \
+           "aws-plain" in capsys.readouterr().err
+    monkeypatch.setenv("DGM_FORWARD_AWS_CREDENTIALS", "1")
+    asked = jobs.submit_training_job(cluster.address, config, [], str(project), "aws-asked", JobResources(),
+                                     token=cluster.token)
+    assert "not sent" not in capsys.readouterr().err
+    records = {job_id: client._client.get_job_info(job_id).runtime_env.get("env_vars") or {}
+               for job_id in (plain, asked)}
+    assert not set(AWS_SECRETS) & set(records[plain]), records[plain]
+    assert {k: records[asked].get(k) for k in AWS_SECRETS} == AWS_SECRETS
+    for job_id in (plain, asked):
+        assert client.wait(job_id, timeout_s=60).status == "SUCCEEDED", client.logs(job_id)

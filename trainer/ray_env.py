@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import os
+import sys
+from collections.abc import Iterable
 from typing import Any
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -13,11 +15,48 @@ PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # What a worker needs to reach S3 the way the driver does (workers may start before a test or user sets them).
 FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                  "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "OMP_NUM_THREADS")
+# The secret ones. A runtime env given to a cluster this process did not start lands in Ray's job table, where
+# anyone who can reach the dashboard reads it (Ray 2.60 masks env_vars for browsers only; the job SDK, `ray job`
+# and the state API return them in plain text), so to such a cluster they are sent only on request.
+AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+FORWARD_SECRETS_VAR = "DGM_FORWARD_AWS_CREDENTIALS"
+
+# Set by ensure_ray: this process attached to a cluster it did not start (`--address`, or `auto` inside a job),
+# so what worker_env returns may end up in Ray's records (ray.init's runtime env, an actor's, Ray Train's run
+# state, which keeps train_loop_config) for others to read.
+_joined_cluster = False
 
 
-def worker_env(use_gpu: bool = False) -> dict[str, str]:
+def forward_secrets_requested() -> bool:
+    """Whether the user asked for AWS secrets to travel to a shared cluster anyway (DGM_FORWARD_AWS_CREDENTIALS=1)."""
+    return os.environ.get(FORWARD_SECRETS_VAR, "").strip().lower() in ("1", "true", "yes")
+
+
+def forwarded_env(shared: bool, keys: Iterable[str] = FORWARDED_ENV) -> tuple[dict[str, str], list[str]]:
+    """The ``keys`` set in this process, and the names of the secrets among them held back: all of them travel to
+    a cluster this process starts (same machine, same user); to a ``shared`` one the AWS secrets stay here unless
+    DGM_FORWARD_AWS_CREDENTIALS=1, as its nodes are expected to have credentials of their own."""
+    present = {key: os.environ[key] for key in keys if key in os.environ}
+    if not shared or forward_secrets_requested():
+        return present, []
+    withheld = [key for key in present if key in AWS_SECRET_ENV]
+    return {k: v for k, v in present.items() if k not in withheld}, withheld
+
+
+def withheld_note(withheld: Iterable[str], where: str) -> str:
+    """The one line telling the user which secrets stayed here, why the job still reaches S3, and how to opt in."""
+    names = list(withheld)
+    verb, them = ("is", "it") if len(names) == 1 else ("are", "them")
+    return (f"[ray] {', '.join(names)} {verb} set here but not sent to {where}: Ray would keep {them} in its job "
+            "table, readable by anyone with access to the cluster. Its nodes use their own credentials "
+            "(launch/clusters/aws.yaml gives them the IAM instance profiles dgm-ray-head and dgm-ray-worker); to "
+            f"send {them} anyway, set {FORWARD_SECRETS_VAR}=1")
+
+
+def worker_env(use_gpu: bool = False, shared: bool | None = None) -> dict[str, str]:
     """Environment every Ray worker gets: DeepSpeed's accelerator (CUDA for a GPU run, else the CPU unless
-    DS_ACCELERATOR says otherwise), the project's extension cache, S3 access."""
+    DS_ACCELERATOR says otherwise), the project's extension cache, S3 access. ``shared`` (default: whether
+    ensure_ray joined an existing cluster) leaves the AWS secrets out, see ``forwarded_env``."""
     env = {
         "DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu"),
         "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
@@ -26,7 +65,7 @@ def worker_env(use_gpu: bool = False) -> dict[str, str]:
         # Ray Train would also route print() through its logger, so every progress line reached the console twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    env.update({key: os.environ[key] for key in FORWARDED_ENV if key in os.environ})
+    env.update(forwarded_env(_joined_cluster if shared is None else shared)[0])
     return env
 
 
@@ -44,22 +83,30 @@ def job_env_keys() -> set[str]:
     return set(env_vars) if isinstance(env_vars, dict) else set()
 
 
-def driver_runtime_env() -> dict[str, Any]:
+def driver_runtime_env(shared: bool | None = None) -> dict[str, Any]:
     """What ``ray.init`` adds to every worker: ``worker_env`` less what an enclosing job already sets."""
     taken = job_env_keys()
-    return {"env_vars": {k: v for k, v in worker_env().items() if k not in taken},
+    return {"env_vars": {k: v for k, v in worker_env(shared=shared).items() if k not in taken},
             "worker_process_setup_hook": quiet_worker_noise}
 
 
 def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
-    """Connect to ``address``, or start an in-process local cluster sized to this machine. True if started here."""
+    """Connect to ``address``, or start an in-process local cluster sized to this machine. True if started here.
+
+    Joining a cluster keeps the AWS secrets out of what its workers are sent (``forwarded_env``), saying so."""
     import ray
 
+    global _joined_cluster
     if ray.is_initialized():
         return False
+    _joined_cluster = bool(address)
     for key, value in worker_env().items():
         os.environ.setdefault(key, value)
     if address:
+        # an enclosing job's own variables reach the workers through the job, not through this driver
+        withheld = [key for key in forwarded_env(shared=True)[1] if key not in job_env_keys()]
+        if withheld:
+            print(withheld_note(withheld, f"the Ray cluster at {address}"), file=sys.stderr)
         ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,

@@ -1,0 +1,47 @@
+"""trainer/ray_env.py: what a Ray driver hands its workers, which on a cluster it joined is also what Ray keeps in
+its job table for anyone with access to read (the end-to-end checks against a real head are in test_jobs.py)."""
+from __future__ import annotations
+
+import pytest
+
+from trainer import ray_env
+from trainer.ray_env import FORWARD_SECRETS_VAR, FORWARDED_ENV, driver_runtime_env, forwarded_env
+
+SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
+           "AWS_SESSION_TOKEN": "test-session-token"}
+PLAIN = {"DGM_S3_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_PROFILE": "team"}
+
+
+@pytest.fixture
+def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A driver with AWS keys in its environment (as after `aws configure export-credentials`), outside any job."""
+    for key in (*FORWARDED_ENV, FORWARD_SECRETS_VAR, "RAY_JOB_CONFIG_JSON_ENV_VAR"):
+        monkeypatch.delenv(key, raising=False)
+    for key, value in {**SECRETS, **PLAIN}.items():
+        monkeypatch.setenv(key, value)
+
+
+def test_a_driver_joining_a_cluster_keeps_aws_secrets_out_of_its_runtime_env(aws_env: None) -> None:
+    env = driver_runtime_env(shared=True)["env_vars"]
+    assert not set(SECRETS) & set(env)
+    assert {key: env.get(key) for key in PLAIN} == PLAIN  # where the data is, and the profile's name, still go
+    assert forwarded_env(shared=True)[1] == list(SECRETS)  # named, for the one line that says so
+    note = ray_env.withheld_note(list(SECRETS), "the Ray cluster at 10.0.0.1:6379")
+    assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent" in note
+    assert "launch/clusters/aws.yaml" in note and "DGM_FORWARD_AWS_CREDENTIALS=1" in note and "\n" not in note
+
+
+def test_the_opt_in_sends_aws_secrets_to_a_joined_cluster(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(FORWARD_SECRETS_VAR, "1")
+    env = driver_runtime_env(shared=True)["env_vars"]
+    assert {key: env.get(key) for key in {**SECRETS, **PLAIN}} == {**SECRETS, **PLAIN}
+    assert forwarded_env(shared=True)[1] == []  # nothing held back, nothing to say
+    monkeypatch.setenv(FORWARD_SECRETS_VAR, "0")
+    assert not set(SECRETS) & set(driver_runtime_env(shared=True)["env_vars"])
+
+
+def test_the_embedded_cluster_still_gets_every_variable(aws_env: None) -> None:
+    """No address: the cluster lives in this process, on this machine, for this user; nothing is published."""
+    env = driver_runtime_env(shared=False)["env_vars"]
+    assert {key: env.get(key) for key in {**SECRETS, **PLAIN}} == {**SECRETS, **PLAIN}
+    assert forwarded_env(shared=False)[1] == []
