@@ -27,7 +27,8 @@ def check_submittable(config_path: str, overrides: list[str]) -> None:
     from pathlib import Path
 
     from launch.config import load_config
-    from launch.jobs import ClusterError, excluded_from_upload
+    from launch.job_spec import excluded_from_upload
+    from launch.jobs import ClusterError
 
     cfg, _ = load_config(config_path, overrides)
     root = Path(PROJECT_ROOT).resolve()
@@ -45,7 +46,7 @@ def check_submittable(config_path: str, overrides: list[str]) -> None:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from launch.clusters import node_shapes
-    from launch.jobs import submit_training_job
+    from launch.job_spec import submit_training_job
 
     check_submittable(args.config, args.overrides)
     # an autoscaling cluster may add nodes its running ones lack (a GPU type): its file says which can exist

@@ -34,6 +34,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from launch.job_spec import training_job_spec
 from launch.jobs import (
     ClusterError,
     JobNotFoundError,
@@ -45,7 +46,6 @@ from launch.jobs import (
     describe,
     infeasibility,
     new_job_id,
-    training_job_spec,
 )
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"

@@ -20,7 +20,6 @@ import logging
 import math
 import os
 import re
-import shlex
 import sys
 import time
 import uuid
@@ -44,10 +43,6 @@ READ_TIMEOUT_S = 120.0  # a large working_dir upload is acknowledged only once s
 HEARTBEAT_S = 30.0  # `dgm logs --follow`: silence after which the job's state is checked
 STATUS_READ_TIMEOUT_S = 10.0  # that check's answer: a live head reads its job table at once
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
-# Folders that never belong in a job's working_dir (Ray also honours the project's .gitignore and .rayignore).
-DEFAULT_EXCLUDES = ("/.venv/", "/.git/", "/runs/", "/.cache/", "/build/", "/dist/",
-                    "__pycache__/", "*.egg-info/", ".pytest_cache/", ".ruff_cache/", ".ipynb_checkpoints/")
-INLINE_CONFIG_LIMIT = 96 * 1024  # carried in an environment variable: Linux caps one at 128 KiB
 _MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
                  "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40}
 
@@ -473,24 +468,6 @@ def new_job_id(prefix: str = "dgm") -> str:
     return f"{prefix}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
 
-def project_runtime_env(project_dir: str | Path, excludes: Iterable[str] = DEFAULT_EXCLUDES,
-                        env_vars: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """The runtime env that ships the project folder (minus venvs, runs, caches, .git) as the job's cwd."""
-    root = Path(project_dir).resolve()
-    if not root.is_dir():
-        raise ClusterError(f"project dir {root} does not exist")
-    env: dict[str, Any] = {"working_dir": str(root), "excludes": list(excludes)}
-    if env_vars:
-        env["env_vars"] = dict(env_vars)
-    return env
-
-
-def training_entrypoint(config_in_job: str, overrides: Iterable[str]) -> str:
-    """The command the cluster runs: the same `train` as locally, attached to the cluster (`--address auto`)."""
-    return " ".join(["python", "-m", "launch.cli", "train", shlex.quote(config_in_job), "--address", "auto",
-                     *(shlex.quote(o) for o in overrides)])
-
-
 def submit_entrypoint(address: str, entrypoint: str, *, resources: JobResources = JobResources(),
                       job_id: str | None = None, runtime_env: Mapping[str, Any] | None = None,
                       metadata: Mapping[str, str] | None = None, token: str | None = None,
@@ -499,87 +476,6 @@ def submit_entrypoint(address: str, entrypoint: str, *, resources: JobResources 
     return JobsClient(address, token).submit(entrypoint, resources=resources, job_id=job_id or new_job_id(),
                                            runtime_env=runtime_env, metadata=metadata,
                                            check_resources=check_resources, node_shapes=node_shapes)
-
-
-@dataclass(frozen=True)
-class JobSpec:
-    """Everything Ray needs to run a job, JSON-serialisable so the queue can persist it."""
-
-    entrypoint: str
-    runtime_env: dict[str, Any]
-    metadata: dict[str, str]
-
-
-def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: str, job_id: str,
-                      env_vars: Mapping[str, str] | None = None, snapshot: bool = False) -> JobSpec:
-    """The job that runs `dgm train CONFIG --address auto OVERRIDES...` in a copy of the project.
-
-    A config inside the project travels with it; one outside it (or in a folder the upload leaves out, such as
-    runs/) is carried in the runtime env and written to
-    `.dgm_submitted/<job id>.yaml` in the job's working dir before training starts. ``snapshot`` carries it so
-    whenever it fits (a queued job, submitted later, trains the config as it was when queued, not as edited since).
-    """
-    check_job_id(job_id)
-    root = Path(project_dir).resolve()
-    config = Path(config_path).resolve()
-    if not config.is_file():
-        raise ClusterError(f"config {config_path} does not exist")
-    env = dict(env_vars or {})
-    text = config.read_text()
-    # measured as Ray passes it: JSON-escaped on a worker's command line (non-ASCII grows to \uXXXX), where Linux
-    # allows 128 KiB per argument; past it the job stays PENDING without an error
-    fits_inline = len(json.dumps(text)) <= INLINE_CONFIG_LIMIT
-    travels = config.is_relative_to(root) and not excluded_from_upload(root, config)
-    if travels and not (snapshot and fits_inline):
-        config_in_job = config.relative_to(root).as_posix()
-        prelude = ""
-    else:
-        if not fits_inline:
-            raise ClusterError(f"config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB: move it into "
-                               f"the project dir {root} so it travels with it")
-        config_in_job = f".dgm_submitted/{job_id}.yaml"
-        env["DGM_SUBMITTED_CONFIG"] = text
-        writer = ("import os,pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
-                  "p.write_text(os.environ['DGM_SUBMITTED_CONFIG'])")
-        prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
-    return JobSpec(entrypoint=prelude + training_entrypoint(config_in_job, overrides),
-                   runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
-
-
-def excluded_from_upload(root: Path, path: Path) -> bool:
-    """Whether the project upload leaves ``path`` out: Ray's own matching of DEFAULT_EXCLUDES and the
-    .gitignore / .rayignore files (Ray honours both, in every folder it walks), applied to the file and each folder
-    above it. Erring towards "excluded" is safe: the config then travels inline."""
-    from ray._private.runtime_env.packaging import _get_excludes, get_excludes_from_ignore_files
-
-    folders = [root, *(parent for parent in reversed(path.parents) if parent.is_relative_to(root) and parent != root)]
-    matchers = [(root, _get_excludes(root, list(DEFAULT_EXCLUDES)))]
-    for folder in folders:  # an ignore file speaks of what lies below its own folder
-        matchers += [(folder, m) for m in get_excludes_from_ignore_files(folder, include_gitignore=True, logger=log)]
-    while path != root:
-        if any(path.is_relative_to(folder) and path != folder and match(path) for folder, match in matchers):
-            return True
-        path = path.parent
-    return False
-
-
-def submit_training_job(address: str, config_path: str, overrides: list[str], project_dir: str,
-                        job_id: str | None, resources: JobResources, *, token: str | None = None,
-                        check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
-                        env_vars: Mapping[str, str] | None = None) -> str:
-    """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id."""
-    from trainer.ray_env import AWS_SECRET_ENV, forwarded_env, withheld_note
-
-    job_id = job_id or new_job_id()
-    # the job's runtime env is stored in the cluster's job table for anyone with access to read: AWS secrets go
-    # there only on request (DGM_FORWARD_AWS_CREDENTIALS=1); the nodes are expected to have credentials of their own
-    secrets, withheld = forwarded_env(shared=True, keys=AWS_SECRET_ENV)
-    spec = training_job_spec(config_path, overrides, project_dir, job_id, {**secrets, **(env_vars or {})})
-    if withheld:
-        print(withheld_note(withheld, f"job {job_id}"), file=sys.stderr)
-    return JobsClient(address, token).submit(
-        spec.entrypoint, resources=resources, job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
-        check_resources=check_resources, node_shapes=node_shapes)
 
 
 def list_jobs(address: str, token: str | None = None) -> list[JobInfo]:

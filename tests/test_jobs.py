@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import jobs
+from launch import job_spec, jobs
 from launch.jobs import ClusterError, InfeasibleJobError, JobNotFoundError, JobResources
 from tests.fixtures_ray_cluster import LocalRayCluster, free_port, start_local_cluster
 
@@ -108,13 +108,13 @@ def test_silent_address_times_out(silent_server: int) -> None:
 
 
 def test_training_entrypoint_quotes_overrides() -> None:
-    cmd = jobs.training_entrypoint("configs/a b.yaml", ["train.lr=1e-4", "name=x y"])
+    cmd = job_spec.training_entrypoint("configs/a b.yaml", ["train.lr=1e-4", "name=x y"])
     assert cmd == "python -m launch.cli train 'configs/a b.yaml' --address auto train.lr=1e-4 'name=x y'"
 
 
 def test_training_job_missing_config(tmp_path: Path) -> None:
     with pytest.raises(ClusterError, match="nope.yaml"):
-        jobs.submit_training_job("127.0.0.1:1", str(tmp_path / "nope.yaml"), [], str(tmp_path), None, JobResources())
+        job_spec.submit_training_job("127.0.0.1:1", str(tmp_path / "nope.yaml"), [], str(tmp_path), None, JobResources())
 
 
 def test_a_silent_stream_whose_cluster_stopped_answering_is_a_cluster_error() -> None:
@@ -273,9 +273,9 @@ def test_training_job_ships_project_and_config(cluster: LocalRayCluster, client:
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text("model: outside\n")
     ids = {
-        "inside": jobs.submit_training_job(cluster.address, str(project / "configs" / "in.yaml"), ["steps=3"],
+        "inside": job_spec.submit_training_job(cluster.address, str(project / "configs" / "in.yaml"), ["steps=3"],
                                            str(project), None, JobResources(num_cpus=0.5), token=cluster.token),
-        "outside": jobs.submit_training_job(cluster.address, str(outside), ["name=a b"], str(project),
+        "outside": job_spec.submit_training_job(cluster.address, str(outside), ["name=a b"], str(project),
                                             "train-outside", JobResources(), token=cluster.token),
     }
     assert ids["outside"] == "train-outside" and ids["inside"].startswith("dgm-")
@@ -296,9 +296,9 @@ def test_an_inline_config_is_measured_as_ray_passes_it(tmp_path: Path) -> None:
     project.mkdir()
     outside.write_text("# " + "я" * 40_000 + "\nname: x\n")
     with pytest.raises(ClusterError, match="larger than 96 KiB"):
-        jobs.training_job_spec(str(outside), [], str(project), "job-1")
+        job_spec.training_job_spec(str(outside), [], str(project), "job-1")
     outside.write_text("# " + "a" * 90_000 + "\nname: x\n")
-    assert jobs.training_job_spec(str(outside), [], str(project), "job-1").runtime_env["env_vars"]
+    assert job_spec.training_job_spec(str(outside), [], str(project), "job-1").runtime_env["env_vars"]
 
 
 def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) -> None:
@@ -316,26 +316,26 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
     (project / "exp" / "out").mkdir(parents=True)
     (project / "exp" / "out" / "cfg.yaml").write_text("name: z\n")
     (project / ".gitignore").write_text("out/\n")  # Ray leaves out what .gitignore names, at any depth
-    inline = jobs.training_job_spec(str(project / "runs" / "exp" / "cfg.yaml"), [], str(project), "job-1")
+    inline = job_spec.training_job_spec(str(project / "runs" / "exp" / "cfg.yaml"), [], str(project), "job-1")
     assert inline.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: x\n"
     assert "train .dgm_submitted/job-1.yaml" in inline.entrypoint
-    ignored = jobs.training_job_spec(str(project / "exp" / "out" / "cfg.yaml"), [], str(project), "job-3")
+    ignored = job_spec.training_job_spec(str(project / "exp" / "out" / "cfg.yaml"), [], str(project), "job-3")
     assert ignored.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: z\n"
     (project / "configs" / "local").mkdir()
     (project / "configs" / "local" / "mine.yaml").write_text("name: w\n")
     (project / "configs" / ".gitignore").write_text("local/\n")  # a nested ignore file: Ray honours it too
-    nested = jobs.training_job_spec(str(project / "configs" / "local" / "mine.yaml"), [], str(project), "job-4")
+    nested = job_spec.training_job_spec(str(project / "configs" / "local" / "mine.yaml"), [], str(project), "job-4")
     assert nested.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "name: w\n"
     (project / "configs" / "team" / "alice").mkdir(parents=True)  # an ignore file two levels down
     (project / "configs" / "team" / "alice" / ".rayignore").write_text("scratch.yaml\n")
     (project / "configs" / "team" / "alice" / "run.yaml").write_text("name: a\n")
-    deep = jobs.training_job_spec(str(project / "configs" / "team" / "alice" / "run.yaml"), [], str(project), "j5")
+    deep = job_spec.training_job_spec(str(project / "configs" / "team" / "alice" / "run.yaml"), [], str(project), "j5")
     assert deep.entrypoint.startswith("python -m launch.cli train configs/team/alice/run.yaml")
-    shipped = jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
+    shipped = job_spec.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "job-2")
     assert "DGM_SUBMITTED_CONFIG" not in shipped.runtime_env.get("env_vars", {})
     assert shipped.entrypoint.startswith("python -m launch.cli train configs/cfg.yaml")
     with pytest.raises(ValueError, match="job id 'a/b'"):
-        jobs.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "a/b")
+        job_spec.training_job_spec(str(project / "configs" / "cfg.yaml"), [], str(project), "a/b")
 
 
 def test_a_jobs_own_env_vars_do_not_clash_with_the_drivers_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -564,12 +564,12 @@ def test_submit_keeps_aws_secrets_out_of_the_job_unless_asked(
     _aws_env(monkeypatch)
     project = _fake_project(tmp_path / "proj")
     config = str(project / "configs" / "in.yaml")
-    plain = jobs.submit_training_job(cluster.address, config, [], str(project), "aws-plain", JobResources(),
+    plain = job_spec.submit_training_job(cluster.address, config, [], str(project), "aws-plain", JobResources(),
                                      token=cluster.token)
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent to job " \
            "aws-plain" in capsys.readouterr().err
     monkeypatch.setenv("DGM_FORWARD_AWS_CREDENTIALS", "1")
-    asked = jobs.submit_training_job(cluster.address, config, [], str(project), "aws-asked", JobResources(),
+    asked = job_spec.submit_training_job(cluster.address, config, [], str(project), "aws-asked", JobResources(),
                                      token=cluster.token)
     assert "not sent" not in capsys.readouterr().err
     records = {job_id: client._client.get_job_info(job_id).runtime_env.get("env_vars") or {}
