@@ -2,10 +2,10 @@
 # The unconditional DCTransformer on one lent GPU, within one device call (bench/README.md "Run 8").
 #
 #   OUT=runs/dct_quality/gpu MINUTES=5.5 bash bench/dctransformer_quality_gpu.sh            # run 8 as measured
-#   CONFIGS=a MINUTES=6 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # run 9 as measured
-#   CONFIGS=a MINUTES=6 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # the next lent GPU:
-#     run 9 again with the chunk loss weighted by the chunk count (fixed Nov 27; runs 1-10 trained the biased loss),
-#     so the difference is the fix; then config B at the same batch (CONFIGS=b ... LR_B=1.2e-3) if time is left
+#   CONFIGS=a MINUTES=6 BATCH=1024 LR_A=2e-3 COUNTER=1 bash bench/dctransformer_quality_gpu.sh  # run 9 as measured,
+#     and the next lent GPU's first command: run 9 again, now with the chunk loss weighted by the chunk count (fixed
+#     Nov 27; runs 1-10 trained the biased loss), so the difference is the fix; then config B at the same batch
+#     (CONFIGS=b ... LR_B=1.2e-3) if time is left
 #   Carry (device tool): data_pipeline/codecs/_dct_kernel.abi3.so (the stable-ABI build of `make setup`, which
 #   runs on the image's newer Python), runs/dct_quality/scene_counter_q75.pt (`bench/scene_counter.py --quality
 #   75`, one minute here, so COUNTER=1 costs no GPU time) and .whl/ (boto3's wheels: `pip download boto3

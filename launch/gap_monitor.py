@@ -68,7 +68,7 @@ class MonitorConfig:
         if not all(math.isfinite(v) and v > 0 for v in timing):
             raise ValueError(f"poll_s, idle_timeout_s and num_cpus must be finite numbers > 0, got {timing}")
         if self.threads < 1 or self.stop_at_step < 0:
-            raise ValueError(f"threads must be >= 1 and stop_at_step >= 0 (0: never), got {self.threads}, "
+            raise ValueError(f"threads must be >= 1 and stop_at_step >= 0 (0: the run's trainer.steps), got {self.threads}, "
                              f"{self.stop_at_step}")
 
     @property
