@@ -164,7 +164,11 @@ def deepspeed_config(
 
 @dataclass(frozen=True)
 class MemoryEstimate:
-    """Bytes of model state per rank: parameters, gradients, optimizer state (Adam), on device and on CPU."""
+    """Bytes of model state per rank: parameters, gradients, optimizer state (Adam), on device and on CPU.
+
+    ``optimizer`` is what the ZeRO optimizer holds for the rank's partition (fp32 master weights, their gradient,
+    Adam's two moments): the part ``offload_optimizer`` moves to CPU.
+    """
 
     params: float
     grads: float
@@ -176,26 +180,67 @@ class MemoryEstimate:
         gib = 1 << 30
         return (f"[memory] {name}: per rank params {self.params / gib:.3f} GiB, grads {self.grads / gib:.3f} GiB, "
                 f"optimizer {self.optimizer / gib:.3f} GiB -> device {self.device_total / gib:.3f} GiB, "
-                f"cpu {self.cpu_total / gib:.3f} GiB (model states only; activations come on top)")
+                f"cpu {self.cpu_total / gib:.3f} GiB (model states only; activations and DeepSpeed's "
+                f"communication buckets come on top)")
 
 
-def estimate_memory(num_params: int, zero: ZeroConfig, world_size: int) -> MemoryEstimate:
-    """Model-state memory per rank under ZeRO (the accounting of the ZeRO paper, Adam: 2 moments).
+# What DeepSpeed's ZeRO optimizer (stages 1-3) keeps per parameter of the rank's partition, in any precision: an
+# fp32 master copy (4 B; a clone even when the model is fp32), that copy's fp32 gradient (4 B), Adam's exp_avg and
+# exp_avg_sq (8 B). The 16 B/param that DeepSpeed's estimators count on CPU under optimizer offload.
+ZERO_PARTITION_BYTES = 16.0
 
-    fp32: 4 B params + 4 B grads + 8 B moments. Mixed precision: 2 B params + 2 B grads + 12 B (fp32 master +
-    moments). Stage 1 splits the optimizer state across ranks, stage 2 also the gradients, stage 3 also the params.
+
+def layer_params(model: Any) -> int:
+    """The largest parameter count one module owns directly: what ZeRO-3 gathers whole (DeepSpeed's
+    ``stage3.model_to_params``). Counts ``ds_numel`` for parameters ZeRO-3 has already partitioned."""
+    return max((sum(getattr(p, "ds_numel", p.numel()) for p in m.parameters(recurse=False))
+                for m in model.modules()), default=0)
+
+
+def estimate_memory(num_params: int, zero: ZeroConfig, world_size: int, largest_layer: Any = 0) -> MemoryEstimate:
+    """Model-state memory per rank, as DeepSpeed allocates it (Adam: 2 moments; ``b`` = 2 B mixed, 4 B fp32).
+
+    Stage 0 (no ZeRO optimizer): fp32 runs torch's Adam on the model's own tensors, b + b + 8 B/param; mixed
+    precision wraps it in DeepSpeed's FP16_UnfusedOptimizer, which adds an fp32 copy and fp32 grad: 2 + 2 + 16.
+    Stages 1-3: b for params and b for grads plus ZERO_PARTITION_BYTES for the rank's 1/world partition; stage 1
+    keeps every parameter's grad until the step, stage 2 only its partition's, stage 3 also splits the params and
+    gathers one layer at a time (``largest_layer``: its parameter count, or the model to take it from).
+
+    Mixed precision, stages 2-3, agrees with DeepSpeed's ``estimate_zero2/3_model_states_mem_needs`` on device,
+    except where DeepSpeed leaves out a buffer it allocates (measured in tests/test_zero_memory.py): the b/world
+    grad partition stage 3 keeps (``grad_partitions_flat_buffer``), and under optimizer offload the b/world CPU
+    copy of the param partition stages 1-2 keep (``param_buffer_of_bit16_for_cpu_offload_groups``).
     """
     n, w = float(num_params), float(world_size)
-    mixed = zero.precision != "fp32"
-    p_bytes, g_bytes, o_bytes = (2.0, 2.0, 12.0) if mixed else (4.0, 4.0, 8.0)
-    params = n * p_bytes / (w if zero.stage >= 3 else 1)
-    grads = n * g_bytes / (w if zero.stage >= 2 else 1)
-    optim = n * o_bytes / (w if zero.stage >= 1 else 1)
-    device, cpu = params + grads + optim, 0.0
+    b = 4.0 if zero.precision == "fp32" else 2.0
+    if zero.stage == 0:
+        optim = n * (8.0 if zero.precision == "fp32" else ZERO_PARTITION_BYTES)
+        return MemoryEstimate(b * n, b * n, optim, b * n + b * n + optim, 0.0)
+    optim = ZERO_PARTITION_BYTES * n / w
+    device = cpu = 0.0
+    if zero.stage < 3:
+        # Stage 2 drops other ranks' grads once reduced, and under offload its own too (they go straight into the
+        # fp32 CPU partition); stage 1 holds them all until the step.
+        grads = b * n if zero.stage == 1 else 0.0 if zero.offload_optimizer else b * n / w
+        params = b * n
+        device += params + grads
+        if zero.offload_optimizer:  # a model-dtype copy of the partition on CPU, staging the CPU step's result
+            params += b * n / w
+            cpu += b * n / w
+    else:
+        layer = float(layer_params(largest_layer) if hasattr(largest_layer, "modules") else largest_layer)
+        params, grads = b * n / w + b * layer, b * n / w + b * layer  # + the gathered layer and its full grads
+        device += 2 * b * layer
+        if zero.offload_params:
+            cpu += b * n / w
+        else:
+            device += b * n / w
+        if zero.offload_optimizer:  # DeepSpeed keeps the grad partition on the optimizer's device
+            cpu += b * n / w
+        else:
+            device += b * n / w
     if zero.offload_optimizer:
-        device -= optim
         cpu += optim
-    if zero.offload_params:
-        device -= params
-        cpu += params
+    else:
+        device += optim
     return MemoryEstimate(params, grads, optim, device, cpu)

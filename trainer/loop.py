@@ -373,7 +373,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if rank == 0:
         for name, e in engines.items():
             n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
-            print(estimate_memory(n_params, spec.zero, world).describe(f"{name} ({n_params:,} params, "
+            print(estimate_memory(n_params, spec.zero, world, e.module).describe(f"{name} ({n_params:,} params, "
                   f"ZeRO-{spec.zero.stage}, {spec.zero.precision}, {world} ranks)"), flush=True)
     step, state = 0, StreamState()
     order = sample_order(manifest, spec.stream)
