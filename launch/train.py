@@ -83,7 +83,7 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     ensure_ray(cfg.cluster.address, cfg.cluster.object_store_mb)
     if not cfg.cluster.address:
         check_local_resources(cfg)
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     trainer = TorchTrainer(
@@ -93,7 +93,8 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
                                      resources_per_worker={"CPU": cfg.cluster.cpus_per_worker}),
         torch_config=TorchConfig(backend="nccl" if cfg.cluster.use_gpu else "gloo"),
         run_config=RunConfig(name=cfg.name, storage_path=os.path.join(spec.run_dir, "ray"),
-                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures)),
+                             failure_config=FailureConfig(max_failures=cfg.cluster.max_failures),
+                             logging_config=LoggingConfig(log_level=ray_train_log_level())),
     )
     try:
         result = trainer.fit()
@@ -128,10 +129,56 @@ def check_local_resources(cfg: ExperimentConfig) -> None:
 
 
 _COLLECTIVE = re.compile(r"gloo|nccl|connection (closed|reset) by peer|processgroup|broken pipe", re.IGNORECASE)
+DEBUG_VAR = "DGM_DEBUG"
+
+
+def debug_requested() -> bool:
+    """DGM_DEBUG=1: show Ray Train's own console logs, the workers' full tracebacks among them."""
+    return os.environ.get(DEBUG_VAR, "").strip().lower() in ("1", "true", "yes")
+
+
+def ray_train_log_level() -> str:
+    """Ray Train's console level for a run. By default only our one-line error reaches the user: Ray Train
+    otherwise prints each failed rank's traceback, then its failure report (the tracebacks again) and its
+    shutdown errors, some 100 lines after one killed rank. Its session logs (logs/train/ray-train-sys-*) keep all."""
+    return "INFO" if debug_requested() else "CRITICAL"
 
 
 class TrainingFailed(RuntimeError):
     """The worker group failed more often than cluster.max_failures allows."""
+
+
+def own_error(failure: BaseException) -> BaseException:
+    """The error a rank met itself, out of the wrappers Ray puts around it (a failed health check around the
+    dead actor, a task error around the raised exception, a traceback holder around the user's exception)."""
+    for _ in range(5):
+        inner = next((e for e in (getattr(failure, attr, None) for attr in ("health_check_failure", "_base_exc",
+                                                                             "cause"))
+                      if isinstance(e, BaseException)), None)
+        if inner is None:
+            break
+        failure = inner
+    return failure
+
+
+def _first_line(failure: BaseException) -> str:
+    return next((line for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
+
+
+def describe_failure(failure: BaseException) -> str:
+    """One line for one rank's own error. A rank whose process died has no Python error: Ray's several-line
+    actor report is cut to the process and why it ended."""
+    from ray.exceptions import RayActorError
+
+    if not isinstance(failure, RayActorError):
+        return f"{type(failure).__name__}: {_first_line(failure)[:300]}"
+    text = str(failure)
+    pid = re.search(r"^\s*pid: (\d+)", text, re.MULTILINE)
+    process = f"its worker process (pid {pid.group(1)})" if pid else "its worker process"
+    if "Worker exit type: SYSTEM_ERROR" in text:
+        return f"{process} died without a Python error: killed (a signal, the OOM killer) or crashed"
+    detail = re.search(r"Worker exit detail: (.+?\.)(\s|$)", text)
+    return f"{process} died: {detail.group(1) if detail else _first_line(failure)[:300]}"
 
 
 def user_error_of(error: Exception, max_failures: int) -> Exception:
@@ -139,22 +186,18 @@ def user_error_of(error: Exception, max_failures: int) -> Exception:
     saying which ranks failed, why, and that the restart budget is spent."""
     from launch.errors import WORKER_ERRORS
 
-    failures = getattr(error, "worker_failures", {}) or {}
+    failures = {rank: own_error(f) for rank, f in (getattr(error, "worker_failures", {}) or {}).items()}
     for failure in failures.values():
-        cause = getattr(failure, "cause", None) or failure
-        if isinstance(cause, WORKER_ERRORS):
-            return cause
+        if isinstance(failure, WORKER_ERRORS):
+            return failure
     if not failures:
         return error
 
-    def first_line(failure: BaseException) -> str:
-        return next((line for line in str(failure).splitlines() if line.strip()), type(failure).__name__)
-
     # A rank that dies (OOM kill, crash) leaves the others failing in their next collective: name the rank
     # that failed on its own first, and the communication errors as what followed.
-    ranked = sorted(failures.items(), key=lambda kv: (_COLLECTIVE.search(first_line(kv[1])) is not None, kv[0]))
-    said = "; ".join(f"rank {rank}: {type(failure).__name__}: {first_line(failure)[:300]}"
-                     + (" (a consequence: its peer is gone)" if _COLLECTIVE.search(first_line(failure)) else "")
+    ranked = sorted(failures.items(), key=lambda kv: (_COLLECTIVE.search(_first_line(kv[1])) is not None, kv[0]))
+    said = "; ".join(f"rank {rank}: {describe_failure(failure)}"
+                     + (" (a consequence: its peer is gone)" if _COLLECTIVE.search(_first_line(failure)) else "")
                      for rank, failure in ranked[:4])
     more = f"; and {len(ranked) - 4} more ranks" if len(ranked) > 4 else ""
     return TrainingFailed(f"training failed after {max_failures} restart(s) allowed by cluster.max_failures: "

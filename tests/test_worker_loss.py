@@ -59,13 +59,70 @@ def test_killed_worker_resumes_and_ends_with_the_uninterrupted_weights(ray_local
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_restart_limit_then_a_clear_failure(ray_local, digits_data, tmp_path):
+# What Ray Train prints on its own about a failed worker group: each failed rank's traceback, its failure report
+# (the tracebacks again), its backend shutdown errors.
+RAY_NOISE = ("Traceback (most recent call last)", "Error in training function", "[FailurePolicy]",
+             "Training failed due to worker errors", "Graceful shutdown of backend failed")
+
+
+def test_restart_limit_then_one_line_naming_the_killed_rank_and_no_ray_tracebacks(ray_local, digits_data,
+                                                                                   tmp_path, capfd):
     run = str(tmp_path / "fail")
     killed: list[int] = []
     killer = threading.Thread(target=_kill_rank_when, args=(run, 0, 3, killed))
     killer.start()
     cfg, raw = config(run, digits_data, "cluster.max_failures=0", steps=400)
-    with pytest.raises(TrainingFailed, match=r"training failed after 0 restart\(s\) allowed by cluster.max_failures"):
+    with pytest.raises(TrainingFailed, match=r"training failed after 0 restart\(s\) allowed by cluster.max_failures"
+                       ) as failed:
         run_training(cfg, raw)
     killer.join()
     assert killed
+    message = str(failed.value)
+    assert "\n" not in message
+    assert f"rank 0: its worker process (pid {killed[0]}) died without a Python error: killed" in message, message
+    assert "rank 1: RuntimeError:" in message and message.endswith("(a consequence: its peer is gone)"), message
+    time.sleep(2)  # Ray forwards the workers' and its controller's console lines to this process a moment later
+    out = "".join(capfd.readouterr())
+    assert [n for n in RAY_NOISE if n in out] == [], out[-5000:]
+
+
+def test_the_error_named_is_the_ranks_own_under_rays_wrappers():
+    """Ray hands a dead worker over as a failed health check around the actor's death report, a user error as a
+    traceback holder around the exception: the message names what is inside."""
+    from ray.exceptions import RayActorError
+    from ray.train.v2._internal.exceptions import UserExceptionWithTraceback, WorkerHealthCheckFailedError
+
+    from data_pipeline.manifest import DatasetError
+    from launch.train import user_error_of
+
+    died = RayActorError(error_msg=(
+        "The actor died unexpectedly before finishing this task.\n\tclass_name: RayTrainWorker\n\tpid: 4242\n"
+        "The actor is dead because its worker process has died. Worker exit type: SYSTEM_ERROR Worker exit detail: "
+        "Worker unexpectedly exits with a connection error code 2. End of file. Some common causes include: ..."))
+    gloo = RuntimeError("[gloo/transport/tcp/pair.cc:537] Read error: Connection reset by peer")
+
+    class GroupError(RuntimeError):
+        def __init__(self, failures: dict[int, BaseException]) -> None:
+            super().__init__("Training failed due to worker errors")
+            self.worker_failures = failures
+
+    out = user_error_of(GroupError({0: gloo, 1: WorkerHealthCheckFailedError("A worker health check failed.",
+                                                                             died)}), 0)
+    assert str(out) == ("training failed after 0 restart(s) allowed by cluster.max_failures: rank 1: its worker "
+                        "process (pid 4242) died without a Python error: killed (a signal, the OOM killer) or "
+                        "crashed; rank 0: RuntimeError: [gloo/transport/tcp/pair.cc:537] Read error: Connection "
+                        "reset by peer (a consequence: its peer is gone)")
+    bad = DatasetError("shard s-0.tar: sha256 mismatch")
+    wrapped = UserExceptionWithTraceback(bad, "Traceback (most recent call last):\n  ...\nDatasetError: shard")
+    assert user_error_of(GroupError({0: gloo, 1: wrapped}), 2) is bad
+    plain = user_error_of(GroupError({1: UserExceptionWithTraceback(ValueError("nan loss"), "Traceback ...")}), 2)
+    assert str(plain).endswith("rank 1: ValueError: nan loss")
+
+
+def test_ray_train_prints_its_own_logs_only_under_dgm_debug(monkeypatch):
+    from launch.train import ray_train_log_level
+
+    monkeypatch.delenv("DGM_DEBUG", raising=False)
+    assert ray_train_log_level() == "CRITICAL"
+    monkeypatch.setenv("DGM_DEBUG", "1")
+    assert ray_train_log_level() == "INFO"
