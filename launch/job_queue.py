@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,7 +52,8 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", 
 FINISHED = frozenset({SUCCEEDED, FAILED, STOPPED})
 _RAY_TO_STATE = {"PENDING": RUNNING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
                  "STOPPED": STOPPED}
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2 added retry_at / submit_error: an older dgm refuses such a file by its version
+READABLE_VERSIONS = (1, 2)  # 1: read with those fields at their defaults
 MAX_RETRY_WAIT_S = 3600.0
 
 
@@ -133,16 +134,31 @@ def _node_shortfall(need: Mapping[str, float], nodes: Sequence[Mapping[str, floa
     return f"waiting for {describe(need)} on one node: {why}"
 
 
+def _reservation_node(need: Mapping[str, float], nodes: Sequence[Mapping[str, float]],
+                      totals: Sequence[Mapping[str, float]] | None) -> int | None:
+    """The node a one-process job's reservation holds: of those it fits when empty, the one nearest to fitting now."""
+    fits_empty = [i for i in range(len(nodes)) if totals is None or _fits(need, totals[i])]
+    return max(fits_empty, default=None,
+               key=lambda i: min((nodes[i].get(k, 0.0) / v for k, v in need.items() if v > 0), default=1.0))
+
+
 def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float, policy: QueuePolicy,
-         node_free: Sequence[Mapping[str, float]] | None = None) -> tuple[list[QueuedJob], dict[str, str]]:
+         node_free: Sequence[Mapping[str, float]] | None = None,
+         node_total: Sequence[Mapping[str, float]] | None = None,
+         pinned: dict[str, int] | None = None) -> tuple[list[QueuedJob], dict[str, str]]:
     """The jobs to start this round, in order, and a reason for each job that waits. Pure: no I/O.
 
-    ``node_free``: what each live node has free, when known. A one-process job (reserve_in_ray) must then also fit
-    one node, since its entrypoint holds all it declared; it is charged to the first node it fits, a guess that
-    the next round replaces with where Ray put it. Others (Ray Train workers) may spread over nodes.
+    ``node_free`` (and ``node_total``): what each live node has free (and in all), when known. A one-process job
+    (reserve_in_ray) must then also fit one node, since its entrypoint holds all it declared; it is charged to the
+    first node it fits, a guess that the next round replaces with where Ray put it. Others (Ray Train workers) may
+    spread over nodes. A one-process job's reservation holds one node (``_reservation_node``): lower-ranked
+    one-process jobs are charged elsewhere and listed in ``pinned`` (job id -> node index), to be pinned there,
+    since Ray would otherwise place them where it chooses, on the reserved node too.
     """
     free = dict(free)
     nodes = [dict(n) for n in node_free] if node_free is not None else None
+    nodes_before_reservation = nodes
+    reserved_node: int | None = None
     holder: QueuedJob | None = None
     reserved: dict[str, float] = {}
     start: list[QueuedJob] = []
@@ -154,18 +170,26 @@ def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float, policy:
 
     for job in sorted(queued, key=lambda j: (-j.effective_priority(now, policy), j.seq)):
         need = job.resources.request()
-        node = next((n for n in nodes or [] if _fits(need, n)), None) if one_node(job, need) else None
-        placeable = node is not None or not one_node(job, need)
+        at = next((i for i, n in enumerate(nodes or []) if _fits(need, n)), None) if one_node(job, need) else None
+        placeable = at is not None or not one_node(job, need)
         retrying = job.retry_at is not None and job.retry_at > now
         room = {k: max(0.0, v - reserved.get(k, 0.0)) for k, v in free.items()}
         if not retrying and placeable and _fits(need, room):
             start.append(job)
-            for pool in [free] if node is None else [free, node]:
+            for pool in [free] if at is None else [free, nodes[at]]:
                 pool.update({k: pool.get(k, 0.0) - v for k, v in need.items()})
+            if at is not None and reserved_node is not None and pinned is not None:
+                pinned[job.job_id] = at
             continue
         waiting.append(job)
         if holder is None and now - job.enqueued_at >= policy.reserve_after_s:
             holder, reserved = job, need  # what it needs stays free for it, even while it waits to retry
+            if one_node(job, need):
+                reserved_node = _reservation_node(need, nodes, node_total)
+                nodes_before_reservation = [dict(n) for n in nodes]
+                if reserved_node is not None:
+                    held = nodes[reserved_node]
+                    held.update({k: max(0.0, held.get(k, 0.0) - v) for k, v in need.items()})
         elif holder is not None and not retrying and placeable and _fits(need, free):
             behind.add(job.job_id)
     reasons = {}  # worded with what is free after this round's starts
@@ -178,7 +202,7 @@ def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float, policy:
         elif job.job_id in behind and holder is not None:
             reasons[job.job_id] = f"behind job {holder.job_id} of higher priority, which has reserved {describe(reserved)}"
         elif one_node(job, need) and _fits(need, free) and not any(_fits(need, n) for n in nodes or []):
-            reasons[job.job_id] = _node_shortfall(need, nodes or [])
+            reasons[job.job_id] = _node_shortfall(need, (nodes_before_reservation if job is holder else nodes) or [])
         else:
             reasons[job.job_id] = _shortfall(need, free)
         if job is holder and reserved:
@@ -233,8 +257,9 @@ class JobQueue:
             data = json.loads(self.path.read_text())
             if not isinstance(data, dict):
                 raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-            if data.get("version") != FORMAT_VERSION:
-                raise ValueError(f"format version {data.get('version')!r}, expected {FORMAT_VERSION}")
+            if data.get("version") not in READABLE_VERSIONS:
+                raise ValueError(f"format version {data.get('version')!r}, this dgm reads "
+                                 f"{', '.join(map(str, READABLE_VERSIONS))}")
             return [QueuedJob.from_dict(j) for j in data["jobs"]]
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ClusterError(f"queue file {self.path} is unreadable ({e}); it was left untouched") from None
@@ -335,12 +360,15 @@ class QueueRunner:
             self._remember(cluster.total, cluster.nodes)
             queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
             # an autoscaling cluster adds the node a pending job needs: no per-node limit there
-            start, reasons = plan(queued, free, now, self.policy, None if self.max_total else cluster.node_free)
+            per_node = None if self.max_total else cluster.node_free
+            pinned: dict[str, int] = {}
+            start, reasons = plan(queued, free, now, self.policy, per_node,
+                                  [n.total for n in cluster.nodes] if per_node else None, pinned)
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
             try:
                 for job in start:
-                    self._submit(client, job)
+                    self._submit(client, job, cluster.nodes[pinned[job.job_id]].ip if job.job_id in pinned else "")
             finally:  # what this round did is kept even when a submission raised something unforeseen
                 with self.queue.locked() as jobs:
                     _merge(jobs, {j.job_id: j for j in work}, before)
@@ -422,8 +450,12 @@ class QueueRunner:
         else:
             job.reason = "starting (Ray: PENDING)" if info.status == "PENDING" else "running"
 
-    def _submit(self, client: JobsClient, job: QueuedJob) -> None:
+    def _submit(self, client: JobsClient, job: QueuedJob, pin_ip: str = "") -> None:
+        """``pin_ip``: run the entrypoint on that node (Ray's own ``node:<ip>`` resource), away from a node
+        reserved for a higher-ranked job."""
         res = job.resources if job.reserve_in_ray else JobResources()
+        if pin_ip:
+            res = replace(res, custom={**res.custom, f"node:{pin_ip}": 0.001})
         meta = {**job.metadata, "dgm.queue": str(self.queue.path.resolve()), "dgm.priority": str(job.priority)}
         try:
             client.submit(job.entrypoint, resources=res, job_id=job.job_id, runtime_env=job.runtime_env,

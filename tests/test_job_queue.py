@@ -134,6 +134,29 @@ def test_a_one_process_job_must_fit_one_node() -> None:
     assert reasons["gpu"] == "waiting for 1 CPU, 1 GPU on one node: no node has all of them free at once"
 
 
+def test_a_one_process_jobs_reservation_holds_a_node_it_fits_and_pins_smaller_jobs_elsewhere() -> None:
+    """Node A (4 CPU, 1 used) is the only node big (4 CPU, one process) can ever run on; B (2 CPU) is idle. Reserved
+    cluster-wide only, a stream of 1-CPU jobs kept landing on A (Ray places an entrypoint where it likes): big never
+    started. Now A is held: small jobs are charged to B and pinned there, and wait when B is full."""
+    totals, free = [{"CPU": 4.0}, {"CPU": 2.0}], [{"CPU": 3.0}, {"CPU": 2.0}]
+    big, small = job("big", 5, 1, waited_s=600, num_cpus=4), job("small", 1, 2, num_cpus=1)
+    pinned: dict[str, int] = {}
+    start, reasons = plan([big, small], {"CPU": 5.0}, NOW, POLICY, free, totals, pinned)
+    assert start == [small] and pinned == {"small": 1}
+    assert reasons["big"] == ("waiting for 4 CPU on one node: at most 3 CPU free on any node (holds a reservation: "
+                              "nothing ranked lower may take what it needs)")
+    pinned.clear()
+    start, reasons = plan([big, small], {"CPU": 3.0}, NOW, POLICY, [{"CPU": 3.0}, {"CPU": 0.0}], totals, pinned)
+    assert start == [] and pinned == {}  # only A has room, and A is held for big
+    assert reasons["small"] == "waiting for 1 CPU on one node: at most 0 CPU free on any node"
+    start, _ = plan([big, small], {"CPU": 5.0}, NOW, POLICY, free, totals)  # no reservation yet: nothing pinned
+    assert start == [small]
+    young = job("big", 5, 1, num_cpus=4)
+    pinned.clear()
+    start, _ = plan([young, small], {"CPU": 5.0}, NOW, POLICY, free, totals, pinned)
+    assert start == [small] and pinned == {}  # before big has waited reserve_after_s, Ray places small freely
+
+
 def test_per_node_free_is_read_from_the_load_report() -> None:
     """The dashboard's cluster status, as Ray 2.60 serves it: usageByNode, [used, total] per camelCased resource,
     keyed by node id (a local or read-only cluster) or by node IP (a cluster the autoscaler launched)."""
@@ -157,23 +180,26 @@ def _raise(e: BaseException) -> None:
 
 
 class FakeCluster:
-    """Stands in for JobsClient in a runner's round: nodes of 2 CPU each with some used, submissions that are
-    recorded or fail the way JobsClient turns Ray's client errors into ClusterError (its own `_call`)."""
+    """Stands in for JobsClient in a runner's round: nodes of 2 CPU each (or ``cpus``) with some used, submissions
+    that are recorded or fail the way JobsClient turns Ray's client errors into ClusterError (its own `_call`)."""
 
-    def __init__(self, used: dict[str, float]) -> None:
-        self.nodes = [NodeResources(n, f"10.0.0.{i}", i == 0, {"CPU": 2.0}) for i, n in enumerate(used)]
+    def __init__(self, used: dict[str, float], cpus: dict[str, float] | None = None) -> None:
+        self.cpus = cpus or {n: 2.0 for n in used}
+        self.nodes = [NodeResources(n, f"10.0.0.{i}", i == 0, {"CPU": self.cpus[n]}) for i, n in enumerate(used)]
         self.used, self.submitted, self.error = used, [], None
+        self.resources: dict[str, JobResources] = {}
 
     def __call__(self, address: str, token: str | None = None) -> FakeCluster:
         return self
 
     def cluster_resources(self) -> ClusterResources:
-        total = 2.0 * len(self.nodes)
-        usage = {"loadMetricsReport": {"usageByNode": {n: {"CPU": [u, 2.0]} for n, u in self.used.items()}}}
+        total = sum(self.cpus.values())
+        usage = {"loadMetricsReport": {"usageByNode": {n: {"CPU": [u, self.cpus[n]]} for n, u in self.used.items()}}}
         return ClusterResources(self.nodes, {"CPU": total}, {"CPU": total - sum(self.used.values())},
                                 nodes_free(usage, self.nodes))
 
     def submit(self, entrypoint: str, *, job_id: str, **kwargs: Any) -> str:
+        self.resources[job_id] = kwargs["resources"]
         if self.error is not None:
             JobsClient._call(SimpleNamespace(address="http://head:8265"), f"submitting job {job_id}", _raise,
                              self.error)
@@ -199,6 +225,22 @@ def test_a_round_plans_one_process_jobs_per_node(tmp_path: Path, monkeypatch: py
     fake.used = {"n1": 0.0, "n2": 2.0}  # Ray reports train's 2 CPU: the 2 CPU still free are on one node
     runner.run_once()
     assert fake.submitted == ["train", "solo"]
+
+
+def test_a_round_pins_smaller_jobs_away_from_the_node_reserved_for_a_bigger_one(tmp_path: Path,
+                                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    fake = FakeCluster({"a": 1.0, "b": 0.0}, cpus={"a": 4.0, "b": 2.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=4), priority=5, job_id="big")
+    q.enqueue("true", JobResources(num_cpus=1), priority=1, job_id="small")
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None, policy=QueuePolicy(reserve_after_s=0.0))
+    runner.run_once()
+    assert fake.submitted == ["small"] and fake.resources["small"].custom == {"node:10.0.0.1": 0.001}
+    assert fake.resources["small"].num_cpus == 1
+    fake.used = {"a": 0.0, "b": 1.0}  # the job that held node a's CPU ended; small runs on b
+    runner.run_once()
+    assert fake.submitted == ["small", "big"] and fake.resources["big"].custom == {}
 
 
 def test_failed_submissions_back_off_and_refused_ones_fail_at_once(tmp_path: Path,
@@ -277,7 +319,7 @@ def test_queue_file_roundtrip_stop_and_errors(tmp_path: Path) -> None:
     again = JobQueue(path).list_jobs()  # a fresh object sees the same queue
     assert [(j.job_id, j.state, j.seq) for j in again] == [(a.job_id, QUEUED, 1), ("b", QUEUED, 2)]
     assert again[0] == a and again[1].resources.num_gpus == 0.25
-    assert json.loads(path.read_text())["version"] == 1
+    assert json.loads(path.read_text())["version"] == 2
     assert JobQueue(path).stop("b").state == STOPPED
     assert JobQueue(path).list_jobs()[1].reason == "stopped before it started"
     with pytest.raises(ClusterError, match="already has a job b"):
@@ -301,6 +343,11 @@ def test_a_queue_file_written_before_retry_times_loads(tmp_path: Path) -> None:
     (a,) = JobQueue(path).list_jobs()
     assert (a.retry_at, a.submit_error, a.submit_failures) == (None, "", 1)
     assert [j.job_id for j in plan([a], {"CPU": 1.0}, NOW, POLICY)[0]] == ["a"]
+    JobQueue(path).stop("a")  # rewritten as version 2, which a dgm of version 1 refuses by its version, unread
+    assert json.loads(path.read_text())["version"] == 2
+    path.write_text(json.dumps({"version": 3, "jobs": []}))
+    with pytest.raises(ClusterError, match=r"unreadable \(format version 3, this dgm reads 1, 2\)"):
+        JobQueue(path).list_jobs()
 
 
 def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> None:
