@@ -238,6 +238,53 @@ def test_a_truncated_file_met_converting_for_another_world_size_is_named(damaged
     assert not os.path.exists(os.path.join(damaged, STEP2, "model", "ds_universal"))
 
 
+CONVERT_SCRIPT = r"""
+import datetime, json, sys, torch.distributed as dist, torch.multiprocessing as mp
+from tests.test_spine_hardening import spec_of
+from trainer.checkpoint import CheckpointStore
+from trainer.loop import _resume_point
+
+def worker(rank, port, run_dir, data):
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
+    spec = spec_of(run_dir, data)
+    try:
+        _resume_point(CheckpointStore(spec.checkpoint_root, rank=rank, world_size=2), 2, rank, spec)
+        outcome = "no error"
+    except Exception as e:
+        outcome = f"{type(e).__name__}: {e}"
+    with open(f"{run_dir}/rank{rank}.txt", "w") as f:
+        f.write(outcome)
+    dist.destroy_process_group()
+
+if __name__ == "__main__":
+    mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])), nprocs=2, join=True)
+"""
+
+
+def test_every_rank_names_the_damaged_file_when_rank_0s_conversion_fails(damaged, digits_data, tmp_path):
+    """A one-rank checkpoint resumed on two ranks: rank 0 converts it, and fails on a truncated file. Rank 1 waited
+    in a barrier until the group's timeout; now it raises too, with rank 0's message. A subprocess: forking from
+    the test process (which holds a Ray driver) breaks Ray."""
+    import subprocess
+    import sys
+
+    from tests.fixtures_s3 import free_port
+
+    path = os.path.join(damaged, STEP2, "model", "ds", "mp_rank_00_model_states.pt")
+    os.truncate(path, 3000)
+    script = tmp_path / "convert.py"
+    script.write_text(CONVERT_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(free_port()), str(tmp_path), json.dumps(digits_data)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=240,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+    assert done.returncode == 0, done.stderr[-3000:]
+    rank0, rank1 = ((tmp_path / f"rank{r}.txt").read_text() for r in (0, 1))
+    assert rank0.startswith(f"CheckpointError: checkpoint file {path} is unreadable"), rank0
+    assert rank1.startswith(f"CheckpointError: converting checkpoint {damaged}/{STEP2} failed on rank 0: "
+                            f"checkpoint file {path} is unreadable"), rank1
+
+
 def test_a_shape_mismatch_still_does_not_fit_and_zero_1_loads_zero_2(damaged, digits_data, tmp_path):
     wider = spec_of(tmp_path, digits_data, "model.transformer.d_model=32")
     with pytest.raises(CheckpointError, match=r"(?s)network .model. does not fit this model \(RuntimeError: .*size mismatch"):

@@ -78,12 +78,13 @@ def fail_together(error: Exception | None, what: str) -> None:
             raise error
         return
     reports: list[str | None] = [None] * dist.get_world_size()
-    dist.all_gather_object(reports, None if error is None else str(error.__cause__ or error))
+    dist.all_gather_object(reports, None if error is None else str(error))
     if error is not None:
         raise error
     failed = [(rank, report) for rank, report in enumerate(reports) if report is not None]
     if failed:
         rank, report = failed[0]
+        report = report.removeprefix(f"{what} failed: ")  # the failing rank's own message may begin as ours
         raise CheckpointError(f"{what} failed on rank {rank}: {report}")
 
 

@@ -408,18 +408,6 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         with rng_untouched():
             _samples(family, engines, spec, at, rank)
 
-    if tag is not None:
-        # A run that stopped between its checkpoint and that step's eval or sample grid never made them: make them
-        # now, before training goes on, so the eval curve and the grids have no hole at the resumed step.
-        due = (eval_manifest is not None and eval_due(step, cfg), grid_due(step, cfg))
-        redo_eval, redo_grid = _agreed(missed_at_resume(spec.run_dir, step, *due) if rank == 0 else None, world)
-        if rank == 0 and (redo_eval or redo_grid):
-            made = " and ".join(n for n, redo in (("eval", redo_eval), ("sample grid", redo_grid)) if redo)
-            print(f"[train] making step {step}'s {made}, missing since the run stopped", flush=True)
-        if redo_eval:
-            evaluate_and_report(step)
-        if redo_grid:
-            sample_grid(step)
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[spec.zero.precision]
     first_step_at: float | None = None
     first_step_wall = 0.0
@@ -427,6 +415,18 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     done_here = 0
     losses: list[float] = []
     try:
+        if tag is not None:
+            # A run that stopped between its checkpoint and that step's eval or sample grid never made them: make them
+            # now, before training goes on, so the eval curve and the grids have no hole at the resumed step.
+            due = (eval_manifest is not None and eval_due(step, cfg), grid_due(step, cfg))
+            redo_eval, redo_grid = _agreed(missed_at_resume(spec.run_dir, step, *due) if rank == 0 else None, world)
+            if rank == 0 and (redo_eval or redo_grid):
+                made = " and ".join(n for n, redo in (("eval", redo_eval), ("sample grid", redo_grid)) if redo)
+                print(f"[train] making step {step}'s {made}, missing since the run stopped", flush=True)
+            if redo_eval:
+                evaluate_and_report(step)
+            if redo_grid:
+                sample_grid(step)
         for samples in stream:
             if step >= cfg.steps:
                 break
