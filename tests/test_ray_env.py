@@ -21,14 +21,19 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def test_a_driver_joining_a_cluster_keeps_aws_secrets_out_of_its_runtime_env(aws_env: None) -> None:
+def test_a_driver_joining_a_cluster_keeps_aws_secrets_out_of_its_runtime_env(aws_env: None,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
     env = driver_runtime_env(shared=True)["env_vars"]
     assert not set(SECRETS) & set(env)
     assert {key: env.get(key) for key in PLAIN} == PLAIN  # where the data is, and the profile's name, still go
     assert forwarded_env(shared=True)[1] == list(SECRETS)  # named, for the one line that says so
     note = ray_env.withheld_note(list(SECRETS), "the Ray cluster at 10.0.0.1:6379")
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent" in note
-    assert "launch/clusters/aws.yaml" in note and "DGM_FORWARD_AWS_CREDENTIALS=1" in note and "\n" not in note
+    assert "DGM_FORWARD_AWS_CREDENTIALS=1" in note and "\n" not in note
+    assert "the store at http://minio:9000 needs credentials set on the nodes" in note  # no instance profile there
+    for key in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
+        monkeypatch.delenv(key, raising=False)
+    assert "launch/clusters/aws.yaml" in ray_env.withheld_note(list(SECRETS), "job j")  # AWS's own S3
 
 
 def test_the_opt_in_sends_aws_secrets_to_a_joined_cluster(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -47,10 +47,15 @@ def withheld_note(withheld: Iterable[str], where: str) -> str:
     """The one line telling the user which secrets stayed here, why the job still reaches S3, and how to opt in."""
     names = list(withheld)
     verb, them = ("is", "it") if len(names) == 1 else ("are", "them")
+    endpoint = next((os.environ[k] for k in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL") if os.environ.get(k)), "")
+    if endpoint:  # an S3-compatible store (MinIO, on-premises): no instance profile speaks for it
+        own = f"the store at {endpoint} needs credentials set on the nodes (their environment or ~/.aws)"
+    else:
+        own = ("its nodes use their own credentials (launch/clusters/aws.yaml gives them the IAM instance profiles "
+               "dgm-ray-head and dgm-ray-worker)")
     return (f"[ray] {', '.join(names)} {verb} set here but not sent to {where}: Ray would keep {them} in its job "
-            "table, readable by anyone with access to the cluster. Its nodes use their own credentials "
-            "(launch/clusters/aws.yaml gives them the IAM instance profiles dgm-ray-head and dgm-ray-worker); to "
-            f"send {them} anyway, set {FORWARD_SECRETS_VAR}=1")
+            f"table, readable by anyone with access to the cluster; {own}. To send {them} anyway, set "
+            f"{FORWARD_SECRETS_VAR}=1")
 
 
 def worker_env(use_gpu: bool = False, shared: bool | None = None) -> dict[str, str]:
