@@ -108,8 +108,9 @@ def train_one(which: str, data: str, steps: int, out: str, overrides: list[str])
         f"trainer.schedule.total_steps={steps}", "trainer.schedule.warmup_steps=2", *overrides])
     info = data_info(load_manifest(data))
     family = DalleFamily(cfg.model, info)
-    n_params = sum(p.numel() for p in family.build_modules()["model"].parameters())
-    estimate = estimate_memory(n_params, cfg.zero, cfg.cluster.workers)
+    model = family.build_modules()["model"]
+    n_params = sum(p.numel() for p in model.parameters())
+    estimate = estimate_memory(n_params, cfg.zero, cfg.cluster.workers, model)  # ZeRO-3 gathers its largest layer
     print(estimate.describe(f"model ({n_params:,} params, ZeRO-{cfg.zero.stage}, {cfg.zero.precision}, "
                             f"{cfg.cluster.workers} ranks)"), flush=True)
     memory = RankMemory(run_dir)
