@@ -8,13 +8,13 @@ Why not use `JobSubmissionClient` directly from the CLI:
 - a job asking for resources no node has stays PENDING forever and cannot even be stopped; here it is refused at
   submission (`check_feasible`), against the live nodes plus any autoscaler node shapes the caller passes;
 - its log stream (`tail_job_logs`) waits forever on a connection that died without a close frame; here a
-  heartbeat checks the job's state after each silent stretch (`stream_with_heartbeat`);
+  heartbeat checks the job's state after each silent stretch and opens a new stream, skipping what was printed,
+  while the job runs (launch/log_follow.py);
 - errors come back as `ClusterError` naming the address or job, and results as small dataclasses.
 """
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import math
@@ -23,7 +23,7 @@ import re
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterable, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 CONNECT_TIMEOUT_S = 5.0
 READ_TIMEOUT_S = 120.0  # a large working_dir upload is acknowledged only once stored
 HEARTBEAT_S = 30.0  # `dgm logs --follow`: silence after which the job's state is checked
+RECONNECT_AFTER = 2  # ... and after how many such checks in a row that find it running the log stream is reopened
 STATUS_READ_TIMEOUT_S = 10.0  # that check's answer: a live head reads its job table at once
 TERMINAL_STATES = frozenset({"SUCCEEDED", "FAILED", "STOPPED"})
 _MEMORY_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
@@ -319,32 +320,33 @@ class JobsClient:
         return self._call(f"logs of job {job_id}", self._client.get_job_logs, job_id)
 
     def follow_logs(self, job_id: str, write: Callable[[str], Any] | None = None,
-                    heartbeat_s: float = HEARTBEAT_S) -> JobInfo:
+                    heartbeat_s: float = HEARTBEAT_S, reconnect_after: int = RECONNECT_AFTER) -> JobInfo:
         """Stream the job's output to `write` (default stdout) as it comes until the job ends; returns its final
         state. After `heartbeat_s` seconds without output the job's state is checked (`stream_with_heartbeat`):
-        an ended job ends the follow, with what the stream missed taken from the stored log; an unreachable
-        cluster is ClusterError."""
+        an ended job ends the follow, with what the stream missed taken from the stored log; a job still running
+        gets a new stream after `reconnect_after` such checks in a row; an unreachable cluster is ClusterError."""
         if not heartbeat_s > 0:
             raise ValueError(f"heartbeat_s={heartbeat_s}: must be above 0")
+        if reconnect_after < 1:
+            raise ValueError(f"reconnect_after={reconnect_after}: must be at least 1")
         write = write or sys.stdout.write
         self.info(job_id)
         # the heartbeat's own client: a dashboard that accepts but never answers is given up after seconds, not
         # after the upload-sized READ_TIMEOUT_S
         quick = _BoundedClient(self.address, dict(self._headers),
                                (self._timeout[0], min(self._timeout[1], STATUS_READ_TIMEOUT_S)))
-        printed = 0
+        from launch.log_follow import LogCursor, note_shorter_log, stream_with_heartbeat
 
-        def counted(chunk: str) -> None:
-            nonlocal printed
-            write(chunk)
-            printed += len(chunk)
+        cursor = LogCursor()
 
         def status() -> JobInfo:
             return _to_info(self._call(f"job {job_id}", quick.get_job_info, job_id))
 
         try:
-            cut_short = asyncio.run(stream_with_heartbeat(self._client.tail_job_logs(job_id), counted, status,
-                                                          heartbeat_s, address=self.address, job_id=job_id))
+            cut_short = asyncio.run(stream_with_heartbeat(
+                lambda: self._client.tail_job_logs(job_id), write, status, heartbeat_s, address=self.address,
+                job_id=job_id, stored_log=lambda: self.logs(job_id), reconnect_after=reconnect_after,
+                cursor=cursor))
         except ClusterError:
             raise
         except Exception as e:  # aiohttp / websocket errors: the job may still have ended normally
@@ -353,10 +355,14 @@ class JobsClient:
                 raise ClusterError(f"following logs of job {job_id} on {self.address}: {e}") from None
         if cut_short is not None:
             # the stream stopped before the job's last words (it went silent, or broke): the stored log has them,
-            # and both read the same file from its start, so what was printed is its first `printed` characters
-            rest = self.logs(job_id)[printed:]
-            if rest:
-                write(rest)
+            # and both read the same file from its start, so what was printed is its first `cursor.offset`
+            # characters (unless the log was cut down since)
+            log = self.logs(job_id)
+            if len(log) < cursor.offset:
+                note_shorter_log(job_id, cursor.offset)
+                cursor.offset = 0
+            if log[cursor.offset:]:
+                write(log[cursor.offset:])
         info = self.wait(job_id, timeout_s=10.0)  # the stream closes just before the status flips
         if not info.terminal:
             raise ClusterError(f"the log stream of job {job_id} on {self.address} ended while the job is still "
@@ -376,56 +382,6 @@ class JobsClient:
             time.sleep(poll_s)
             info = self.info(job_id)
         return info
-
-
-async def stream_with_heartbeat(chunks: AsyncIterable[str], write: Callable[[str], Any],
-                                status: Callable[[], JobInfo], heartbeat_s: float, *, address: str,
-                                job_id: str) -> JobInfo | None:
-    """Pass `chunks` to `write` until they end (returns None), or until a status check made after `heartbeat_s`
-    seconds of silence finds the job ended (returns that state; the stream may have missed output).
-
-    Why: Ray's log websocket carries no pings, so a connection that dies without a close frame (a NAT's idle
-    timeout, a head node gone) would leave the reader waiting forever. `status` (a blocking call, run in a
-    thread so the stream keeps being read) uses a fresh connection. A job still running is waited on again on
-    the same stream: a new one would replay the whole log from its start. A failing `status` is ClusterError.
-    """
-    stream = aiter(chunks)
-
-    async def next_chunk() -> str | None:  # None: the stream ended
-        try:
-            return await anext(stream)
-        except StopAsyncIteration:
-            return None
-
-    last = time.monotonic()
-    pending = asyncio.ensure_future(next_chunk())
-    try:
-        while True:
-            done, _ = await asyncio.wait({pending}, timeout=heartbeat_s)
-            if done:
-                chunk = pending.result()
-                if chunk is None:
-                    return None
-                write(chunk)
-                last = time.monotonic()
-                pending = asyncio.ensure_future(next_chunk())
-                continue
-            try:
-                info = await asyncio.to_thread(status)
-            except ClusterError as e:
-                raise ClusterError(
-                    f"following logs of job {job_id} on {address}: nothing came for {time.monotonic() - last:.1f} "
-                    f"s and checking the job's state failed ({e}); the job may still be running: check "
-                    f"`dgm status {job_id}` once the cluster is reachable") from None
-            if info.terminal:
-                return info
-    finally:
-        pending.cancel()  # a read on a dead connection ends only so
-        await asyncio.gather(pending, return_exceptions=True)  # lets the stream close its session
-        aclose = getattr(stream, "aclose", None)
-        if aclose is not None:
-            with contextlib.suppress(Exception):
-                await aclose()
 
 
 def infeasibility(request: Mapping[str, float], shapes: Iterable[Mapping[str, float]]) -> str | None:
@@ -491,8 +447,9 @@ def job_logs(address: str, job_id: str, token: str | None = None) -> str:
 
 
 def follow_job_logs(address: str, job_id: str, write: Callable[[str], Any] | None = None,
-                    token: str | None = None, heartbeat_s: float = HEARTBEAT_S) -> JobInfo:
-    return JobsClient(address, token).follow_logs(job_id, write, heartbeat_s)
+                    token: str | None = None, heartbeat_s: float = HEARTBEAT_S,
+                    reconnect_after: int = RECONNECT_AFTER) -> JobInfo:
+    return JobsClient(address, token).follow_logs(job_id, write, heartbeat_s, reconnect_after)
 
 
 def stop_job(address: str, job_id: str, wait_s: float = 15.0, token: str | None = None) -> JobInfo:

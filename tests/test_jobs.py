@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from launch import job_spec, jobs
+from launch import job_spec, jobs, log_follow
 from launch.jobs import ClusterError, InfeasibleJobError, JobNotFoundError, JobResources
 from tests.fixtures_ray_cluster import LocalRayCluster, free_port, start_local_cluster
 
@@ -117,13 +117,40 @@ def test_training_job_missing_config(tmp_path: Path) -> None:
         job_spec.submit_training_job("127.0.0.1:1", str(tmp_path / "nope.yaml"), [], str(tmp_path), None, JobResources())
 
 
+class ScriptedStreams:
+    """`open_stream` for stream_with_heartbeat: its nth call opens the nth script, whose chunks come (a number in
+    them: a pause of that many seconds), then the stream ends or, if `ends` is False, waits forever, as a connection
+    that died silently. Records when each stream opens and closes."""
+
+    def __init__(self, *scripts: tuple[list[str | float], bool]) -> None:
+        self.scripts = scripts
+        self.opened = 0
+        self.events: list[str] = []
+
+    def __call__(self) -> AsyncIterator[str]:
+        self.opened += 1
+        return self._stream(self.opened - 1, *self.scripts[self.opened - 1])
+
+    async def _stream(self, n: int, chunks: list[str | float], ends: bool) -> AsyncIterator[str]:
+        self.events.append(f"open {n}")
+        try:
+            for chunk in chunks:
+                if isinstance(chunk, str):
+                    yield chunk
+                else:
+                    await asyncio.sleep(chunk)
+            if not ends:
+                await asyncio.Event().wait()
+        finally:
+            self.events.append(f"close {n}")
+
+
+RUNNING = jobs.JobInfo("j-1", "RUNNING", "python train.py")
+
+
 def test_a_silent_stream_whose_cluster_stopped_answering_is_a_cluster_error() -> None:
     """The stream never yields and never closes (a connection gone without a close frame); the heartbeat's status
     check fails: ClusterError naming the address, the job and how long nothing came, not an endless wait."""
-    async def silent() -> AsyncIterator[str]:
-        await asyncio.Event().wait()
-        yield "never"
-
     checks: list[float] = []
 
     def unreachable() -> jobs.JobInfo:
@@ -132,9 +159,77 @@ def test_a_silent_stream_whose_cluster_stopped_answering_is_a_cluster_error() ->
 
     t0 = time.monotonic()
     with pytest.raises(ClusterError, match=r"job j-1 on http://head:8265: nothing came for 0\.[2-9] s .*ConnectionError"):
-        asyncio.run(jobs.stream_with_heartbeat(silent(), print, unreachable, 0.25, address="http://head:8265",
-                                               job_id="j-1"))
+        asyncio.run(log_follow.stream_with_heartbeat(ScriptedStreams(([], False)), print, unreachable, 0.25,
+                                               address="http://head:8265", job_id="j-1", stored_log=lambda: ""))
     assert len(checks) == 1 and 0.25 <= checks[0] - t0 < 2
+
+
+def test_a_silent_stream_whose_job_was_deleted_says_the_job_is_gone() -> None:
+    """The heartbeat's check finds no such job (deleted from the cluster): JobNotFoundError saying so, not the
+    unreachable cluster's "the job may still be running"."""
+    def deleted() -> jobs.JobInfo:
+        raise JobNotFoundError("job j-1: no such job on the cluster at http://head:8265")
+
+    with pytest.raises(JobNotFoundError, match=r"job j-1 on http://head:8265: nothing came for .* no longer exists "
+                                               "on the cluster") as caught:
+        asyncio.run(log_follow.stream_with_heartbeat(ScriptedStreams(([], False)), print, deleted, 0.05,
+                                               address="http://head:8265", job_id="j-1", stored_log=lambda: ""))
+    assert "may still be running" not in str(caught.value)
+
+
+def test_a_silent_stream_is_reopened_and_its_replay_skips_what_was_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """Each stream dies silently while the job runs; after two heartbeats a new one is opened, which replays the log
+    from its start in chunks cut elsewhere: what was printed is dropped, the rest printed once. A replay that stalls
+    short of it is not a shorter log (the stored one is longer): reopened again, no note. Each stream is closed
+    before the next opens."""
+    streams = ScriptedStreams((["ab", "cde"], False),  # 5 printed, then silence
+                              (["abc"], False),  # a replay that stalls
+                              (["a", "bcd", "efg", "h"], False),  # 5 dropped across 3 chunks, "fgh" printed
+                              (["abcdefghi", "j"], True))  # 8 dropped, "ij" printed, the job ends
+    written: list[str] = []
+    cursor = log_follow.LogCursor()
+    result = asyncio.run(log_follow.stream_with_heartbeat(streams, written.append, lambda: RUNNING, 0.05,
+                                                    address="http://head:8265", job_id="j-1",
+                                                    stored_log=lambda: "abcdefgh", cursor=cursor))
+    assert result is None
+    assert written == ["ab", "cde", "fg", "h", "i", "j"] and cursor.offset == 10
+    assert streams.events == [f"{what} {n}" for n in range(4) for what in ("open", "close")]
+    assert capsys.readouterr().err == ""
+
+
+def test_a_replay_shorter_than_what_was_printed_is_noted_and_printed(capsys: pytest.CaptureFixture[str]) -> None:
+    """The log was cut down while the connection was dead: the replay stops short of the 10 characters printed and
+    the stored log is shorter too. One line on stderr says so; the new log is printed from its start, and the next
+    replay skips only that."""
+    streams = ScriptedStreams((["0123456789"], False), (["xy", "z"], False), (["xyzne", "w"], True))
+    written: list[str] = []
+    result = asyncio.run(log_follow.stream_with_heartbeat(streams, written.append, lambda: RUNNING, 0.05,
+                                                    address="http://head:8265", job_id="j-1",
+                                                    stored_log=lambda: "xyz"))
+    assert result is None
+    assert written == ["0123456789", "xyz", "ne", "w"]
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "job j-1 is now shorter than the 10 characters already printed" in err
+
+
+def test_a_stream_slow_to_start_gets_more_time_after_each_reopening_that_brought_nothing() -> None:
+    """Ray's head waits a second before a new stream's first word, longer than two short heartbeats: a reopened
+    stream that brought nothing gets twice the heartbeats, so a slow head delays the follow but cannot starve it."""
+    streams = ScriptedStreams(([5.0, "never"], False), ([0.3, "ab"], True))  # silent for 2 checks; silent for 3
+    written: list[str] = []
+    asyncio.run(log_follow.stream_with_heartbeat(streams, written.append, lambda: RUNNING, 0.1,
+                                           address="http://head:8265", job_id="j-1", stored_log=lambda: ""))
+    assert written == ["ab"] and streams.opened == 2
+
+
+def test_a_pending_jobs_stream_is_not_reopened() -> None:
+    """A pending job has no driver and no log yet; its stream waits for one, however many heartbeats pass."""
+    streams = ScriptedStreams(([0.6, "ab"], True))
+    written: list[str] = []
+    pending = jobs.JobInfo("j-1", "PENDING", "python train.py")
+    asyncio.run(log_follow.stream_with_heartbeat(streams, written.append, lambda: pending, 0.05,
+                                           address="http://head:8265", job_id="j-1", stored_log=lambda: ""))
+    assert written == ["ab"] and streams.opened == 1
 
 
 def test_logs_heartbeat_flag(capsys: pytest.CaptureFixture[str]) -> None:
@@ -370,6 +465,7 @@ class SilentDropProxy:
         self._links: list[dict] = []
         self._lock = threading.Lock()
         self.requests_after_cut: list[str] = []  # first request line of each connection opened after cut()
+        self.tails_left_open: list[int] = []  # for each log stream opened: how many earlier ones the client kept
         self._was_cut = False
         threading.Thread(target=self._accept, daemon=True).start()
 
@@ -381,7 +477,7 @@ class SilentDropProxy:
             except OSError:
                 return
             far.settimeout(None)
-            link = {"socks": (near, far), "cut": False, "late": self._was_cut}
+            link = {"socks": (near, far), "cut": False, "late": self._was_cut, "tail": False, "closed": False}
             with self._lock:
                 self._links.append(link)
             threading.Thread(target=self._pump, args=(link, near, far, True), daemon=True).start()
@@ -393,9 +489,17 @@ class SilentDropProxy:
             try:
                 data = src.recv(65536)
             except OSError:
+                data = None
+            if outbound and not data:
+                link["closed"] = True  # by the client
+            if data is None:
                 return
-            if outbound and first and data and link["late"]:
-                self.requests_after_cut.append(data.split(b"\r\n", 1)[0].decode(errors="replace"))
+            if outbound and first and data:
+                request = data.split(b"\r\n", 1)[0].decode(errors="replace")
+                if link["late"]:
+                    self.requests_after_cut.append(request)
+                if "/logs/tail " in request:
+                    self._count_tails_left_open(link)
             first = False
             if link["cut"]:
                 if not data:
@@ -409,6 +513,16 @@ class SilentDropProxy:
                 dst.sendall(data)
             except OSError:
                 return
+
+    def _count_tails_left_open(self, link: dict) -> None:
+        """A new log stream: the earlier ones should be closed by now (given a moment for their FINs to land)."""
+        with self._lock:
+            link["tail"] = True
+            earlier = [other for other in self._links if other["tail"] and other is not link]
+        deadline = time.monotonic() + 2.0
+        while any(not other["closed"] for other in earlier) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        self.tails_left_open.append(sum(not other["closed"] for other in earlier))
 
     def cut(self) -> None:
         """Every connection open now goes silent; later ones work."""
@@ -432,7 +546,8 @@ class SilentDropProxy:
 
 
 def _follow_in_thread(address: str, job_id: str, token: str, heartbeat_s: float,
-                      on_chunk: Callable[[str], None]) -> tuple[threading.Thread, dict]:
+                      on_chunk: Callable[[str], None], reconnect_after: int = jobs.RECONNECT_AFTER,
+                      ) -> tuple[threading.Thread, dict]:
     """follow_job_logs in a thread, so that a follow that waits forever fails the test instead of hanging it."""
     out: dict = {"chunks": []}
 
@@ -442,7 +557,8 @@ def _follow_in_thread(address: str, job_id: str, token: str, heartbeat_s: float,
 
     def run() -> None:
         try:
-            out["info"] = jobs.follow_job_logs(address, job_id, write=write, token=token, heartbeat_s=heartbeat_s)
+            out["info"] = jobs.follow_job_logs(address, job_id, write=write, token=token, heartbeat_s=heartbeat_s,
+                                                 reconnect_after=reconnect_after)
         except Exception as e:
             out["error"] = e
 
@@ -455,8 +571,9 @@ def _follow_in_thread(address: str, job_id: str, token: str, heartbeat_s: float,
 def test_follow_outlives_a_log_connection_that_dies_silently(cluster: LocalRayCluster,
                                                                client: jobs.JobsClient) -> None:
     """The job prints, stays quiet for 4 s, prints again and ends; right after its first line the log connection
-    goes silent for good. The heartbeat finds the job running (keeps waiting), then ended: the follow ends with
-    the job, and what the dead stream missed comes from the stored log, nothing printed twice."""
+    goes silent for good. With reopening put off (reconnect_after), the heartbeat finds the job running (keeps
+    waiting), then ended: the follow ends with the job, and what the dead stream missed comes from the stored log,
+    nothing printed twice."""
     # printed as "mark one" / "mark two": the log also echoes the entrypoint, where they are spelled apart
     job_id = client.submit(py("import time\nprint('mark', 'one', flush=True)\ntime.sleep(4)\n"
                               "print('mark', 'two', flush=True)"))
@@ -467,7 +584,8 @@ def test_follow_outlives_a_log_connection_that_dies_silently(cluster: LocalRayCl
             proxy.cut()
 
     t0 = time.monotonic()
-    thread, out = _follow_in_thread(proxy.address, job_id, cluster.token, 0.5, cut_after_first_line)
+    thread, out = _follow_in_thread(proxy.address, job_id, cluster.token, 0.5, cut_after_first_line,
+                                    reconnect_after=1000)
     try:
         thread.join(timeout=40)
         assert not thread.is_alive(), "follow_logs is still waiting on the dead connection"
@@ -480,6 +598,57 @@ def test_follow_outlives_a_log_connection_that_dies_silently(cluster: LocalRayCl
     assert text.index("mark one") < text.index("mark two")
     status_checks = [r for r in proxy.requests_after_cut if r.startswith(f"GET /api/jobs/{job_id} ")]
     assert len(status_checks) >= 3, proxy.requests_after_cut  # running (>= 1), ended, then wait()'s own
+
+
+@pytest.mark.slow
+def test_follow_reopens_a_dead_log_connection_while_the_job_runs(cluster: LocalRayCluster, client: jobs.JobsClient,
+                                                                 tmp_path: Path) -> None:
+    """The log connection goes silent for good after the job's first line, and the next one after its second; the
+    job goes on printing and waits, after each line, for a file the test creates only once that line has reached
+    the follow (giving up, FAILED, after 30 s): it succeeds only if every line made it out while it ran, each
+    through a new stream opened after two silent heartbeats. The follow's output is the stored log, each character
+    once, and each stream is closed before the next opens."""
+    go = [tmp_path / f"go{i}" for i in range(3)]
+    code = ("import os, time\n"
+            "def wait_for(path):\n"
+            "    deadline = time.monotonic() + 30\n"
+            "    while not os.path.exists(path):\n"
+            "        if time.monotonic() > deadline:\n"
+            "            raise SystemExit(f'gave up waiting for {path}')\n"
+            "        time.sleep(0.1)\n"
+            "print('mark', 'one', flush=True)\n"
+            f"wait_for({str(go[0])!r})\n"
+            "print('late', 'one', flush=True)\n"
+            f"wait_for({str(go[1])!r})\n"
+            "print('late', 'two', flush=True)\n"
+            f"wait_for({str(go[2])!r})\n"
+            "print('mark', 'two', flush=True)\n")
+    job_id = client.submit(py(code))
+    proxy = SilentDropProxy(cluster.address)
+    steps = [("mark one", True), ("late one", True), ("late two", False)]  # (line seen, cut the connection first)
+
+    def on_chunk(text: str) -> None:
+        for i, (line, cut) in enumerate(steps):
+            if line in text and not go[i].exists():
+                if cut:
+                    proxy.cut()
+                go[i].touch()
+
+    thread, out = _follow_in_thread(proxy.address, job_id, cluster.token, 0.5, on_chunk)
+    try:
+        thread.join(timeout=60)
+        assert not thread.is_alive(), "follow_logs is still waiting on a dead connection"
+    finally:
+        proxy.close()
+    assert "error" not in out, out.get("error")
+    text = "".join(out["chunks"])
+    assert out["info"].status == "SUCCEEDED", (out["info"], text)
+    for line in ("mark one", "late one", "late two", "mark two"):
+        assert text.count(line) == 1, (line, text)
+    assert text == client.logs(job_id)
+    reopened = [r for r in proxy.requests_after_cut if r.startswith(f"GET /api/jobs/{job_id}/logs/tail ")]
+    assert len(reopened) >= 2, proxy.requests_after_cut
+    assert len(proxy.tails_left_open) > len(reopened) and not any(proxy.tails_left_open), proxy.tails_left_open
 
 
 @pytest.mark.slow
