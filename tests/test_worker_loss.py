@@ -80,7 +80,8 @@ def test_restart_limit_then_one_line_naming_the_killed_rank_and_no_ray_traceback
     message = str(failed.value)
     assert "\n" not in message
     assert f"rank 0: its worker process (pid {killed[0]}) died without a Python error: killed" in message, message
-    assert "rank 1: RuntimeError:" in message and message.endswith("(a consequence: its peer is gone)"), message
+    if "rank 1:" in message:  # the survivor fails in its next collective, unless Ray tears it down first
+        assert "rank 1: RuntimeError:" in message and message.endswith("(a consequence: its peer is gone)"), message
     time.sleep(2)  # Ray forwards the workers' and its controller's console lines to this process a moment later
     out = "".join(capfd.readouterr())
     assert [n for n in RAY_NOISE if n in out] == [], out[-5000:]
