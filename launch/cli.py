@@ -136,6 +136,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
     from trainer.families.base import DRAW_OPTIONS
     from trainer.images import save_grid
 
+    out = _sample_out(args)  # checked before any work
     family, modules, _ = load_export_url(args.export)
     given = {name: getattr(args, name) for name in DRAW_OPTIONS if getattr(args, name) != _SAMPLE_DEFAULTS[name]}
     refused = [name for name in given if name not in family.draw_options]
@@ -166,10 +167,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     gen = torch.Generator().manual_seed(args.seed)
     images = family.sample_images(modules, args.n, gen, **options)
-    out = args.out or _default_out(args.export)
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
+
+
+def _sample_out(args: argparse.Namespace) -> str:
+    """Where the grid goes: a .png path, so that no other file (an export's weights or config) is replaced by it."""
+    out = args.out or _default_out(args.export)
+    if not out.lower().endswith(".png"):
+        raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
+    return out
 
 
 def _default_out(export: str) -> str:
@@ -231,7 +239,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
         images = images[order]
         print("[sample] reranked scores: " + " ".join(f"{float(scores[i]):.3f}" for i in order[:keep]))
     images = images[:keep]
-    out = args.out or _default_out(args.export)
+    out = _sample_out(args)
     save_grid(images, out)
     print(f"[sample] {len(images)} of {args.n} candidates for {args.prompt!r} -> {out}")
     return 0

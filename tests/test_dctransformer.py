@@ -294,6 +294,12 @@ def test_dgm_sample_cli_from_an_export(tmp_path, capsys, monkeypatch):
             in capsys.readouterr().err)
     assert main(["sample", other, "--out", png, "--n", "1", "--mean-of", "2", "--images", png]) == 2
     assert "'image_gpt' export does not take --images, --mean-of" in capsys.readouterr().err
+    # a grid written over the export's own weights destroyed them: only a .png path is taken
+    weights = os.path.join(out, "model.safetensors")
+    before = open(weights, "rb").read()
+    assert main(["sample", out, "--out", weights, "--n", "1"]) == 2
+    assert f"--out {weights}: the sample grid is a PNG; give a path ending in .png" in capsys.readouterr().err
+    assert open(weights, "rb").read() == before
 
 
 def test_bad_settings_are_refused():
