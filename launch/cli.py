@@ -175,6 +175,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
 def _sample_out(args: argparse.Namespace) -> str:
     """Where the grid goes: a .png path, so that no other file (an export's weights or config) is replaced by it."""
     out = args.out or _default_out(args.export)
+    if os.path.isdir(out) or out.endswith(("/", os.sep)):
+        raise ValueError(f"{out}: is a folder; give the PNG file to write, e.g. {os.path.join(out, 'samples.png')}")
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
     return out
