@@ -73,6 +73,9 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     if stop_after % cfg.zero.grad_accum:
         raise ConfigError(f"--stop-after {stop_after}: not a multiple of zero.grad_accum={cfg.zero.grad_accum} (the "
                           "checkpoint it saves must fall where the optimizer has just stepped)")
+    check_folder(cfg.run_dir, "run_dir")
+    if "://" not in cfg.checkpoint_root:
+        check_folder(cfg.checkpoint_root, "checkpoint_root")
     spec = run_spec(cfg, raw, stop_after, checkpoint_root_of(cfg))
     # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
     CheckpointStore(spec.checkpoint_root).latest()
@@ -142,6 +145,19 @@ def ray_train_log_level() -> str:
     otherwise prints each failed rank's traceback, then its failure report (the tracebacks again) and its
     shutdown errors, some 100 lines after one killed rank. Its session logs (logs/train/ray-train-sys-*) keep all."""
     return "INFO" if debug_requested() else "CRITICAL"
+
+
+def check_folder(path: str, key: str) -> None:
+    """A local folder a run will write into must be one, or be creatable: a file there (or above it) failed only
+    at the first checkpoint, after every step before it."""
+    if not path:
+        return
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        where = "is a file" if probe == os.path.abspath(path) else f"is below {probe}, a file"
+        raise ConfigError(f"{key}={path}: {where}, not a folder; give a folder (or a new path) for it")
 
 
 class TrainingFailed(RuntimeError):

@@ -120,6 +120,28 @@ def test_an_eval_set_smaller_than_one_global_batch_is_refused_before_training(wo
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_a_run_dir_or_checkpoint_root_that_is_a_file_is_refused_before_training(digits_data, tmp_path, monkeypatch):
+    """A file there failed only at the first checkpoint, with a bare NotADirectoryError, after every step before it."""
+    import launch.train
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the folders were checked")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    cases = {f"run_dir={afile}": rf"run_dir={afile}: is a file, not a folder",
+             f"checkpoint_root={afile}": rf"checkpoint_root={afile}: is a file, not a folder",
+             f"checkpoint_root={afile}/ckpt": rf"checkpoint_root={afile}/ckpt: is below {afile}, a file, not a folder"}
+    for override, message in cases.items():
+        over = [f"data.train={digits_data['train']}", f"data.eval={digits_data['holdout']}", f"run_dir={tmp_path / 'run'}",
+                "cluster.workers=1", override]
+        cfg, raw = load_config(CONFIG, over)
+        with pytest.raises(ConfigError, match=message):
+            run_training(cfg, raw)
+    assert afile.read_text() == "mine" and not (tmp_path / "run").exists()
+
+
 @pytest.fixture(scope="module")
 def crashed_run(world1, digits_data, tmp_path_factory) -> tuple[str, Exception]:
     """Two steps whose eval at step 2 fails (its shards are gone); the checkpoint of step 2 is due there too."""
