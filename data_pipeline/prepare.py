@@ -91,6 +91,9 @@ def _fingerprint(config: PrepareConfig, source: Any) -> str:
 def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str], None] | None = None) -> None:
     """Refuse (or, with ``overwrite``, retire) a different complete data set at ``config.output``; run for every
     split before any is written."""
+    problem = storage.folder_problem(config.output)
+    if problem:
+        raise ValueError(f"prepare output {config.output}: {problem}, not a folder; give a folder or an s3:// URL")
     check_output(config.output, _fingerprint(config, source), overwrite=config.overwrite,
                  say=say or (lambda line: print(line, flush=True)))
 

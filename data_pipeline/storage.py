@@ -38,6 +38,7 @@ __all__ = [
     "download_dir",
     "download_file",
     "exists",
+    "folder_problem",
     "is_remote",
     "join",
     "list_prefix",
@@ -89,6 +90,18 @@ def _scheme(url: str) -> str:
 
 def is_remote(url: str) -> bool:
     return _scheme(url) == "s3"
+
+
+def folder_problem(url: str) -> str | None:
+    """Why a local folder cannot be made at ``url`` ("is a file", "is below /x, a file"), or None (S3: None)."""
+    if is_remote(url):
+        return None
+    path = probe = os.path.abspath(local_path(url))
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if os.path.isdir(probe):
+        return None
+    return "is a file" if probe == path else f"is below {probe}, a file"
 
 
 def local_path(url: str) -> str:

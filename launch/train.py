@@ -8,6 +8,7 @@ import re
 from typing import Any
 
 from data_pipeline.manifest import load_manifest
+from data_pipeline.storage import folder_problem
 from launch.config import ExperimentConfig
 from launch.run_record import checkpoint_root_of, record_checkpoint_root
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
@@ -74,8 +75,7 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         raise ConfigError(f"--stop-after {stop_after}: not a multiple of zero.grad_accum={cfg.zero.grad_accum} (the "
                           "checkpoint it saves must fall where the optimizer has just stepped)")
     check_folder(cfg.run_dir, "run_dir")
-    if "://" not in cfg.checkpoint_root:
-        check_folder(cfg.checkpoint_root, "checkpoint_root")
+    check_folder(cfg.checkpoint_root, "checkpoint_root")
     spec = run_spec(cfg, raw, stop_after, checkpoint_root_of(cfg))
     # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
     CheckpointStore(spec.checkpoint_root).latest()
@@ -150,14 +150,9 @@ def ray_train_log_level() -> str:
 def check_folder(path: str, key: str) -> None:
     """A local folder a run will write into must be one, or be creatable: a file there (or above it) failed only
     at the first checkpoint, after every step before it."""
-    if not path:
-        return
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        where = "is a file" if probe == os.path.abspath(path) else f"is below {probe}, a file"
-        raise ConfigError(f"{key}={path}: {where}, not a folder; give a folder (or a new path) for it")
+    problem = folder_problem(path) if path else None
+    if problem:
+        raise ConfigError(f"{key}={path}: {problem}, not a folder; give a folder (or a new path) for it")
 
 
 class TrainingFailed(RuntimeError):

@@ -134,6 +134,18 @@ def test_prepare_rerun_finishes_only_missing_shards(tmp_path):
     assert all(storage.sha256_of(os.path.join(out, s.name)) == s.sha256 for s in manifest.shards)
 
 
+def test_prepare_into_a_file_is_refused_before_any_work(tmp_path):
+    """It said 'notes.txt/shard-000000.tar: File exists', after announcing the shards it would write there."""
+    afile = tmp_path / "notes.txt"
+    afile.write_text("mine")
+    lines: list[str] = []
+    for out, problem in ((afile, "is a file"), (afile / "ds", f"is below {afile}, a file")):
+        with pytest.raises(ValueError, match=rf"prepare output {out}: {problem}, not a folder"):
+            prepare_dataset(PrepareConfig(output=str(out), source="digits", source_settings={"split": "all"},
+                                          samples_per_shard=SPS, parallel=False), report=lines.append)
+    assert lines == [] and afile.read_text() == "mine"
+
+
 def test_prepare_verify_rewrites_a_shard_damaged_in_place(tmp_path):
     """Bytes changed in place keep the size a plain re-run checks: training then fails on the sha256 and says how
     to repair it; `dgm prepare --verify` re-hashes the finished shards and rewrites that one."""
