@@ -30,7 +30,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -98,9 +98,23 @@ class QueuedJob:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> QueuedJob:
+        """A persisted job; a missing or unknown field is named (the file was edited, or written by another dgm)."""
         d = dict(d)
+        names = {f.name for f in fields(cls)}
+        missing = sorted(n for n in names if n not in d and _required(cls, n))
+        unknown = sorted(set(d) - names)
+        if missing or unknown:
+            said = [f"missing field {', '.join(missing)}"] if missing else []
+            said += [f"unknown field {', '.join(unknown)}"] if unknown else []
+            raise ValueError(f"job {d.get('job_id', '?')!r}: {'; '.join(said)}")
         d["resources"] = JobResources.from_dict(d["resources"])
         return cls(**d)
+
+
+def _required(cls: type, name: str) -> bool:
+    """Whether a dataclass field has no default."""
+    f = next(f for f in fields(cls) if f.name == name)
+    return f.default is MISSING and f.default_factory is MISSING
 
 
 def _fits(need: Mapping[str, float], free: Mapping[str, float]) -> bool:
@@ -215,6 +229,8 @@ class JobQueue:
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
+        if self.path.is_dir():
+            raise ClusterError(f"queue file {self.path} is a folder; give a file such as {self.path / 'queue.json'}")
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     @contextlib.contextmanager
@@ -549,7 +565,7 @@ def enqueue_training(queue_file: str | Path, config_path: str, overrides: list[s
 
 
 def list_jobs(queue_file: str | Path) -> list[QueuedJob]:
-    if not Path(queue_file).is_file():
+    if not Path(queue_file).is_file() and not Path(queue_file).is_dir():
         raise ClusterError(f"queue file {queue_file} does not exist (`dgm queue add` creates it)")
     return JobQueue(queue_file).list_jobs()
 

@@ -141,6 +141,10 @@ def test_local_typo_and_missing_file(tmp_path: Path) -> None:
         load_cluster_config(path)
     with pytest.raises(ClusterConfigError, match="cannot read"):
         load_cluster_config(tmp_path / "absent.yaml")
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"\x89PNG\r\n\x1a\n\xff\xfe")
+    with pytest.raises(ClusterConfigError, match=rf"{binary}: not a text file"):
+        load_cluster_config(binary)
     with pytest.raises(ClusterConfigError, match="known: aws, local"):
         bundled("gcp")
 

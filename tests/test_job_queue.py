@@ -350,6 +350,22 @@ def test_a_queue_file_written_before_retry_times_loads(tmp_path: Path) -> None:
         JobQueue(path).list_jobs()
 
 
+def test_a_queue_path_that_is_a_folder_and_a_job_missing_fields_are_named(tmp_path: Path) -> None:
+    """A folder gave IsADirectoryError from `queue add` and "does not exist" from `dgm jobs --queue`; a job entry
+    without its resources said only "unreadable ('resources')"."""
+    from launch.job_queue import list_jobs
+
+    with pytest.raises(ClusterError, match=rf"queue file {tmp_path} is a folder; give a file such as "):
+        JobQueue(tmp_path).enqueue("true", JobResources())
+    with pytest.raises(ClusterError, match=rf"queue file {tmp_path} is a folder"):
+        list_jobs(tmp_path)
+    path = tmp_path / "q.json"
+    path.write_text(json.dumps({"version": 2, "jobs": [{"job_id": "j5", "name": "x", "surprise": 1}]}))
+    with pytest.raises(ClusterError, match=r"unreadable \(job 'j5': missing field entrypoint, resources; unknown "
+                                           r"field surprise\); it was left untouched"):
+        JobQueue(path).list_jobs()
+
+
 def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> None:
     project = tmp_path / "proj"
     (project / "configs").mkdir(parents=True)

@@ -93,6 +93,8 @@ def load_cluster_config(path: str | Path) -> dict[str, Any]:
         text = path.read_text()
     except OSError as e:
         raise ClusterConfigError(f"{where}: cannot read ({e.strerror})") from None
+    except UnicodeDecodeError:
+        raise ClusterConfigError(f"{where}: not a text file (a cluster YAML is UTF-8 text)") from None
     if _SECRET.search(text):
         raise ClusterConfigError(f"{where}: contains AWS credentials; nodes must get S3 access from their IAM "
                                  "instance profile (IamInstanceProfile), never from keys in this file")
