@@ -29,12 +29,14 @@ RAY_BIN = Path(sys.executable).with_name("ray")
 
 @dataclass(frozen=True)
 class LocalRayCluster:
-    """What a test needs to talk to the cluster: the dashboard address and the auth token."""
+    """What a test needs to talk to the cluster: the dashboard address, the auth token, the GCS address (for a
+    driver joining with ray.init)."""
 
     address: str
     token: str
     temp_dir: Path
     num_cpus: int
+    gcs: str = ""
 
 
 def free_port() -> int:
@@ -76,14 +78,14 @@ def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0) -> Iterator[
     """Start a head node on 127.0.0.1 with its own ports and temp dir; stop it on exit."""
     temp_dir = Path(tempfile.mkdtemp(prefix="dgmray", dir="/tmp"))  # short: Ray's socket paths are length-limited
     token = secrets.token_hex(16)
-    dashboard_port = free_port()
+    dashboard_port, gcs_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
     env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's, as on a node
     cmd = [
         str(RAY_BIN), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",
         "--dashboard-host=127.0.0.1", "--node-ip-address=127.0.0.1", "--disable-usage-stats",
-        f"--port={free_port()}", f"--dashboard-port={dashboard_port}",
+        f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         "--object-store-memory=150000000", f"--temp-dir={temp_dir}",
     ]
@@ -93,7 +95,8 @@ def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0) -> Iterator[
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_ready(address, token, proc, log, timeout_s)
-        yield LocalRayCluster(address=address, token=token, temp_dir=temp_dir, num_cpus=num_cpus)
+        yield LocalRayCluster(address=address, token=token, temp_dir=temp_dir, num_cpus=num_cpus,
+                              gcs=f"127.0.0.1:{gcs_port}")
     finally:
         _stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)

@@ -703,7 +703,7 @@ def test_a_driver_joining_the_cluster_keeps_aws_secrets_out_of_its_job_table(
     """`dgm train --address`: the runtime env of ray.init is stored in the cluster's job table, which the job SDK
     (not only the dashboard) returns in plain text; the secrets go there only with DGM_FORWARD_AWS_CREDENTIALS=1."""
     _aws_env(monkeypatch)
-    gcs = (cluster.temp_dir / "ray_current_cluster").read_text().strip()
+    gcs = cluster.gcs
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=cluster.token)
     for opt_in in (False, True):

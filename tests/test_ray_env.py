@@ -50,3 +50,31 @@ def test_the_embedded_cluster_still_gets_every_variable(aws_env: None) -> None:
     env = driver_runtime_env(shared=False)["env_vars"]
     assert {key: env.get(key) for key in {**SECRETS, **PLAIN}} == {**SECRETS, **PLAIN}
     assert forwarded_env(shared=False)[1] == []
+
+
+def test_an_address_nobody_answers_or_a_dashboard_url_is_named_in_seconds() -> None:
+    """ray.init retried a closed host:port for minutes (dgm prepare --address 127.0.0.1:1 hung), and met a dashboard
+    URL with advice about RAY_ADDRESS, which the user never set."""
+    import socket
+    import time
+
+    from trainer.typed_config import ConfigError
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    began = time.monotonic()
+    with pytest.raises(ConfigError, match=rf"--address 127.0.0.1:{port}: no Ray cluster answers there"):
+        ray_env.check_reachable(f"127.0.0.1:{port}")
+    assert time.monotonic() - began < 10
+    with pytest.raises(ConfigError, match=r"that is a Ray dashboard URL .*host:6379, ray://host:10001, or auto"):
+        ray_env.check_reachable("http://127.0.0.1:8265")
+    with pytest.raises(ConfigError, match=r"--address nowhere: expected host:port"):
+        ray_env.check_reachable("nowhere")
+    with pytest.raises(ConfigError, match=rf"--address ray://127.0.0.1:{port}: no Ray cluster answers"):
+        ray_env.check_reachable(f"ray://127.0.0.1:{port}")
+    ray_env.check_reachable("auto")  # resolved by Ray on a cluster node
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        ray_env.check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray takes it on

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import sys
 from collections.abc import Iterable
 from typing import Any
+
+from trainer.typed_config import ConfigError
 
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -112,11 +115,36 @@ def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
         withheld = [key for key in forwarded_env(shared=True)[1] if key not in job_env_keys()]
         if withheld:
             print(withheld_note(withheld, f"the Ray cluster at {address}"), file=sys.stderr)
-        ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
+        check_reachable(address)
+        try:
+            ray.init(address=address, runtime_env=driver_runtime_env(), log_to_driver=True)
+        except ConnectionError as e:
+            raise ConfigError(f"--address {address}: cannot join the Ray cluster there ({e})") from None
         return False
     ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, object_store_memory=object_store_mb << 20,
              runtime_env=driver_runtime_env(), log_to_driver=True, configure_logging=False)
     return True
+
+
+def check_reachable(address: str, timeout_s: float = 5.0) -> None:
+    """Fail in seconds, naming the address, where ``ray.init`` would retry for minutes (a host:port nobody listens
+    on) or answer with advice about RAY_ADDRESS (a dashboard URL given where the cluster's own address belongs)."""
+    if address == "auto":
+        return
+    if address.startswith(("http://", "https://")):
+        raise ConfigError(f"--address {address}: that is a Ray dashboard URL (for `dgm submit`, `dgm jobs`); joining "
+                         "a cluster takes its own address: host:6379, ray://host:10001, or auto on a cluster node")
+    bare = address.removeprefix("ray://")
+    if address.startswith("ray://") and ":" not in bare:
+        bare += ":10001"  # Ray Client's default port
+    host, _, port = bare.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"--address {address}: expected host:port (e.g. 10.0.0.5:6379), ray://host:port or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise ConfigError(f"--address {address}: no Ray cluster answers there ({e.strerror or e}); check the "
+                              "host and port (a head node's GCS listens on 6379, Ray Client on 10001)") from None
 
 
 def quiet_worker_noise() -> None:
