@@ -120,9 +120,15 @@ def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int
     return list(shapes[0])
 
 
+MAX_SHARDS = 1_000_000  # the shard names' six digits; and a plan of billions would fill memory before a word
+
+
 def plan_shards(config: PrepareConfig, total: int, source: Any) -> list[ShardPlan]:
     fp = _fingerprint(config, source)
     n = (total + config.samples_per_shard - 1) // config.samples_per_shard
+    if n > MAX_SHARDS:
+        raise ValueError(f"{total:,} samples at samples_per_shard={config.samples_per_shard} would make {n:,} shards "
+                         f"(at most {MAX_SHARDS:,}): lower the split's num_samples or raise samples_per_shard")
     return [
         ShardPlan(i, f"shard-{i:06d}.tar", i * config.samples_per_shard,
                   min((i + 1) * config.samples_per_shard, total), fp)

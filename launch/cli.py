@@ -166,7 +166,13 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          + " (one sample per label and per image)")
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     gen = torch.Generator().manual_seed(args.seed)
-    images = family.sample_images(modules, args.n, gen, **options)
+    try:
+        images = family.sample_images(modules, args.n, gen, **options)
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        raise MemoryError(f"--n {args.n}: too many samples to draw at once in this machine's memory "
+                          f"({str(e).splitlines()[0][:200]}); draw fewer per call") from None
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0

@@ -14,4 +14,6 @@ from trainer.typed_config import ConfigError
 WORKER_ERRORS: tuple[type[BaseException], ...] = (
     ConfigError, DatasetError, StorageError, OrderError, CheckpointError, ExportError,
 )
-USER_ERRORS: tuple[type[BaseException], ...] = (*WORKER_ERRORS, ClusterError, TrainingFailed, ValueError, FileNotFoundError)
+# MemoryError: numpy's "Unable to allocate 74.5 GiB for an array with shape ..." says what to lower
+USER_ERRORS: tuple[type[BaseException], ...] = (*WORKER_ERRORS, ClusterError, TrainingFailed, ValueError, FileNotFoundError,
+                                               MemoryError)

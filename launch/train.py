@@ -74,6 +74,8 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     if stop_after % cfg.zero.grad_accum:
         raise ConfigError(f"--stop-after {stop_after}: not a multiple of zero.grad_accum={cfg.zero.grad_accum} (the "
                           "checkpoint it saves must fall where the optimizer has just stepped)")
+    if not cfg.cluster.address:
+        check_object_store(cfg.cluster.object_store_mb)
     check_folder(cfg.run_dir, "run_dir")
     check_folder(cfg.checkpoint_root, "checkpoint_root")
     spec = run_spec(cfg, raw, stop_after, checkpoint_root_of(cfg))
@@ -112,6 +114,15 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     else:
         metrics = dict(result.metrics or {})
     return {**metrics, "checkpoint_root": spec.checkpoint_root}
+
+
+def check_object_store(object_store_mb: int) -> None:
+    """The embedded cluster's object store lives in this machine's memory: Ray words a size past it as a negative
+    percentage of a negative number of GB."""
+    memory_mb = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") >> 20
+    if object_store_mb > memory_mb // 2:
+        raise ConfigError(f"cluster.object_store_mb={object_store_mb}: more than half of this machine's memory "
+                          f"({memory_mb:,} MiB), which the training processes need; a few hundred MiB is enough here")
 
 
 def check_local_resources(cfg: ExperimentConfig) -> None:

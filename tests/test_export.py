@@ -220,3 +220,22 @@ def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
     (root / "step-00000020" / "meta.json").write_text("{}")
     with pytest.raises(CheckpointError, match="step-00000020/meta.json: unreadable metadata"):  # found, then read
         export_checkpoint(str(root), str(tmp_path / "out"), "step-00000020/")
+
+
+def test_sampling_more_than_memory_holds_is_one_line(tmp_path, capsys, monkeypatch):
+    """`dgm sample --n 100000000` ended in torch's allocator traceback."""
+    from launch.cli import main
+    from trainer.families.image_gpt import ImageGPTFamily
+
+    fam, states = tiny()
+    out = write_export(str(tmp_path / "igpt"), fam, states)
+
+    def too_many(self, modules, n, gen, **options):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 614800000000 bytes.")
+
+    monkeypatch.setattr(ImageGPTFamily, "sample_images", too_many)
+    assert main(["sample", out, "--out", str(tmp_path / "s.png"), "--n", "100000000"]) == 2
+    err = capsys.readouterr().err
+    assert "--n 100000000: too many samples to draw at once in this machine's memory" in err
+    assert "Traceback" not in err and not (tmp_path / "s.png").exists()

@@ -120,7 +120,7 @@ def test_an_eval_set_smaller_than_one_global_batch_is_refused_before_training(wo
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
-def test_a_run_dir_or_checkpoint_root_that_is_a_file_is_refused_before_training(digits_data, tmp_path, monkeypatch):
+def test_a_run_dir_or_checkpoint_root_that_is_a_file_or_an_object_store_past_memory_is_refused_early(digits_data, tmp_path, monkeypatch):
     """A file there failed only at the first checkpoint, with a bare NotADirectoryError, after every step before it."""
     import launch.train
 
@@ -132,7 +132,9 @@ def test_a_run_dir_or_checkpoint_root_that_is_a_file_is_refused_before_training(
     afile.write_text("mine")
     cases = {f"run_dir={afile}": rf"run_dir={afile}: is a file, not a folder",
              f"checkpoint_root={afile}": rf"checkpoint_root={afile}: is a file, not a folder",
-             f"checkpoint_root={afile}/ckpt": rf"checkpoint_root={afile}/ckpt: is below {afile}, a file, not a folder"}
+             f"checkpoint_root={afile}/ckpt": rf"checkpoint_root={afile}/ckpt: is below {afile}, a file, not a folder",
+             "cluster.object_store_mb=100000000": r"cluster.object_store_mb=100000000: more than half of this "
+                                                  r"machine's memory"}
     for override, message in cases.items():
         over = [f"data.train={digits_data['train']}", f"data.eval={digits_data['holdout']}", f"run_dir={tmp_path / 'run'}",
                 "cluster.workers=1", override]

@@ -146,6 +146,16 @@ def test_prepare_into_a_file_is_refused_before_any_work(tmp_path):
     assert lines == [] and afile.read_text() == "mine"
 
 
+def test_a_split_of_more_shards_than_names_is_refused_at_once(tmp_path):
+    """10^12 samples planned 3*10^10 shards in memory, without a word, until killed."""
+    from data_pipeline.prepare import plan_shards
+
+    cfg = PrepareConfig(output=str(tmp_path / "ds"), source="digits", samples_per_shard=32)
+    with pytest.raises(ValueError, match=r"1,000,000,000,000 samples at samples_per_shard=32 would make "
+                                         r"31,250,000,000 shards \(at most 1,000,000\)"):
+        plan_shards(cfg, 10**12, None)
+
+
 def test_prepare_verify_rewrites_a_shard_damaged_in_place(tmp_path):
     """Bytes changed in place keep the size a plain re-run checks: training then fails on the sha256 and says how
     to repair it; `dgm prepare --verify` re-hashes the finished shards and rewrites that one."""
