@@ -206,15 +206,23 @@ def test_an_empty_caption_names_the_shard_and_sample(ray_local, scenes: str, dva
 
 
 @pytest.mark.slow
-def test_an_export_the_workers_cannot_load_is_named(ray_local, scenes: str, dvae_export: str, tmp_path: Path) -> None:
-    """A damaged dVAE export killed every worker: the CLI got an uncaught ActorDiedError traceback."""
+def test_a_damaged_export_is_named_before_any_worker_starts(scenes: str, dvae_export: str, tmp_path: Path,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A damaged dVAE export killed every worker: the CLI got an uncaught ActorDiedError traceback, later each
+    worker's stack from Ray before the one clear line. The driver checks the weights' digest first."""
+    import trainer.dalle.tokenise_job as job
+
+    def started(*args, **kwargs):
+        raise AssertionError("workers were started for a damaged export")
+
+    monkeypatch.setattr(job, "ensure_ray", started)
     damaged = str(tmp_path / "dvae")
     shutil.copytree(dvae_export, damaged)
     with open(os.path.join(damaged, "model.safetensors"), "r+b") as f:
         f.seek(200)
         f.write(b"\x00\x01\x02\x03")
-    with pytest.raises(DatasetError, match=rf"{damaged}: the tokenise workers could not load this dVAE export "
-                                           r"\(.*sha256 does not match"):
+    with pytest.raises(DatasetError, match=rf"{damaged}/model.safetensors: sha256 [0-9a-f]{{12}}\.\.\., but its "
+                                           r"config.json records [0-9a-f]{12}\.\.\.: the file is damaged"):
         tokenise_dataset(scenes, damaged, str(tmp_path / "out"), workers=1, report=lambda _: None)
 
 

@@ -180,6 +180,14 @@ def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
     if family != "dvae":
         raise DatasetError(f"{export_url}: is a {family!r} export, not a dVAE ('dvae') export: tokenising needs the "
                            "dVAE that turns images into codes")
+    weights_url = storage.join(export_url, "model.safetensors")
+    try:  # checked here, once: a damaged file met in every worker came back under Ray's stack of each
+        actual = storage.sha256_of(weights_url)
+    except storage.StorageError as e:
+        raise DatasetError(f"{export_url}: its weights cannot be read ({e})") from e
+    if actual != sha:
+        raise DatasetError(f"{weights_url}: sha256 {actual[:12]}..., but its config.json records {sha[:12]}...: "
+                           "the file is damaged or was replaced; export the dVAE again")
     return sha, hashlib.sha256(raw).hexdigest(), shape
 
 
