@@ -108,12 +108,12 @@ def cmd_queue(args: argparse.Namespace) -> int:
     if args.queue_command == "add":
         check_submittable(args.config, args.overrides)
         resources = _resources(args)
-        if not resources.request():
-            print("[queue] warning: no --cpus/--gpus/--memory: the job books nothing, so it starts at once and "
-                  "priorities cannot order it against others", file=sys.stderr)
         job = job_queue.enqueue_training(args.queue, args.config, args.overrides, PROJECT_ROOT, resources,
                                          args.priority)
         print(f"{job.job_id} queued (priority {job.priority}, {job.resources})")
+        if not resources.request():
+            print("[queue] warning: the job declares no resources (--cpus/--gpus/--memory unset or 0): it books "
+                  "nothing, so it starts at once and priorities cannot order it against others", file=sys.stderr)
         return 0
     if args.queue_command == "stop":
         job_queue.list_jobs(args.queue)  # a mistyped queue file is named, not created
