@@ -316,7 +316,11 @@ def main(argv: list[str] | None = None) -> int:
 
     from launch.train import ensure_ray
 
-    ensure_ray(args.address)
+    try:
+        ensure_ray(args.address)
+    except ConfigError as e:
+        print(f"gap_monitor: error: {e}", file=sys.stderr)
+        return 2
     actor, ref = start_monitor(cfg, detached=args.detach)
     if args.detach:
         print(f"[gap] monitor started (detached) for {cfg.run_dir}; values in {cfg.run_dir}/{GAP_FILE}")

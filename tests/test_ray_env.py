@@ -74,6 +74,16 @@ def test_an_address_nobody_answers_or_a_dashboard_url_is_named_in_seconds() -> N
     with pytest.raises(ConfigError, match=rf"--address ray://127.0.0.1:{port}: no Ray cluster answers"):
         ray_env.check_reachable(f"ray://127.0.0.1:{port}")
     ray_env.check_reachable("auto")  # resolved by Ray on a cluster node
+    if socket.has_ipv6:
+        with socket.socket(socket.AF_INET6) as six:
+            try:
+                six.bind(("::1", 0))
+            except OSError:  # no IPv6 loopback on this machine
+                six = None
+            if six is not None:
+                six.listen()
+                ray_env.check_reachable(f"[::1]:{six.getsockname()[1]}")  # as Ray reads it
+                ray_env.check_reachable(f"ray://[::1]:{six.getsockname()[1]}")
     with socket.socket() as listening:
         listening.bind(("127.0.0.1", 0))
         listening.listen()
