@@ -147,15 +147,15 @@ DEBUG_VAR = "DGM_DEBUG"
 
 
 def debug_requested() -> bool:
-    """DGM_DEBUG=1: show Ray Train's own console logs, the workers' full tracebacks among them."""
+    """DGM_DEBUG=1: Ray Train's console logs at DEBUG."""
     return os.environ.get(DEBUG_VAR, "").strip().lower() in ("1", "true", "yes")
 
 
 def ray_train_log_level() -> str:
-    """Ray Train's console level for a run. By default only our one-line error reaches the user: Ray Train
-    otherwise prints each failed rank's traceback, then its failure report (the tracebacks again) and its
-    shutdown errors, some 100 lines after one killed rank. Its session logs (logs/train/ray-train-sys-*) keep all."""
-    return "INFO" if debug_requested() else "CRITICAL"
+    """Ray Train's console level for a run: INFO, its own, by default. Quieter would hide all it says about a
+    worker group waiting for resources or restarting after a failure (both INFO); its failure report repeats the
+    workers' tracebacks, which the one-line error after it sums up (``user_error_of``)."""
+    return "DEBUG" if debug_requested() else "INFO"
 
 
 def check_folder(path: str, key: str) -> None:
@@ -196,7 +196,11 @@ def describe_failure(failure: BaseException) -> str:
         return f"{type(failure).__name__}: {_first_line(failure)[:300]}"
     text = str(failure)
     pid = re.search(r"^\s*pid: (\d+)", text, re.MULTILINE)
+    ip = re.search(r"^\s*ip: (\S+)", text, re.MULTILINE)
     process = f"its worker process (pid {pid.group(1)})" if pid else "its worker process"
+    process += f" on {ip.group(1)}" if ip else ""
+    if "node has died" in text:
+        return f"{process} was lost with its node (the machine stopped, was preempted, or lost the network)"
     if "Worker exit type: SYSTEM_ERROR" in text:
         return f"{process} died without a Python error: killed (a signal, the OOM killer) or crashed"
     detail = re.search(r"Worker exit detail: (.+?\.)(\s|$)", text)
