@@ -201,8 +201,9 @@ def plan(queued: list[QueuedJob], free: Mapping[str, float], now: float, policy:
             if one_node(job, need):
                 reserved_node = _reservation_node(need, nodes, node_total)
                 nodes_before_reservation = [dict(n) for n in nodes]
-                if reserved_node is not None:
+                if reserved_node is not None:  # what that node has of it is held there, and only that
                     held = nodes[reserved_node]
+                    reserved = {k: min(v, held.get(k, 0.0)) for k, v in need.items()}
                     held.update({k: max(0.0, held.get(k, 0.0) - v) for k, v in need.items()})
         elif holder is not None and not retrying and placeable and _fits(need, free):
             behind.add(job.job_id)

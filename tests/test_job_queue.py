@@ -151,6 +151,11 @@ def test_a_one_process_jobs_reservation_holds_a_node_it_fits_and_pins_smaller_jo
     assert reasons["small"] == "waiting for 1 CPU on one node: at most 0 CPU free on any node"
     start, _ = plan([big, small], {"CPU": 5.0}, NOW, POLICY, free, totals)  # no reservation yet: nothing pinned
     assert start == [small]
+    # the held node is B (3 of 4 free, nearer than A's 2): only B's 3 CPU are held, so a 2-CPU job fits on A
+    two = job("two", 1, 2, num_cpus=2)
+    pinned.clear()
+    start, _ = plan([big, two], {"CPU": 5.0}, NOW, POLICY, [{"CPU": 2.0}, {"CPU": 3.0}], [{"CPU": 4.0}] * 2, pinned)
+    assert start == [two] and pinned == {"two": 0}
     young = job("big", 5, 1, num_cpus=4)
     pinned.clear()
     start, _ = plan([young, small], {"CPU": 5.0}, NOW, POLICY, free, totals, pinned)
