@@ -94,6 +94,7 @@ def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str]
     problem = storage.folder_problem(config.output)
     if problem:
         raise ValueError(f"prepare output {config.output}: {problem}, not a folder; give a folder or an s3:// URL")
+    check_shard_count(config, len(source))
     check_output(config.output, _fingerprint(config, source), overwrite=config.overwrite,
                  say=say or (lambda line: print(line, flush=True)))
 
@@ -123,12 +124,19 @@ def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int
 MAX_SHARDS = 1_000_000  # the shard names' six digits; and a plan of billions would fill memory before a word
 
 
-def plan_shards(config: PrepareConfig, total: int, source: Any) -> list[ShardPlan]:
-    fp = _fingerprint(config, source)
+def check_shard_count(config: PrepareConfig, total: int) -> int:
+    """The number of shards ``total`` samples make; more than the names hold is refused (before any split is
+    written: ``check_prepare_output`` runs it for each)."""
     n = (total + config.samples_per_shard - 1) // config.samples_per_shard
     if n > MAX_SHARDS:
         raise ValueError(f"{total:,} samples at samples_per_shard={config.samples_per_shard} would make {n:,} shards "
                          f"(at most {MAX_SHARDS:,}): lower the split's num_samples or raise samples_per_shard")
+    return n
+
+
+def plan_shards(config: PrepareConfig, total: int, source: Any) -> list[ShardPlan]:
+    fp = _fingerprint(config, source)
+    n = check_shard_count(config, total)
     return [
         ShardPlan(i, f"shard-{i:06d}.tar", i * config.samples_per_shard,
                   min((i + 1) * config.samples_per_shard, total), fp)

@@ -34,7 +34,13 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
     from data_pipeline.codecs import build_codec
-    from data_pipeline.prepare import PrepareConfig, check_codec_fits, check_prepare_output, prepare_dataset
+    from data_pipeline.prepare import (
+        PrepareConfig,
+        check_codec_fits,
+        check_prepare_output,
+        check_shard_count,
+        prepare_dataset,
+    )
     from data_pipeline.sources import build_source
     from launch.train import ensure_ray
     from trainer.typed_config import ConfigError
@@ -60,6 +66,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             codec = build_codec(spec.codec, spec.codec_settings)
             where = f"data.prepare.splits.{split}"
             check_codec_fits(pc, source, codec)
+            check_shard_count(pc, len(source))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{args.config}: {where}: {e}") from e
         plans.append((pc, source))
