@@ -146,7 +146,7 @@ def test_prepare_into_a_file_is_refused_before_any_work(tmp_path):
     assert lines == [] and afile.read_text() == "mine"
 
 
-def test_a_split_of_more_shards_than_names_is_refused_at_once(tmp_path):
+def test_a_split_of_more_shards_than_names_is_refused_at_once(tmp_path, capsys):
     """10^12 samples planned 3*10^10 shards in memory, without a word, until killed."""
     from data_pipeline.prepare import plan_shards
 
@@ -154,6 +154,15 @@ def test_a_split_of_more_shards_than_names_is_refused_at_once(tmp_path):
     with pytest.raises(ValueError, match=r"1,000,000,000,000 samples at samples_per_shard=32 would make "
                                          r"31,250,000,000 shards \(at most 1,000,000\)"):
         plan_shards(cfg, 10**12, None)
+    # `dgm prepare` checks every split before writing any: a train split was written, then eval refused
+    from launch.cli import main
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "data"
+    argv = ["prepare", os.path.join(root, "configs", "gan_ring.yaml"), "--no-ray", f"data.train={out}/train",
+            f"data.eval={out}/eval", "data.prepare.splits.eval.num_samples=2000000000"]
+    assert main(argv) == 2
+    assert "data.prepare.splits.eval: 2,000,000,000 samples" in capsys.readouterr().err and not out.exists()
 
 
 def test_prepare_verify_rewrites_a_shard_damaged_in_place(tmp_path):
