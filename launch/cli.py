@@ -173,16 +173,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
                          + " (one sample per label and per image)")
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     gen = torch.Generator().manual_seed(args.seed)
-    try:
-        images = family.sample_images(modules, args.n, gen, **options)
-    except RuntimeError as e:
-        if "allocate" not in str(e):
-            raise
-        raise MemoryError(f"--n {args.n}: too many samples to draw at once in this machine's memory "
-                          f"({str(e).splitlines()[0][:200]}); draw fewer per call") from None
+    images = _draw(family, modules, args.n, gen, **options)
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
+
+
+def _draw(family, modules, n: int, gen, **options):
+    """``family.sample_images``, with torch's allocator failure for too large an ``--n`` said in one line."""
+    try:
+        return family.sample_images(modules, n, gen, **options)
+    except RuntimeError as e:
+        if "allocate" not in str(e):
+            raise
+        raise MemoryError(f"--n {n}: too many samples to draw at once in this machine's memory "
+                          f"({str(e).splitlines()[0][:200]}); draw fewer per call") from None
 
 
 def _sample_out(args: argparse.Namespace) -> str:
@@ -192,6 +197,9 @@ def _sample_out(args: argparse.Namespace) -> str:
         raise ValueError(f"{out}: is a folder; give the PNG file to write, e.g. {os.path.join(out, 'samples.png')}")
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
+    images = getattr(args, "images", None)
+    if images and os.path.exists(out) and os.path.samefile(out, images):
+        raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
     return out
 
 
@@ -245,7 +253,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
             raise ValueError(f"--rerank {args.rerank}: a {clip_family.name!r} export cannot score images "
                              "(train a `contrastive` model)")
     gen = torch.Generator().manual_seed(args.seed)
-    images = family.sample_images(modules, args.n, gen, prompt=[args.prompt] * args.n, **options)
+    images = _draw(family, modules, args.n, gen, prompt=[args.prompt] * args.n, **options)
     keep = args.keep or args.n
     if args.rerank:
         with torch.no_grad():
@@ -376,7 +384,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args._commands[args.command](args)
     except USER_ERRORS as e:
-        print(f"dgm {args.command}: error: {e}", file=sys.stderr)
+        said = str(e) or (f"{type(e).__name__}: out of this machine's memory" if isinstance(e, MemoryError)
+                          else type(e).__name__)  # Python's own MemoryError() says nothing
+        print(f"dgm {args.command}: error: {said}", file=sys.stderr)
         return 2
 
 

@@ -239,3 +239,26 @@ def test_sampling_more_than_memory_holds_is_one_line(tmp_path, capsys, monkeypat
     err = capsys.readouterr().err
     assert "--n 100000000: too many samples to draw at once in this machine's memory" in err
     assert "Traceback" not in err and not (tmp_path / "s.png").exists()
+
+
+def test_python_s_bare_memory_error_and_an_out_over_the_input_image_are_named(tmp_path, capsys, monkeypatch):
+    from PIL import Image
+
+    from launch.cli import main
+    from trainer.families.image_gpt import ImageGPTFamily
+
+    fam, states = tiny()
+    out = write_export(str(tmp_path / "igpt"), fam, states)
+    picture = tmp_path / "mine.png"
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(picture)
+    before = picture.read_bytes()
+    assert main(["sample", out, "--images", str(picture), "--out", str(picture)]) == 2
+    assert "is the --images file: the grid would replace the image it was drawn from" in capsys.readouterr().err
+    assert picture.read_bytes() == before
+
+    def bare(self, modules, n, gen, **options):
+        raise MemoryError()  # as bytearray or list growth raise it: no message
+
+    monkeypatch.setattr(ImageGPTFamily, "sample_images", bare)
+    assert main(["sample", out, "--out", str(tmp_path / "s.png"), "--n", "2"]) == 2
+    assert "dgm sample: error: MemoryError: out of this machine's memory" in capsys.readouterr().err
