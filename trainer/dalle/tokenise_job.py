@@ -14,9 +14,11 @@ re-prepare the input. This module imports torch and Ray, never launch.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -181,14 +183,24 @@ def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
         raise DatasetError(f"{export_url}: is a {family!r} export, not a dVAE ('dvae') export: tokenising needs the "
                            "dVAE that turns images into codes")
     weights_url = storage.join(export_url, "model.safetensors")
-    try:  # checked here, once: a damaged file met in every worker came back under Ray's stack of each
-        actual = storage.sha256_of(weights_url)
+    try:  # checked here: a damaged file met in every worker came back under Ray's stack of each
+        stamp = (storage.size(weights_url),
+                 0 if storage.is_remote(weights_url) else os.stat(storage.local_path(weights_url)).st_mtime_ns)
+        actual = _digest(weights_url, stamp)
     except storage.StorageError as e:
         raise DatasetError(f"{export_url}: its weights cannot be read ({e})") from e
     if actual != sha:
         raise DatasetError(f"{weights_url}: sha256 {actual[:12]}..., but its config.json records {sha[:12]}...: "
                            "the file is damaged or was replaced; export the dVAE again")
     return sha, hashlib.sha256(raw).hexdigest(), shape
+
+
+@functools.lru_cache(maxsize=8)
+def _digest(url: str, stamp: tuple[int, int]) -> str:
+    """sha256 of the weights, once per file and (size, local mtime) in this process: every split's plan asks, and
+    over s3:// each ask was a whole download."""
+    del stamp  # part of the cache key only: a file changed since is hashed again
+    return storage.sha256_of(url)
 
 
 def _first_line(message: str) -> str:
