@@ -37,10 +37,10 @@ async def stream_with_heartbeat(open_stream: Callable[[], AsyncIterable[str]], w
     thread so the stream keeps being read) uses a fresh connection. When `reconnect_after` checks in a row find
     the job running (not pending: no log yet), the stream is closed and a new one opened: Ray's job agent replays
     the log file from its start on every stream (`file_tail_iterator`), so the first `cursor.offset` characters of
-    the new one, which were passed on already, are dropped, across chunk boundaries. A quiet job is reopened so
-    every `reconnect_after * heartbeat_s` seconds; after a reopened stream that brought nothing at all, twice as
-    many checks are waited for (up to 8 times as many), so that a head slow to start streams cannot keep a
-    follow from ever hearing one. A replay still short of `cursor.offset` at a heartbeat is checked
+    the new one, which were passed on already, are dropped, across chunk boundaries. After a stream that brought
+    nothing new (a quiet job, whose every reopening replays its whole log; a head slow to start streams), twice as
+    many checks are waited for before the next reopening, up to 8 times as many: a quiet job's log is replayed
+    at most every `8 * reconnect_after * heartbeat_s` seconds, and new output resets the wait. A replay still short of `cursor.offset` at a heartbeat is checked
     against the stored log (`stored_log`, blocking): one shorter than what was passed on was cut down (rotated,
     truncated) and is passed on from its new start after a note on stderr. A failing `status` or `stored_log` is
     ClusterError (JobNotFoundError when the job is gone).
@@ -82,7 +82,7 @@ async def stream_with_heartbeat(open_stream: Callable[[], AsyncIterable[str]], w
     pending = asyncio.ensure_future(next_chunk(stream))
     skip = 0  # characters of this stream still to drop: its replay of what was passed on already
     replayed = 0  # characters of this stream dropped so far
-    heard = False  # whether this stream has brought anything
+    fresh = False  # whether this stream has brought anything not passed on before (more than its replay)
     silent = 0  # checks in a row that found the job running and nothing come since
     patience = reconnect_after  # silent checks before the stream is reopened
     try:
@@ -92,13 +92,14 @@ async def stream_with_heartbeat(open_stream: Callable[[], AsyncIterable[str]], w
                 chunk = pending.result()
                 if chunk is None:  # the job ended; a replay that ended short of what was passed on: a cut log
                     return await ask(status) if skip else None
-                last, silent, heard, patience = time.monotonic(), 0, True, reconnect_after
+                last, silent = time.monotonic(), 0
                 if skip:
                     dropped = min(skip, len(chunk))
                     chunk, skip, replayed = chunk[dropped:], skip - dropped, replayed + dropped
                 if chunk:
                     write(chunk)
                     cursor.offset += len(chunk)
+                    fresh, patience = True, reconnect_after
                 pending = asyncio.ensure_future(next_chunk(stream))
                 continue
             info = await ask(status)
@@ -118,12 +119,12 @@ async def stream_with_heartbeat(open_stream: Callable[[], AsyncIterable[str]], w
                 continue
             silent += 1
             if silent >= patience:
-                if not heard:  # a head slow to start a stream (Ray's waits 1 s first), or a job that printed nothing
+                if not fresh:  # a quiet job (each reopening replays its whole log), or a head slow to start streams
                     patience = min(2 * patience, 8 * reconnect_after)
                 await close(stream, pending)
                 stream = aiter(open_stream())
                 pending = asyncio.ensure_future(next_chunk(stream))
-                skip, replayed, heard, silent = cursor.offset, 0, False, 0
+                skip, replayed, fresh, silent = cursor.offset, 0, False, 0
     finally:
         await close(stream, pending)
 

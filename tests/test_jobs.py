@@ -222,6 +222,22 @@ def test_a_stream_slow_to_start_gets_more_time_after_each_reopening_that_brought
     assert written == ["ab"] and streams.opened == 2
 
 
+def test_a_quiet_jobs_log_is_replayed_ever_more_rarely() -> None:
+    """Each reopening makes Ray send the whole log again: while nothing new comes, the wait before the next one
+    doubles (2, 2, 4, 8, 16, 16 heartbeats), where every replay used to count as news and reset it to 2."""
+    streams = ScriptedStreams(*[(["hello\n"], False)] * 40)
+    checks = iter(range(10**6))
+
+    def status() -> jobs.JobInfo:
+        return RUNNING if next(checks) < 40 else jobs.JobInfo("j-1", "SUCCEEDED", "python train.py")
+
+    written: list[str] = []
+    done = asyncio.run(log_follow.stream_with_heartbeat(streams, written.append, status, 0.02,
+                                                  address="http://head:8265", job_id="j-1", stored_log=lambda: ""))
+    assert done.status == "SUCCEEDED" and written == ["hello\n"]
+    assert streams.opened == 6, streams.events  # reopened at checks 2, 4, 8, 16, 32 (then 48, after the end)
+
+
 def test_a_pending_jobs_stream_is_not_reopened() -> None:
     """A pending job has no driver and no log yet; its stream waits for one, however many heartbeats pass."""
     streams = ScriptedStreams(([0.6, "ab"], True))
