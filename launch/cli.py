@@ -193,12 +193,14 @@ def _draw(family, modules, n: int, gen, **options):
 def _sample_out(args: argparse.Namespace) -> str:
     """Where the grid goes: a .png path, so that no other file (an export's weights or config) is replaced by it."""
     out = args.out or _default_out(args.export)
+    if "://" in out:
+        raise ValueError(f"--out {out}: the grid is written to this machine; give a local .png path")
     if os.path.isdir(out) or out.endswith(("/", os.sep)):
         raise ValueError(f"{out}: is a folder; give the PNG file to write, e.g. {os.path.join(out, 'samples.png')}")
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
     images = getattr(args, "images", None)
-    if images and os.path.exists(out) and os.path.samefile(out, images):
+    if images and os.path.exists(out) and os.path.exists(images) and os.path.samefile(out, images):
         raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
     return out
 

@@ -255,6 +255,11 @@ def test_python_s_bare_memory_error_and_an_out_over_the_input_image_are_named(tm
     assert main(["sample", out, "--images", str(picture), "--out", str(picture)]) == 2
     assert "is the --images file: the grid would replace the image it was drawn from" in capsys.readouterr().err
     assert picture.read_bytes() == before
+    assert main(["sample", out, "--images", str(tmp_path / "typo.png"), "--out", str(picture)]) == 2
+    assert "No such file" not in capsys.readouterr().err  # the family's own word on --images, not samefile's
+    for url in ("s3://bucket/x.png", f"file://{tmp_path}/x.png"):
+        assert main(["sample", out, "--out", url]) == 2
+        assert f"--out {url}: the grid is written to this machine; give a local .png path" in capsys.readouterr().err
 
     def bare(self, modules, n, gen, **options):
         raise MemoryError()  # as bytearray or list growth raise it: no message

@@ -74,6 +74,9 @@ def test_an_address_nobody_answers_or_a_dashboard_url_is_named_in_seconds() -> N
     with pytest.raises(ConfigError, match=rf"--address ray://127.0.0.1:{port}: no Ray cluster answers"):
         ray_env.check_reachable(f"ray://127.0.0.1:{port}")
     ray_env.check_reachable("auto")  # resolved by Ray on a cluster node
+    ray_env.check_reachable("local")
+    with pytest.raises(ConfigError, match=r"--address ray://head: expected host:port"):  # gRPC would try 443
+        ray_env.check_reachable("ray://head")
     if socket.has_ipv6:
         with socket.socket(socket.AF_INET6) as six:
             try:

@@ -129,18 +129,14 @@ def ensure_ray(address: str = "", object_store_mb: int = 256) -> bool:
 def check_reachable(address: str, timeout_s: float = 5.0) -> None:
     """Fail in seconds, naming the address, where ``ray.init`` would retry for minutes (a host:port nobody listens
     on) or answer with advice about RAY_ADDRESS (a dashboard URL given where the cluster's own address belongs)."""
-    if address == "auto":
+    if address in ("auto", "local"):
         return
     if address.startswith(("http://", "https://")):
         raise ConfigError(f"--address {address}: that is a Ray dashboard URL (for `dgm submit`, `dgm jobs`); joining "
                          "a cluster takes its own address: host:6379, ray://host:10001, or auto on a cluster node")
     from ray._common.network_utils import parse_address  # Ray's own reading: [::1]:6379 is ('::1', '6379')
 
-    bare = address.removeprefix("ray://")
-    parsed = parse_address(bare)
-    if parsed is None and address.startswith("ray://"):
-        parsed = (bare.strip("[]"), "10001")  # Ray Client's default port
-    host, port = parsed or ("", "")
+    host, port = parse_address(address.removeprefix("ray://")) or ("", "")
     if not host or not port.isdigit():
         raise ConfigError(f"--address {address}: expected host:port (e.g. 10.0.0.5:6379), ray://host:port or auto")
     try:
