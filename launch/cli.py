@@ -166,6 +166,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.labels:
         counts["--labels"] = len(args.labels)
     if args.images:
+        if os.path.exists(out) and os.path.exists(args.images) and os.path.samefile(out, args.images):
+            raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
         options["images"] = _load_images(args.images)
         counts[f"--images {args.images}"] = len(options["images"])
     if len(set(counts.values())) > 1:
@@ -199,9 +201,6 @@ def _sample_out(args: argparse.Namespace) -> str:
         raise ValueError(f"{out}: is a folder; give the PNG file to write, e.g. {os.path.join(out, 'samples.png')}")
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
-    images = getattr(args, "images", None)
-    if images and os.path.exists(out) and os.path.exists(images) and os.path.samefile(out, images):
-        raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
     return out
 
 

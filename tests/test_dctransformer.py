@@ -540,6 +540,10 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     colour = write_export(str(tmp_path / "col"), cfam, {"model": cmodel.state_dict()})
     Image.fromarray(cfam.source_images(1)[0]).convert("L").save(tmp_path / "grey.png")
     assert main(["sample", colour, "--images", str(tmp_path / "grey.png"), "--out", png]) == 0
+    grey = (tmp_path / "grey.png").read_bytes()  # a grid written over the image it was drawn from
+    assert main(["sample", colour, "--images", str(tmp_path / "grey.png"), "--out", str(tmp_path / "grey.png")]) == 2
+    assert "is the --images file: the grid would replace the image it was drawn from" in capsys.readouterr().err
+    assert (tmp_path / "grey.png").read_bytes() == grey
     ufam, umodel = family(chunk_size=16, max_triples=20)
     plain = write_export(str(tmp_path / "plain"), ufam, {"model": umodel.state_dict()})
     assert main(["sample", plain, "--images", str(tmp_path / "grey.png"), "--out", png]) == 2

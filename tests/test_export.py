@@ -241,7 +241,7 @@ def test_sampling_more_than_memory_holds_is_one_line(tmp_path, capsys, monkeypat
     assert "Traceback" not in err and not (tmp_path / "s.png").exists()
 
 
-def test_python_s_bare_memory_error_and_an_out_over_the_input_image_are_named(tmp_path, capsys, monkeypatch):
+def test_python_s_bare_memory_error_and_an_out_url_are_named(tmp_path, capsys, monkeypatch):
     from PIL import Image
 
     from launch.cli import main
@@ -251,10 +251,6 @@ def test_python_s_bare_memory_error_and_an_out_over_the_input_image_are_named(tm
     out = write_export(str(tmp_path / "igpt"), fam, states)
     picture = tmp_path / "mine.png"
     Image.new("RGB", (8, 8), (200, 10, 10)).save(picture)
-    before = picture.read_bytes()
-    assert main(["sample", out, "--images", str(picture), "--out", str(picture)]) == 2
-    assert "is the --images file: the grid would replace the image it was drawn from" in capsys.readouterr().err
-    assert picture.read_bytes() == before
     assert main(["sample", out, "--images", str(tmp_path / "typo.png"), "--out", str(picture)]) == 2
     assert "No such file" not in capsys.readouterr().err  # the family's own word on --images, not samefile's
     for url in ("s3://bucket/x.png", f"file://{tmp_path}/x.png"):
