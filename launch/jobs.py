@@ -242,8 +242,12 @@ class JobsClient:
                 f"the Ray cluster at {self.address} {problem} (Ray 2.60 clusters turn token authentication on "
                 "by default). Put the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, or set "
                 "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+        if r.status_code == 404:  # no such API there: another server on that port, or a proxy's page
+            raise ClusterError(f"{self.address}{endpoint} answered HTTP 404: is {self.address} a Ray dashboard "
+                               "(default port 8265)?")
         if r.status_code != 200:
-            raise ClusterError(f"{self.address}{endpoint} answered HTTP {r.status_code}: {r.text[:300]}")
+            raise ClusterError(f"{self.address}{endpoint} answered HTTP {r.status_code}: "
+                               f"{r.text.strip()[:300] or '(no body)'}")
         try:
             return r.json()
         except ValueError:

@@ -91,6 +91,30 @@ def test_unreachable_address_is_a_clear_error() -> None:
     assert time.monotonic() - t0 < 5
 
 
+def test_a_server_that_is_not_a_ray_dashboard_is_named() -> None:
+    """Another web server on that port (or a proxy's page) answered 404 with an empty body: "HTTP 404: "."""
+    import http.server
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        address = f"http://127.0.0.1:{server.server_port}"
+        with pytest.raises(ClusterError, match=rf"{address}/api/version answered HTTP 404: is {address} a Ray "
+                                               r"dashboard \(default port 8265\)\?"):
+            jobs.list_jobs(address)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A port that accepts TCP connections and never answers: the case that hangs a client without timeouts."""
