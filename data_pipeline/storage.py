@@ -49,6 +49,7 @@ __all__ = [
     "size",
     "upload_dir",
     "upload_file",
+    "version_of",
     "write_bytes",
 ]
 
@@ -193,6 +194,18 @@ def exists(url: str) -> bool:
     if key and not key.endswith("/") and s3.head(url) is not None:
         return True
     return next(iter(s3.list_keys(url)), None) is not None
+
+
+def version_of(url: str) -> tuple[int, str]:
+    """What changes when a file or object is replaced: its size and mtime (local), its size and ETag (S3)."""
+    if _scheme(url) == "local":
+        with _local_errors(url):
+            stat = os.stat(local_path(url))
+        return stat.st_size, str(stat.st_mtime_ns)
+    info = s3.head(url)
+    if info is None:
+        raise StorageNotFoundError(url, "not found")
+    return int(info["ContentLength"]), str(info.get("ETag", ""))
 
 
 def size(url: str) -> int:

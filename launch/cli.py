@@ -194,11 +194,12 @@ def _draw(family, modules, n: int, gen, **options):
 
 def _sample_out(args: argparse.Namespace) -> str:
     """Where the grid goes: a .png path, so that no other file (an export's weights or config) is replaced by it."""
+    from trainer.images import check_not_a_folder
+
     out = args.out or _default_out(args.export)
     if "://" in out:
         raise ValueError(f"--out {out}: the grid is written to this machine; give a local .png path")
-    if os.path.isdir(out) or out.endswith(("/", os.sep)):
-        raise ValueError(f"{out}: is a folder; give the PNG file to write, e.g. {os.path.join(out, 'samples.png')}")
+    check_not_a_folder(out)
     if not out.lower().endswith(".png"):
         raise ValueError(f"--out {out}: the sample grid is a PNG; give a path ending in .png")
     return out

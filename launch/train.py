@@ -14,7 +14,7 @@ from launch.run_record import checkpoint_root_of, record_checkpoint_root
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.checkpoint import CheckpointStore
 from trainer.loop import SUMMARY, RunSpec, check_eval_size, train_worker
-from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, worker_env
+from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, env_flag, worker_env
 from trainer.typed_config import ConfigError
 
 __all__ = ["PROJECT_ROOT", "TrainingFailed", "absolute", "ensure_ray", "run_spec", "run_training", "user_error_of",
@@ -148,7 +148,7 @@ DEBUG_VAR = "DGM_DEBUG"
 
 def debug_requested() -> bool:
     """DGM_DEBUG=1: Ray Train's console logs at DEBUG."""
-    return os.environ.get(DEBUG_VAR, "").strip().lower() in ("1", "true", "yes")
+    return env_flag(DEBUG_VAR)
 
 
 def ray_train_log_level() -> str:

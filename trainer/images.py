@@ -17,11 +17,16 @@ def grid_array(images: torch.Tensor, nrow: int | None = None, min_cell: int = 64
     return grid_uint8(imgs.transpose(0, 2, 3, 1), nrow, min_cell)
 
 
+def check_not_a_folder(path: str) -> None:
+    """A grid's path names a PNG file: a folder there (or a path ending in /) is refused, with an example."""
+    if os.path.isdir(path) or path.endswith(("/", os.sep)):
+        raise ValueError(f"{path}: is a folder; give the PNG file to write, e.g. {os.path.join(path, 'samples.png')}")
+
+
 def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
     """Write the grid atomically (temp file + rename) and return its path; ``path`` names a PNG file, not a
     folder."""
-    if os.path.isdir(path) or path.endswith(("/", os.sep)):
-        raise ValueError(f"{path}: is a folder; give the PNG file to write, e.g. {os.path.join(path, 'samples.png')}")
+    check_not_a_folder(path)
     tmp = path + ".tmp.png"
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)

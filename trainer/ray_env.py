@@ -30,9 +30,14 @@ FORWARD_SECRETS_VAR = "DGM_FORWARD_AWS_CREDENTIALS"
 _joined_cluster = False
 
 
+def env_flag(name: str) -> bool:
+    """Whether the environment variable ``name`` is set to 1, true or yes."""
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")
+
+
 def forward_secrets_requested() -> bool:
     """Whether the user asked for AWS secrets to travel to a shared cluster anyway (DGM_FORWARD_AWS_CREDENTIALS=1)."""
-    return os.environ.get(FORWARD_SECRETS_VAR, "").strip().lower() in ("1", "true", "yes")
+    return env_flag(FORWARD_SECRETS_VAR)
 
 
 def forwarded_env(shared: bool, keys: Iterable[str] = FORWARDED_ENV) -> tuple[dict[str, str], list[str]]:
@@ -50,7 +55,9 @@ def withheld_note(withheld: Iterable[str], where: str) -> str:
     """The one line telling the user which secrets stayed here, why the job still reaches S3, and how to opt in."""
     names = list(withheld)
     verb, them = ("is", "it") if len(names) == 1 else ("are", "them")
-    endpoint = next((os.environ[k] for k in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL") if os.environ.get(k)), "")
+    from data_pipeline.s3 import endpoint_url
+
+    endpoint = endpoint_url()
     if endpoint:  # an S3-compatible store (MinIO, on-premises): no instance profile speaks for it
         own = f"the store at {endpoint} needs credentials set on the nodes (their environment or ~/.aws)"
     else:

@@ -18,7 +18,6 @@ import functools
 import hashlib
 import io
 import json
-import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -184,7 +183,7 @@ def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
                            "dVAE that turns images into codes")
     weights_url = storage.join(export_url, "model.safetensors")
     try:  # checked here: a damaged file met in every worker came back under Ray's stack of each
-        actual = _digest(weights_url, _file_state(weights_url))
+        actual = _digest(weights_url, storage.version_of(weights_url))
     except storage.StorageError as e:
         raise DatasetError(f"{export_url}: its weights cannot be read ({e})") from e
     if actual != sha:
@@ -193,22 +192,9 @@ def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
     return sha, hashlib.sha256(raw).hexdigest(), shape
 
 
-def _file_state(url: str) -> tuple[int, str]:
-    """What changes when a file is replaced: its size and mtime, an object's size and ETag."""
-    if storage.is_remote(url):
-        from data_pipeline import s3
-
-        info = s3.head(url)
-        if info is None:
-            raise storage.StorageNotFoundError(url, "not found")
-        return int(info["ContentLength"]), str(info.get("ETag", ""))
-    stat = os.stat(storage.local_path(url))
-    return stat.st_size, str(stat.st_mtime_ns)
-
-
 @functools.lru_cache(maxsize=8)
 def _digest(url: str, stamp: tuple[int, str]) -> str:
-    """sha256 of the weights, once per file state (``_file_state``) in this process: every split's plan asks, and
+    """sha256 of the weights, once per file state (``storage.version_of``) in this process: every split's plan asks, and
     over s3:// each ask was a whole download."""
     del stamp  # part of the cache key only: a file changed since is hashed again
     return storage.sha256_of(url)
