@@ -150,7 +150,8 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if refused:
         flags = ", ".join("--" + name.replace("_", "-") for name in refused)
         takes = ", ".join("--" + name.replace("_", "-") for name in DRAW_OPTIONS if name in family.draw_options)
-        raise ValueError(f"{args.export}: a {family.name!r} export does not take {flags} (it takes "
+        kind = f"{family.name!r} export" + (f" ({family.variant})" if family.variant else "")
+        raise ValueError(f"{args.export}: a {kind} does not take {flags} (it takes "
                          f"{takes or 'no sampling option'})")
     if args.prompt or args.rerank:
         if args.labels or args.images:

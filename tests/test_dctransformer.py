@@ -303,8 +303,10 @@ def test_dgm_sample_cli_from_an_export(tmp_path, capsys, monkeypatch):
 
 
 def test_bad_settings_are_refused():
-    with pytest.raises(ValueError, match="codec 'dct'"):
+    with pytest.raises(ValueError, match="codec 'dct'.*codec is 'image'"):
         DCTransformerFamily(small(), {"codec": {"name": "image", "settings": {}}})
+    with pytest.raises(ValueError, match=r"codec is not named \(no data_info.codec\)"):
+        DCTransformerFamily(small(), {})
     with pytest.raises(ValueError, match="model.mode"):
         small(mode="inpaint")
     with pytest.raises(ValueError, match="model.superres_target"):
@@ -546,8 +548,11 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     assert (tmp_path / "grey.png").read_bytes() == grey
     ufam, umodel = family(chunk_size=16, max_triples=20)
     plain = write_export(str(tmp_path / "plain"), ufam, {"model": umodel.state_dict()})
-    assert main(["sample", plain, "--images", str(tmp_path / "grey.png"), "--out", png]) == 2
-    assert "an unconditional model takes no images" in capsys.readouterr().err
+    (tmp_path / "corrupt.png").write_bytes(b"not a png")  # refused for the model's mode, before it is read
+    for given in ("grey.png", "corrupt.png"):
+        assert main(["sample", plain, "--images", str(tmp_path / given), "--out", png]) == 2
+        assert ("'dctransformer' export (mode unconditional) does not take --images"
+                in capsys.readouterr().err), given
 
 
 def test_draws_cut_by_the_sampling_limit_are_reported(caplog):

@@ -135,6 +135,11 @@ class Family(ABC):
         """``n`` samples as images [n, C, H, W] with values in [0, 1]."""
 
     @property
+    def variant(self) -> str:
+        """Which of the family's models this is, where that decides what sampling takes (empty: one kind)."""
+        return ""
+
+    @property
     def sample_classes(self) -> int:
         """How many class labels ``sample_images(labels=...)`` takes (0: none, not class-conditional)."""
         return 0

@@ -83,8 +83,9 @@ class DCTransformerConfig:
 def codec_config(data_info: Mapping[str, Any]) -> DCTCodecConfig:
     codec = data_info.get("codec") or {}
     if codec.get("name") != "dct":
-        raise ValueError(f"dctransformer trains on DCT shards (codec 'dct'); this data set's codec is "
-                         f"{codec.get('name')!r}: prepare it with data.prepare.codec: dct")
+        named = f"is {codec['name']!r}" if codec.get("name") else "is not named (no data_info.codec)"
+        raise ValueError(f"dctransformer trains on DCT shards (codec 'dct'); this data set's codec {named}: "
+                         "prepare it with data.prepare.codec: dct")
     return DCTCodecConfig.from_dict(codec.get("settings", {}))
 
 
@@ -98,9 +99,15 @@ class DCTransformerFamily(Family):
     def sample_classes(self) -> int:
         return self.config.num_classes
 
+    @property
+    def variant(self) -> str:
+        return f"mode {self.config.mode}"
+
     def __init__(self, config: DCTransformerConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         self.codec = codec_config(data_info)
+        if config.mode == "unconditional":  # `dgm sample` refuses these by name before reading any image
+            self.draw_options = type(self).draw_options - {"images", "mean_of"}
         self.space = TokenSpace(self.codec.num_positions, self.codec.value_range)
         if config.mode == "superres" and (self.codec.height % config.superres_factor
                                           or self.codec.width % config.superres_factor):
