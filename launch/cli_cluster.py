@@ -128,7 +128,8 @@ def cmd_queue(args: argparse.Namespace) -> int:
         for job in job_queue.run_once(args.queue, args.address, **scale):
             print(f"{job.job_id:28s} {job.state:10s} {job.reason}")
     else:
-        job_queue.run_forever(args.queue, args.address, poll_s=args.poll, **scale)
+        job_queue.run_forever(args.queue, args.address, poll_s=args.poll, give_up_after_s=args.give_up_after,
+                              **scale)
     return 0
 
 
@@ -194,4 +195,7 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
                         "of failing as impossible")
     q.add_argument("--poll", type=positive(float), default=5.0, help="seconds between scheduling rounds")
     q.add_argument("--once", action="store_true", help="one scheduling round, then exit")
+    q.add_argument("--give-up-after", type=at_least(0.0, float, "0 waits without limit"), default=600.0, metavar="SECONDS",
+                   help="exit with an error when the cluster was never reached in this long (0: wait without "
+                        "limit); once reached, a lost cluster is waited for without limit")
     commands["queue"] = cmd_queue

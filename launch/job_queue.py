@@ -392,14 +392,26 @@ class QueueRunner:
                     result = sorted(jobs, key=lambda j: j.seq)
             return result
 
-    def run_forever(self, poll_s: float = 5.0, until_idle: bool = False) -> None:
-        """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty."""
+    def run_forever(self, poll_s: float = 5.0, until_idle: bool = False, give_up_after_s: float = 600.0) -> None:
+        """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty.
+
+        A cluster this runner has never reached in ``give_up_after_s`` seconds (0: no limit) is a wrong address
+        more often than a slow start: that raises ClusterError. One reached before is waited for without limit
+        (a restarted head), since the queue's state is in its file.
+        """
+        started, reached = time.monotonic(), False
         while True:
             try:
                 jobs = self.run_once()
+                reached = True
                 if until_idle and all(j.state in FINISHED for j in jobs):
                     return
             except ClusterError as e:
+                waited = time.monotonic() - started
+                if not reached and give_up_after_s and waited + poll_s > give_up_after_s:
+                    raise ClusterError(f"cluster {self.address or '(default address)'} not reached in {waited:.0f} s "
+                                       f"of rounds (last: {e}); check --address, or give --give-up-after 0 to "
+                                       "wait for it without limit") from None
                 self.log(f"queue round failed, retrying in {poll_s:g} s: {e}")
             time.sleep(poll_s)
 
@@ -575,5 +587,6 @@ def run_once(queue_file: str | Path, address: str, **kwargs: Any) -> list[Queued
     return QueueRunner(queue_file, address, **kwargs).run_once()
 
 
-def run_forever(queue_file: str | Path, address: str, poll_s: float = 5.0, **kwargs: Any) -> None:
-    QueueRunner(queue_file, address, **kwargs).run_forever(poll_s)
+def run_forever(queue_file: str | Path, address: str, poll_s: float = 5.0, give_up_after_s: float = 600.0,
+                **kwargs: Any) -> None:
+    QueueRunner(queue_file, address, **kwargs).run_forever(poll_s, give_up_after_s=give_up_after_s)

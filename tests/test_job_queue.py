@@ -556,3 +556,34 @@ def test_a_round_keeps_what_the_cli_changed_meanwhile(tmp_path: Path) -> None:
     assert (after["a"].state, after["a"].stop_requested, after["a"].reason) == (RUNNING, True, "stop requested")
     assert (after["b"].state, after["b"].reason) == (STOPPED, "stopped before it started")
     assert after["c"].state == FAILED and after["d"].state == QUEUED
+
+
+def test_a_runner_that_never_reaches_its_cluster_gives_up_but_one_that_did_waits(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from launch.cli import main
+
+    path = str(tmp_path / "q.json")
+    JobQueue(path).enqueue("echo", JobResources(num_cpus=1), job_id="a")
+    start = time.monotonic()  # port 1: nothing listens, so every round fails at once
+    assert main(["queue", "run", "--queue", path, "--address", "http://127.0.0.1:1", "--poll", "0.1",
+                 "--give-up-after", "0.5"]) == 2
+    err = capsys.readouterr().err
+    assert "cluster http://127.0.0.1:1 not reached in" in err and "--give-up-after 0" in err
+    assert time.monotonic() - start < 30
+    assert [j.state for j in JobQueue(path).list_jobs()] == [QUEUED]  # the queue is left as it was
+    with pytest.raises(SystemExit):
+        main(["queue", "run", "--queue", path, "--give-up-after", "-1"])
+    assert "--give-up-after: -1.0 is below 0.0 (0 waits without limit)" in capsys.readouterr().err
+
+    runner = QueueRunner(path, "http://127.0.0.1:1", log=lambda _: None)
+    rounds = iter(["reached"] + ["lost"] * 8 + ["idle"])
+
+    def one_round() -> list[QueuedJob]:  # the head answers once, is gone for longer than the limit, comes back
+        what = next(rounds)
+        if what == "lost":
+            raise ClusterError("connection refused")
+        return [] if what == "idle" else JobQueue(path).list_jobs()
+
+    runner.run_once = one_round  # type: ignore[method-assign]
+    runner.run_forever(poll_s=0.02, until_idle=True, give_up_after_s=0.05)
+    assert next(rounds, "done") == "done"
