@@ -120,6 +120,16 @@ def test_an_eval_set_smaller_than_one_global_batch_is_refused_before_training(wo
     assert not os.path.exists(tmp_path / "checkpoints")
 
 
+def test_a_model_too_big_for_a_ranks_memory_is_refused_before_deepspeed_allocates_it(world1, digits_data, tmp_path):
+    """25 billion parameters: DeepSpeed would have died in its allocator, or the OOM killer taken the worker."""
+    spec = spec_of(tmp_path, digits_data, "model.transformer.n_layer=24", "model.transformer.d_model=8192",
+                   "model.transformer.n_head=32")
+    with pytest.raises(ConfigError, match=r"the model's states need \d+\.\d+ GiB of host memory per rank \(ZeRO-2, "
+                                          r"fp32, 1 rank\(s\).* but a rank has"):
+        train_worker(spec)
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
 def test_a_run_dir_or_checkpoint_root_that_is_a_file_or_an_object_store_past_memory_is_refused_early(digits_data, tmp_path, monkeypatch):
     """A file there failed only at the first checkpoint, with a bare NotADirectoryError, after every step before it."""
     import launch.train

@@ -25,7 +25,7 @@ from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import Manifest, load_manifest
 from data_pipeline.stream import RankStream, StreamConfig
 from sharding.sample_order import StreamState, layout_changed
-from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, estimate_memory, lr_scheduler
+from sharding.zero import ScheduleConfig, ZeroConfig, deepspeed_config, lr_scheduler
 from trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
@@ -39,6 +39,7 @@ from trainer.checkpoint import (
 from trainer.families import family_class
 from trainer.families.base import Family, OptimConfig, StepContext
 from trainer.images import save_grid
+from trainer.memory_check import check_model_fits, count_parameters, model_state_estimates, rank_memory
 from trainer.run_outputs import Reporter, grid_path, missed_at_resume
 from trainer.typed_config import ConfigError
 
@@ -231,6 +232,26 @@ def build_engines(family: Family, spec: RunSpec, world: int, universal: bool) ->
     return engines
 
 
+def _check_memory(family: Family, spec: RunSpec, world: int, rank: int, device: torch.device) -> None:
+    """Model states per rank: printed by rank 0, and refused on every rank (one rank's refusal reaches all) when
+    they cannot fit, before DeepSpeed allocates any of them."""
+    counts = count_parameters(family.build_modules)
+    estimates = model_state_estimates(counts, spec.zero, world)
+    if rank == 0:
+        for name, e in estimates.items():
+            print(e.describe(f"{name} ({counts[name][0]:,} params, ZeRO-{spec.zero.stage}, {spec.zero.precision}, "
+                             f"{world} ranks)"), flush=True)
+    warning = ""
+
+    def check() -> None:
+        nonlocal warning
+        warning = check_model_fits(estimates, rank_memory(device), spec.zero, world)
+
+    fail_together(error_of(check, ConfigError), "checking that the model fits in memory")
+    if rank == 0 and warning:
+        print(warning, flush=True)
+
+
 def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) -> tuple[str | None, bool]:
     """The tag to resume from, and whether it needs the universal format (saved at another world size). A
     checkpoint of another model is refused here, before any conversion or engine."""
@@ -366,15 +387,11 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     store = CheckpointStore(spec.checkpoint_root, rank=rank, world_size=world, keep=cfg.keep_checkpoints,
                             staging=os.path.join(spec.run_dir, ".staging"), async_upload=cfg.async_checkpoint_upload)
     tag, universal = _resume_point(store, world, rank, spec)
+    _check_memory(family, spec, world, rank, device)
     engines = build_engines(family, spec, world, universal)
     # Networks are built from one seed on every rank (same initial weights); what is drawn after (dropout) must
     # differ between ranks, or every rank drops the same units. A resume restores each rank's own state instead.
     torch.manual_seed((cfg.seed * 1_000_003 + rank) % (2**63))
-    if rank == 0:
-        for name, e in engines.items():
-            n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in e.module.parameters())
-            print(estimate_memory(n_params, spec.zero, world, e.module).describe(f"{name} ({n_params:,} params, "
-                  f"ZeRO-{spec.zero.stage}, {spec.zero.precision}, {world} ranks)"), flush=True)
     step, state = 0, StreamState()
     order = sample_order(manifest, spec.stream)
     if tag is not None:
