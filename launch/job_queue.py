@@ -52,8 +52,9 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", 
 FINISHED = frozenset({SUCCEEDED, FAILED, STOPPED})
 _RAY_TO_STATE = {"PENDING": RUNNING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
                  "STOPPED": STOPPED}
-FORMAT_VERSION = 2  # 2 added retry_at / submit_error: an older dgm refuses such a file by its version
-READABLE_VERSIONS = (1, 2)  # 1: read with those fields at their defaults
+NEVER_STARTED = "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"  # Ray's error_type for a job whose entrypoint never started
+FORMAT_VERSION = 3  # 2 added retry_at / submit_error, 3 pinned_ip: an older dgm refuses such a file by its version
+READABLE_VERSIONS = (1, 2, 3)  # older versions: read with the later fields at their defaults
 MAX_RETRY_WAIT_S = 3600.0
 
 
@@ -87,6 +88,7 @@ class QueuedJob:
     submit_failures: int = 0
     retry_at: float | None = None  # after a failed submission: not submitted again before this time
     submit_error: str = ""  # what the last failed submission said
+    pinned_ip: str = ""  # the node its entrypoint was pinned to (`node:<ip>`), while submitted
 
     def effective_priority(self, now: float, policy: QueuePolicy) -> float:
         return self.priority + policy.aging_per_hour * max(0.0, now - self.enqueued_at) / 3600.0
@@ -364,10 +366,11 @@ class QueueRunner:
                 work = copy.deepcopy(jobs)
             before = {j.job_id: j.state for j in work}
             now = time.time()
+            cluster = client.cluster_resources()
+            live_ips = {n.ip for n in cluster.nodes}
             for job in work:
                 if job.state == RUNNING:
-                    self._track(client, job, now)
-            cluster = client.cluster_resources()
+                    self._track(client, job, now, live_ips)
             booked: dict[str, float] = {}
             for job in work:
                 if job.state == RUNNING:
@@ -459,11 +462,15 @@ class QueueRunner:
             self.log(f"{job.job_id}: {job.reason}")
         return problem is None
 
-    def _track(self, client: JobsClient, job: QueuedJob, now: float) -> None:
+    def _track(self, client: JobsClient, job: QueuedJob, now: float, live_ips: set[str]) -> None:
         try:
             info = client.info(job.job_id)
             if job.stop_requested and not info.terminal:
                 info = client.stop(job.job_id, wait_s=0.0)
+            elif (info.status == "FAILED" and info.error_type == NEVER_STARTED and job.pinned_ip
+                  and job.pinned_ip not in live_ips):
+                self._requeue(client, job)
+                return
         except JobNotFoundError:
             job.state, job.finished_at = FAILED, now
             job.reason = f"no longer known to the cluster at {self.address} (was the cluster restarted?)"
@@ -476,8 +483,22 @@ class QueueRunner:
         if job.state in FINISHED:
             job.finished_at = now
             job.reason = info.message or info.status.lower()
+        elif info.status == "PENDING" and job.pinned_ip and job.pinned_ip not in live_ips:
+            job.reason = (f"starting (Ray: PENDING), but the node {job.pinned_ip} it was pinned to left the cluster: "
+                          "queued again when Ray's start timeout (RAY_JOB_START_TIMEOUT_SECONDS on the head, "
+                          "default 900 s) ends it")
         else:
             job.reason = "starting (Ray: PENDING)" if info.status == "PENDING" else "running"
+
+    def _requeue(self, client: JobsClient, job: QueuedJob) -> None:
+        """A job pinned to a node that left the cluster before the job started waits in Ray until Ray's start
+        timeout fails it (Ray cannot stop a job whose supervisor was never placed): then its id is freed and it
+        is queued again for the next plan. A ClusterError leaves it as it was, for the next round."""
+        gone = job.pinned_ip
+        client.delete(job.job_id)
+        job.state, job.submitted_at, job.pinned_ip = QUEUED, None, ""
+        job.reason = f"queued again: the node {gone} it was pinned to left the cluster before it started"
+        self.log(f"{job.job_id}: {job.reason}")
 
     def _submit(self, client: JobsClient, job: QueuedJob, pin_ip: str = "") -> None:
         """``pin_ip``: run the entrypoint on that node (Ray's own ``node:<ip>`` resource), away from a node
@@ -521,6 +542,7 @@ class QueueRunner:
                 self.log(f"{job.job_id}: {job.reason}")
                 return
         job.state, job.reason, job.submitted_at, job.retry_at = RUNNING, "submitted", time.time(), None
+        job.pinned_ip = pin_ip
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
 
     def _ours(self, client: JobsClient, job: QueuedJob) -> bool | None:
@@ -535,7 +557,8 @@ class QueueRunner:
         return same_queue and info.entrypoint == job.entrypoint
 
 
-_RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures", "retry_at", "submit_error")
+_RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures", "retry_at", "submit_error",
+                  "pinned_ip")
 
 
 def _merge(current: list[QueuedJob], worked: Mapping[str, QueuedJob], before: Mapping[str, str]) -> None:

@@ -136,6 +136,7 @@ class JobInfo:
     end_time: float | None = None
     exit_code: int | None = None
     metadata: Mapping[str, str] = field(default_factory=dict)
+    error_type: str = ""  # Ray's kind of failure, e.g. JOB_SUPERVISOR_ACTOR_START_TIMEOUT (never started)
 
     @property
     def terminal(self) -> bool:
@@ -378,6 +379,10 @@ class JobsClient:
         self._call(f"stopping job {job_id}", self._client.stop_job, job_id)
         return self.wait(job_id, timeout_s=wait_s)
 
+    def delete(self, job_id: str) -> None:
+        """Forget an ended job (its record and logs), which frees its id for a new submission."""
+        self._call(f"deleting job {job_id}", self._client.delete_job, job_id)
+
     def wait(self, job_id: str, timeout_s: float, poll_s: float = 0.3) -> JobInfo:
         """Poll until the job is terminal or `timeout_s` passes; returns the last state seen."""
         deadline = time.monotonic() + timeout_s
@@ -409,7 +414,8 @@ def _to_info(d: Any) -> JobInfo:
 
     return JobInfo(job_id=d.submission_id or d.job_id or "", status=str(getattr(d.status, "value", d.status)),
                    entrypoint=d.entrypoint or "", message=d.message or "", start_time=seconds(d.start_time),
-                   end_time=seconds(d.end_time), exit_code=d.driver_exit_code, metadata=dict(d.metadata or {}))
+                   end_time=seconds(d.end_time), exit_code=d.driver_exit_code, metadata=dict(d.metadata or {}),
+                   error_type=str(getattr(d, "error_type", "") or ""))
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

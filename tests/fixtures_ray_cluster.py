@@ -74,13 +74,15 @@ def _stop(proc: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0) -> Iterator[LocalRayCluster]:
-    """Start a head node on 127.0.0.1 with its own ports and temp dir; stop it on exit."""
+def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0,
+                        env_extra: dict[str, str] | None = None) -> Iterator[LocalRayCluster]:
+    """Start a head node on 127.0.0.1 with its own ports and temp dir (``env_extra``: the head's own settings,
+    such as RAY_JOB_START_TIMEOUT_SECONDS); stop it on exit."""
     temp_dir = Path(tempfile.mkdtemp(prefix="dgmray", dir="/tmp"))  # short: Ray's socket paths are length-limited
     token = secrets.token_hex(16)
     dashboard_port, gcs_port = free_port(), free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0", **(env_extra or {}))
     env["PATH"] = f"{RAY_BIN.parent}{os.pathsep}{env.get('PATH', '')}"  # jobs' `python` is this venv's, as on a node
     cmd = [
         str(RAY_BIN), "start", "--head", "--block", f"--num-cpus={num_cpus}", "--num-gpus=0",

@@ -324,7 +324,7 @@ def test_queue_file_roundtrip_stop_and_errors(tmp_path: Path) -> None:
     again = JobQueue(path).list_jobs()  # a fresh object sees the same queue
     assert [(j.job_id, j.state, j.seq) for j in again] == [(a.job_id, QUEUED, 1), ("b", QUEUED, 2)]
     assert again[0] == a and again[1].resources.num_gpus == 0.25
-    assert json.loads(path.read_text())["version"] == 2
+    assert json.loads(path.read_text())["version"] == 3
     assert JobQueue(path).stop("b").state == STOPPED
     assert JobQueue(path).list_jobs()[1].reason == "stopped before it started"
     with pytest.raises(ClusterError, match="already has a job b"):
@@ -348,10 +348,10 @@ def test_a_queue_file_written_before_retry_times_loads(tmp_path: Path) -> None:
     (a,) = JobQueue(path).list_jobs()
     assert (a.retry_at, a.submit_error, a.submit_failures) == (None, "", 1)
     assert [j.job_id for j in plan([a], {"CPU": 1.0}, NOW, POLICY)[0]] == ["a"]
-    JobQueue(path).stop("a")  # rewritten as version 2, which a dgm of version 1 refuses by its version, unread
-    assert json.loads(path.read_text())["version"] == 2
-    path.write_text(json.dumps({"version": 3, "jobs": []}))
-    with pytest.raises(ClusterError, match=r"unreadable \(format version 3, this dgm reads 1, 2\)"):
+    JobQueue(path).stop("a")  # rewritten as version 3, which an older dgm refuses by its version, unread
+    assert json.loads(path.read_text())["version"] == 3
+    path.write_text(json.dumps({"version": 4, "jobs": []}))
+    with pytest.raises(ClusterError, match=r"unreadable \(format version 4, this dgm reads 1, 2, 3\)"):
         JobQueue(path).list_jobs()
 
 
@@ -436,6 +436,31 @@ def test_queue_on_a_real_cluster_with_restart(cluster: LocalRayCluster, tmp_path
     client = JobsClient(cluster.address, token=cluster.token)  # per-node free, as the live dashboard reports it
     (node,) = client.cluster_resources().node_free
     assert 0.0 <= node["CPU"] <= 2.0 and node["memory"] > 0
+
+
+@pytest.mark.slow
+def test_a_job_pinned_to_a_node_that_left_before_it_started_is_queued_again(tmp_path: Path) -> None:
+    """Ray keeps such a job PENDING (a stop does not reach a supervisor never placed) until its start timeout
+    (900 s by default, 4 s on this head) fails it; the queue then frees the id and queues the job again."""
+    path = tmp_path / "queue.json"
+    q = JobQueue(path)
+    q.enqueue(sleeper(0.5), JobResources(num_cpus=1), job_id="pinned")
+    lines: list[str] = []
+    with start_local_cluster(num_cpus=2, env_extra={"RAY_JOB_START_TIMEOUT_SECONDS": "4"}) as cluster:
+        runner = QueueRunner(path, cluster.address, token=cluster.token, log=lines.append)
+        client = JobsClient(cluster.address, token=cluster.token)
+        with q.locked() as jobs:  # as a round does when a reservation holds the other nodes; this one has gone
+            runner._submit(client, jobs[0], pin_ip="10.255.255.1")
+        (job,) = runner.run_once()
+        assert (job.state, job.pinned_ip) == (RUNNING, "10.255.255.1")
+        assert "the node 10.255.255.1 it was pinned to left the cluster: queued again when Ray's start" in job.reason
+        deadline = time.monotonic() + 90
+        while job.state not in FINISHED and time.monotonic() < deadline:
+            time.sleep(0.5)
+            (job,) = runner.run_once()
+        assert job.state == SUCCEEDED, job.reason
+        assert "pinned: queued again: the node 10.255.255.1 it was pinned to left the cluster before it started" in lines
+        assert job.pinned_ip == "" and client.info("pinned").error_type == ""  # the second submission ran
 
 
 def _node(node_id: str, **total: float) -> NodeResources:
