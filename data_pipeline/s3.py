@@ -31,6 +31,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     IncompleteReadError,
     NoCredentialsError,
+    ProfileNotFound,
     ReadTimeoutError,
     ResponseStreamingError,
 )
@@ -144,7 +145,7 @@ def endpoint_url() -> str | None:
 def client() -> Any:
     """This thread's S3 client, created lazily: one per process and thread (boto3 sessions are not thread-safe)."""
     endpoint = endpoint_url()
-    key = (os.getpid(), _generation, endpoint)
+    key = (os.getpid(), _generation, endpoint, os.environ.get("AWS_PROFILE"))
     cached = getattr(_local, "entry", None)
     if cached is not None and cached[0] == key:
         return cached[1]
@@ -156,7 +157,14 @@ def client() -> Any:
         max_pool_connections=max(10, s.max_concurrency),
         s3={"addressing_style": "path"} if endpoint else None,
     )
-    made = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=s.region, config=config)
+    try:
+        made = boto3.session.Session().client("s3", endpoint_url=endpoint, region_name=s.region, config=config)
+    except ProfileNotFound as e:
+        import socket
+
+        raise StorageError(describe_endpoint(), f"AWS_PROFILE={e.kwargs.get('profile')!r} names no profile in the "
+                           f"AWS config of host {socket.gethostname()} (~/.aws/config, ~/.aws/credentials): unset "
+                           "it to use this host's default credentials, or add the profile there") from None
     _local.entry = (key, made)
     return made
 

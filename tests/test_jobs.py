@@ -735,6 +735,7 @@ def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in AWS_SECRETS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_PROFILE", "laptop-sso")  # a profile of this machine's ~/.aws, not of the nodes'
 
 
 @pytest.mark.slow
@@ -759,9 +760,10 @@ def test_a_driver_joining_the_cluster_keeps_aws_secrets_out_of_its_job_table(
                f"cluster at {gcs}"
         if opt_in:
             assert {k: record.get(k) for k in AWS_SECRETS} == AWS_SECRETS
-            assert note not in run.stderr
+            assert note not in run.stderr and record["AWS_PROFILE"] == "laptop-sso"
         else:
             assert not set(AWS_SECRETS) & set(record), record
+            assert "AWS_PROFILE" not in record and "AWS_PROFILE is not sent to the Ray cluster at" in run.stderr
             assert not set(AWS_SECRETS) & set(result["worker_env"])  # nor in Ray Train's train_loop_config
             assert note in run.stderr and "DGM_FORWARD_AWS_CREDENTIALS=1" in run.stderr
 
@@ -783,7 +785,8 @@ def test_submit_keeps_aws_secrets_out_of_the_job_unless_asked(
     assert "not sent" not in capsys.readouterr().err
     records = {job_id: client._client.get_job_info(job_id).runtime_env.get("env_vars") or {}
                for job_id in (plain, asked)}
-    assert not set(AWS_SECRETS) & set(records[plain]), records[plain]
-    assert {k: records[asked].get(k) for k in AWS_SECRETS} == AWS_SECRETS
+    assert not set(AWS_SECRETS) & set(records[plain]) and "AWS_PROFILE" not in records[plain], records[plain]
+    assert {k: records[asked].get(k) for k in {**AWS_SECRETS, "AWS_PROFILE": ""}} == {**AWS_SECRETS,
+                                                                                     "AWS_PROFILE": "laptop-sso"}
     for job_id in (plain, asked):
         assert client.wait(job_id, timeout_s=60).status == "SUCCEEDED", client.logs(job_id)

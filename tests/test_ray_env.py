@@ -9,7 +9,8 @@ from trainer.ray_env import FORWARD_SECRETS_VAR, FORWARDED_ENV, driver_runtime_e
 
 SECRETS = {"AWS_ACCESS_KEY_ID": "AKIDTEST", "AWS_SECRET_ACCESS_KEY": "test-secret-key",
            "AWS_SESSION_TOKEN": "test-session-token"}
-PLAIN = {"DGM_S3_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1", "AWS_PROFILE": "team"}
+PLAIN = {"DGM_S3_ENDPOINT_URL": "http://minio:9000", "AWS_DEFAULT_REGION": "eu-west-1"}
+PROFILE = {"AWS_PROFILE": "team"}  # this machine's ~/.aws profile: a shared cluster's nodes may not have it
 
 
 @pytest.fixture
@@ -17,18 +18,21 @@ def aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """A driver with AWS keys in its environment (as after `aws configure export-credentials`), outside any job."""
     for key in (*FORWARDED_ENV, FORWARD_SECRETS_VAR, "RAY_JOB_CONFIG_JSON_ENV_VAR"):
         monkeypatch.delenv(key, raising=False)
-    for key, value in {**SECRETS, **PLAIN}.items():
+    for key, value in {**SECRETS, **PLAIN, **PROFILE}.items():
         monkeypatch.setenv(key, value)
 
 
 def test_a_driver_joining_a_cluster_keeps_aws_secrets_out_of_its_runtime_env(aws_env: None,
                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     env = driver_runtime_env(shared=True)["env_vars"]
-    assert not set(SECRETS) & set(env)
-    assert {key: env.get(key) for key in PLAIN} == PLAIN  # where the data is, and the profile's name, still go
-    assert forwarded_env(shared=True)[1] == list(SECRETS)  # named, for the one line that says so
-    note = ray_env.withheld_note(list(SECRETS), "the Ray cluster at 10.0.0.1:6379")
+    assert not set(SECRETS) & set(env) and "AWS_PROFILE" not in env
+    assert {key: env.get(key) for key in PLAIN} == PLAIN  # where the data is still goes
+    assert sorted(forwarded_env(shared=True)[1]) == sorted([*SECRETS, *PROFILE])  # named, for the line that says so
+    note = ray_env.withheld_note([*SECRETS, *PROFILE], "the Ray cluster at 10.0.0.1:6379")
     assert "AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN are set here but not sent" in note
+    assert "AWS_PROFILE is not sent to the Ray cluster at 10.0.0.1:6379 either: it names a profile of this " in note
+    assert ray_env.withheld_note(list(PROFILE), "job j").startswith(
+        "[ray] AWS_PROFILE is set here but not sent to job j: it names a profile of this machine's AWS config")
     assert "DGM_FORWARD_AWS_CREDENTIALS=1" in note and "\n" not in note
     assert "the store at http://minio:9000 needs credentials set on the nodes" in note  # no instance profile there
     for key in ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL"):
@@ -39,7 +43,7 @@ def test_a_driver_joining_a_cluster_keeps_aws_secrets_out_of_its_runtime_env(aws
 def test_the_opt_in_sends_aws_secrets_to_a_joined_cluster(aws_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv(FORWARD_SECRETS_VAR, "1")
     env = driver_runtime_env(shared=True)["env_vars"]
-    assert {key: env.get(key) for key in {**SECRETS, **PLAIN}} == {**SECRETS, **PLAIN}
+    assert {key: env.get(key) for key in {**SECRETS, **PLAIN, **PROFILE}} == {**SECRETS, **PLAIN, **PROFILE}
     assert forwarded_env(shared=True)[1] == []  # nothing held back, nothing to say
     monkeypatch.setenv(FORWARD_SECRETS_VAR, "0")
     assert not set(SECRETS) & set(driver_runtime_env(shared=True)["env_vars"])
@@ -48,7 +52,7 @@ def test_the_opt_in_sends_aws_secrets_to_a_joined_cluster(aws_env: None, monkeyp
 def test_the_embedded_cluster_still_gets_every_variable(aws_env: None) -> None:
     """No address: the cluster lives in this process, on this machine, for this user; nothing is published."""
     env = driver_runtime_env(shared=False)["env_vars"]
-    assert {key: env.get(key) for key in {**SECRETS, **PLAIN}} == {**SECRETS, **PLAIN}
+    assert {key: env.get(key) for key in {**SECRETS, **PLAIN, **PROFILE}} == {**SECRETS, **PLAIN, **PROFILE}
     assert forwarded_env(shared=False)[1] == []
 
 

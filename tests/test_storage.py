@@ -167,6 +167,20 @@ def test_missing_bucket_is_reported_not_taken_for_empty(s3_server: str, tmp_path
         storage.read_bytes("s3://bucket-only")
 
 
+def test_a_profile_this_host_lacks_is_named_not_a_botocore_traceback(s3_bucket: str, tmp_path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """What a node sees when it is handed a laptop's AWS_PROFILE: boto3's ProfileNotFound, deep in a worker."""
+    url = storage.join(s3_bucket, "x.bin")
+    storage.write_bytes(url, b"x")  # a client made before the profile was set is not reused after it
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws here
+    monkeypatch.setenv("AWS_PROFILE", "laptop-sso")
+    with pytest.raises(StorageError, match=r"AWS_PROFILE='laptop-sso' names no profile in the AWS config of host "
+                                           r".*: unset it to use this host's default credentials"):
+        storage.read_bytes(url)
+    monkeypatch.delenv("AWS_PROFILE")
+    assert storage.read_bytes(url) == b"x"
+
+
 def test_local_write_is_atomic(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "f.bin"
     storage.write_bytes(str(target), b"old")

@@ -22,6 +22,10 @@ FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
 # anyone who can reach the dashboard reads it (Ray 2.60 masks env_vars for browsers only; the job SDK, `ray job`
 # and the state API return them in plain text), so to such a cluster they are sent only on request.
 AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+# Not secret, but this machine's own: a profile of its ~/.aws, which a shared cluster's nodes may not have (boto3
+# fails on a profile it cannot find, where the nodes' own credentials would have worked).
+AWS_LOCAL_ENV = ("AWS_PROFILE",)
+HELD_BACK_ENV = AWS_SECRET_ENV + AWS_LOCAL_ENV
 FORWARD_SECRETS_VAR = "DGM_FORWARD_AWS_CREDENTIALS"
 
 # Set by ensure_ray: this process attached to a cluster it did not start (`--address`, or `auto` inside a job),
@@ -41,20 +45,22 @@ def forward_secrets_requested() -> bool:
 
 
 def forwarded_env(shared: bool, keys: Iterable[str] = FORWARDED_ENV) -> tuple[dict[str, str], list[str]]:
-    """The ``keys`` set in this process, and the names of the secrets among them held back: all of them travel to
-    a cluster this process starts (same machine, same user); to a ``shared`` one the AWS secrets stay here unless
+    """The ``keys`` set in this process, and the names of those held back: all of them travel to a cluster this
+    process starts (same machine, same user); to a ``shared`` one the AWS secrets and profile name stay here unless
     DGM_FORWARD_AWS_CREDENTIALS=1, as its nodes are expected to have credentials of their own."""
     present = {key: os.environ[key] for key in keys if key in os.environ}
     if not shared or forward_secrets_requested():
         return present, []
-    withheld = [key for key in present if key in AWS_SECRET_ENV]
+    withheld = [key for key in present if key in HELD_BACK_ENV]
     return {k: v for k, v in present.items() if k not in withheld}, withheld
 
 
 def withheld_note(withheld: Iterable[str], where: str) -> str:
-    """The one line telling the user which secrets stayed here, why the job still reaches S3, and how to opt in."""
+    """The one line telling the user what stayed here and why, why the job still reaches S3, and how to opt in."""
     names = list(withheld)
-    verb, them = ("is", "it") if len(names) == 1 else ("are", "them")
+    secrets = [name for name in names if name not in AWS_LOCAL_ENV]
+    local = [name for name in names if name in AWS_LOCAL_ENV]
+    them = "it" if len(names) == 1 else "them"
     from data_pipeline.s3 import endpoint_url
 
     endpoint = endpoint_url()
@@ -63,9 +69,16 @@ def withheld_note(withheld: Iterable[str], where: str) -> str:
     else:
         own = ("its nodes use their own credentials (launch/clusters/aws.yaml gives them the IAM instance profiles "
                "dgm-ray-head and dgm-ray-worker)")
-    return (f"[ray] {', '.join(names)} {verb} set here but not sent to {where}: Ray would keep {them} in its job "
-            f"table, readable by anyone with access to the cluster; {own}. To send {them} anyway, set "
-            f"{FORWARD_SECRETS_VAR}=1")
+    said = []
+    if secrets:
+        verb, these = ("is", "it") if len(secrets) == 1 else ("are", "them")
+        said.append(f"{', '.join(secrets)} {verb} set here but not sent to {where}: Ray would keep {these} in its "
+                    "job table, readable by anyone with access to the cluster")
+    if local:
+        held = f"not sent to {where} either" if secrets else f"set here but not sent to {where}"
+        said.append(f"AWS_PROFILE is {held}: it names a profile of this machine's AWS config, which the nodes may "
+                    "not have (boto3 fails on a missing profile)")
+    return f"[ray] {'; '.join(said)}; {own}. To send {them} anyway, set {FORWARD_SECRETS_VAR}=1"
 
 
 def worker_env(use_gpu: bool = False, shared: bool | None = None) -> dict[str, str]:
