@@ -468,10 +468,13 @@ class QueueRunner:
             if job.stop_requested and not info.terminal:
                 info = client.stop(job.job_id, wait_s=0.0)
             elif (info.status == "FAILED" and info.error_type == NEVER_STARTED and job.pinned_ip
-                  and job.pinned_ip not in live_ips):
+                  and job.pinned_ip not in live_ips and not job.stop_requested):
                 self._requeue(client, job)
                 return
         except JobNotFoundError:
+            if job.pinned_ip and job.pinned_ip not in live_ips and not job.stop_requested:
+                self._requeue(None, job)  # a runner that deleted the record died before saving the queue
+                return
             job.state, job.finished_at = FAILED, now
             job.reason = f"no longer known to the cluster at {self.address} (was the cluster restarted?)"
             return
@@ -480,7 +483,9 @@ class QueueRunner:
             self.log(f"{job.job_id}: {job.reason}")
             return
         job.state = _RAY_TO_STATE.get(info.status, RUNNING)
-        if job.state in FINISHED:
+        if job.stop_requested and info.error_type == NEVER_STARTED:  # the stop Ray could not deliver, done
+            job.state, job.finished_at, job.reason = STOPPED, now, "stopped before it started"
+        elif job.state in FINISHED:
             job.finished_at = now
             job.reason = info.message or info.status.lower()
         elif info.status == "PENDING" and job.pinned_ip and job.pinned_ip not in live_ips:
@@ -490,12 +495,15 @@ class QueueRunner:
         else:
             job.reason = "starting (Ray: PENDING)" if info.status == "PENDING" else "running"
 
-    def _requeue(self, client: JobsClient, job: QueuedJob) -> None:
+    def _requeue(self, client: JobsClient | None, job: QueuedJob) -> None:
         """A job pinned to a node that left the cluster before the job started waits in Ray until Ray's start
         timeout fails it (Ray cannot stop a job whose supervisor was never placed): then its id is freed and it
-        is queued again for the next plan. A ClusterError leaves it as it was, for the next round."""
+        is queued again for the next plan (``client`` None: the record is already gone). A ClusterError leaves
+        it as it was, for the next round. Ray frees the id of a deleted job for a new submission; the id stays
+        the queue's name for the job across both."""
         gone = job.pinned_ip
-        client.delete(job.job_id)
+        if client is not None:
+            client.delete(job.job_id)
         job.state, job.submitted_at, job.pinned_ip = QUEUED, None, ""
         job.reason = f"queued again: the node {gone} it was pinned to left the cluster before it started"
         self.log(f"{job.job_id}: {job.reason}")
@@ -573,7 +581,8 @@ def _merge(current: list[QueuedJob], worked: Mapping[str, QueuedJob], before: Ma
         stop = job.stop_requested or stopped_meanwhile
         for name in _RUNNER_FIELDS:
             setattr(job, name, getattr(done, name))
-        if stop and job.state in (QUEUED, FAILED) and before.get(job.job_id) == QUEUED:
+        # a job the round queued again (its node left before it started) is stopped too, whatever it was before
+        if stop and (job.state == QUEUED or (job.state == FAILED and before.get(job.job_id) == QUEUED)):
             job.state, job.reason, job.finished_at = STOPPED, "stopped before it started", time.time()
         elif stop and job.state == RUNNING:
             job.stop_requested, job.reason = True, "stop requested"

@@ -412,10 +412,11 @@ def _to_info(d: Any) -> JobInfo:
     def seconds(ms: int | None) -> float | None:
         return ms / 1000.0 if ms else None
 
+    kind = getattr(d, "error_type", None)  # a str today; an enum would print as JobErrorType.X
     return JobInfo(job_id=d.submission_id or d.job_id or "", status=str(getattr(d.status, "value", d.status)),
                    entrypoint=d.entrypoint or "", message=d.message or "", start_time=seconds(d.start_time),
                    end_time=seconds(d.end_time), exit_code=d.driver_exit_code, metadata=dict(d.metadata or {}),
-                   error_type=str(getattr(d, "error_type", "") or ""))
+                   error_type=str(getattr(kind, "value", kind) or ""))
 
 
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")

@@ -444,23 +444,51 @@ def test_a_job_pinned_to_a_node_that_left_before_it_started_is_queued_again(tmp_
     (900 s by default, 4 s on this head) fails it; the queue then frees the id and queues the job again."""
     path = tmp_path / "queue.json"
     q = JobQueue(path)
-    q.enqueue(sleeper(0.5), JobResources(num_cpus=1), job_id="pinned")
+    for job_id in ("pinned", "stopped", "forgotten"):
+        q.enqueue(sleeper(0.5), JobResources(num_cpus=0.5), job_id=job_id)
     lines: list[str] = []
     with start_local_cluster(num_cpus=2, env_extra={"RAY_JOB_START_TIMEOUT_SECONDS": "4"}) as cluster:
         runner = QueueRunner(path, cluster.address, token=cluster.token, log=lines.append)
         client = JobsClient(cluster.address, token=cluster.token)
         with q.locked() as jobs:  # as a round does when a reservation holds the other nodes; this one has gone
             runner._submit(client, jobs[0], pin_ip="10.255.255.1")
-        (job,) = runner.run_once()
-        assert (job.state, job.pinned_ip) == (RUNNING, "10.255.255.1")
-        assert "the node 10.255.255.1 it was pinned to left the cluster: queued again when Ray's start" in job.reason
+            runner._submit(client, jobs[1], pin_ip="10.255.255.1")
+            # a runner that deleted the record of a job it was queueing again, then died before saving the queue
+            jobs[2].state, jobs[2].pinned_ip = RUNNING, "10.255.255.2"
+        jobs = {j.job_id: j for j in runner.run_once()}
+        assert (jobs["pinned"].state, jobs["pinned"].pinned_ip) == (RUNNING, "10.255.255.1")
+        assert ("the node 10.255.255.1 it was pinned to left the cluster: queued again when Ray's start"
+                in jobs["pinned"].reason)
+        assert jobs["forgotten"].state == RUNNING and jobs["forgotten"].pinned_ip == ""  # queued again, started
+        q.stop("stopped")  # Ray cannot deliver it; the job must not be queued again and started after all
         deadline = time.monotonic() + 90
-        while job.state not in FINISHED and time.monotonic() < deadline:
+        while not all(j.state in FINISHED for j in jobs.values()) and time.monotonic() < deadline:
             time.sleep(0.5)
-            (job,) = runner.run_once()
-        assert job.state == SUCCEEDED, job.reason
+            jobs = {j.job_id: j for j in runner.run_once()}
+        assert {k: j.state for k, j in jobs.items()} == {"pinned": SUCCEEDED, "stopped": STOPPED,
+                                                         "forgotten": SUCCEEDED}, {k: j.reason for k, j in jobs.items()}
+        assert jobs["stopped"].reason == "stopped before it started"
         assert "pinned: queued again: the node 10.255.255.1 it was pinned to left the cluster before it started" in lines
-        assert job.pinned_ip == "" and client.info("pinned").error_type == ""  # the second submission ran
+        assert not any(line.startswith("stopped: queued again") for line in lines)
+        assert jobs["pinned"].pinned_ip == "" and client.info("pinned").error_type == ""  # the second one ran
+        assert client.info("stopped").error_type == "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"  # never submitted again
+
+
+def test_a_stop_requested_while_a_round_queued_the_job_again_stops_it(tmp_path: Path) -> None:
+    """The round read the job RUNNING and queued it again (its node left); `queue stop` came in meanwhile."""
+    from launch.job_queue import _merge
+
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=1), job_id="a")
+    with q.locked() as jobs:
+        jobs[0].state = RUNNING
+    (worked,) = q.list_jobs()
+    worked.state, worked.reason = QUEUED, "queued again: the node 10.0.0.9 it was pinned to left the cluster"
+    q.stop("a")
+    with q.locked() as jobs:
+        _merge(jobs, {"a": worked}, {"a": RUNNING})
+    (job,) = q.list_jobs()
+    assert (job.state, job.reason) == (STOPPED, "stopped before it started")
 
 
 def _node(node_id: str, **total: float) -> NodeResources:

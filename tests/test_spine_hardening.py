@@ -289,6 +289,7 @@ def worker(rank, port, run_dir, data):
         outcome = f"{type(e).__name__}: {e}"
     with open(f"{run_dir}/rank{rank}.txt", "w") as f:
         f.write(outcome)
+    dist.barrier()  # neither rank tears gloo down while the other still talks (a loaded machine saw a SIGABRT)
     dist.destroy_process_group()
 
 if __name__ == "__main__":
