@@ -86,9 +86,9 @@ class Family(ABC):
 
     name: ClassVar[str]
     config_cls: ClassVar[type]
-    draw_options: ClassVar[frozenset[str]] = frozenset()
+    draw_options: frozenset[str] = frozenset()
     """What ``sample_images`` takes besides n and the generator, among DRAW_OPTIONS: `dgm sample` refuses, by
-    name, an option given to a family that would ignore it."""
+    name, an option given to a family that would ignore it. A family may narrow it per model in ``__init__``."""
     takes_prompt: ClassVar[bool] = False
     """Whether ``sample_images`` draws images for a caption (``prompt=[...]``): what `dgm sample --prompt` needs."""
     max_zero_stage: ClassVar[int] = 3
