@@ -352,6 +352,7 @@ class QueueRunner:
         self._seen_shapes: list[dict[str, float]] = []
         self._seen_total: dict[str, float] = {}
         self._seen_file = self.queue.path.with_name(self.queue.path.name + ".nodes")
+        self.reached = False
         self._load_seen()
 
     def run_once(self) -> list[QueuedJob]:
@@ -362,12 +363,13 @@ class QueueRunner:
         """
         client = JobsClient(self.address, token=self.token)
         with self.queue.runner_turn():
+            cluster = client.cluster_resources()  # before the file: its problems are not taken for the address's
+            self.reached = True
+            live_ips = {n.ip for n in cluster.nodes}
             with self.queue.locked(write=False) as jobs:
                 work = copy.deepcopy(jobs)
             before = {j.job_id: j.state for j in work}
             now = time.time()
-            cluster = client.cluster_resources()
-            live_ips = {n.ip for n in cluster.nodes}
             for job in work:
                 if job.state == RUNNING:
                     self._track(client, job, now, live_ips)
@@ -398,25 +400,25 @@ class QueueRunner:
     def run_forever(self, poll_s: float = 5.0, until_idle: bool = False, give_up_after_s: float = 600.0) -> None:
         """Rounds every `poll_s`; an unreachable cluster is reported and retried. `until_idle`: return when empty.
 
-        A cluster this runner has never reached in ``give_up_after_s`` seconds (0: no limit) is a wrong address
-        more often than a slow start: that raises ClusterError. One reached before is waited for without limit
-        (a restarted head), since the queue's state is in its file.
+        A cluster this runner has never had an answer from in ``give_up_after_s`` seconds (0: no limit) is a wrong
+        address more often than a slow start: that raises ClusterError. One that answered before is waited for
+        without limit (a restarted head), since the queue's state is in its file.
         """
-        started, reached = time.monotonic(), False
+        started = time.monotonic()
         while True:
             try:
                 jobs = self.run_once()
-                reached = True
                 if until_idle and all(j.state in FINISHED for j in jobs):
                     return
             except ClusterError as e:
                 waited = time.monotonic() - started
-                if not reached and give_up_after_s and waited + poll_s > give_up_after_s:
+                if not self.reached and give_up_after_s and waited >= give_up_after_s:
                     raise ClusterError(f"cluster {self.address or '(default address)'} not reached in {waited:.0f} s "
-                                       f"of rounds (last: {e}); check --address, or give --give-up-after 0 to "
-                                       "wait for it without limit") from None
+                                       f"(--give-up-after {give_up_after_s:g}; last: {e}); check --address, or give "
+                                       "--give-up-after 0 to wait for it without limit") from None
                 self.log(f"queue round failed, retrying in {poll_s:g} s: {e}")
-            time.sleep(poll_s)
+            deadline = started + give_up_after_s if give_up_after_s and not self.reached else float("inf")
+            time.sleep(max(0.0, min(poll_s, deadline - time.monotonic())))
 
     def _remember(self, total: Mapping[str, float], nodes: list[NodeResources]) -> None:
         """Node shapes and cluster totals seen so far: a spot node gone for a while still counts as possible.

@@ -491,6 +491,28 @@ def test_a_stop_requested_while_a_round_queued_the_job_again_stops_it(tmp_path: 
     assert (job.state, job.reason) == (STOPPED, "stopped before it started")
 
 
+@pytest.mark.slow
+def test_a_broken_queue_file_is_not_taken_for_an_unreachable_cluster(cluster: LocalRayCluster,
+                                                                    tmp_path: Path) -> None:
+    path = tmp_path / "q.json"
+    path.write_text("{not json")
+    said: list[str] = []
+
+    class Enough(Exception):
+        pass
+
+    def log(line: str) -> None:
+        said.append(line)
+        if len(said) == 3:
+            raise Enough
+
+    runner = QueueRunner(path, cluster.address, token=cluster.token, log=log)
+    with pytest.raises(Enough):  # retried (the user may fix the file) past the limit, not given up as "not reached"
+        runner.run_forever(poll_s=0.3, give_up_after_s=0.2)
+    assert all("queue file" in line and "unreadable" in line for line in said), said
+    assert path.read_text() == "{not json"
+
+
 def _node(node_id: str, **total: float) -> NodeResources:
     return NodeResources(node_id, "10.0.0.1", False, dict(total))
 
@@ -628,6 +650,11 @@ def test_a_runner_that_never_reaches_its_cluster_gives_up_but_one_that_did_waits
         main(["queue", "run", "--queue", path, "--give-up-after", "-1"])
     assert "--give-up-after: -1.0 is below 0.0 (0 waits without limit)" in capsys.readouterr().err
 
+    start = time.monotonic()  # a --poll longer than the limit still gives up at the limit
+    assert main(["queue", "run", "--queue", path, "--address", "http://127.0.0.1:1", "--poll", "60",
+                 "--give-up-after", "0.5"]) == 2
+    assert time.monotonic() - start < 30 and "(--give-up-after 0.5; last:" in capsys.readouterr().err
+
     runner = QueueRunner(path, "http://127.0.0.1:1", log=lambda _: None)
     rounds = iter(["reached"] + ["lost"] * 8 + ["idle"])
 
@@ -635,6 +662,7 @@ def test_a_runner_that_never_reaches_its_cluster_gives_up_but_one_that_did_waits
         what = next(rounds)
         if what == "lost":
             raise ClusterError("connection refused")
+        runner.reached = True
         return [] if what == "idle" else JobQueue(path).list_jobs()
 
     runner.run_once = one_round  # type: ignore[method-assign]
