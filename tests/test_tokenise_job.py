@@ -278,3 +278,12 @@ def test_splits_with_different_caption_tokenizers_are_refused(scenes: str, dvae_
                                            rf".*{other}\)\): prepare the held-out split with .*tokenizer_from"):
         check_splits_agree(plans)
     check_splits_agree({"train": plans["train"], "eval": plan_tokenise(scenes, dvae_export)})
+
+
+def test_a_missing_dvae_export_is_named_once(tmp_path) -> None:
+    from trainer.dalle.tokenise_job import _dvae_export
+
+    missing = str(tmp_path / "no-dvae")
+    with pytest.raises(DatasetError) as e:
+        _dvae_export(missing)
+    assert str(e.value) == f"{missing}: not a dVAE export folder ({missing}/config.json: not found)"

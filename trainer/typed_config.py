@@ -6,6 +6,7 @@ Used by the `dgm` configs and by the export loader (which rebuilds a family's co
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from typing import Any
@@ -91,4 +92,15 @@ def from_dict(cls: type, data: Any, path: str = "") -> Any:
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:
-        raise ConfigError(f"{where}: {e}") from e
+        raise ConfigError(_located(str(e), path, names)) from e
+
+
+def _located(message: str, path: str, names: set[str]) -> str:
+    """A dataclass's own message with its full key once: "trainer.steps must be >= 1" as it is, "loss must be
+    ..." as "model.loss must be ...", anything else after its section ("model: ...")."""
+    if path and (message.startswith(path + ".") or message.startswith(path + ":")):
+        return message
+    one_key = re.match(r"(\w+)(?: \([^)]*\))? must ", message)  # "n_head must ...", "d_model (30) must ..."
+    if path and one_key and one_key.group(1) in names:
+        return f"{path}.{message}"
+    return f"{path or '<config>'}: {message}"

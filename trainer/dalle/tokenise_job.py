@@ -176,7 +176,9 @@ def _dvae_export(export_url: str) -> tuple[str, str, list[int] | None]:
         config = json.loads(raw)
         family, sha = config.get("family"), str(config["files"]["model.safetensors"])
         shape = (config.get("data_info") or {}).get("image_shape")
-    except (storage.StorageError, ValueError, KeyError, TypeError, AttributeError) as e:
+    except storage.StorageError as e:  # its message names the URL already
+        raise DatasetError(f"{export_url}: not a dVAE export folder ({e})") from e
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise DatasetError(f"{export_url}: not a dVAE export folder ({config_url}: {e})") from e
     if family != "dvae":
         raise DatasetError(f"{export_url}: is a {family!r} export, not a dVAE ('dvae') export: tokenising needs the "
