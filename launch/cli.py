@@ -33,7 +33,7 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Write every split of the config's data.prepare section as shards + manifest."""
-    from data_pipeline.codecs import build_codec
+    from data_pipeline.codecs import CODECS, build_codec
     from data_pipeline.prepare import (
         PrepareConfig,
         check_codec_fits,
@@ -41,7 +41,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         check_shard_count,
         prepare_dataset,
     )
-    from data_pipeline.sources import build_source
+    from data_pipeline.sources import SOURCES, build_source
     from launch.train import ensure_ray
     from trainer.typed_config import ConfigError
 
@@ -60,9 +60,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
                                codec_settings=spec.codec_settings, samples_per_shard=spec.samples_per_shard,
                                parallel=not args.no_ray, overwrite=args.overwrite, verify=args.verify,
                                **spec.tokenizer_settings(split, cfg.data.train))
-            where = f"data.prepare.splits.{split}"
+            where = "data.prepare.source" if spec.source not in SOURCES else f"data.prepare.splits.{split}"
             source = build_source(spec.source, settings)
-            where = "data.prepare.codec_settings"
+            where = "data.prepare.codec" if spec.codec not in CODECS else "data.prepare.codec_settings"
             codec = build_codec(spec.codec, spec.codec_settings)
             where = f"data.prepare.splits.{split}"
             check_codec_fits(pc, source, codec)

@@ -164,6 +164,8 @@ def test_cli_refuses_a_split_without_an_output_before_writing_anything(tmp_path,
     ("data.prepare.splits.eval.bogus=1", "data.prepare.splits.eval: source 'shapes': unknown setting 'bogus'"),
     ("data.prepare.samples_per_shard=0", "data.prepare: samples_per_shard must be >= 1, got 0"),
     ("data.prepare.codec_settings.quality=0", "data.prepare.codec_settings: JPEG quality must be an integer"),
+    ("data.prepare.source=shape", "data.prepare.source: unknown data source 'shape'"),
+    ("data.prepare.codec=dctt", "data.prepare.codec: unknown codec 'dctt'"),
 ])
 def test_prepare_checks_every_split_before_writing_any(tmp_path, capsys, override, message):
     """A bad eval split is found before the train split's minutes of shards, and named by its key path."""
