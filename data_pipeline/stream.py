@@ -56,6 +56,9 @@ class StreamConfig:
             raise ValueError(f"data.stream.on_corrupt must be 'error' or 'skip', got {self.on_corrupt!r}")
         if self.num_workers < 0:
             raise ValueError(f"data.stream.num_workers must be >= 0, got {self.num_workers}")
+        if self.cache_max_bytes < 1:
+            raise ValueError(f"data.stream.cache_max_bytes must be >= 1 (the shard cache's size in bytes), got "
+                             f"{self.cache_max_bytes}")
         for name in ("global_batch", "partitions", "shuffle_block"):
             if getattr(self, name) < 1:
                 raise ValueError(f"data.stream.{name} must be >= 1, got {getattr(self, name)}")

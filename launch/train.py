@@ -13,7 +13,8 @@ from launch.config import ExperimentConfig
 from launch.run_record import checkpoint_root_of, record_checkpoint_root
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.checkpoint import CheckpointStore
-from trainer.loop import SUMMARY, RunSpec, check_eval_size, train_worker
+from trainer.families import family_class
+from trainer.loop import SUMMARY, RunSpec, check_eval_size, data_info, train_worker
 from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, env_flag, worker_env
 from trainer.typed_config import ConfigError
 
@@ -62,9 +63,14 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     """Validate the data, then run the worker group to the end; returns rank 0's final metrics."""
     if not cfg.data.train:
         raise ValueError("data.train: no training data set given (a folder or s3:// URL with a manifest.json)")
-    load_manifest(cfg.data.train)
-    if cfg.data.eval:  # refused here, not at the first eval (where every resume would meet it again)
-        check_eval_size(load_manifest(cfg.data.eval), cfg.data.stream.global_batch, cfg.data.eval)
+    manifest = load_manifest(cfg.data.train)
+    eval_manifest = load_manifest(cfg.data.eval) if cfg.data.eval else None
+    if eval_manifest is not None:  # refused here, not at the first eval (where every resume would meet it again)
+        check_eval_size(eval_manifest, cfg.data.stream.global_batch, cfg.data.eval)
+    # the model against its data (codec, image size, vocabularies), as every rank will check it: before Ray starts
+    family = family_class(cfg.family)(cfg.model, data_info(manifest, eval_manifest))
+    if eval_manifest is not None:
+        family.check_eval_data(data_info(eval_manifest), cfg.data.eval)
     # every rank checks how the data splits over the world; checked here too, before a cluster starts for nothing
     try:
         check_batch_split(cfg.data.stream.global_batch, cfg.cluster.workers)

@@ -53,6 +53,7 @@ def test_overrides_are_typed_and_nested():
     ("trainer", r"override 'trainer': expected key.path=value"),
     ("data.stream.global_batch=0", r"data.stream.global_batch must be >= 1, got 0"),
     ("data.stream.partitions=0", r"data.stream.partitions must be >= 1, got 0"),
+    ("data.stream.cache_max_bytes=-1", r"^data.stream.cache_max_bytes must be >= 1 \(the shard cache's size"),
     ("zero.bucket_elements=0", r"zero.bucket_elements must be >= 1, got 0"),
     ("cluster.max_failures=-1", r"cluster.max_failures must be >= 0, got -1"),
     ("cluster.cpus_per_worker=-1", r"cluster.cpus_per_worker must be > 0"),
@@ -197,6 +198,21 @@ def test_train_checks_the_data_split_over_the_workers_before_starting_ray(digits
                                         f"run_dir={tmp_path}", "cluster.workers=2", override])
         with pytest.raises(ConfigError, match=message):
             run_training(cfg, raw)
+
+
+def test_train_checks_the_model_against_its_data_before_starting_ray(digits_data, tmp_path, monkeypatch):
+    """A DCTransformer on image-codec shards failed in every Ray worker, after the cluster had started."""
+    import launch.train
+    from launch.train import run_training
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the model was checked against its data")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+    cfg, raw = load_config(os.path.join(ROOT, "configs", "demo.yaml"),
+                           [f"data.train={digits_data['train']}", "data.eval=", f"run_dir={tmp_path}"])
+    with pytest.raises(ValueError, match="dctransformer trains on DCT shards .* codec is 'image'"):
+        run_training(cfg, raw)
 
 
 def test_train_checks_the_checkpoint_root_before_starting_ray(digits_data, tmp_path, monkeypatch, s3_server):
