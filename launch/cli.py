@@ -169,14 +169,20 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.images:
         if os.path.exists(out) and os.path.exists(args.images) and os.path.samefile(out, args.images):
             raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
-        options["images"] = _load_images(args.images)
+        from data_pipeline.sources.image_folder import load_image
+
+        files = _image_files(args.images)
+        options["images"] = [load_image(f) for f in files]
         counts[f"--images {args.images}"] = len(options["images"])
     if len(set(counts.values())) > 1:
         raise ValueError("sample counts disagree: " + ", ".join(f"{k} gives {v}" for k, v in counts.items())
                          + " (one sample per label and per image)")
     args.n = next(iter(counts.values()), DEFAULT_SAMPLES)
     gen = torch.Generator().manual_seed(args.seed)
-    images = _draw(family, modules, args.n, gen, **options)
+    try:
+        images = _draw(family, modules, args.n, gen, **options)
+    except ValueError as e:  # the family numbers the images it was given: name the file instead
+        raise _named_image_error(e, files if args.images else []) from None
     save_grid(images, out)
     print(f"[sample] {args.n} samples -> {out}")
     return 0
@@ -211,22 +217,34 @@ def _default_out(export: str) -> str:
     return "samples.png" if "://" in export else os.path.join(export, "samples.png")
 
 
-def _load_images(path: str) -> list:
-    """The images of ``--images``: one JPEG/PNG file, or every one below a folder (sorted by relative path)."""
+def _image_files(path: str) -> list:
+    """The files of ``--images``: one JPEG/PNG file, or every one below a folder (sorted by relative path)."""
     from pathlib import Path
 
-    from data_pipeline.sources.image_folder import find_images, load_image
+    from data_pipeline.sources.image_folder import find_images
 
     where = Path(path)
     if where.is_dir():
         files = list(find_images(where).values())
         if not files:
             raise ValueError(f"--images {path}: the folder holds no .jpg, .jpeg or .png files")
-    elif where.is_file():
-        files = [where]
-    else:
-        raise ValueError(f"--images {path}: no such file or folder")
-    return [load_image(f) for f in files]
+        return files
+    if where.is_file():
+        return [where]
+    raise ValueError(f"--images {path}: no such file or folder")
+
+
+def _named_image_error(error: ValueError, files: list) -> ValueError:
+    """``image 3: size 398x398 ...`` -> ``--images <its file>: size 398x398 ...``, with advice `dgm sample` can
+    follow (an export's size_policy is fixed)."""
+    import re
+
+    said = re.match(r"image (\d+): (.*)", str(error), re.S)
+    if not said or int(said.group(1)) >= len(files):
+        return error
+    problem = said.group(2).replace("; set size_policy='crop' or 'pad', or resize it first",
+                                    "; resize it to the export's codec resolution")
+    return ValueError(f"--images {files[int(said.group(1))]}: {problem}")
 
 
 def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> int:

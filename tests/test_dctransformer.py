@@ -525,6 +525,13 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     assert main(["sample", export, "--images", str(folder), "--out", png]) == 0
     assert "[sample] 3 samples" in capsys.readouterr().out and Image.open(png).size[0] > 3 * 32
 
+    odd = tmp_path / "odd"  # a wrong size: the file is named, with advice `dgm sample` can follow
+    odd.mkdir()
+    Image.fromarray(fam.source_images(1)[0]).save(odd / "a.png")
+    Image.new("RGB", (40, 24)).save(odd / "b.png")
+    assert main(["sample", export, "--images", str(odd), "--out", png]) == 2
+    assert (f"--images {odd / 'b.png'}: size 24x40 (HxW) does not match the codec resolution 32x32 under "
+            "size_policy='error'; resize it to the export's codec resolution") in capsys.readouterr().err
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -551,8 +558,11 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     (tmp_path / "corrupt.png").write_bytes(b"not a png")  # refused for the model's mode, before it is read
     for given in ("grey.png", "corrupt.png"):
         assert main(["sample", plain, "--images", str(tmp_path / given), "--out", png]) == 2
-        assert ("'dctransformer' export (mode unconditional) does not take --images"
+        assert ("'dctransformer' export (mode unconditional, no classes) does not take --images"
                 in capsys.readouterr().err), given
+    assert main(["sample", plain, "--labels", "0,1", "--out", png]) == 2  # refused, not advertised
+    assert ("'dctransformer' export (mode unconditional, no classes) does not take --labels (it takes --temperature, "
+            "--top-k, --top-p, --value-temperature, --value-top-p)") in capsys.readouterr().err
 
 
 def test_draws_cut_by_the_sampling_limit_are_reported(caplog):

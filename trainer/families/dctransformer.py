@@ -101,13 +101,15 @@ class DCTransformerFamily(Family):
 
     @property
     def variant(self) -> str:
-        return f"mode {self.config.mode}"
+        classes = f"{self.config.num_classes} classes" if self.config.num_classes else "no classes"
+        return f"mode {self.config.mode}, {classes}"
 
     def __init__(self, config: DCTransformerConfig, data_info: Mapping[str, Any]) -> None:
         super().__init__(config, data_info)
         self.codec = codec_config(data_info)
-        if config.mode == "unconditional":  # `dgm sample` refuses these by name before reading any image
-            self.draw_options = type(self).draw_options - {"images", "mean_of"}
+        refused = ({"images", "mean_of"} if config.mode == "unconditional" else set()) | (
+            set() if config.num_classes else {"labels"})
+        self.draw_options = type(self).draw_options - refused  # `dgm sample` refuses them by name, before any work
         self.space = TokenSpace(self.codec.num_positions, self.codec.value_range)
         if config.mode == "superres" and (self.codec.height % config.superres_factor
                                           or self.codec.width % config.superres_factor):
