@@ -109,6 +109,8 @@ def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int
     except (AttributeError, TypeError) as e:
         raise ValueError(f"codec {config.codec!r} cannot encode samples of source {config.source!r} "
                          f"({type(e).__name__}: {e})") from e
+    except ValueError as e:
+        raise ValueError(f"{e}{_resize_hint(source, str(e))}") from e
     shapes = set(source.image_shapes()) if hasattr(source, "image_shapes") else {tuple(first.image.shape)}
     if (stored_shape := getattr(codec, "stored_shape", None)) is not None:  # a codec that resizes (DCT)
         shapes = {tuple(stored_shape(shape)) for shape in shapes}
@@ -119,6 +121,15 @@ def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int
                          f"{', ...' if len(shapes) > 4 else ''}) for codec {config.codec!r}, which stores them as "
                          "they are; set the source's resolution so every sample has one shape")
     return list(shapes[0])
+
+
+def _resize_hint(source: Any, message: str) -> str:
+    """A source that can make its images the codec's size (shapes' ``resolution``, digits' ``upscale``) is the
+    better fix for a size mismatch than cropping or padding: say which setting."""
+    if "does not match the codec resolution" not in message or not hasattr(source, "settings"):
+        return ""
+    knobs = [key for key in ("resolution", "upscale") if key in source.settings()]
+    return f"; or set the split's {knobs[0]!r} so that the source makes images of the codec's size" if knobs else ""
 
 
 MAX_SHARDS = 1_000_000  # the shard names' six digits; and a plan of billions would fill memory before a word

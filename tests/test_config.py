@@ -176,6 +176,27 @@ def test_prepare_checks_every_split_before_writing_any(tmp_path, capsys, overrid
     assert not os.listdir(tmp_path)
 
 
+def test_a_source_smaller_than_the_codec_is_pointed_at_its_own_size_setting(tmp_path, capsys):
+    config = tmp_path / "digits_dct.yaml"
+    config.write_text(f"""name: d
+run_dir: {tmp_path}/run
+family: dctransformer
+data:
+  train: {tmp_path}/run/train
+  prepare:
+    source: digits
+    codec: dct
+    codec_settings: {{resolution: 16}}
+    splits:
+      train: {{split: train}}
+""")
+    assert main(["prepare", str(config), "--no-ray"]) == 2
+    err = capsys.readouterr().err
+    assert "size 8x8 (HxW) does not match the codec resolution 16x16" in err
+    assert "or set the split's 'upscale' so that the source makes images of the codec's size" in err
+    assert os.listdir(tmp_path) == ["digits_dct.yaml"]
+
+
 def test_tokenize_section_needs_the_dvae_export(capsys):
     assert main(["tokenize", "configs/t2i_prior.yaml", "data.tokenize.dvae_export="]) == 2
     assert "data.tokenize.dvae_export" in capsys.readouterr().err
