@@ -333,6 +333,11 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     tokenizer = write_tokenizer(config, source)
     say(f"[prepare] {len(source)} samples of {config.source!r} -> {len(plans)} shards at {config.output} "
         f"({len(infos)} already done)")
+    if config.verify or infos:  # a re-run: name the shards that were there but are written again
+        redo = [p.name for p in todo if storage.exists(storage.join(config.output, p.name))]
+        if redo:
+            say(f"[prepare] rewriting {len(redo)} shard(s) that differ from what was recorded (damaged, truncated "
+                f"or changed): {', '.join(redo[:5])}{', ...' if len(redo) > 5 else ''}")
     progress = Progress(len(plans), "prepare shards", say, done=len(infos))
     if infos and not todo:
         progress.update(0)

@@ -184,6 +184,8 @@ def test_prepare_verify_rewrites_a_shard_damaged_in_place(tmp_path):
     lines.clear()
     prepare_dataset(PrepareConfig(**cfg, verify=True), report=lines.append)
     assert "(6 already done)" in lines[0] and storage.sha256_of(path) == good
+    assert ("[prepare] rewriting 1 shard(s) that differ from what was recorded (damaged, truncated or changed): "
+            "shard-000002.tar") in lines
     assert len(_stream_all(out)[0]) > 0
 
 
