@@ -263,7 +263,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
         raise ValueError(f"--keep {args.keep}: must be between 1 and --n ({args.n}), or 0 for all")
     _, truncated, unknown = family.text_ids(args.prompt)
     if unknown:
-        print(f"[sample] warning: words not in the tokenizer's training captions: {', '.join(unknown)} "
+        print(f"[sample] warning: words with characters the tokenizer never saw: {', '.join(unknown)} "
               "(spelled out with byte tokens)", file=sys.stderr)
     if truncated:
         print("[sample] warning: the prompt is longer than the model's text length; only its first "

@@ -293,7 +293,7 @@ def test_collate_truncates_pads_and_refuses_wrong_grids(world):
     assert batch["text"].tolist() == [[0, 1, 2, 3], [3, fam.pad_id, fam.pad_id, fam.pad_id]]
     assert batch["valid"].tolist() == [True, False]
     with pytest.raises(DatasetError, match="sample 'k7': 16 image tokens"):
-        fam.collate([{"__key__": "k7", "text": np.arange(3), "image_tokens": np.zeros(16, dtype=np.int64)}])
+        fam.collate([{"key": "k7", "text": np.arange(3), "image_tokens": np.zeros(16, dtype=np.int64)}])
     with pytest.raises(DatasetError, match="trains on token shards"):
         DalleFamily(small(), {"image_shape": [32, 32, 3], "codec": {"name": "image"}})
     with pytest.raises(ValueError, match="model.heads"):

@@ -64,6 +64,15 @@ def test_top_k_keeps_exactly_k_even_with_ties():
     assert torch.isfinite(filter_logits(logits, top_k=2)).sum().item() == 2
 
 
+def test_top_p_keeps_the_smallest_set_holding_that_mass_even_with_ties():
+    """Four equal logits at top_p=0.5: two hold the mass; the third was kept as well."""
+    logits = torch.zeros(1, 4)
+    assert torch.isfinite(filter_logits(logits, top_p=0.5)).sum().item() == 2
+    assert torch.isfinite(filter_logits(logits, top_p=0.51)).sum().item() == 3
+    assert torch.isfinite(filter_logits(torch.tensor([[9.0, 0.0, 0.0]]), top_p=0.01)).sum().item() == 1  # top kept
+    assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
+
+
 def test_a_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert int(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0))) == 1

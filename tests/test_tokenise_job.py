@@ -252,6 +252,13 @@ def test_job_refuses_inputs_it_cannot_tokenise(tmp_path: Path, dvae_export: str)
     storage.write_bytes(os.path.join(plain, TOKENIZER_FILE), b"not a model")
     with pytest.raises(ValueError, match=f"{plain}/tokenizer.model: not a sentencepiece model"):
         tokenise_dataset(plain, dvae_export, str(tmp_path / "out"))
+    mute = str(tmp_path / "mute")  # a tokenizer, but the shards keep no caption: every sample would fail in a worker
+    prepare_dataset(PrepareConfig(output=mute, source="shapes", source_settings={"num_samples": 8, "resolution": 32},
+                                  codec="image", codec_settings={"keep": ["attributes"]}, samples_per_shard=8,
+                                  parallel=False, tokenizer_vocab_size=290), report=lambda _: None)
+    with pytest.raises(DatasetError, match=rf"{mute}: its shards store no captions \(codec_settings.keep "
+                                           r"\['attributes'\]\); prepare it again with 'caption'"):
+        plan_tokenise(mute, dvae_export)
 
 
 def test_job_refuses_to_write_over_a_different_dataset(scenes: str, dvae_export: str) -> None:

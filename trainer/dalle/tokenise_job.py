@@ -248,6 +248,10 @@ def plan_tokenise(input_url: str, dvae_export_dir: str, samples_per_shard: int |
     source = load_manifest(input_url)
     if source.codec.get("name") != "image":
         raise DatasetError(f"{input_url}: codec {source.codec.get('name')!r} is not the image codec (PNG + caption)")
+    kept = (source.codec.get("settings") or {}).get("keep")
+    if kept is not None and "caption" not in kept:
+        raise DatasetError(f"{input_url}: its shards store no captions (codec_settings.keep {list(kept)}); prepare "
+                           "it again with 'caption' in data.prepare.codec_settings.keep")
     tokenizer_url = storage.join(input_url, TOKENIZER_FILE)
     if not storage.exists(tokenizer_url):
         raise DatasetError(f"{tokenizer_url}: missing; prepare the dataset with data.prepare.tokenizer "
@@ -255,7 +259,8 @@ def plan_tokenise(input_url: str, dvae_export_dir: str, samples_per_shard: int |
     tokenizer = CaptionTokenizer.load(tokenizer_url)
     recorded = source.extra.get("tokenizer", {}).get("sha256")
     if recorded and recorded != tokenizer.sha256:
-        raise DatasetError(f"{tokenizer_url}: sha256 does not match the manifest's tokenizer entry")
+        raise DatasetError(f"{tokenizer_url}: sha256 {tokenizer.sha256[:12]}... does not match the manifest's "
+                           f"tokenizer entry {recorded[:12]}... (replaced after the data set was prepared?)")
     per_shard = samples_per_shard or int(source.extra.get("samples_per_shard") or source.shards[0].count)
     if per_shard < 1:
         raise ValueError(f"tokenise: samples_per_shard must be >= 1, got {per_shard}")

@@ -173,11 +173,11 @@ class DalleFamily(Family):
         for i, s in enumerate(samples):
             ids, tokens = np.asarray(s["text"]), np.asarray(s["image_tokens"]).reshape(-1)
             if tokens.shape[0] != n_image:
-                raise DatasetError(f"sample {s.get('__key__', i)!r}: {tokens.shape[0]} image tokens, the model's "
+                raise DatasetError(f"sample {s.get('key', i)!r}: {tokens.shape[0]} image tokens, the model's "
                                    f"grid {self.grid} needs {n_image}")
             if ids.size and (ids.min() < 0 or ids.max() >= self.text_vocab) or tokens.min() < 0 \
                     or tokens.max() >= self.image_vocab:
-                raise DatasetError(f"sample {s.get('__key__', i)!r}: token ids outside text vocab "
+                raise DatasetError(f"sample {s.get('key', i)!r}: token ids outside text vocab "
                                    f"{self.text_vocab} / image vocab {self.image_vocab}")
             kept = ids[: self.text_len]
             text[i, : kept.shape[0]] = kept
