@@ -374,8 +374,8 @@ class QueueRunner:
                 if job.state == RUNNING:
                     self._track(client, job, now, live_ips)
             booked: dict[str, float] = {}
-            for job in work:
-                if job.state == RUNNING:
+            for job in work:  # a job pinned to a node that left holds nothing while it waits for Ray to end it
+                if job.state == RUNNING and not (job.pinned_ip and job.pinned_ip not in live_ips):
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
             free = planning_free(cluster.total, cluster.available, booked, self.max_total)

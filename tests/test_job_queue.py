@@ -215,6 +215,19 @@ class FakeCluster:
         return JobInfo(job_id, "RUNNING", "true")
 
 
+def test_a_job_pinned_to_a_node_that_left_books_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """It waits for Ray's start timeout without running anywhere: the CPUs it declared are free for others."""
+    fake = FakeCluster({"n1": 0.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=2), priority=5, job_id="stuck")
+    q.enqueue("true", JobResources(num_cpus=2), priority=1, job_id="next")
+    with q.locked() as jobs:
+        jobs[0].state, jobs[0].pinned_ip = RUNNING, "10.9.9.9"
+    QueueRunner(q, "http://head:8265", log=lambda _: None).run_once()
+    assert fake.submitted == ["next"]
+
+
 def test_a_round_plans_one_process_jobs_per_node(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     fake = FakeCluster({"n1": 1.0, "n2": 1.0})
     monkeypatch.setattr("launch.job_queue.JobsClient", fake)
