@@ -202,13 +202,25 @@ class PartitionReader:
             self._cursor = None
             return e, None
 
+    def _replay_from(self, lo: int) -> int:
+        """Where a reader that starts at ``lo`` opens its shard. A reader running from the partition's start meets
+        a shard damaged mid-way at the damage and (on_corrupt=skip) drops the rest of it; a resumed one that
+        jumped to ``lo`` past the damage would use samples the uninterrupted run never saw. So under skip it
+        replays the shard from where this partition first reads it, and meets the damage at the same sample."""
+        if not self.skip_bad:  # under error the uninterrupted run stopped at the damage: no resume lies past it
+            return lo
+        shard, _ = self.order.locate(lo)
+        return max(self.order.shard_span(shard)[0], self.order.starts[self.partition])
+
     def _cursor_start(self) -> int:
         return self.order.shard_span(self._cursor_shard)[0]
 
     def _load_block(self, block: int) -> None:
         lo, hi = self.order.block_span(self.partition, block)
         if self._cursor_pos != lo:
-            self._open_at(lo)
+            self._open_at(self._replay_from(lo))
+            while self._cursor_pos < lo:  # read and decoded, then dropped: see _replay_from
+                self._next_raw()
         self.buffer = {}
         while self._cursor_pos < hi:
             e, sample = self._next_raw()

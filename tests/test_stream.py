@@ -543,6 +543,20 @@ def test_skipping_a_shard_that_breaks_part_way_does_not_depend_on_workers_or_ran
     assert survivors(2, 1) == alone and survivors(0, 2) == alone
 
 
+def test_a_resume_past_a_shard_that_broke_part_way_uses_what_the_uninterrupted_run_used(copy_of):
+    """A resumed reader jumped to its block with the offset index, past the damage, and used samples the
+    uninterrupted run had dropped with the rest of the shard (27 of 74 resume points differed)."""
+    path = os.path.join(copy_of, "shard-000003.tar")
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) * 2 // 3)
+        f.write(b"\xff" * 4096)
+    cfg = stream_cfg(on_corrupt="skip", verify_sha256=False)
+    full, _ = global_batches(copy_of, cfg, 1)
+    for batch in range(2, len(full), 6):
+        resumed, _ = global_batches(copy_of, cfg, 1, StreamState(0, batch))
+        assert resumed == full[batch:], batch
+
+
 def test_prepare_refuses_an_unreadable_manifest_and_storage_errors(tmp_path, s3_bucket, flaky_s3):
     """What cannot be read is not known to be replaceable: a manifest of a newer format or a damaged one is
     refused without --overwrite; access denied is an error, never taken for "nothing there"."""
