@@ -350,4 +350,27 @@ class RankStream:
             if epoch not in totals:
                 totals = {epoch: self.epoch_order(epoch).num_batches}
             self.state = StreamState(epoch, b + 1) if b + 1 < totals[epoch] else StreamState(epoch + 1, 0)
+            if samples:
+                self._stand_in = samples[-1]
+            else:  # every sample skipped (on_corrupt=skip): the rank still takes part in the step, at weight 0
+                samples = [{**self._placeholder(), "valid": False}]
             yield samples
+
+    _stand_in: dict[str, Any] | None = None
+
+    def _placeholder(self) -> dict[str, Any]:
+        """A decoded sample to stand in, marked invalid, for a micro-batch whose samples were all skipped: the
+        families weigh a rank's loss by its valid samples (``StepContext.batch_share``), so it adds nothing, but
+        the rank joins the step's collectives, which an empty batch could not even be collated for."""
+        if self._stand_in is None:
+            opener = ShardOpener(self.manifest, self.config)
+            for i in range(len(self.manifest.shards)):
+                try:
+                    raw = next(opener.samples(i, 0))
+                    self._stand_in = {**self.decode(raw), "key": raw["__key__"]}
+                    break
+                except (DatasetError, ValueError, StopIteration):
+                    continue
+            else:
+                raise DatasetError(f"{self.manifest.url}: no shard holds a readable sample (all were skipped)")
+        return self._stand_in

@@ -614,3 +614,24 @@ def test_prepare_progress_rates_only_this_runs_shards(monkeypatch):
     progress = prepare.Progress(10, "prepare shards", lines.append, every_s=0, done=7)
     progress.update()
     assert lines == ["[prepare shards] 8/10 (80%) 0.50/s ETA 4s"]
+
+
+def test_a_micro_batch_whose_samples_were_all_skipped_is_one_invalid_stand_in(copy_of):
+    """One partition per rank and big shuffle blocks: a block often lies inside the corrupt shard, and its rank got
+    an empty micro-batch, which no family can collate (np.stack of nothing) and which would leave the step."""
+    path = os.path.join(copy_of, "shard-000004.tar")
+    with open(path, "r+b") as f:
+        f.seek(1000)
+        f.write(b"\xff" * 64)
+    m = load_manifest(copy_of)
+    cfg = stream_cfg(global_batch=24, partitions=12, shuffle_block=256, seed=0, drop_last=True, on_corrupt="skip")
+    stand_ins, real = 0, set()
+    for rank in range(12):
+        for batch in RankStream(m, cfg, build_codec("image").decode, rank, 12).iterate(max_epochs=1):
+            assert batch, rank
+            if len(batch) == 1 and not batch[0]["valid"]:
+                stand_ins += 1
+            real |= {x["key"] for x in batch if x["valid"]}
+    assert stand_ins > 0  # the layout above does produce them
+    first, last = m.shards[4].first_index, m.shards[4].first_index + m.shards[4].count
+    assert not any(first <= int(key.rsplit("-", 1)[-1]) < last for key in real)  # nothing of shard 4 counted
