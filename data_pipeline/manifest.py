@@ -124,6 +124,7 @@ def parse_manifest(text: str, url: str) -> Manifest:
     _require(stride is None or (type(stride) is int and stride >= 1), url,
              f"extra.index_stride must be a positive int, got {stride!r}")
     shards = []
+    before, names = 0, set()
     for i, raw in enumerate(data["shards"]):
         _require(isinstance(raw, dict), url, f"shards[{i}] must be an object")
         try:
@@ -131,7 +132,9 @@ def parse_manifest(text: str, url: str) -> Manifest:
         except TypeError as e:
             raise DatasetError(f"{url}: shards[{i}] has wrong fields ({e})") from e
         _require(isinstance(info.count, int) and info.count > 0, url, f"shards[{i}].count must be a positive int")
-        _require(isinstance(info.sha256, str) and len(info.sha256) == 64, url, f"shards[{i}].sha256 is malformed")
+        _require(isinstance(info.sha256, str) and len(info.sha256) == 64
+                 and all(c in "0123456789abcdef" for c in info.sha256), url,
+                 f"shards[{i}].sha256 must be 64 lower-case hex digits")
         _require("/" not in info.name and info.name.endswith(".tar"), url, f"shards[{i}].name {info.name!r} is bad")
         _require(isinstance(info.lengths, list), url, f"shards[{i}].lengths must be a list of ints")
         _require(not info.lengths or len(info.lengths) == info.count, url,
@@ -140,6 +143,13 @@ def parse_manifest(text: str, url: str) -> Manifest:
                  f"shards[{i}].lengths must be positive ints")
         _check_encoding(info.encoding, url, f"shards[{i}].encoding")
         _check_offsets(info, stride, url, f"shards[{i}] ({info.name})")
+        _require(info.first_index == before, url,
+                 f"shards[{i}].first_index is {info.first_index}, but the shards before it hold {before} samples "
+                 "(each shard starts where the last one ended)")
+        _require(info.name not in names, url, f"shard {info.name!r} is listed twice: its samples would be read "
+                 "twice an epoch")
+        before += info.count
+        names.add(info.name)
         shards.append(info)
     listed = [bool(s.lengths) for s in shards]
     if any(listed) and not all(listed):

@@ -144,7 +144,12 @@ class ShardOpener:
                     if seen >= offset:
                         yield sample
                     seen += 1
-        except (tarfile.TarError, OSError, ValueError) as e:
+        except OSError as e:
+            if e.errno is not None:  # the system's own read failure (EIO from a failing disk): not the shard's bytes
+                raise ShardUnavailableError(f"shard {url}: cannot be read at sample {seen} of {expected} "
+                                            f"({e.strerror or e})") from e
+            raise DatasetError(f"shard {url}: corrupt or truncated at sample {seen} of {expected} ({e})") from e
+        except (tarfile.TarError, ValueError) as e:
             raise DatasetError(f"shard {url}: corrupt or truncated at sample {seen} of {expected} ({e})") from e
         if seen != expected:
             raise DatasetError(f"shard {url}: holds {seen} samples, the manifest says {expected} (truncated?)")

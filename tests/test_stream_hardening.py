@@ -21,7 +21,7 @@ from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import DatasetError, Manifest, ShardInfo, load_manifest, parse_manifest
 from data_pipeline.shard_cache import ChecksumMismatchError, ShardCache
 from data_pipeline.storage import StorageError, StorageNotFoundError, configure_s3
-from data_pipeline.stream import RankStream, ShardOpener, StreamConfig
+from data_pipeline.stream import RankStream, ShardOpener, ShardUnavailableError, StreamConfig
 from tests.fixtures_s3 import FlakyS3Proxy
 from tests.test_stream import _prepare, stream_cfg
 
@@ -163,6 +163,13 @@ def test_exhausted_transfer_retries_name_the_url_and_the_last_error(flaky_s3: Fl
         (lambda d, s: d["extra"].__setitem__("index_stride", 0), r"extra.index_stride must be a positive int, got 0"),
         (lambda d, s: d["extra"].__setitem__("index_stride", "16"),
          r"extra.index_stride must be a positive int, got '16'"),
+        # a shard listed twice read its samples twice an epoch and another's never (an edited manifest)
+        (lambda d, s: d["shards"].__setitem__(1, {**s, "first_index": 257}),
+         r"shard 'shard-000000.tar' is listed twice: its samples would be read twice an epoch"),
+        (lambda d, s: d["shards"][2].__setitem__("first_index", 600),
+         r"shards\[2\].first_index is 600, but the shards before it hold 514 samples"),
+        (lambda d, s: s.__setitem__("sha256", s["sha256"].upper()),
+         r"shards\[0\].sha256 must be 64 lower-case hex digits"),
     ],
 )
 def test_manifest_refuses_a_bad_seek_index(digits, change, problem):
@@ -236,3 +243,24 @@ def test_cache_entries_are_only_names_of_finished_downloads(s3_bucket, tmp_path)
     os.utime(stale, (1, 1))
     assert [p for _, _, p in cache.entries()] == [entry] and cache.evict() == []
     assert fresh.exists() and not stale.exists()
+
+
+def test_a_disk_read_error_is_not_taken_for_a_corrupt_shard(digits, monkeypatch):
+    """EIO half-way through a local shard: always an error, never skipped as corrupt (on_corrupt=skip skipped it)."""
+    import errno
+    import io
+
+    m = load_manifest(digits)
+    opener = ShardOpener(m, StreamConfig(on_corrupt="skip", verify_sha256=False))
+    data = open(os.path.join(digits, m.shards[0].name), "rb").read()
+
+    class FailingDisk(io.BytesIO):
+        def read(self, n: int = -1) -> bytes:
+            if self.tell() > len(data) // 2:
+                raise OSError(errno.EIO, "Input/output error")
+            return super().read(n)
+
+    monkeypatch.setattr(opener, "_open", lambda i: FailingDisk(data))
+    with pytest.raises(ShardUnavailableError, match=r"shard-000000.tar: cannot be read at sample \d+ of 257 "
+                                                     r"\(Input/output error\)"):
+        list(opener.samples(0, 0))
