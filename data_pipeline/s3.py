@@ -267,6 +267,15 @@ class ResumableReader(io.RawIOBase):
                 args["IfMatch"] = self._etag
         with errors(self.url):
             response = client().get_object(**args)
+        if self._opened:  # a store or proxy that ignores Range would splice the object's start in here
+            answered = str(response.get("ContentRange") or "")
+            etag = response.get("ETag")
+            if not answered.startswith(f"bytes {self._pos}-") or (self._etag and etag and etag != self._etag):
+                with suppress(Exception):
+                    response["Body"].close()
+                raise StorageError(self.url, f"resuming the read at byte {self._pos}, the store answered with "
+                                   f"{answered or 'the whole object (no Content-Range)'}, ETag {etag}: it ignored "
+                                   "the Range / If-Match request, so the read cannot go on safely")
         if not self._opened:
             self._opened = True
             self.size = int(response["ContentLength"])

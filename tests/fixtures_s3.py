@@ -101,6 +101,8 @@ class FlakyS3Proxy:
     fail_next(n, status): the next n requests get ``status`` (an S3-style XML error) without reaching moto.
     drop_next_gets(n, after_bytes): the next n object GETs with a body get their headers and ``after_bytes`` of
     the body (default: half), then the connection is cut.
+    ignore_ranges(n): the next n ranged GETs reach moto without their Range and If-Match headers (a proxy or
+    store that ignores them answers with the whole object).
     """
 
     upstream: str
@@ -112,6 +114,7 @@ class FlakyS3Proxy:
     _error_status: int = 500
     _drops_armed: int = 0
     _drop_after: int | None = None
+    _ranges_ignored: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _server: ThreadingHTTPServer | None = None
 
@@ -122,6 +125,17 @@ class FlakyS3Proxy:
     def drop_next_gets(self, n: int, after_bytes: int | None = None) -> None:
         with self._lock:
             self._drops_armed, self._drop_after = n, after_bytes
+
+    def ignore_ranges(self, n: int) -> None:
+        with self._lock:
+            self._ranges_ignored = n
+
+    def take_range_ignored(self) -> bool:
+        with self._lock:
+            if self._ranges_ignored <= 0:
+                return False
+            self._ranges_ignored -= 1
+            return True
 
     def reset(self) -> None:
         with self._lock:
@@ -211,6 +225,8 @@ class _ProxyHandler(BaseHTTPRequestHandler):
         upstream = http.client.HTTPConnection(host, int(port), timeout=60)
         try:
             headers = {k: v for k, v in self.headers.items() if k.lower() not in _HOP_BY_HOP}
+            if rng and self.command == "GET" and self.owner.take_range_ignored():
+                headers = {k: v for k, v in headers.items() if k.lower() not in ("range", "if-match")}
             upstream.request(self.command, self.path, body=body, headers=headers)
             response = upstream.getresponse()
             data = response.read()

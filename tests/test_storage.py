@@ -300,6 +300,21 @@ def test_dropped_connection_resumes_exactly(flaky_s3: FlakyS3Proxy, s3_bucket: s
     assert storage.sha256_of(url) == hashlib.sha256(data).hexdigest()
 
 
+def test_a_resumed_read_answered_from_the_start_is_refused_not_spliced(flaky_s3: FlakyS3Proxy,
+                                                                        s3_bucket: str) -> None:
+    """A proxy that drops Range sent the object from byte 0 again, and those bytes were appended after the ones
+    already read: a manifest or checkpoint file read whole came back longer and wrong."""
+    url = s3_bucket + "/resume.bin"
+    data = os.urandom(1 << 20)
+    storage.write_bytes(url, data)
+    flaky_s3.drop_next_gets(1, after_bytes=300_000)
+    flaky_s3.ignore_ranges(1)
+    with pytest.raises(StorageError, match=rf"^{url}: resuming the read at byte \d+, the store answered with the "
+                                           r"whole object \(no Content-Range\).* ignored the Range / If-Match"):
+        storage.read_bytes(url)
+    assert storage.read_bytes(url) == data  # a store that honours them reads as before
+
+
 def test_drops_without_progress_are_bounded(flaky_s3: FlakyS3Proxy, s3_bucket: str, s3_settings) -> None:
     url = s3_bucket + "/x.bin"
     storage.write_bytes(url, os.urandom(50_000))
