@@ -141,12 +141,16 @@ class GapMonitor:
         latest = self.store.latest()
         if latest is None:
             return []
-        return [t for t in self.store.all_tags() if t <= latest and t not in self.done]
+        return [t for t in self.store.all_tags()  # an s3:// tag below latest whose upload never finished is no
+                if t <= latest and t not in self.done and self.store.is_complete(t)]  # checkpoint to evaluate
 
     def _record(self, entry: dict[str, Any]) -> None:
         os.makedirs(self.cfg.run_dir, exist_ok=True)
-        with open(os.path.join(self.cfg.run_dir, GAP_FILE), "a") as f:
-            f.write(json.dumps(entry) + "\n")
+        path = os.path.join(self.cfg.run_dir, GAP_FILE)
+        with open(path, "a+b") as f:  # after a line a crash cut short, a new line: not glued to the torn one
+            f.seek(0, os.SEEK_END)
+            torn = f.tell() > 0 and (f.seek(-1, os.SEEK_END), f.read(1))[1] != b"\n"
+            f.write((("\n" if torn else "") + json.dumps(entry) + "\n").encode())
         self.done.add(entry["tag"])
         self.attempts.pop(entry["tag"], None)
 

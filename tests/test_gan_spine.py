@@ -240,3 +240,23 @@ def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tm
     with open(both / GAP_FILE) as f:
         assert sorted((e["tag"], "error" in e) for e in map(json.loads, f)) == [
             ("step-00000004", False), ("step-00000008", False)]
+
+
+def test_the_monitor_skips_incomplete_checkpoints_and_a_torn_gap_line(tmp_path, monkeypatch):
+    """A tag below latest without its meta (a save cut short) was evaluated into an error entry; an entry
+    appended after a line a crash cut short was glued to it, unparsable, and its tag evaluated again."""
+    run = tmp_path / "run"
+    monitor = _monitor_on(run, "step-00000002", "step-00000004", stop_at_step=4)
+    os.remove(run / "checkpoints" / "step-00000002" / "meta.json")
+    with open(run / GAP_FILE, "w") as f:
+        f.write('{"tag": "step-0000')  # torn by a crash
+    evaluated = []
+
+    def evaluate(tag):
+        evaluated.append(tag)
+        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0, "seconds": 0.0}
+
+    monkeypatch.setattr(monitor, "evaluate_tag", evaluate)
+    assert monitor.run()["reason"] == "finished" and evaluated == ["step-00000004"]
+    lines = (run / GAP_FILE).read_text().splitlines()
+    assert lines[0] == '{"tag": "step-0000' and json.loads(lines[1])["tag"] == "step-00000004"

@@ -335,11 +335,9 @@ class DualityGapEvaluator:
         D_tilde.load_state_dict(anchor.state_dict())
         self._train_d(G, D_tilde, steps, data, anchor=anchor)
 
-    def evaluate(self, G: nn.Module, D: nn.Module) -> GapResult:
-        """Both gaps of (G, D). ``G`` and ``D`` are only read (deep-copied first), never trained or modified."""
-        cfg, start = self.cfg, time.monotonic()
-        gen = torch.Generator().manual_seed(cfg.seed)
-        torch_state = torch.get_rng_state()
+    def _estimate(self, G: nn.Module, D: nn.Module, gen: torch.Generator) -> tuple[float, float, float]:
+        """M1, M2 (proximal) and M2 against the fixed D (nan unless ``plain``), each on copies of G and D."""
+        cfg = self.cfg
         G0, anchor = self._copy(G, gen), self._copy(D, gen)
         for p in anchor.parameters():
             p.requires_grad_(False)
@@ -377,7 +375,18 @@ class DualityGapEvaluator:
             for _ in range(g_steps):
                 self._g_step(G3, D_fixed, g3_opt, fit)
             m2_plain = self._mean_value(G3, D_fixed, eval_batches)
-        torch.set_rng_state(torch_state)
+        return m1, m2, m2_plain
+
+    def evaluate(self, G: nn.Module, D: nn.Module) -> GapResult:
+        """Both gaps of (G, D). ``G`` and ``D`` are only read (deep-copied first), never trained or modified."""
+        cfg, start = self.cfg, time.monotonic()
+        gen = torch.Generator().manual_seed(cfg.seed)
+        torch_state = torch.get_rng_state()
+        try:  # dropout in the copies draws from torch's global generator: the caller's stream is left as it was
+            m1, m2, m2_plain = self._estimate(G, D, gen)
+        finally:
+            torch.set_rng_state(torch_state)
+        d_steps, g_steps = self._steps(cfg.d_epochs), self._steps(cfg.g_epochs)
         value_gap = m1 - self.game.game_value if self.game.game_value is not None else float("nan")
         return GapResult(m1=m1, m2=m2, m2_plain=m2_plain, proximal=abs(m1 - m2), plain=abs(m1 - m2_plain),
                          proximal_signed=m1 - m2, plain_signed=m1 - m2_plain, value_gap=value_gap,
