@@ -373,3 +373,19 @@ def test_the_real_term_is_weighted_by_the_ranks_share_of_real_samples():
     assert float(fam.d_loss(d_real, d_fake)) == pytest.approx(real_term + fake_term)
     assert float(fam.d_loss(d_real, d_fake, torch.tensor(2.0))) == pytest.approx(2 * real_term + fake_term)
     assert float(fam.d_loss(d_real[:0], d_fake, torch.tensor(0.0))) == pytest.approx(fake_term)
+
+
+def test_each_network_decays_over_the_whole_run_at_its_own_update_count() -> None:
+    """Every engine.step() advances its scheduler: at 5 D updates a step, D's warm-up and cosine ended in a fifth
+    of trainer.schedule.total_steps."""
+    from sharding.zero import ScheduleConfig
+    from trainer.loop import network_schedule
+
+    family = SLSAGanFamily(SLSAGanConfig(d_steps=5, g_steps=1, c_steps=2), ring_info())
+    assert [family.updates_per_step(n) for n in ("discriminator", "generator", "classifier")] == [5, 1, 2]
+    run = ScheduleConfig(warmup_steps=10, total_steps=100, min_ratio=0.1)
+    d = network_schedule(run, family.updates_per_step("discriminator"))
+    assert network_schedule(run, 1) is run
+    for step in (1, 10, 37, 100):  # D's update at the end of training step `step` runs at that step's rate
+        assert d.ratio(5 * step) == pytest.approx(run.ratio(step), abs=0.02)
+    assert d.ratio(5 * 50) > 0.5 and run.ratio(5 * 50) == pytest.approx(0.1)  # half-way for D, not at the floor

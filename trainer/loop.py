@@ -9,6 +9,7 @@ Rank 0 writes progress lines, TensorBoard scalars, ``metrics.jsonl`` and sample 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -227,9 +228,19 @@ def build_engines(family: Family, spec: RunSpec, world: int, universal: bool) ->
         if universal:
             ds_cfg["checkpoint"] = {"load_universal": True}
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizers[name], config=ds_cfg,
-                                               lr_scheduler=lr_scheduler(spec.trainer.schedule))
+                                               lr_scheduler=lr_scheduler(network_schedule(spec.trainer.schedule,
+                                                                         family.updates_per_step(name))))
         engines[name] = engine
     return engines
+
+
+def network_schedule(schedule: ScheduleConfig, updates_per_step: int) -> ScheduleConfig:
+    """``schedule`` (in training steps) for a network that steps its optimizer ``updates_per_step`` times a step:
+    a GAN's D at 5 updates a step would otherwise finish its warm-up and decay in a fifth of the run."""
+    if updates_per_step == 1:
+        return schedule
+    return dataclasses.replace(schedule, warmup_steps=schedule.warmup_steps * updates_per_step,
+                               total_steps=schedule.total_steps * updates_per_step)
 
 
 def _check_memory(family: Family, spec: RunSpec, world: int, rank: int, device: torch.device) -> None:

@@ -103,6 +103,11 @@ class Family(ABC):
     def build_modules(self) -> dict[str, nn.Module]:
         """The named networks, freshly initialised (deterministic under torch.manual_seed)."""
 
+    def updates_per_step(self, name: str) -> int:
+        """How many optimizer steps network ``name`` takes per training step: its learning-rate schedule
+        (trainer.schedule, in training steps) is stretched by that much, so every network decays over the run."""
+        return 1
+
     def build_optimizers(self, modules: Mapping[str, nn.Module], optim: OptimConfig) -> dict[str, torch.optim.Optimizer]:
         """One AdamW per network; no weight decay on biases, norms and embeddings' gains (1-D tensors)."""
         out = {}

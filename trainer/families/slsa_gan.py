@@ -300,6 +300,10 @@ class SLSAGanFamily(Family):
         return torch.Generator().manual_seed(
             (self.config.seed * 1_000_003 + ctx.step * 7919 + ctx.rank * 104_729 + what) % (2**63))
 
+    def updates_per_step(self, name: str) -> int:
+        c = self.config
+        return {"discriminator": c.d_steps, "generator": c.g_steps, "classifier": c.c_steps}.get(name, 1)
+
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         c = self.config
         G, D, C = engines["generator"], engines["discriminator"], engines.get("classifier")
