@@ -335,6 +335,25 @@ def test_a_batch_of_padding_only_trains_and_evaluates_without_nan() -> None:
     assert all(math.isfinite(v) for v in family.evaluate({k: e.module for k, e in engines.items()}, batch).values())
 
 
+def test_a_padded_batch_draws_as_many_fakes_as_a_full_one_and_reuses_no_real_sample(monkeypatch) -> None:
+    """Fakes followed the rank's real count (so ranks of a padded last batch drew different numbers), and a D
+    update left without reals (fewer reals than d_steps) trained on the whole batch again."""
+    family = SLSAGanFamily(SLSAGanConfig(hidden=16, latent_dim=8, d_steps=4), ring_info())
+    engines = plain_engines(family, OPTIM)
+    batch = family.collate(ring_samples(16))
+    batch["valid"][2:] = False  # 2 reals for 4 D updates
+    drawn, reals = [], []
+    noise = family.noise
+    monkeypatch.setattr(family, "noise", lambda n, *a, **k: (drawn.append(n), noise(n, *a, **k))[1])
+    forward = engines["discriminator"].module.forward
+    monkeypatch.setattr(engines["discriminator"].module, "forward",
+                        lambda x, y: (reals.append(len(x)), forward(x, y))[1])
+    ctx = StepContext(step=0, rank=0, world_size=1, device=torch.device("cpu"), dtype=torch.float32)
+    assert all(math.isfinite(v) for v in family.train_step(engines, batch, ctx).values())
+    assert set(drawn) == {4}  # 16 / 4 per update, padding or not
+    assert reals[0::2][:4] == [1, 1, 0, 0]  # each D update's real input: the two reals once each
+
+
 def test_labels_outside_the_classes_are_named_and_more_classes_than_cells_evaluate() -> None:
     eight = ring_samples(64)  # labels 0..7
     for cfg in (SLSAGanConfig(mode="conditional", num_clusters=4), SLSAGanConfig(num_clusters=4, label_fraction=0.5)):

@@ -314,11 +314,10 @@ class SLSAGanFamily(Family):
             self.update_alignment(classifier, real, ctx.world_size)
         y_real = self.real_labels(classifier, real, ctx.step)
         chunks = torch.arange(len(y_real), device=y_real.device).tensor_split(c.d_steps)
-        n_fake = c.fake_batch or max(1, math.ceil(len(y_real) / c.d_steps))
+        # fakes per update from the micro-batch's size, padding included: the same on every rank, as d_loss needs
+        n_fake = c.fake_batch or max(1, math.ceil(len(batch["valid"]) / c.d_steps))
         d_losses, g_losses, c_losses = [], [], []
-        for idx in chunks:
-            if len(idx) == 0:
-                idx = torch.arange(len(y_real), device=y_real.device)
+        for idx in chunks:  # an empty chunk (fewer reals than d_steps) has a real term of 0 at weight 0
             z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
             with torch.no_grad():
                 fake = G(z, y_fake)
