@@ -312,6 +312,7 @@ class RankStream:
         self.manifest, self.config, self.decode = manifest, config, decode
         self.state = state or StreamState()
         self.skipped: set[int] = set()
+        self._stand_in: dict[str, Any] | None = None  # a decoded sample for a micro-batch that was all skipped
 
     @property
     def skipped_shards(self) -> int:
@@ -360,8 +361,6 @@ class RankStream:
             else:  # every sample skipped (on_corrupt=skip): the rank still takes part in the step, at weight 0
                 samples = [{**self._placeholder(), "valid": False}]
             yield samples
-
-    _stand_in: dict[str, Any] | None = None
 
     def _placeholder(self) -> dict[str, Any]:
         """A decoded sample to stand in, marked invalid, for a micro-batch whose samples were all skipped: the

@@ -90,6 +90,10 @@ class QueuedJob:
     submit_error: str = ""  # what the last failed submission said
     pinned_ip: str = ""  # the node its entrypoint was pinned to (`node:<ip>`), while submitted
 
+    def node_left(self, live_ips: set[str]) -> bool:
+        """Whether it was pinned to a node that is no longer in the cluster."""
+        return bool(self.pinned_ip) and self.pinned_ip not in live_ips
+
     def effective_priority(self, now: float, policy: QueuePolicy) -> float:
         return self.priority + policy.aging_per_hour * max(0.0, now - self.enqueued_at) / 3600.0
 
@@ -375,7 +379,7 @@ class QueueRunner:
                     self._track(client, job, now, live_ips)
             booked: dict[str, float] = {}
             for job in work:  # a job pinned to a node that left holds nothing while it waits for Ray to end it
-                if job.state == RUNNING and not (job.pinned_ip and job.pinned_ip not in live_ips):
+                if job.state == RUNNING and not job.node_left(live_ips):
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
             free = planning_free(cluster.total, cluster.available, booked, self.max_total)
@@ -469,12 +473,12 @@ class QueueRunner:
             info = client.info(job.job_id)
             if job.stop_requested and not info.terminal:
                 info = client.stop(job.job_id, wait_s=0.0)
-            elif (info.status == "FAILED" and info.error_type == NEVER_STARTED and job.pinned_ip
-                  and job.pinned_ip not in live_ips and not job.stop_requested):
+            elif (info.status == "FAILED" and info.error_type == NEVER_STARTED and job.node_left(live_ips)
+                  and not job.stop_requested):
                 self._requeue(client, job)
                 return
         except JobNotFoundError:
-            if job.pinned_ip and job.pinned_ip not in live_ips and not job.stop_requested:
+            if job.node_left(live_ips) and not job.stop_requested:
                 self._requeue(None, job)  # a runner that deleted the record died before saving the queue
                 return
             job.state, job.finished_at = FAILED, now
@@ -490,7 +494,7 @@ class QueueRunner:
         elif job.state in FINISHED:
             job.finished_at = now
             job.reason = info.message or info.status.lower()
-        elif info.status == "PENDING" and job.pinned_ip and job.pinned_ip not in live_ips:
+        elif info.status == "PENDING" and job.node_left(live_ips):
             job.reason = (f"starting (Ray: PENDING), but the node {job.pinned_ip} it was pinned to left the cluster: "
                           "queued again when Ray's start timeout (RAY_JOB_START_TIMEOUT_SECONDS on the head, "
                           "default 900 s) ends it")

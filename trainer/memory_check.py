@@ -18,7 +18,7 @@ import psutil
 import torch
 from torch import nn
 
-from sharding.zero import MemoryEstimate, ZeroConfig, estimate_memory
+from sharding.zero import MemoryEstimate, ZeroConfig, estimate_memory, layer_params
 from trainer.typed_config import ConfigError
 
 GIB = float(1 << 30)
@@ -84,8 +84,6 @@ def cgroup_limit(proc_cgroup: str = "/proc/self/cgroup", root: str = "/sys/fs/cg
 def count_parameters(build: Callable[[], Mapping[str, nn.Module]]) -> dict[str, tuple[int, int]]:
     """Each network's (parameter count, largest layer's count), from a build on the meta device: no memory is
     allocated, so a model far too big for the machine is counted in a second."""
-    from sharding.zero import layer_params
-
     with torch.device("meta"):
         modules = build()
     return {name: (sum(p.numel() for p in m.parameters()), layer_params(m)) for name, m in modules.items()}
