@@ -187,8 +187,13 @@ def build_config(raw: dict[str, Any]) -> ExperimentConfig:
             raise ConfigError(f"{key}: {value} is not a multiple of zero.grad_accum={accum}; steps count "
                               "micro-batches, and checkpoints must fall where the optimizer has just stepped")
     if not cfg.run_dir:
-        cfg.run_dir = os.path.join("runs", cfg.name)
+        cfg.run_dir = default_run_dir(cfg.name)
     return cfg
+
+
+def default_run_dir(name: str) -> str:
+    """Where a run without its own run_dir keeps its logs, metrics and sample grids."""
+    return os.path.join("runs", name)
 
 
 def read_yaml(path: str, overrides: list[str] | None = None) -> dict[str, Any]:

@@ -60,6 +60,7 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     whenever it fits (a queued job, submitted later, trains the config as it was when queued, not as edited since).
     """
     check_job_id(job_id)
+    overrides = list(overrides)
     root = Path(project_dir).resolve()
     config = Path(config_path).resolve()
     if not config.is_file():
@@ -82,8 +83,27 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
         writer = ("import os,pathlib,sys; p=pathlib.Path(sys.argv[1]); p.parent.mkdir(exist_ok=True); "
                   "p.write_text(os.environ['DGM_SUBMITTED_CONFIG'])")
         prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
+    run_dir = job_run_dir(config, overrides, job_id)
+    if run_dir:
+        overrides = [*overrides, f"run_dir={run_dir}"]
     return JobSpec(entrypoint=prelude + training_entrypoint(config_in_job, overrides),
                    runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
+
+
+def job_run_dir(config: Path, overrides: Iterable[str], job_id: str) -> str | None:
+    """The job's own folder for a relative run_dir (None for an absolute one, left as given).
+
+    Ray unpacks every job of the same project code into one folder named by the upload's hash, and a job's config
+    travels outside that hash (in its env), so jobs of one config would otherwise share run.json, metrics, sample
+    grids and Ray Train's storage: a re-submission with another checkpoint_root was refused, one without it
+    resumed the other job's checkpoints, and queued variants wrote over each other."""
+    from launch.config import ExperimentConfig, default_run_dir, read_yaml
+
+    raw = read_yaml(str(config), list(overrides))
+    run_dir = str(raw.get("run_dir") or default_run_dir(str(raw.get("name") or ExperimentConfig.name)))
+    if Path(run_dir).is_absolute():
+        return None
+    return (Path(".dgm_jobs") / job_id / run_dir).as_posix()
 
 
 def excluded_from_upload(root: Path, path: Path) -> bool:

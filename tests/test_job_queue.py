@@ -395,7 +395,8 @@ def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> Non
     # The config as it was when queued travels with the job: an edit before `queue run` submits it changes nothing
     (project / "configs" / "gan.yaml").write_text("model: edited\n")
     assert again.runtime_env["env_vars"]["DGM_SUBMITTED_CONFIG"] == "model: gan\n"
-    assert again.entrypoint.endswith("python -m launch.cli train .dgm_submitted/gan-1.yaml --address auto steps=5")
+    assert again.entrypoint.endswith("python -m launch.cli train .dgm_submitted/gan-1.yaml --address auto steps=5 "
+                                     "run_dir=.dgm_jobs/gan-1/runs/experiment")
     assert again.runtime_env["working_dir"] == str(project.resolve()) and "/.venv/" in again.runtime_env["excludes"]
 
 

@@ -420,8 +420,34 @@ def test_training_job_ships_project_and_config(cluster: LocalRayCluster, client:
         assert info.status == "SUCCEEDED", logs
         assert f"CONFIG model: {where}" in logs
         assert "SHIPPED ['configs', 'launch']" in logs  # .venv, runs, .cache, .git stay home
-    assert "'--address', 'auto', 'steps=3'" in client.logs(ids["inside"])
-    assert "'name=a b'" in client.logs(ids["outside"])
+    assert f"'--address', 'auto', 'steps=3', 'run_dir=.dgm_jobs/{ids['inside']}/runs/experiment'" \
+        in client.logs(ids["inside"])
+    assert "'name=a b', 'run_dir=.dgm_jobs/train-outside/runs/a b'" in client.logs(ids["outside"])
+
+
+def test_each_job_trains_in_its_own_run_dir(tmp_path: Path) -> None:
+    """Ray unpacks every job of the same code into one folder, so a relative run_dir would be shared: a second job
+    of the config found the first one's run.json (refused with another checkpoint_root, resumed its checkpoints
+    without one) and queued variants wrote over each other's metrics."""
+    from launch.config import load_config
+
+    project = tmp_path / "proj"
+    (project / "configs").mkdir(parents=True)
+    config = project / "configs" / "demo.yaml"
+    config.write_text("name: demo\ncheckpoint_root: s3://b/ck\n")
+    first = job_spec.training_job_spec(str(config), ["checkpoint_root=s3://b/ckA"], str(project), "job-a")
+    second = job_spec.training_job_spec(str(config), [], str(project), "job-b")
+    assert first.entrypoint.endswith("checkpoint_root=s3://b/ckA run_dir=.dgm_jobs/job-a/runs/demo")
+    assert second.entrypoint.endswith("--address auto run_dir=.dgm_jobs/job-b/runs/demo")
+    config.write_text("name: demo\nrun_dir: out/r1\n")
+    named = job_spec.training_job_spec(str(config), ["name=other"], str(project), "job-c")
+    assert named.entrypoint.endswith("name=other run_dir=.dgm_jobs/job-c/out/r1")
+    shared = job_spec.training_job_spec(str(config), [f"run_dir={tmp_path}/nfs/r1"], str(project), "job-d")
+    assert "run_dir=.dgm_jobs" not in shared.entrypoint  # an absolute run_dir may be a filesystem every node mounts
+    # the appended override is the one the job's `dgm train` applies
+    demo = Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"
+    cfg, _ = load_config(str(demo), ["run_dir=runs/x", "run_dir=.dgm_jobs/job-a/runs/demo"])
+    assert cfg.run_dir == ".dgm_jobs/job-a/runs/demo"
 
 
 def test_an_inline_config_is_measured_as_ray_passes_it(tmp_path: Path) -> None:
