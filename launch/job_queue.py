@@ -608,8 +608,11 @@ def enqueue_training(queue_file: str | Path, config_path: str, overrides: list[s
     reserve_in_ray defaults to False: the run's Ray Train workers claim the declared resources themselves, and a
     driver holding them too would leave the workers nothing.
     """
+    from trainer.ray_env import S3_PLACE_ENV, forwarded_env
+
     job_id = job_id or new_job_id("dgmq")
-    spec = training_job_spec(config_path, overrides, project_dir, job_id, snapshot=True)
+    place, _ = forwarded_env(shared=True, keys=S3_PLACE_ENV)  # never secrets: the queue file is plain JSON on disk
+    spec = training_job_spec(config_path, overrides, project_dir, job_id, place, snapshot=True)
     return JobQueue(queue_file).enqueue(spec.entrypoint, resources, priority, name=Path(config_path).stem,
                                         job_id=job_id, runtime_env=spec.runtime_env, metadata=spec.metadata,
                                         reserve_in_ray=reserve_in_ray)

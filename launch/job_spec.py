@@ -128,14 +128,14 @@ def submit_training_job(address: str, config_path: str, overrides: list[str], pr
                         check_resources: bool = True, node_shapes: Iterable[Mapping[str, float]] = (),
                         env_vars: Mapping[str, str] | None = None) -> str:
     """Ship the project and run `dgm train CONFIG --address auto OVERRIDES...` on the cluster; returns the job id."""
-    from trainer.ray_env import HELD_BACK_ENV, forwarded_env, withheld_note
+    from trainer.ray_env import S3_ENV, forwarded_env, withheld_note
 
     job_id = job_id or new_job_id()
-    # the job's runtime env is stored in the cluster's job table for anyone with access to read: AWS secrets go
-    # there only on request (DGM_FORWARD_AWS_CREDENTIALS=1), with the profile name; the nodes are expected to have
-    # credentials of their own
-    secrets, withheld = forwarded_env(shared=True, keys=HELD_BACK_ENV)
-    spec = training_job_spec(config_path, overrides, project_dir, job_id, {**secrets, **(env_vars or {})})
+    # the S3 endpoint and region travel as with `dgm train --address`; the job's runtime env is stored in the
+    # cluster's job table for anyone with access to read, so AWS secrets go there only on request
+    # (DGM_FORWARD_AWS_CREDENTIALS=1), with the profile name; the nodes are expected to have credentials of their own
+    s3_env, withheld = forwarded_env(shared=True, keys=S3_ENV)
+    spec = training_job_spec(config_path, overrides, project_dir, job_id, {**s3_env, **(env_vars or {})})
     if withheld:
         print(withheld_note(withheld, f"job {job_id}"), file=sys.stderr)
     return JobsClient(address, token).submit(

@@ -384,6 +384,26 @@ def test_a_queue_path_that_is_a_folder_and_a_job_missing_fields_are_named(tmp_pa
         JobQueue(path).list_jobs()
 
 
+def test_a_queued_job_reaches_the_same_store_without_carrying_secrets(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The endpoint and region travel with a queued job as with `dgm submit` (without them a MinIO user's job
+    spoke to AWS); AWS secrets and the profile never do, even when asked for: the queue file is plain JSON."""
+    project = tmp_path / "proj"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "gan.yaml").write_text("name: gan\n")
+    monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "s3cr3t")
+    monkeypatch.setenv("AWS_PROFILE", "laptop-sso")
+    monkeypatch.setenv("DGM_FORWARD_AWS_CREDENTIALS", "1")
+    queued = enqueue_training(tmp_path / "q.json", str(project / "configs" / "gan.yaml"), [], str(project),
+                              JobResources(num_cpus=1), job_id="gan-2")
+    env = queued.runtime_env["env_vars"]
+    assert env["DGM_S3_ENDPOINT_URL"] == "http://minio:9000" and env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    assert "AWS_SECRET_ACCESS_KEY" not in env and "AWS_PROFILE" not in env
+    assert "s3cr3t" not in (tmp_path / "q.json").read_text()
+
+
 def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> None:
     project = tmp_path / "proj"
     (project / "configs").mkdir(parents=True)

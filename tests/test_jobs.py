@@ -500,7 +500,7 @@ def test_job_ids_and_configs_that_would_not_reach_the_cluster(tmp_path: Path) ->
 
 
 def test_a_jobs_own_env_vars_do_not_clash_with_the_drivers_ray_init(monkeypatch: pytest.MonkeyPatch) -> None:
-    """`dgm submit --env DGM_S3_ENDPOINT_URL=...` (a MinIO endpoint) puts the variable in the job's runtime env and
+    """`dgm submit` with DGM_S3_ENDPOINT_URL set (a MinIO endpoint) puts the variable in the job's runtime env and
     in the driver's environment; naming it again in ray.init's runtime env made Ray refuse the merge."""
     from ray.runtime_env.runtime_env import _merge_runtime_env
 
@@ -761,6 +761,7 @@ def _aws_env(monkeypatch: pytest.MonkeyPatch) -> None:
     for key, value in AWS_SECRETS.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("DGM_S3_ENDPOINT_URL", "http://minio:9000")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
     monkeypatch.setenv("AWS_PROFILE", "laptop-sso")  # a profile of this machine's ~/.aws, not of the nodes'
 
 
@@ -812,6 +813,8 @@ def test_submit_keeps_aws_secrets_out_of_the_job_unless_asked(
     records = {job_id: client._client.get_job_info(job_id).runtime_env.get("env_vars") or {}
                for job_id in (plain, asked)}
     assert not set(AWS_SECRETS) & set(records[plain]) and "AWS_PROFILE" not in records[plain], records[plain]
+    for record in records.values():  # the store and region travel either way, as with `dgm train --address`
+        assert record["DGM_S3_ENDPOINT_URL"] == "http://minio:9000" and record["AWS_DEFAULT_REGION"] == "eu-west-1"
     assert {k: records[asked].get(k) for k in {**AWS_SECRETS, "AWS_PROFILE": ""}} == {**AWS_SECRETS,
                                                                                      "AWS_PROFILE": "laptop-sso"}
     for job_id in (plain, asked):

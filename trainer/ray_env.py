@@ -16,8 +16,9 @@ from trainer.typed_config import ConfigError
 PROJECT_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # What a worker needs to reach S3 the way the driver does (workers may start before a test or user sets them).
-FORWARDED_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
-                 "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN", "OMP_NUM_THREADS")
+S3_ENV = ("DGM_S3_ENDPOINT_URL", "AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
+          "AWS_DEFAULT_REGION", "AWS_PROFILE", "AWS_SESSION_TOKEN")
+FORWARDED_ENV = (*S3_ENV, "OMP_NUM_THREADS")
 # The secret ones. A runtime env given to a cluster this process did not start lands in Ray's job table, where
 # anyone who can reach the dashboard reads it (Ray 2.60 masks env_vars for browsers only; the job SDK, `ray job`
 # and the state API return them in plain text), so to such a cluster they are sent only on request.
@@ -26,6 +27,9 @@ AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOK
 # fails on a profile it cannot find, where the nodes' own credentials would have worked).
 AWS_LOCAL_ENV = ("AWS_PROFILE",)
 HELD_BACK_ENV = AWS_SECRET_ENV + AWS_LOCAL_ENV
+# Which store and region: what a job submitted to a cluster needs to reach the same S3 as this machine, and which
+# no one need hide (a queued job keeps only these: its queue file is never a place for secrets).
+S3_PLACE_ENV = tuple(key for key in S3_ENV if key not in HELD_BACK_ENV)
 FORWARD_SECRETS_VAR = "DGM_FORWARD_AWS_CREDENTIALS"
 
 # Set by ensure_ray: this process attached to a cluster it did not start (`--address`, or `auto` inside a job),
