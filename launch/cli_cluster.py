@@ -124,6 +124,9 @@ def cmd_queue(args: argparse.Namespace) -> int:
 
     scale = {"node_shapes": node_shapes(args.cluster_file), "max_total": max_total(args.cluster_file)} \
         if args.cluster_file else {}
+    if not os.path.exists(args.queue):  # said, as a mistyped path would otherwise run an empty queue in silence
+        print(f"[queue] warning: queue file {args.queue} does not exist yet: this runner serves the jobs "
+              f"`dgm queue add ... --queue {args.queue}` puts there", file=sys.stderr)
     if args.once:
         for job in job_queue.run_once(args.queue, args.address, **scale):
             print(f"{job.job_id:28s} {job.state:10s} {job.reason}")

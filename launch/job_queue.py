@@ -113,8 +113,26 @@ class QueuedJob:
             said = [f"missing field {', '.join(missing)}"] if missing else []
             said += [f"unknown field {', '.join(unknown)}"] if unknown else []
             raise ValueError(f"job {d.get('job_id', '?')!r}: {'; '.join(said)}")
+        wrong = [f"{name} is {type(d[name]).__name__} {d[name]!r}, not {kind}"
+                 for name, kind in _FIELD_KINDS.items() if name in d and not _is_kind(d[name], kind)]
+        if wrong:  # else a hand-edited "priority": "5" crashed the runner's planning, not the reading
+            raise ValueError(f"job {d.get('job_id', '?')!r}: {'; '.join(wrong)}")
         d["resources"] = JobResources.from_dict(d["resources"])
         return cls(**d)
+
+
+_FIELD_KINDS = {f.name: str(f.type) for f in fields(QueuedJob) if f.name != "resources"}
+
+
+def _is_kind(value: Any, kind: str) -> bool:
+    """Whether a value read from JSON fits a field annotated ``kind`` ('int', 'float | None', 'dict[str, Any]')."""
+    if kind.endswith(" | None"):
+        return value is None or _is_kind(value, kind.removesuffix(" | None"))
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
+    if isinstance(value, bool):
+        return kind == "bool"
+    return isinstance(value, {"str": str, "int": int, "float": (int, float), "bool": bool}[kind])
 
 
 def _required(cls: type, name: str) -> bool:
@@ -238,7 +256,11 @@ class JobQueue:
         self.path = Path(path)
         if self.path.is_dir():
             raise ClusterError(f"queue file {self.path} is a folder; give a file such as {self.path / 'queue.json'}")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ClusterError(f"queue file {self.path}: cannot create its folder {self.path.parent} "
+                               f"({e.strerror or e}{': ' + str(e.filename) if e.filename else ''})") from None
 
     @contextlib.contextmanager
     def locked(self, write: bool = True) -> Iterator[list[QueuedJob]]:

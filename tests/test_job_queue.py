@@ -382,6 +382,18 @@ def test_a_queue_path_that_is_a_folder_and_a_job_missing_fields_are_named(tmp_pa
     with pytest.raises(ClusterError, match=r"unreadable \(job 'j5': missing field entrypoint, resources; unknown "
                                            r"field surprise\); it was left untouched"):
         JobQueue(path).list_jobs()
+    # a hand-edited field of the wrong type is named when read (it crashed the runner's planning)
+    job = {"job_id": "j6", "name": "x", "entrypoint": "true", "resources": {"num_cpus": 1}, "priority": "5",
+           "reserve_in_ray": 1, "retry_at": None, "submitted_at": 3}
+    path.write_text(json.dumps({"version": 3, "jobs": [job]}))
+    with pytest.raises(ClusterError, match=r"unreadable \(job 'j6': priority is str '5', not int; reserve_in_ray is "
+                                           r"int 1, not bool\); it was left untouched"):
+        JobQueue(path).list_jobs()
+    job.update(priority=5, reserve_in_ray=True)
+    path.write_text(json.dumps({"version": 3, "jobs": [job]}))
+    assert JobQueue(path).list_jobs()[0].submitted_at == 3  # an int where a float is expected is a float
+    with pytest.raises(ClusterError, match=rf"queue file {path}/q.json: cannot create its folder {path} \("):
+        JobQueue(path / "q.json")  # a path below a file
 
 
 def test_a_queued_job_reaches_the_same_store_without_carrying_secrets(tmp_path: Path,
@@ -678,7 +690,12 @@ def test_a_runner_that_never_reaches_its_cluster_gives_up_but_one_that_did_waits
                  "--give-up-after", "0.5"]) == 2
     err = capsys.readouterr().err
     assert "cluster http://127.0.0.1:1 not reached in" in err and "--give-up-after 0" in err
+    assert "does not exist yet" not in err
     assert time.monotonic() - start < 30
+    typo = str(tmp_path / "q.jsn")  # a mistyped queue path is said, not served in silence
+    assert main(["queue", "run", "--queue", typo, "--address", "http://127.0.0.1:1", "--poll", "0.1",
+                 "--give-up-after", "0.2"]) == 2
+    assert f"queue file {typo} does not exist yet" in capsys.readouterr().err
     assert [j.state for j in JobQueue(path).list_jobs()] == [QUEUED]  # the queue is left as it was
     with pytest.raises(SystemExit):
         main(["queue", "run", "--queue", path, "--give-up-after", "-1"])
