@@ -36,7 +36,14 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     with pytest.raises(ExportError, match=f"{run}: holds 2 entries and is not an earlier export"):
         write_export(str(run), fam, states)
     assert (run / "notes.txt").read_text() == "keep me" and (run / "checkpoints").is_dir()
-    assert not (tmp_path / "run.partial").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]  # no scratch left
+    mine = tmp_path / "ex1.partial"  # a folder of the user's own, named like the old scratch: never touched
+    mine.mkdir()
+    (mine / "notes.txt").write_text("precious")
+    write_export(str(tmp_path / "ex1"), fam, states)
+    assert (mine / "notes.txt").read_text() == "precious"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ex1", "ex1.partial", "run"]
+    assert (tmp_path / "ex1").stat().st_mode & 0o777 == 0o777 & ~_umask()  # published with the usual mode
     (tmp_path / "file").write_text("x")
     with pytest.raises(ExportError, match="exists and is not a folder"):
         write_export(str(tmp_path / "file"), fam, states)
@@ -65,7 +72,7 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     with pytest.raises(ExportError, match="weights of 'model' do not fit"):
         write_export(out, fam, wide_states, {"step": 3})
     assert load_export(out)[2]["step"] == 2  # the earlier export is untouched
-    assert sorted(os.listdir(tmp_path)) == ["empty", "export", "file", "run"]  # no .partial / .old left
+    assert sorted(os.listdir(tmp_path)) == ["empty", "ex1", "ex1.partial", "export", "file", "run"]  # no scratch or .old left
 
 
 def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_bucket, capsys):
@@ -263,3 +270,9 @@ def test_python_s_bare_memory_error_and_an_out_url_are_named(tmp_path, capsys, m
     monkeypatch.setattr(ImageGPTFamily, "sample_images", bare)
     assert main(["sample", out, "--out", str(tmp_path / "s.png"), "--n", "2"]) == 2
     assert "dgm sample: error: MemoryError: out of this machine's memory" in capsys.readouterr().err
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

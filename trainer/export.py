@@ -72,13 +72,18 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], sh
 
 def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
                  extra: Mapping[str, Any] | None = None) -> str:
-    """Write an export folder atomically (``<out>.partial`` renamed at the end) where ``check_replaceable``
-    allows. Returns ``out_dir``."""
+    """Write an export folder atomically (a scratch folder beside it, renamed at the end) where
+    ``check_replaceable`` allows. Returns ``out_dir``."""
     check_replaceable(out_dir)
     check_fits(family, state_dicts, out_dir)  # what is published is what loads, checked before a byte is written
-    tmp = out_dir.rstrip("/") + ".partial"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    base = out_dir.rstrip("/")
+    parent, name = os.path.split(os.path.abspath(base))
+    os.makedirs(parent, exist_ok=True)
+    # named after this process (a killed export's is swept by the next), never a name a user's folder could have
+    tmp = scratch_dir(f".{name}.partial-", parent)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is published with the usual mode
     try:
         shapes = {f"{m}.{k}": (v.dtype, tuple(v.shape)) for m, sd in state_dicts.items() for k, v in sd.items()}
         write_safetensors(os.path.join(tmp, WEIGHTS),
@@ -105,8 +110,6 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
         except ExportError as e:
             raise ExportError(f"{out_dir}: the new export does not load back, nothing was replaced "
                               f"({str(e).replace(tmp, out_dir)})") from e
-        base = out_dir.rstrip("/")
-        parent, name = os.path.split(os.path.abspath(base))
         # earlier exports set aside by a write that crashed before it could carry the user's files over
         aside_name = re.compile(re.escape(name) + r"\.old-[0-9a-f]{12}")
         stranded = sorted(os.path.join(parent, n) for n in os.listdir(parent) if aside_name.fullmatch(n))
