@@ -1,4 +1,5 @@
-"""Fixtures for the training tests: one embedded Ray cluster for the session, a prepared digits data set."""
+"""Fixtures for the training tests: one embedded Ray cluster for the session, prepared digits and ring data sets,
+and a one-rank process group in the test process."""
 
 from __future__ import annotations
 
@@ -43,3 +44,43 @@ def digits_data(tmp_path_factory) -> dict[str, str]:
                                       samples_per_shard=200, parallel=False), report=lambda _: None)
         out[split] = url
     return out
+
+
+@pytest.fixture(scope="session")
+def ring_data(tmp_path_factory) -> dict[str, str]:
+    """The 8-mode ring: 1024 training points in 8 shards of 128, 512 held out."""
+    root = tmp_path_factory.mktemp("ring-data")
+    out = {}
+    for split, n in (("train", 1024), ("holdout", 512)):
+        url = str(root / split)
+        prepare_dataset(PrepareConfig(output=url, source="mixture", codec="points", samples_per_shard=128,
+                                      source_settings={"num_samples": n, "split": split}, parallel=False),
+                        report=lambda _: None)
+        out[split] = url
+    return out
+
+
+@pytest.fixture(scope="module")
+def world1(tmp_path_factory, one_thread_module) -> Iterator[None]:
+    """One rank's process group in this process; DeepSpeed adopts it (as it adopts Ray's)."""
+    import deepspeed.comm.comm as ds_comm
+    import torch.distributed as dist
+
+    init = tmp_path_factory.mktemp("pg") / "init"
+    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
+    env = pytest.MonkeyPatch()
+    env.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine asks for it
+    yield
+    env.undo()
+    dist.destroy_process_group()
+    ds_comm.cdb = None  # DeepSpeed's handle on the group just destroyed: a later init_distributed starts over
+
+
+@pytest.fixture(scope="module")
+def one_thread_module() -> Iterator[None]:
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -14,7 +14,6 @@ import sys
 import pytest
 
 from data_pipeline.manifest import load_manifest
-from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from launch.config import load_config
 from launch.export import export_checkpoint
 from launch.gap_monitor import GAP_FILE, load_monitor_config, start_monitor
@@ -24,20 +23,6 @@ from trainer.typed_config import ConfigError
 pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "gan_ring.yaml")
-
-
-@pytest.fixture(scope="module")
-def ring_data(tmp_path_factory) -> dict[str, str]:
-    """The 8-mode ring: 1024 training points in 8 shards of 128, 512 held out."""
-    root = tmp_path_factory.mktemp("ring-data")
-    out = {}
-    for split, n in (("train", 1024), ("holdout", 512)):
-        url = str(root / split)
-        prepare_dataset(PrepareConfig(output=url, source="mixture", codec="points", samples_per_shard=128,
-                                      source_settings={"num_samples": n, "split": split}, parallel=False),
-                        report=lambda _: None)
-        out[split] = url
-    return out
 
 
 def config(run_dir: str, data: dict[str, str], *extra: str, steps: int = 8):

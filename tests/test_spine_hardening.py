@@ -9,7 +9,6 @@ import json
 import math
 import os
 import shutil
-from collections.abc import Iterator
 
 import pytest
 import torch
@@ -38,30 +37,6 @@ pytestmark = pytest.mark.slow
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = os.path.join(ROOT, "configs", "digits_igpt.yaml")
 STEP2 = "step-00000002"
-
-
-@pytest.fixture(scope="module")
-def world1(tmp_path_factory, one_thread_module) -> Iterator[None]:
-    """One rank's process group in this process; DeepSpeed adopts it (as it adopts Ray's)."""
-    import deepspeed.comm.comm as ds_comm
-    import torch.distributed as dist
-
-    init = tmp_path_factory.mktemp("pg") / "init"
-    dist.init_process_group("gloo", init_method=f"file://{init}", rank=0, world_size=1)
-    env = pytest.MonkeyPatch()
-    env.setenv("LOCAL_RANK", "0")  # DeepSpeed's engine asks for it
-    yield
-    env.undo()
-    dist.destroy_process_group()
-    ds_comm.cdb = None  # DeepSpeed's handle on the group just destroyed: a later init_distributed starts over
-
-
-@pytest.fixture(scope="module")
-def one_thread_module() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def spec_of(run_dir, data, *extra: str, eval_data: str | None = None) -> RunSpec:

@@ -35,6 +35,12 @@ import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 from data_pipeline import storage
+from trainer.engine_state import (
+    optimizer_settings,
+    restore_buffers,
+    restore_optimizer_settings,
+    separate_step_counters,
+)
 from trainer.typed_config import ConfigError, from_dict
 
 log = logging.getLogger(__name__)
@@ -323,7 +329,7 @@ class CheckpointStore:
                                   f"ZeRO-{zero_stage}: set zero.stage={meta.zero_stage} (DeepSpeed loads a checkpoint "
                                   "into its own stage only; stages 1 and 2 load each other's)")
         if model_config is not None and meta.config:  # an empty config: none was recorded
-            changed = _model_changes(meta.config.get("model"), model_config)
+            changed = config_changes(meta.config.get("model"), model_config, "model")
             if changed and on_model_change == "warn":
                 log.warning("resuming checkpoint %s under another model config (%s; trainer.on_model_change=warn)",
                             where, "; ".join(changed))
@@ -347,6 +353,7 @@ class CheckpointStore:
         for name, engine in engines.items():
             load_dir = os.path.join(path, name)
             ds_tag = "ds_universal" if universal else "ds"
+            settings = optimizer_settings(engine)
             try:
                 loaded, _ = engine.load_checkpoint(load_dir, tag=ds_tag, load_module_strict=True)
             except Exception as e:
@@ -363,6 +370,14 @@ class CheckpointStore:
                 raise
             if loaded is None:
                 raise CheckpointError(f"checkpoint {where}: DeepSpeed found no state for network {name!r}")
+            restore_optimizer_settings(engine, settings)  # see trainer.engine_state for why each of these
+            if universal:
+                separate_step_counters(engine)
+                try:
+                    restore_buffers(engine, os.path.join(load_dir, "ds"))
+                except (FileNotFoundError, KeyError) as e:
+                    raise CheckpointError(f"checkpoint {where}: network {name!r}: its buffers cannot be restored "
+                                          f"at another world size ({e})") from e
         rng_file = os.path.join(path, f"rng-rank{self.rank}.safetensors")
         if meta.world_size == self.world_size and os.path.exists(rng_file):
             try:
@@ -379,16 +394,16 @@ def _stages_compatible(saved: int, now: int) -> bool:
     return saved == now or {saved, now} == {1, 2}
 
 
-def _model_changes(saved: Any, now: Any) -> list[str]:
-    """``key: saved -> now`` for each model setting that differs (dotted paths). ``saved`` is the raw mapping a
-    checkpoint recorded; read through ``now``'s config class, so a default written out is no change."""
+def config_changes(saved: Any, now: Any, prefix: str) -> list[str]:
+    """``key: saved -> now`` for each setting under ``prefix`` that differs (dotted paths). ``saved`` is the raw
+    mapping a checkpoint recorded; read through ``now``'s config class, so a default written out is no change."""
     if is_dataclass(now):
         try:
-            saved = asdict(from_dict(type(now), saved, "model"))
+            saved = asdict(from_dict(type(now), saved or {}, prefix))
         except ConfigError as e:
-            return [f"the saved model config does not read as this one: {e}"]
+            return [f"the saved {prefix} config does not read as this one: {e}"]
         now = asdict(now)
-    flat_saved, flat_now = _flatten(saved or {}, "model"), _flatten(now or {}, "model")
+    flat_saved, flat_now = _flatten(saved or {}, prefix), _flatten(now or {}, prefix)
 
     def shown(flat: dict[str, Any], key: str) -> str:
         return repr(flat[key]) if key in flat else "unset"

@@ -31,6 +31,7 @@ from trainer.checkpoint import (
     CheckpointError,
     CheckpointMeta,
     CheckpointStore,
+    config_changes,
     error_of,
     fail_together,
     rng_state,
@@ -411,6 +412,11 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                           on_model_change=spec.trainer.on_model_change)
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
         apply_schedule(engines)
+        optim_changes = config_changes((meta.config.get("trainer") or {}).get("optim"), spec.trainer.optim,
+                                       "trainer.optim")
+        if rank == 0 and optim_changes:
+            print(f"[train] the optimizer settings differ from the checkpoint's ({'; '.join(optim_changes)}): the "
+                  "run goes on with this config's", flush=True)
         resumed = resume_position(meta.order, order, state, f"{store.root}/{tag}", cfg.on_data_change)
         if rank == 0:
             print(f"[train] resumed from {store.root}/{tag} at step {step} (saved by {meta.world_size} ranks, "
