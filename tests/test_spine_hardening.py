@@ -133,15 +133,36 @@ def test_a_run_dir_or_checkpoint_root_that_is_a_file_or_an_object_store_past_mem
 def crashed_run(world1, digits_data, tmp_path_factory) -> tuple[str, Exception]:
     """Two steps whose eval at step 2 fails (its shards are gone); the checkpoint of step 2 is due there too."""
     root = tmp_path_factory.mktemp("crashed")
+    run = str(root / "run")
+    with pytest.raises(Exception) as failed:
+        train_worker(spec_of(run, digits_data, eval_data=eval_without_shards(digits_data, root)))
+    return run, failed.value
+
+
+def eval_without_shards(data: dict[str, str], root) -> str:
+    """The held-out set's manifest with its shards gone: the run starts, and its first eval fails."""
     broken_eval = str(root / "eval")
-    shutil.copytree(digits_data["holdout"], broken_eval)
+    shutil.copytree(data["holdout"], broken_eval)
     for name in os.listdir(broken_eval):
         if name.endswith(".tar"):
             os.remove(os.path.join(broken_eval, name))
-    run = str(root / "run")
-    with pytest.raises(Exception) as failed:
-        train_worker(spec_of(run, digits_data, eval_data=broken_eval))
-    return run, failed.value
+    return broken_eval
+
+
+def test_a_failure_right_after_a_checkpoint_to_s3_lets_its_upload_finish(world1, digits_data, s3_bucket, flaky_s3,
+                                                                          tmp_path, capsys):
+    """The upload runs in daemon threads: an eval failing right after the checkpoint ended the process with them,
+    and the bucket held neither the checkpoint nor `latest`."""
+    from data_pipeline import storage
+
+    root = f"{s3_bucket}/failing"
+    spec = spec_of(tmp_path / "run", digits_data, f"checkpoint_root={root}",
+                   eval_data=eval_without_shards(digits_data, tmp_path))
+    flaky_s3.fail_next(4, status=503)  # the upload takes its retries' time
+    with pytest.raises(Exception, match=r"\.tar"):
+        train_worker(spec)
+    assert storage.read_bytes(f"{root}/latest") == b"step-00000002"  # at once: the failing rank waited for it
+    assert f"[checkpoint] finishing the upload to {root} before the run ends" in capsys.readouterr().out
 
 
 def test_the_checkpoint_is_saved_before_a_failing_eval(crashed_run):

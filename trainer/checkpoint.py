@@ -11,8 +11,8 @@ Layout under the run's checkpoint root (a folder or s3://bucket/prefix):
 A checkpoint is written into a staging folder first (``step-X.partial`` beside it for local roots, a local temp
 folder uploaded file by file for s3://); ``latest`` moves to it only after every rank has finished writing (and
 uploading), so a crash mid-save never leaves a broken latest. Uploads to s3:// run in a background thread per rank
-while training goes on; rank 0 moves ``latest`` when every rank's completion marker is there. Older checkpoints
-beyond ``keep`` are deleted after.
+while training goes on; rank 0 moves ``latest`` when every rank's completion marker is there, and a rank that fails
+first lets its upload finish (``finish_after_failure``). Older checkpoints beyond ``keep`` are deleted after.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ import os
 import shutil
 import tempfile
 import threading
+import time
 import uuid
 import zipfile
 from collections.abc import Callable, Mapping
@@ -178,7 +179,9 @@ class CheckpointStore:
         tag = tag_for(step)
         fail_together(error_of(self._join_upload, CheckpointError), f"checkpoint upload to {self.root}")
         out = self._write_dir(tag)
-        if (self.remote or self.rank == 0) and os.path.exists(out):
+        if self.remote:  # this rank's earlier tags whose upload a killed process left: no upload is in flight now
+            shutil.rmtree(os.path.dirname(out), ignore_errors=True)
+        elif self.rank == 0 and os.path.exists(out):
             shutil.rmtree(out)
         if self.remote and self.rank == 0:
             self._clear_remote(tag)
@@ -278,6 +281,23 @@ class CheckpointStore:
             self._finalizer = None
             self._stop.clear()
         fail_together(error, f"checkpoint upload to {self.root}")
+
+    def finish_after_failure(self, timeout_s: float = 600.0) -> None:
+        """Not collective: a rank that is failing gives its background upload, and rank 0 the move of ``latest``,
+        up to ``timeout_s`` to finish. The upload threads are daemons, so a failure right after a checkpoint (an
+        eval, a sample grid, the next steps) ended the process with them, and the checkpoint was lost."""
+        if self._uploader is None and self._finalizer is None:
+            return
+        if self.rank == 0:
+            print(f"[checkpoint] finishing the upload to {self.root} before the run ends (up to {timeout_s:.0f} s)",
+                  flush=True)
+        deadline = time.monotonic() + timeout_s
+        if self._uploader is not None:
+            self._uploader.join(max(0.0, deadline - time.monotonic()))
+        if self._finalizer is not None:  # a rank that died never marks its upload done: latest stays where it was
+            self._finalizer.join(max(0.0, deadline - time.monotonic()))
+            self._stop.set()
+            self._finalizer.join()
 
     def all_tags(self) -> list[str]:
         if self.remote:

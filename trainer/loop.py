@@ -493,6 +493,9 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             if stopping:
                 break
         store.wait()
+    except Exception:
+        store.finish_after_failure()  # a checkpoint still uploading is not lost with the failing process
+        raise
     finally:
         reporter.close()
     if stream.skipped_shards and rank == 0:
