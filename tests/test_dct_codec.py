@@ -414,6 +414,11 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     assert not np.array_equal(requant[1], pixels[1])
     assert all(np.array_equal(a, b) for a, b in zip(requant[2:], pixels[2:], strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(tokens("pixels"), pixels, strict=True))
+    with pytest.raises(ValueError, match="codec_settings.alpha: drop would do nothing for source 'image_folder'"):
+        prepare_dataset(PrepareConfig(output=str(tmp_path / "drop"), source="image_folder", codec="dct",
+                                      source_settings={"path": str(folder)},
+                                      codec_settings={"resolution": 64, "alpha": "drop"}, parallel=False))
+    assert not (tmp_path / "drop").exists()  # refused before a shard
     # the manifest sums the shards' encoding reports (samples_per_shard 3: two shards) and prepare says it
     assert encodings["coefficients"] == {"clipped_values": 0, "from_coefficients": 1, "from_pixels": 4,
                                          "examples": encodings["coefficients"]["examples"]}

@@ -316,6 +316,35 @@ def test_bad_settings_are_refused():
         fam.collate([{"tokens": np.array([[384, CODEC.num_positions, 128]], dtype=np.int16), "label": 5}])
 
 
+def test_a_held_out_set_under_other_dct_settings_is_refused():
+    """It was scored under the training codec: another quality without a word, another size or value range
+    failed at the first eval as a corrupt sample. How images were brought to size is no difference."""
+    from data_pipeline.manifest import DatasetError
+
+    fam = DCTransformerFamily(small(), INFO)
+    for change, said in ((dict(quality=90), "quality 90 vs the training data's 50"),
+                         (dict(resolution=48), r"resolution \(48, 48\) vs the training data's \(32, 32\)"),
+                         (dict(value_range=256), "value_range 256 vs the training data's 64")):
+        other = DCTCodecConfig(**{**dict(resolution=32, quality=50, value_range=64), **change})
+        with pytest.raises(DatasetError, match=rf"data.eval s3://b/ev: coded with other DCT settings than the "
+                                               rf"training data \({said}\)"):
+            fam.check_eval_data({"codec": {"name": "dct", "settings": other.to_dict()}}, "s3://b/ev")
+    with pytest.raises(DatasetError, match="data.eval s3://b/ev: dctransformer trains on DCT shards"):
+        fam.check_eval_data({"codec": {"name": "image", "settings": {}}}, "s3://b/ev")
+    cropped = DCTCodecConfig(resolution=32, quality=50, value_range=64, size_policy="crop", alpha="drop")
+    fam.check_eval_data({"codec": {"name": "dct", "settings": cropped.to_dict()}}, "s3://b/ev")
+
+
+def test_a_training_grid_larger_than_the_held_out_source_goes_through_it_again():
+    """A colourisation run with 9 held-out scenes and the default 16-draw grid failed at its first grid (and at
+    every resume) with advice for `dgm sample`."""
+    info = {**INFO, "eval_source": {"name": "shapes", "settings": {"num_samples": 9, "resolution": 32, "seed": 1}}}
+    fam = DCTransformerFamily(small(mode="colourise"), info)
+    images = fam.source_images(16)
+    assert images.shape == (16, 32, 32, 3)
+    assert np.array_equal(images[9:], images[:7]) and not np.array_equal(images[0], images[1])
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("config", ["dct_shapes.yaml", "dct_shapes_zero3.yaml"])
 def test_real_stack_trains_exports_and_samples(ray_local, tmp_path, config):

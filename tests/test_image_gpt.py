@@ -73,6 +73,25 @@ def test_top_p_keeps_the_smallest_set_holding_that_mass_even_with_ties():
     assert torch.isfinite(filter_logits(logits, top_p=1.0)).all()
 
 
+@pytest.mark.parametrize("settings, said", [
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\], got 0.0"), (dict(top_p=float("nan")), "top_p must be in"),
+    (dict(top_p=1.5), "top_p must be in"), (dict(temperature=-1.0), "temperature must be a finite number >= 0"),
+    (dict(temperature=float("inf")), "temperature must be"), (dict(temperature=float("nan")), "temperature must be"),
+    (dict(top_k=-2), "top_k must be an integer >= 0"), (dict(top_k=1.5), "top_k must be an integer")])
+def test_draw_settings_the_draw_cannot_honour_are_refused_by_name(settings, said):
+    """The Python API took them: top_p 0 and a NaN or infinite temperature died in torch.multinomial ("probability
+    tensor contains either inf, nan or element < 0"), a negative temperature drew greedily without a word."""
+    from trainer.dct.sampling import DrawSettings
+
+    with pytest.raises(ValueError, match=said):
+        sample_logits(torch.zeros(1, 3), **{"temperature": 1.0, **settings})
+    with pytest.raises(ValueError, match=said):
+        DrawSettings(**settings)
+    if "top_k" not in settings:  # the value decoder's own settings are named as such
+        with pytest.raises(ValueError, match=f"value_{said}"):
+            DrawSettings(**{f"value_{k}": v for k, v in settings.items()})
+
+
 def test_a_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert int(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0))) == 1

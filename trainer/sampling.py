@@ -2,7 +2,21 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
+
+
+def check_draw(temperature: float, top_k: int, top_p: float, prefix: str = "") -> None:
+    """Refuse settings the draw cannot honour, by name: top_p 0 kept no token and a NaN or infinite temperature
+    made every probability NaN (torch's "probability tensor contains either inf, nan or element < 0"), and a
+    negative temperature drew greedily without a word."""
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise ValueError(f"{prefix}temperature must be a finite number >= 0 (0 draws greedily), got {temperature}")
+    if not 0 < top_p <= 1:  # also refuses NaN
+        raise ValueError(f"{prefix}top_p must be in (0, 1], got {top_p}")
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 0:
+        raise ValueError(f"top_k must be an integer >= 0 (0 keeps every token), got {top_k!r}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -28,6 +42,7 @@ def sample_logits(
 ) -> torch.Tensor:
     """One token per row of ``logits`` ([..., vocab]); temperature 0 means greedy, and so does one below 1e-6 (dividing
     by it would overflow the logits to inf)."""
+    check_draw(temperature, top_k, top_p)
     if temperature < 1e-6:
         return logits.argmax(dim=-1)
     probs = torch.softmax(filter_logits(logits.float() / temperature, top_k, top_p), dim=-1)

@@ -12,7 +12,7 @@ import torch
 
 from trainer.dct.chunks import TokenSpace, channel_mask, dense_before, masked, position_mask, value_mask
 from trainer.dct.model import DCTransformer
-from trainer.sampling import sample_logits
+from trainer.sampling import check_draw, sample_logits
 
 
 @dataclass
@@ -40,6 +40,11 @@ class DrawSettings:
     top_p: float = 1.0
     value_temperature: float | None = None
     value_top_p: float | None = None
+
+    def __post_init__(self) -> None:
+        check_draw(self.temperature, self.top_k, self.top_p)
+        check_draw(self.temperature if self.value_temperature is None else self.value_temperature, self.top_k,
+                   self.top_p if self.value_top_p is None else self.value_top_p, prefix="value_")
 
     def for_values(self) -> DrawSettings:
         t = self.temperature if self.value_temperature is None else self.value_temperature

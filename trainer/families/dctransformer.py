@@ -31,6 +31,7 @@ from data_pipeline.codecs.dct_config import DCTCodecConfig
 from data_pipeline.codecs.dct_images import as_rgb_batch, fit_size, to_rgb
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, NUM_LUMA_SLOTS
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image
+from data_pipeline.manifest import DatasetError
 from trainer.dct.chunks import TokenSpace, chunk_rows, dense_before, dense_to_sequence, pad_batch, triple_nll
 from trainer.dct.model import DCTransformer, DecoderSizes, NetworkShape
 from trainer.dct.sampling import Conditioning, DrawSettings, generate
@@ -286,22 +287,39 @@ class DCTransformerFamily(Family):
         return {"loss": (per_triple, triples), "bits_per_triple": (per_triple / LN2, triples),
                 "bits_per_image": nats / max(images, 1.0) / LN2}
 
+    # what fixes the meaning of a sequence's tokens; the other codec settings are how images were brought to it
+    SEQUENCE_SETTINGS = ("resolution", "quality", "value_range")
+
+    def check_eval_data(self, eval_info: Mapping[str, Any], url: str) -> None:
+        """Held-out sequences are scored under the training codec: another quality was scored without a word (bits
+        of other tables), another size or value range failed at the first eval as a "corrupt" sample."""
+        try:
+            held_out = codec_config(eval_info)
+        except ValueError as e:
+            raise DatasetError(f"data.eval {url}: {e}") from None
+        differ = [f"{key} {getattr(held_out, key)!r} vs the training data's {getattr(self.codec, key)!r}"
+                  for key in self.SEQUENCE_SETTINGS if getattr(held_out, key) != getattr(self.codec, key)]
+        if differ:
+            raise DatasetError(f"data.eval {url}: coded with other DCT settings than the training data "
+                               f"({'; '.join(differ)}): prepare both splits with one data.prepare.codec_settings")
+
     def max_triples(self) -> int:
         return self.config.max_triples or self.codec.max_sequence_length
 
     def source_images(self, n: int) -> np.ndarray:
         """Conditioning images when none are given: the held-out set's source (the training set's when the run
-        had none), counted from its last index, brought to the codec's size as prepare did (its size_policy).
-        Conditions from the training images would show what the model memorised, not what it does."""
+        had none), counted from its last index and gone through again when it holds fewer than ``n`` (the training
+        grid of a small held-out set), brought to the codec's size as prepare did (its size_policy). Conditions
+        from the training images would show what the model memorised, not what it does."""
         from data_pipeline.sources import build_source
 
         src_info = self.data_info.get("eval_source") or self.data_info.get("source") or {}
         name = src_info.get("name", "shapes")
         source = build_source(name, src_info.get("settings", {}))
-        if n > len(source):
-            raise ValueError(f"{n} samples: the export's source {name!r} holds {len(source)} images to condition "
-                             "on; ask for at most that many, or give images of your own (--images)")
-        return as_rgb_batch([source.sample(len(source) - 1 - i).image for i in range(n)], self.codec)
+        if len(source) == 0:
+            raise ValueError(f"the source {name!r} to condition on holds no images: give images of your own")
+        last = len(source) - 1
+        return as_rgb_batch([source.sample(last - i % len(source)).image for i in range(n)], self.codec)
 
     def condition_images(self, n: int, images: np.ndarray | list[np.ndarray] | None) -> np.ndarray:
         """The ``n`` images a colourisation draw starts from, uint8 [n, H, W, 3] at the codec's size."""
