@@ -9,6 +9,7 @@ import os
 import shutil
 
 import pytest
+import torch
 
 from trainer.export import CONFIG, WEIGHTS, ExportError, load_export, write_export
 from trainer.families.image_gpt import ImageGPTConfig, ImageGPTFamily
@@ -276,3 +277,18 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def test_write_safetensors_takes_scalars_and_safetensors_reads_what_it_wrote(tmp_path):
+    """A 0-dim tensor (a learnable temperature) failed at `view(torch.uint8)` after the whole consolidation."""
+    from safetensors.torch import load_file
+
+    from trainer.export import write_safetensors
+
+    tensors = {"scale": torch.tensor(2.5), "w": torch.arange(6, dtype=torch.bfloat16).reshape(2, 3),
+               "steps": torch.tensor([3], dtype=torch.int64)}
+    write_safetensors(str(tmp_path / "x.safetensors"), tensors.items(),
+                      {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()})
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors) and all(torch.equal(back[k], v) and back[k].shape == v.shape
+                                             for k, v in tensors.items())

@@ -67,7 +67,7 @@ def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], sh
             expect = header[name]
             if list(t.shape) != expect["shape"] or _DTYPES[t.dtype] != expect["dtype"]:
                 raise ExportError(f"tensor {name}: got {t.dtype} {tuple(t.shape)}, header says {expect}")
-            f.write(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            f.write(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())  # 0-dim too
 
 
 def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping[str, torch.Tensor]],
