@@ -503,6 +503,22 @@ def test_checkpoint_save_clears_an_interrupted_save_and_prune_keeps_later_tags(s
     assert store.all_tags() == ["step-00000012", "step-00000016"]
 
 
+def test_prune_keeps_complete_checkpoints_and_removes_older_cut_uploads(s3_bucket: str, tmp_path) -> None:
+    """A tag whose upload a crash cut (a run resumed from the one before it, under another checkpoint cadence) was
+    counted towards `keep`: a complete checkpoint was deleted in its place, and it stayed for good."""
+    root = f"{s3_bucket}/ckpt"
+    meta = CheckpointMeta(step=0, stream_state={}, world_size=2, family="x", engines=["model"], zero_stage=2,
+                          config={}, data_info={})
+    for tag, ranks in (("step-00000004", 2), ("step-00000008", 2), ("step-00000010", 1), ("step-00000012", 2)):
+        storage.write_bytes(f"{root}/{tag}/meta.json", json.dumps(dataclasses.asdict(meta)).encode())
+        for r in range(ranks):
+            storage.write_bytes(f"{root}/{tag}/_uploaded/rank{r}", b"")
+    storage.write_bytes(f"{root}/step-00000006/meta.json", b"{}")  # unreadable: proves nothing, counted as before
+    store = CheckpointStore(root, world_size=2, keep=3, staging=str(tmp_path))
+    store._point_latest("step-00000012")
+    assert store.all_tags() == ["step-00000006", "step-00000008", "step-00000012"]
+
+
 def test_an_s3_checkpoint_is_complete_once_every_rank_uploaded(s3_bucket: str, tmp_path) -> None:
     """``dgm export --tag`` of a checkpoint whose upload is still missing ranks is refused (its meta.json, written
     by rank 0, is there long before the other ranks' files)."""

@@ -307,14 +307,24 @@ class CheckpointStore:
         return sorted(n for n in names if n.startswith("step-") and not n.endswith(".partial"))
 
     def _prune(self, newest: str) -> None:
-        """Keep ``newest`` and the ``keep - 1`` checkpoints before it; tags after it (an upload in flight, an
-        orphan of an interrupted run) are not this save's to judge."""
+        """Keep ``newest`` and the ``keep - 1`` complete checkpoints before it; an older tag whose upload a crash
+        cut is removed, not counted (it took a complete checkpoint's place and stayed for good). Tags after
+        ``newest`` (an upload in flight, an orphan of an interrupted run) are not this save's to judge."""
         old = [t for t in self.all_tags() if t < newest]
-        for tag in old[: max(0, len(old) - (self.keep - 1))]:
+        cut = [t for t in old if self._proven_incomplete(t)]
+        whole = [t for t in old if t not in cut]
+        for tag in cut + whole[: max(0, len(whole) - (self.keep - 1))]:
             if self.remote:
                 storage.delete_prefix(storage.join(self.root, tag) + "/")
             else:
                 shutil.rmtree(os.path.join(_local(self.root), tag), ignore_errors=True)
+
+    def _proven_incomplete(self, tag: str) -> bool:
+        """Whether ``tag`` is known to be cut short (unreadable metadata proves nothing: it is left alone)."""
+        try:
+            return not self.is_complete(tag)
+        except CheckpointError:
+            return False
 
     def local_copy(self, tag: str) -> str:
         """A local folder holding the checkpoint (the folder itself, or a download of an s3:// one)."""
