@@ -149,6 +149,18 @@ def eval_without_shards(data: dict[str, str], root) -> str:
     return broken_eval
 
 
+def test_a_finished_run_started_again_keeps_its_summary(world1, digits_data, tmp_path, capsys):
+    """summary.json was rewritten with steps_per_s 0.0 by a `dgm train` that had nothing left to train."""
+    spec = spec_of(tmp_path / "run", digits_data)
+    train_worker(spec)
+    summary = (tmp_path / "run" / "summary.json").read_text()
+    assert json.loads(summary)["step"] == 2
+    capsys.readouterr()
+    assert train_worker(spec)["step"] == 2
+    assert (tmp_path / "run" / "summary.json").read_text() == summary
+    assert "[train] the run is already at step 2 of trainer.steps=2: nothing to train" in capsys.readouterr().out
+
+
 def test_a_failure_right_after_a_checkpoint_to_s3_lets_its_upload_finish(world1, digits_data, s3_bucket, flaky_s3,
                                                                           tmp_path, capsys):
     """The upload runs in daemon threads: an eval failing right after the checkpoint ended the process with them,

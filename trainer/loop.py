@@ -505,7 +505,10 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                "steps_per_s": (done_here - 1) / elapsed if done_here > 1 and elapsed > 0 else 0.0,
                "skipped_shards": stream.skipped_shards, "first_step_wall": first_step_wall,
                "torch_threads": torch.get_num_threads()}
-    if rank == 0:
+    if rank == 0 and done_here == 0 and os.path.exists(os.path.join(spec.run_dir, SUMMARY)):
+        print(f"[train] the run is already at step {step} of trainer.steps={cfg.steps}: nothing to train "
+              f"(raise trainer.steps to go on); {SUMMARY} keeps the run's figures", flush=True)
+    elif rank == 0:
         with open(os.path.join(spec.run_dir, SUMMARY), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1)
     return summary
