@@ -128,15 +128,25 @@ def test_config_files_and_overrides_that_cannot_be_read_are_named(tmp_path):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("trainer.optim.lr=nan", r"^trainer.optim.lr must be a finite number"),
+    ("trainer.optim.lr=nan", r"^trainer.optim.lr: expected a number, got 'nan'"),
+    ("trainer.optim.lr=.nan", r"^trainer.optim.lr: expected a number, got nan"),
+    ("trainer.optim.lr=inf", r"^trainer.optim.lr must be a finite number"),
     ("trainer.optim.lr=-1", r"trainer.optim: lr and eps must be > 0"),
     ("trainer.optim.beta2=1.5", r"trainer.optim: beta1 and beta2 must be in \[0, 1\)"),
-    ("zero.grad_clip=nan", r"zero.grad_clip must be a finite number >= 0"),
+    ("zero.grad_clip=.inf", r"zero.grad_clip must be a finite number >= 0"),
     ("zero.grad_clip=-3", r"zero.grad_clip must be a finite number >= 0"),
 ])
 def test_optimizer_and_clipping_values_are_checked_before_anything_starts(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, [override])
+
+
+def test_no_float_setting_takes_nan():
+    """A family's own float settings had no check of their own: model.text_loss_weight=.nan trained NaN losses
+    (every comparison with NaN is false, so `< 0` let it through)."""
+    prior = os.path.join(os.path.dirname(DIGITS), "t2i_prior.yaml")
+    with pytest.raises(ConfigError, match=r"^model.text_loss_weight: expected a number, got nan"):
+        load_config(prior, ["model.text_loss_weight=.nan", "data.train=x"])
 
 
 def test_cli_reports_config_errors_in_one_line(capsys):

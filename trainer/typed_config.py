@@ -6,6 +6,7 @@ Used by the `dgm` configs and by the export loader (which rebuilds a family's co
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -59,15 +60,18 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
             raise ConfigError(f"{path}: expected int, got {type(value).__name__} {value!r}")
         return value
     if tp is float:
+        number = value
         if isinstance(value, str):
             # PyYAML reads 3e-4 (no dot) as a string; accept any text Python reads as a float.
             try:
-                return float(value)
+                number = float(value)
             except ValueError:
                 pass
-        if isinstance(value, bool) or not isinstance(value, int | float):
+        if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
-        return float(value)
+        if math.isnan(number):  # YAML's .nan: no setting means "not a number", and every comparison with it passes
+            raise ConfigError(f"{path}: expected a number, got {value!r}")
+        return float(number)
     if tp is str:
         if not isinstance(value, str):
             raise ConfigError(f"{path}: expected str, got {type(value).__name__} {value!r}")
