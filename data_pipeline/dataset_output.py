@@ -44,6 +44,13 @@ def check_output(output: str, fingerprint: str, *, overwrite: bool, say: Callabl
     errors (access denied, an outage) propagate: they say nothing about what is there."""
     url = manifest_url(output)
     if not storage.exists(url):
+        foreign = _foreign_shards(output)
+        if foreign and not overwrite:
+            raise DatasetError(f"{output}: holds {len(foreign)} shard file(s) that no dgm job wrote (e.g. {foreign[0]}, "
+                               "with no .info.json beside it) and no manifest; writing here would overwrite or "
+                               "delete them. Choose another output, or pass --overwrite to replace them")
+        if foreign:
+            say(f"[{job}] --overwrite: replacing {len(foreign)} shard file(s) no dgm job wrote at {output}")
         return
     data = storage.read_bytes(url)
     try:
@@ -60,6 +67,16 @@ def check_output(output: str, fingerprint: str, *, overwrite: bool, say: Callabl
     say(f"[{job}] --overwrite: replacing {what} at {output}")
     for name in (MANIFEST_NAME, TOKENIZER_FILE, PREVIEW_NAME):
         storage.delete(storage.join(output, name))
+
+
+def _foreign_shards(output: str) -> list[str]:
+    """Shard files named as dgm names them in an output without a single info file of dgm's: another tool's
+    WebDataset shards (a dgm job cut short has the info file of every shard it finished)."""
+    base = output.rstrip("/")
+    names = [item[len(base) + 1:] for item in storage.list_prefix(output) if item.startswith(base + "/")]
+    if any(_SHARD_FILE.match(name) and name.endswith(".info.json") for name in names):
+        return []
+    return sorted(name for name in names if _SHARD_FILE.match(name))
 
 
 def remove_leftovers(output: str, keep: Iterable[str], say: Callable[[str], None], job: str = "prepare") -> list[str]:

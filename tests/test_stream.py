@@ -587,6 +587,31 @@ def test_prepare_refuses_an_unreadable_manifest_and_storage_errors(tmp_path, s3_
     assert load_manifest(url).total == 1797
 
 
+def test_prepare_refuses_another_tools_shards_without_overwrite(tmp_path, s3_bucket):
+    """A folder of WebDataset shards some other tool wrote, named shard-NNNNNN.tar, had its shards overwritten and
+    the rest deleted as leftovers, without --overwrite, because it held no manifest."""
+    import webdataset as wds
+
+    for out in (str(tmp_path / "foreign"), f"{s3_bucket}/foreign"):
+        local = str(tmp_path / "written")
+        os.makedirs(local, exist_ok=True)
+        with wds.ShardWriter(os.path.join(local, "shard-%06d.tar"), maxcount=10, verbose=0) as w:
+            for i in range(30):
+                w.write({"__key__": f"k{i:03d}", "txt": "theirs"})
+        for name in sorted(os.listdir(local)):
+            storage.upload_file(os.path.join(local, name), storage.join(out, name))
+        before = {name: storage.read_bytes(storage.join(out, name)) for name in sorted(os.listdir(local))}
+        with pytest.raises(DatasetError, match=rf"^{out}: holds 3 shard file\(s\) that no dgm job wrote \(e.g. "
+                                               r"shard-000000.tar, .*pass --overwrite"):
+            _prepare(out)
+        assert {name: storage.read_bytes(storage.join(out, name)) for name in before} == before
+    lines: list[str] = []
+    prepare_dataset(PrepareConfig(output=out, source="digits", source_settings={"split": "train"},
+                                  samples_per_shard=SPS, parallel=False, overwrite=True), report=lines.append)
+    assert any("--overwrite: replacing 3 shard file(s) no dgm job wrote" in line for line in lines)
+    assert load_manifest(out).total > 0
+
+
 def test_a_bad_file_met_in_a_ray_shard_task_is_raised_as_itself(tmp_path, ray_local):
     """A file that passes a header-only scan but cannot be decoded fails its shard task; the user sees that
     error (BadImageError naming the file), not Ray's wrapper with the remote traceback."""
