@@ -28,7 +28,14 @@ def _split_outputs(cfg, splits: dict, section: str) -> dict[str, str]:
     missing = [split for split in splits if not targets.get(split)]
     if missing:
         raise ValueError(f"{section}.{missing[0]}: no data.{missing[0]} URL to write it to")
-    return {split: targets[split] for split in splits}
+    chosen = {split: targets[split] for split in splits}
+    seen: dict[str, str] = {}
+    for split, url in chosen.items():
+        key = url.rstrip("/") if "://" in url else os.path.abspath(url)
+        if key in seen:  # the second split would be written over the first
+            raise ValueError(f"data.{seen[key]} and data.{split} are both {url}: give each split its own folder")
+        seen[key] = split
+    return chosen
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
@@ -167,11 +174,12 @@ def cmd_sample(args: argparse.Namespace) -> int:
     if args.labels:
         counts["--labels"] = len(args.labels)
     if args.images:
-        if os.path.exists(out) and os.path.exists(args.images) and os.path.samefile(out, args.images):
-            raise ValueError(f"--out {out} is the --images file: the grid would replace the image it was drawn from")
         from data_pipeline.sources.image_folder import load_image
 
         files = _image_files(args.images)
+        if os.path.exists(out) and any(os.path.samefile(out, f) for f in files):
+            raise ValueError(f"--out {out} is one of the --images files: the grid would replace the image it was "
+                             "drawn from")
         options["images"] = [load_image(f) for f in files]
         counts[f"--images {args.images}"] = len(options["images"])
     if len(set(counts.values())) > 1:

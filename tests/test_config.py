@@ -186,6 +186,18 @@ def test_prepare_checks_every_split_before_writing_any(tmp_path, capsys, overrid
     assert not os.listdir(tmp_path)
 
 
+@pytest.mark.parametrize("train, held_out", [("same", "same/"), ("same", "./same"), ("s3://b/x/", "s3://b/x")])
+def test_prepare_refuses_two_splits_in_one_place(tmp_path, capsys, train, held_out):
+    """The eval split was written over the train split (with --overwrite, silently; without, after the train
+    split's shards)."""
+    place = (lambda url: url) if "://" in train else (lambda url: f"{tmp_path}/{url}")
+    args = [f"data.train={place(train)}", f"data.eval={place(held_out)}"]
+    assert main(["prepare", "configs/demo.yaml", "--no-ray", "--overwrite", *args]) == 2
+    assert f"data.train and data.eval are both {place(held_out)}: give each split its own folder" in \
+        capsys.readouterr().err
+    assert not os.listdir(tmp_path)
+
+
 def test_a_source_smaller_than_the_codec_is_pointed_at_its_own_size_setting(tmp_path, capsys):
     config = tmp_path / "digits_dct.yaml"
     config.write_text(f"""name: d

@@ -580,8 +580,15 @@ def test_dgm_sample_conditions_on_the_users_images(tmp_path, capsys):
     assert main(["sample", colour, "--images", str(tmp_path / "grey.png"), "--out", png]) == 0
     grey = (tmp_path / "grey.png").read_bytes()  # a grid written over the image it was drawn from
     assert main(["sample", colour, "--images", str(tmp_path / "grey.png"), "--out", str(tmp_path / "grey.png")]) == 2
-    assert "is the --images file: the grid would replace the image it was drawn from" in capsys.readouterr().err
+    assert "is one of the --images files: the grid would replace the image it was drawn from" in capsys.readouterr().err
     assert (tmp_path / "grey.png").read_bytes() == grey
+    (tmp_path / "inputs").mkdir()  # the same through a folder of images
+    (tmp_path / "inputs" / "a.png").write_bytes(grey)
+    (tmp_path / "inputs" / "b.png").write_bytes(grey)
+    assert main(["sample", colour, "--images", str(tmp_path / "inputs"), "--out",
+                 str(tmp_path / "inputs" / "b.png")]) == 2
+    assert "is one of the --images files" in capsys.readouterr().err
+    assert (tmp_path / "inputs" / "b.png").read_bytes() == grey
     ufam, umodel = family(chunk_size=16, max_triples=20)
     plain = write_export(str(tmp_path / "plain"), ufam, {"model": umodel.state_dict()})
     (tmp_path / "corrupt.png").write_bytes(b"not a png")  # refused for the model's mode, before it is read
