@@ -92,6 +92,15 @@ def test_draw_settings_the_draw_cannot_honour_are_refused_by_name(settings, said
             DrawSettings(**{f"value_{k}": v for k, v in settings.items()})
 
 
+def test_a_model_giving_nan_logits_is_named_not_a_torch_error():
+    """A diverged run's export died in torch.multinomial with a traceback; -inf (a masked token) stays valid."""
+    with pytest.raises(ValueError, match=r"the model gives non-finite outputs \(NaN or \+inf logits\)"):
+        sample_logits(torch.tensor([[0.0, float("nan"), 1.0]]))
+    with pytest.raises(ValueError, match="non-finite outputs"):
+        sample_logits(torch.tensor([[0.0, float("inf")]]), temperature=0.0)
+    assert int(sample_logits(torch.tensor([[float("-inf"), 2.0]]))) == 1
+
+
 def test_a_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert int(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0))) == 1

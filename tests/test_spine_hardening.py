@@ -149,6 +149,26 @@ def eval_without_shards(data: dict[str, str], root) -> str:
     return broken_eval
 
 
+def test_a_diverged_run_stops_at_its_first_non_finite_loss(world1, digits_data, tmp_path):
+    """It trained on with loss NaN, checkpointed NaN-trained weights and ended (if at all) on torch's "probability
+    tensor contains either inf, nan" from its sample grid."""
+    from trainer.loop import DivergedError
+
+    spec = spec_of(tmp_path / "run", digits_data, "trainer.optim.lr=1e12", "trainer.schedule.warmup_steps=0",
+                   "trainer.steps=6", "trainer.checkpoint_every=1", "trainer.eval_every=100",
+                   "trainer.sample_every=100", "trainer.schedule.min_ratio=1.0")
+    with pytest.raises(DivergedError, match=r"training diverged: the loss at step (\d+) is nan .*lower "
+                                            "trainer.optim.lr") as diverged:
+        train_worker(spec)
+    bad = int(str(diverged.value).split("step ")[1].split(" ")[0])
+    assert bad > 1  # the first step's loss is finite: what the test means to show needs one checkpoint before
+    saved = sorted(n for n in os.listdir(tmp_path / "run" / "checkpoints") if n.startswith("step-"))
+    assert saved[-1] == f"step-{bad - 1:08d}"  # nothing trained into NaN was saved
+    assert (tmp_path / "run" / "checkpoints" / "latest").read_text() == saved[-1]
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(math.isfinite(x) for x in losses) and len(losses) == bad - 1
+
+
 def test_a_finished_run_started_again_keeps_its_summary(world1, digits_data, tmp_path, capsys):
     """summary.json was rewritten with steps_per_s 0.0 by a `dgm train` that had nothing left to train."""
     spec = spec_of(tmp_path / "run", digits_data)

@@ -13,6 +13,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Iterator, Mapping
@@ -133,6 +134,11 @@ def resume_position(saved: dict[str, Any], now: dict[str, Any], state: StreamSta
                               "the settings, or set trainer.on_data_change=next_epoch to go on from the next epoch")
     # at batch 0 of an epoch nothing of it was trained on yet: that epoch is the next one
     return StreamState(state.epoch + (1 if state.batch else 0), 0)
+
+
+class DivergedError(ConfigError):
+    """The loss became NaN or infinite: the optimizer settings are the user's to change, and nothing after that
+    step is checkpointed."""
 
 
 def apply_schedule(engines: dict[str, Any]) -> None:
@@ -467,6 +473,11 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
             ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype, seed=cfg.seed)
             metrics = _mean_across_ranks(family.train_step(engines, batch, ctx), device)
+            if not math.isfinite(metrics["loss"]):  # every rank holds the same mean: every rank stops here
+                raise DivergedError(
+                    f"training diverged: the loss at step {step + 1} is {metrics['loss']} (nothing from this step "
+                    "on is checkpointed); lower trainer.optim.lr, lengthen trainer.schedule.warmup_steps or set "
+                    "zero.grad_clip, in a fresh run_dir or resuming from the last checkpoint")
             step += 1
             done_here += 1
             last_step_at = time.monotonic()
