@@ -203,6 +203,19 @@ def test_the_checkpoint_is_saved_before_a_failing_eval(crashed_run):
     assert CheckpointStore(os.path.join(run, "checkpoints")).latest() == STEP2
 
 
+def test_complete_checkpoints_without_latest_are_not_started_over(damaged, digits_data, tmp_path):
+    """A lost `latest` made the run start from step 0: its metrics rewritten, its checkpoints replaced one by one."""
+    from trainer.loop import _resume_point
+
+    os.remove(os.path.join(damaged, "latest"))
+    spec = spec_of(tmp_path, digits_data)
+    with pytest.raises(CheckpointError, match=rf"{damaged} holds complete checkpoints \({STEP2}\) but no 'latest' "
+                                              rf"naming one: write the tag to resume from into {damaged}/latest"):
+        _resume_point(CheckpointStore(damaged), 1, 0, spec)
+    shutil.rmtree(os.path.join(damaged, STEP2))
+    assert _resume_point(CheckpointStore(damaged), 1, 0, spec) == (None, False)  # nothing there: a fresh start
+
+
 def test_a_resume_makes_the_eval_and_grid_its_checkpoints_step_missed(crashed_run, digits_data, tmp_path):
     """The crashed run saved step 2, then failed in step 2's eval, so step 2 had no eval record and no grid. Resumed
     (nothing left to train), it makes both; resumed again, it makes neither twice."""

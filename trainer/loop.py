@@ -275,6 +275,11 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
     checkpoint of another model is refused here, before any conversion or engine."""
     tag = store.latest()
     if tag is None:
+        whole = [t for t in store.all_tags() if store.is_complete(t)]
+        if whole:  # starting over would rewrite the metrics and replace these one by one
+            raise CheckpointError(f"{store.root} holds complete checkpoints ({', '.join(whole[-3:])}) but no "
+                                  f"'latest' naming one: write the tag to resume from into {store.root}/latest "
+                                  "(e.g. its newest), or start over in another run_dir / checkpoint_root")
         return None, False
     meta = store.read_meta(tag)
     if meta.step % spec.zero.grad_accum:  # DeepSpeed restarts its micro-step count at 0 on load
