@@ -7,7 +7,7 @@ import pytest
 
 from data_pipeline.storage import StorageError
 from launch.cli import main
-from launch.config import load_config
+from launch.config import load_config, read_yaml
 from trainer.checkpoint import CheckpointError
 from trainer.families.image_gpt import ImageGPTConfig
 from trainer.typed_config import ConfigError
@@ -72,7 +72,9 @@ def test_mapping_overrides_merge_leading_zeros_are_decimal_and_empty_sections_fi
     assert load_config(DIGITS, ["trainer.steps=0100"])[0].trainer.steps == 100  # not YAML 1.1's octal 64
     assert load_config(DIGITS, ["name=08"])[0].name == "08"  # not an octal number in YAML: text, as before
     empty = tmp_path / "empty_section.yaml"
-    empty.write_text(open(DIGITS).read() + "\ncluster:\n")
+    text = open(DIGITS).read()
+    assert "\ncluster:\n  workers: 2\n" in text
+    empty.write_text(text.replace("\ncluster:\n  workers: 2\n", "\ncluster:\n"))
     assert load_config(str(empty), ["cluster.workers=1"])[0].cluster.workers == 1
 
 
@@ -139,6 +141,21 @@ def test_config_files_and_overrides_that_cannot_be_read_are_named(tmp_path):
 def test_optimizer_and_clipping_values_are_checked_before_anything_starts(override, message):
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, [override])
+
+
+def test_a_key_given_twice_is_refused_by_line(tmp_path):
+    """PyYAML keeps the last of two equal keys: a second `trainer:` section dropped trainer.steps without a word.
+    Keys repeated inside different sections, and keys a merge (<<) brings in, are no repetition."""
+    config = tmp_path / "dup.yaml"
+    config.write_text("name: x\ntrainer: {steps: 600}\nfamily: image_gpt\ntrainer:\n  log_every: 5\n")
+    with pytest.raises(ConfigError, match=rf"^{config}: not valid YAML \(key 'trainer' appears twice \(lines 2 and "
+                                          r"4\): the first would be dropped"):
+        load_config(str(config))
+    config.write_text("name: x\ntrainer: &t {steps: 600, log_every: 5}\ncluster: {workers: 1}\n"
+                      "data: {stream: {partitions: 4}, prepare: {stream: 1}}\n")
+    assert read_yaml(str(config))["trainer"] == {"steps": 600, "log_every": 5}
+    config.write_text("base: &b {steps: 600, log_every: 5}\ntrainer:\n  <<: *b\n  steps: 10\n")
+    assert read_yaml(str(config))["trainer"] == {"steps": 10, "log_every": 5}
 
 
 def test_no_float_setting_takes_nan():
