@@ -117,6 +117,10 @@ def parse_manifest(text: str, url: str) -> Manifest:
     )
     for key in ("source", "codec", "shards"):
         _require(key in data, url, f"missing field {key!r}")
+    for key in ("source", "codec"):  # {"name": ..., "settings": {...}}: read with .get() everywhere after this
+        _require(isinstance(data[key], dict) and isinstance(data[key].get("name"), str)
+                 and isinstance(data[key].get("settings", {}), dict), url,
+                 f"field {key!r} must be an object with a 'name' and 'settings', got {data[key]!r}")
     _require(isinstance(data["shards"], list) and data["shards"], url, "field 'shards' must be a non-empty list")
     extra = data.get("extra", {})
     _require(isinstance(extra, dict), url, "field 'extra' must be an object")

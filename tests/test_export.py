@@ -228,6 +228,12 @@ def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
     (root / "step-00000020" / "meta.json").write_text("{}")
     with pytest.raises(CheckpointError, match="step-00000020/meta.json: unreadable metadata"):  # found, then read
         export_checkpoint(str(root), str(tmp_path / "out"), "step-00000020/")
+    meta = {"step": 20, "stream_state": {}, "world_size": 1, "family": "image_gpt", "engines": "model",
+            "zero_stage": 2, "config": 5, "data_info": {}}  # hand-edited: a traceback, or networks m, o, d, e, l
+    (root / "step-00000020" / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(CheckpointError, match=r"step-00000020/meta.json: unreadable metadata \(wrong type of "
+                                              r"engines, config\)"):
+        export_checkpoint(str(root), str(tmp_path / "out"), "step-00000020")
 
 
 def test_sampling_more_than_memory_holds_is_one_line(tmp_path, capsys, monkeypatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import shutil
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 from data_pipeline import storage
 from data_pipeline.codecs import build_codec
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT
-from data_pipeline.manifest import DatasetError, load_manifest
+from data_pipeline.manifest import FORMAT_VERSION, DatasetError, load_manifest
 from data_pipeline.prepare import PrepareConfig, prepare_dataset
 from data_pipeline.sources import build_source
 from data_pipeline.storage import StorageError
@@ -282,6 +283,12 @@ def test_manifest_of_unknown_version_or_missing_is_refused(copy_of, tmp_path):
     open(p, "wb").write(b"\xff\xfe{}")
     with pytest.raises(DatasetError, match="manifest.json: not UTF-8 text, so not a manifest"):
         load_manifest(copy_of)
+    data["format_version"] = FORMAT_VERSION  # a hand-edited codec: every reader after this took it for an object
+    for key, bad in (("codec", "dct"), ("source", {"settings": {}}), ("codec", {"name": "dct", "settings": 3})):
+        json.dump({**data, key: bad}, open(p, "w"))
+        with pytest.raises(DatasetError, match=rf"field '{key}' must be an object with a 'name' and 'settings', "
+                                               rf"got {re.escape(repr(bad))}"):
+            load_manifest(copy_of)
 
 
 def test_unknown_scheme_and_unreachable_s3_are_named(monkeypatch):

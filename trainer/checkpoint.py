@@ -165,6 +165,15 @@ class CheckpointStore:
             raise CheckpointError(f"checkpoint {url}: unreadable metadata ({e})") from e
         if meta.format != FORMAT:
             raise CheckpointError(f"checkpoint {url}: format {meta.format}, this dgm reads {FORMAT}")
+        wrong = [name for name, ok in (
+            ("step", type(meta.step) is int and meta.step >= 0),
+            ("world_size", type(meta.world_size) is int and meta.world_size >= 1),
+            ("zero_stage", type(meta.zero_stage) is int), ("family", isinstance(meta.family, str)),
+            ("engines", isinstance(meta.engines, list) and all(isinstance(e, str) for e in meta.engines)),
+            *((name, isinstance(getattr(meta, name), dict))
+              for name in ("stream_state", "config", "data_info", "order"))) if not ok]
+        if wrong:  # read as given, "engines": "model" named the networks m, o, d, e, l
+            raise CheckpointError(f"checkpoint {url}: unreadable metadata (wrong type of {', '.join(wrong)})")
         return meta
 
     def _write_dir(self, tag: str) -> str:
