@@ -148,6 +148,9 @@ def test_a_damaged_export_config_is_named(tmp_path):
         (lambda c: {**c, "files": {**c["files"], "../../etc/hostname": "0" * 64}}, "is not a path inside"),
         (lambda c: {**c, "data_info": [1, 2]}, "'data_info' must be a JSON object, got list"),
         (lambda c: {**c, "format": 2}, "export format 2 was written by a newer dgm"),
+        (lambda c: {k: v for k, v in c.items() if k not in ("family", "model")},
+         "missing 'family' and 'model': not a config.json dgm export wrote"),
+        (lambda c: {**c, "family": "nope"}, r"cannot rebuild the model \(family: unknown family 'nope'"),
     ]
     for change, message in cases:
         edit_config(out, change)

@@ -256,6 +256,10 @@ def read_export(export_dir: str) -> tuple[Family, dict[str, Any]]:
     data_info = config.get("data_info", {})
     if not isinstance(data_info, dict):
         raise ExportError(f"{cfg_path}: 'data_info' must be a JSON object, got {type(data_info).__name__}")
+    missing = [key for key in ("family", "model") if key not in config]
+    if missing:
+        raise ExportError(f"{cfg_path}: missing {' and '.join(repr(k) for k in missing)}: not a config.json dgm "
+                          "export wrote, or edited since")
     try:
         cls = family_class(config["family"])
         family = cls(from_dict(cls.config_cls, config["model"], "model"), data_info)

@@ -22,5 +22,5 @@ FAMILIES: dict[str, type[Family]] = {
 
 def family_class(name: str) -> type[Family]:
     if name not in FAMILIES:
-        raise ValueError(f"model.family: unknown family {name!r}; known: {sorted(FAMILIES)}")
+        raise ValueError(f"family: unknown family {name!r}; known: {sorted(FAMILIES)}")
     return FAMILIES[name]
