@@ -56,3 +56,14 @@ def int_list(text: str) -> list[int]:
     if any(v < 0 for v in values):
         raise argparse.ArgumentTypeError(f"{text!r}: class labels are 0 or more")
     return values
+
+
+MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows past a signed 64-bit integer
+
+
+def seed(text: str) -> int:
+    """A random seed torch takes: an integer in 0..2**63-1."""
+    value = _number(int, text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"{value} is outside 0..2**63-1")
+    return value

@@ -7,7 +7,7 @@ import os
 import sys
 from collections.abc import Callable
 
-from launch.arg_types import at_least, int_list, positive, probability_mass
+from launch.arg_types import at_least, int_list, positive, probability_mass, seed
 
 _SAMPLE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "value_temperature": None, "value_top_p": None,
                     "labels": None, "images": "", "mean_of": 1}  # as the sample parser sets them
@@ -356,7 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="", help="PNG path (default: <export>/samples.png; ./samples.png for s3://)")
     p.add_argument("--n", type=positive(int), default=None,
                    help=f"number of samples (default {DEFAULT_SAMPLES}; one per --labels entry or --images file)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=seed, default=0)
     p.add_argument("--temperature", type=at_least(0.0, meaning="0 draws greedily"),
                    default=_SAMPLE_DEFAULTS["temperature"],
                    help="softmax temperature; 0 draws the most likely token")

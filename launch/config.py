@@ -128,6 +128,9 @@ def set_dotted(raw: dict[str, Any], dotted: str) -> None:
         raise ConfigError(f"override {dotted!r}: expected key.path=value")
     key, text = dotted.split("=", 1)
     parts = key.strip().split(".")
+    if not all(parts):
+        raise ConfigError(f"override {dotted!r}: {key.strip()!r} is not a key path (names joined by dots, e.g. "
+                          "trainer.steps=100)")
     node = raw
     for i, part in enumerate(parts[:-1]):
         if node.get(part) is None:  # a missing section, or an empty one (``trainer:`` with nothing under it)
