@@ -121,7 +121,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg, raw = _config(args)
     if args.address:
         cfg.cluster.address = args.address
-    metrics = run_training(cfg, raw, stop_after=args.stop_after)
+    try:
+        metrics = run_training(cfg, raw, stop_after=args.stop_after)
+    except Exception:
+        import ray
+
+        if ray.is_initialized():  # Ray's log monitor forwards the workers' tracebacks for a while yet: stop it,
+            ray.shutdown()  # so the one line naming what failed comes last, not lost in the middle of them
+        raise
     step = metrics.get("step")
     paused = bool(args.stop_after) and isinstance(step, int) and step < cfg.trainer.steps
     print(f"[train] {'stopped (--stop-after)' if paused else 'finished'} at step {step} of {cfg.trainer.steps} "
