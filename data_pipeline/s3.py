@@ -11,6 +11,7 @@ import http.client
 import io
 import os
 import random
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -165,8 +166,24 @@ def client() -> Any:
         raise StorageError(describe_endpoint(), f"AWS_PROFILE={e.kwargs.get('profile')!r} names no profile in the "
                            f"AWS config of host {socket.gethostname()} (~/.aws/config, ~/.aws/credentials): unset "
                            "it to use this host's default credentials, or add the profile there") from None
+    made.meta.events.register("needs-retry.s3", _say_slow_endpoint)
     _local.entry = (key, made)
     return made
+
+
+_said_slow: set[str] = set()
+
+
+def _say_slow_endpoint(caught_exception: BaseException | None = None, **_: Any) -> None:
+    """A store that takes connections and never answers was minutes of silence (each try waits read_timeout):
+    said once per endpoint, at the first try that timed out. Returns None: the retry decision stays botocore's."""
+    if isinstance(caught_exception, ReadTimeoutError | ConnectTimeoutError):
+        where = describe_endpoint()
+        if where not in _said_slow:
+            _said_slow.add(where)
+            s = _settings
+            print(f"[s3] {where} did not answer in time ({type(caught_exception).__name__}); retrying, up to "
+                  f"{s.max_attempts} tries of {s.read_timeout:g} s each", file=sys.stderr, flush=True)
 
 
 def describe_endpoint() -> str:

@@ -217,16 +217,22 @@ def test_unreachable_endpoint_fails_fast(s3_settings) -> None:
     assert "s3://bucket/key" in str(info.value) and f"cannot reach S3 endpoint {endpoint}" in str(info.value)
 
 
-def test_silent_endpoint_times_out(s3_settings) -> None:
+def test_silent_endpoint_times_out_and_says_so_at_its_first_timeout(s3_settings, capsys, monkeypatch) -> None:
+    """Each try waits read_timeout (60 s by default, 8 tries): minutes of silence before the error, unless said."""
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(key, "testing")  # signed requests need some: the store never reads them
     with socket.socket() as listener:  # accepts connections (kernel backlog) but never answers
         listener.bind(("127.0.0.1", 0))
         listener.listen(16)
         endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
-        s3_settings(endpoint_url=endpoint, max_attempts=1, connect_timeout=1, read_timeout=1)
+        s3_settings(endpoint_url=endpoint, max_attempts=2, connect_timeout=1, read_timeout=1)
         start = time.monotonic()
         with pytest.raises(StorageError, match=rf"s3://bucket/key: cannot reach S3 endpoint {endpoint}"):
             storage.exists("s3://bucket/key")
-        assert time.monotonic() - start < 5
+        assert time.monotonic() - start < 8
+        err = capsys.readouterr().err
+        assert err.count(f"[s3] {endpoint} did not answer in time (ReadTimeoutError); retrying, up to 2 tries "
+                         "of 1 s each") == 1
 
 
 def test_500s_are_retried_transparently(flaky_s3: FlakyS3Proxy, s3_bucket: str, tmp_path) -> None:
