@@ -551,7 +551,7 @@ class QueueRunner:
             self.log(f"{job.job_id}: {job.reason}")
             return
         except ClusterError as e:
-            if "already exists" not in str(e):
+            if "already exists" not in str(e) or not self._on_cluster(client, job.job_id):
                 now = time.time()
                 job.submit_failures, job.submit_error = job.submit_failures + 1, str(e)
                 if e.refused:
@@ -580,6 +580,18 @@ class QueueRunner:
         job.state, job.reason, job.submitted_at, job.retry_at = RUNNING, "submitted", time.time(), None
         job.pinned_ip = pin_ip
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
+
+    @staticmethod
+    def _on_cluster(client: JobsClient, job_id: str) -> bool:
+        """Whether an "already exists" refusal was about this id: the words could also come from elsewhere (a
+        runtime env's package step), and such a failure would be checked "next round" for good."""
+        try:
+            client.info(job_id)
+        except JobNotFoundError:
+            return False
+        except ClusterError:
+            return True  # cannot be told now: _ours says so, and the next round asks again
+        return True
 
     def _ours(self, client: JobsClient, job: QueuedJob) -> bool | None:
         """Whether the cluster's job with this id is this queue entry, submitted by a runner that died before

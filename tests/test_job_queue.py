@@ -261,6 +261,28 @@ def test_a_round_pins_smaller_jobs_away_from_the_node_reserved_for_a_bigger_one(
     assert fake.submitted == ["small", "big"] and fake.resources["big"].custom == {}
 
 
+def test_already_exists_in_an_error_about_something_else_counts_as_a_failed_submission(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The words could come from a runtime env's package step: taken for "this id is on the cluster", the job was
+    "checked next round" for good, never counted as failing."""
+    from launch.jobs import JobNotFoundError
+
+    class NoSuchJob(FakeCluster):
+        def info(self, job_id: str) -> JobInfo:
+            raise JobNotFoundError(f"no job {job_id}")
+
+    fake = NoSuchJob({"n1": 0.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=1), job_id="a")
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None, retry_after_s=0.0, max_submit_failures=2)
+    fake.error = RuntimeError("Request failed with status code 500: /tmp/pkg.zip already exists")
+    (a,) = runner.run_once()
+    assert a.state == QUEUED and a.submit_failures == 1 and "(1 of 2 tries)" in a.reason, a.reason
+    (a,) = runner.run_once()
+    assert a.state == FAILED and "failed 2 times, giving up" in a.reason
+
+
 def test_failed_submissions_back_off_and_refused_ones_fail_at_once(tmp_path: Path,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     """Each ClusterError used to count the same and retry on the very next round. A lost connection, a 5xx, a
