@@ -74,6 +74,10 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
     if travels and not (snapshot and fits_inline):
         config_in_job = config.relative_to(root).as_posix()
         prelude = ""
+        if snapshot:  # too large to carry: the job reads the file as it is when the job is submitted
+            print(f"[queue] warning: config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB, so the job "
+                  "trains it as it is when the queue submits the job, not as it is now; leave it unchanged "
+                  "until then", file=sys.stderr)
     else:
         if not fits_inline:
             raise ClusterError(f"config {config} is larger than {INLINE_CONFIG_LIMIT // 1024} KiB: move it into "

@@ -454,6 +454,16 @@ def test_enqueue_training_persists_what_submit_would_send(tmp_path: Path) -> Non
     assert again.runtime_env["working_dir"] == str(project.resolve()) and "/.venv/" in again.runtime_env["excludes"]
 
 
+def test_a_queued_config_too_large_to_carry_says_it_is_read_when_submitted(tmp_path: Path, capsys) -> None:
+    project = tmp_path / "proj"
+    (project / "configs").mkdir(parents=True)
+    (project / "configs" / "big.yaml").write_text("# " + "x" * 100_000 + "\nname: big\n")
+    queued = enqueue_training(tmp_path / "q.json", str(project / "configs" / "big.yaml"), [], str(project),
+                              JobResources(num_cpus=1), job_id="big-1")
+    assert "train configs/big.yaml" in queued.entrypoint
+    assert "the job trains it as it is when the queue submits the job, not as it is now" in capsys.readouterr().err
+
+
 # ---------------------------------------------------------------- a real cluster
 
 
