@@ -203,7 +203,8 @@ def test_sample_out_naming_a_folder_and_a_garbled_latest_are_named(tmp_path, cap
     assert main(["sample", out, "--out", str(tmp_path / "new") + "/"]) == 2
     assert "new/: is a folder; give the PNG file to write" in capsys.readouterr().err
     assert main(["sample", out, "--out", os.path.join(out, "config.json", "s.png"), "--n", "1"]) == 2
-    assert "s.png: cannot write the PNG" in capsys.readouterr().err
+    assert f"s.png: cannot write the PNG (File exists: {out}/config.json is a file, not a folder)" in \
+        capsys.readouterr().err
     assert not [p for p in os.listdir(tmp_path) if p.endswith(".tmp.png")]
     (tmp_path / "ckpt").mkdir()
     (tmp_path / "ckpt" / "latest").write_bytes(b"\xff\xfestep")

@@ -33,7 +33,11 @@ def save_grid(images: torch.Tensor, path: str, nrow: int | None = None) -> str:
         Image.fromarray(grid_array(images, nrow)).save(tmp, format="PNG")
         os.replace(tmp, path)
     except OSError as e:  # a parent that is a file, no permission, a full disk
-        raise ValueError(f"{path}: cannot write the PNG ({e.strerror or e})") from e
+        above = os.path.dirname(os.path.abspath(path))
+        while above != os.path.dirname(above) and not os.path.exists(above):
+            above = os.path.dirname(above)
+        where = f": {above} is a file, not a folder" if os.path.isfile(above) else ""
+        raise ValueError(f"{path}: cannot write the PNG ({e.strerror or e}{where})") from e
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
