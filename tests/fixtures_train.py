@@ -64,6 +64,7 @@ def ring_data(tmp_path_factory) -> dict[str, str]:
 def world1(tmp_path_factory, one_thread_module) -> Iterator[None]:
     """One rank's process group in this process; DeepSpeed adopts it (as it adopts Ray's)."""
     import deepspeed.comm.comm as ds_comm
+    import deepspeed.utils.groups as ds_groups
     import torch.distributed as dist
 
     init = tmp_path_factory.mktemp("pg") / "init"
@@ -74,6 +75,7 @@ def world1(tmp_path_factory, one_thread_module) -> Iterator[None]:
     env.undo()
     dist.destroy_process_group()
     ds_comm.cdb = None  # DeepSpeed's handle on the group just destroyed: a later init_distributed starts over
+    ds_groups._WORLD_GROUP = None  # and its clone of that group, which the next module's engines would broadcast on
 
 
 @pytest.fixture(scope="module")

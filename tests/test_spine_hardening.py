@@ -9,6 +9,7 @@ import json
 import math
 import os
 import shutil
+import time
 
 import pytest
 import torch
@@ -481,6 +482,8 @@ def test_a_restart_before_the_first_checkpoint_does_not_double_tensorboard(tmp_p
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     for attempt in (10.0, 20.0):
+        if attempt > 10.0:  # TensorBoard orders event files by name, whose first key is the second they were made
+            time.sleep(1.05)  # in: within one second it fell to the writer counter, where "10" sorts before "9"
         reporter = Reporter(str(tmp_path), total_steps=3, global_batch=8, enabled=True, first_step=0)
         for step in (1, 2, 3):
             reporter.scalars(step, "train", {"loss": attempt + step})
