@@ -65,8 +65,10 @@ def test_export_replaces_an_earlier_export_but_never_a_folder_of_other_files(tmp
     (stranded / "old-grid.png").write_bytes(b"stranded")
     (tmp_path / "export.old-backup").mkdir()
     (tmp_path / "export.old-backup" / "mine.txt").write_text("not an export")
+    fam.export_files = lambda: {"extra/notes.json": b"{}"}  # a family with files of its own (tokenizer, dVAE)
     write_export(out, fam, states, {"step": 2})
     assert (tmp_path / "export" / "old-grid.png").read_bytes() == b"stranded" and not stranded.exists()
+    assert (tmp_path / "export" / "extra" / "notes.json").read_bytes() == b"{}"
     assert (tmp_path / "export.old-backup" / "mine.txt").read_text() == "not an export"
     shutil.rmtree(tmp_path / "export.old-backup")
     wider, wide_states = tiny(d_model=32)  # weights that do not load into the family written beside them

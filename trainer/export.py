@@ -77,10 +77,10 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     check_replaceable(out_dir)
     check_fits(family, state_dicts, out_dir)  # what is published is what loads, checked before a byte is written
     base = out_dir.rstrip("/")
-    parent, name = os.path.split(os.path.abspath(base))
+    parent, out_name = os.path.split(os.path.abspath(base))
     os.makedirs(parent, exist_ok=True)
     # named after this process (a killed export's is swept by the next), never a name a user's folder could have
-    tmp = scratch_dir(f".{name}.partial-", parent)
+    tmp = scratch_dir(f".{out_name}.partial-", parent)
     umask = os.umask(0)
     os.umask(umask)
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is published with the usual mode
@@ -111,7 +111,7 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
             raise ExportError(f"{out_dir}: the new export does not load back, nothing was replaced "
                               f"({str(e).replace(tmp, out_dir)})") from e
         # earlier exports set aside by a write that crashed before it could carry the user's files over
-        aside_name = re.compile(re.escape(name) + r"\.old-[0-9a-f]{12}")
+        aside_name = re.compile(re.escape(out_name) + r"\.old-[0-9a-f]{12}")
         stranded = sorted(os.path.join(parent, n) for n in os.listdir(parent) if aside_name.fullmatch(n))
         old = f"{base}.old-{os.urandom(6).hex()}"
         if os.path.exists(out_dir):  # renamed aside, not deleted first: a crash never leaves neither export
