@@ -82,7 +82,7 @@ def test_crash_mid_upload_keeps_latest_on_the_complete_checkpoint(s3_bucket, fla
 
 
 TWO_RANKS = r"""
-import datetime, os, sys, torch.distributed as dist, torch.multiprocessing as mp
+import datetime, os, sys, time, torch.distributed as dist, torch.multiprocessing as mp
 from data_pipeline.s3 import S3Settings, configure_s3
 from trainer.checkpoint import CheckpointMeta, CheckpointStore
 
@@ -100,6 +100,10 @@ def worker(rank, port, root, staging, out, async_upload):
         outcome = "no error"
     except Exception as e:
         outcome = f"{type(e).__name__}: {e}"
+        start = time.monotonic()  # what the training loop does next: no waiting for a marker that never comes
+        store.finish_after_failure(timeout_s=120)
+        with open(f"{out}/rank{rank}.wait", "w") as f:
+            f.write(f"{time.monotonic() - start:.1f}")
     with open(f"{out}/rank{rank}.txt", "w") as f:
         f.write(outcome)
     dist.destroy_process_group()
@@ -128,3 +132,5 @@ def test_an_upload_that_fails_on_one_rank_fails_the_save_on_every_rank(s3_bucket
     assert rank0.startswith(f"CheckpointError: checkpoint upload to {s3_bucket}/ckpt failed on rank 1: {s3_bucket}/ckpt/"
                             "step-00000001/"), rank0  # the cause, as rank 1 met it
     assert not storage.exists(f"{s3_bucket}/ckpt/latest")  # no checkpoint was complete on both ranks
+    waits = [float((tmp_path / f"rank{r}.wait").read_text()) for r in (0, 1)]
+    assert max(waits) < 20, waits  # rank 0's finalizer saw rank 1's failure marker (it waited out 600 s before)

@@ -6,6 +6,7 @@ Layout under the run's checkpoint root (a folder or s3://bucket/prefix):
     step-00000200/<engine>/ds/...      DeepSpeed's checkpoint of each engine
     step-00000200/rng-rank<r>.safetensors
     step-00000200/_uploaded/rank<r>    (s3:// only) rank r's files are all uploaded
+    step-00000200/_failed/rank<r>      (s3:// only) rank r's upload failed: latest will not move there
     latest                             the name of the newest complete checkpoint
 
 A checkpoint is written into a staging folder first (``step-X.partial`` beside it for local roots, a local temp
@@ -17,6 +18,7 @@ first lets its upload finish (``finish_after_failure``). Older checkpoints beyon
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -50,6 +52,7 @@ CONVERTED = ".converted"  # in an engine's ds_universal folder: DeepSpeed's conv
 DOWNLOADED = ".downloaded"  # in a local copy of an s3:// checkpoint: every file of it is there
 META = "meta.json"
 DONE = "_uploaded"
+FAILED = "_failed"  # (s3:// only) rank r's upload failed: the checkpoint will never be complete
 FORMAT = 1
 
 
@@ -131,6 +134,7 @@ class CheckpointStore:
         self._finalizer: threading.Thread | None = None
         self._upload_error: Exception | None = None
         self._stop = threading.Event()
+        self._upload_failed = False  # some rank's upload failed, as every rank learnt in save() or wait()
 
     def latest(self) -> str | None:
         """The newest complete checkpoint's tag, or None when there is none."""
@@ -186,7 +190,7 @@ class CheckpointStore:
         s3:// roots with ``async_upload``: returns once the checkpoint is staged locally; the upload runs in the
         background and ``latest`` moves when every rank's upload is complete (see ``wait``)."""
         tag = tag_for(step)
-        fail_together(error_of(self._join_upload, CheckpointError), f"checkpoint upload to {self.root}")
+        self._fail_together_on_upload(error_of(self._join_upload, CheckpointError))
         out = self._write_dir(tag)
         if self.remote:  # this rank's earlier tags whose upload a killed process left: no upload is in flight now
             shutil.rmtree(os.path.dirname(out), ignore_errors=True)
@@ -250,15 +254,23 @@ class CheckpointStore:
         except Exception as e:  # surfaced by wait(); training goes on meanwhile
             log.error("checkpoint upload of %s/%s failed on rank %d: %s", self.root, tag, self.rank, e)
             self._upload_error = e
+            with contextlib.suppress(Exception):  # tells rank 0's finalizer not to wait for this rank's marker
+                storage.write_bytes(storage.join(self.root, tag, FAILED, f"rank{self.rank}"), str(e).encode())
 
     def _uploaded_ranks(self, tag: str) -> int:
         return len(storage.list_prefix(storage.join(self.root, tag, DONE) + "/"))
+
+    def _failed_ranks(self, tag: str) -> int:
+        return len(storage.list_prefix(storage.join(self.root, tag, FAILED) + "/"))
 
     def _finalize(self, tag: str, previous: threading.Thread | None) -> None:
         """Rank 0: move ``latest`` to ``tag`` once every rank's marker exists; give up when ``wait`` says so."""
         if previous is not None:
             previous.join()
         while self._uploaded_ranks(tag) < self.world_size:
+            if self._failed_ranks(tag):
+                log.error("checkpoint %s/%s: a rank's upload failed: latest stays where it was", self.root, tag)
+                return
             if self._stop.wait(0.2):
                 if self._uploaded_ranks(tag) < self.world_size:
                     log.error("checkpoint %s/%s incomplete: latest stays where it was", self.root, tag)
@@ -289,22 +301,40 @@ class CheckpointStore:
             self._finalizer.join()
             self._finalizer = None
             self._stop.clear()
-        fail_together(error, f"checkpoint upload to {self.root}")
+        self._fail_together_on_upload(error)
+
+    def _fail_together_on_upload(self, error: Exception | None) -> None:
+        """``fail_together`` for an upload, remembering a failure: the checkpoint it was for will never be
+        complete, so nothing waits for it after (``finish_after_failure``)."""
+        try:
+            fail_together(error, f"checkpoint upload to {self.root}")
+        except CheckpointError:
+            self._upload_failed = True
+            raise
 
     def finish_after_failure(self, timeout_s: float = 600.0) -> None:
         """Not collective: a rank that is failing gives its background upload, and rank 0 the move of ``latest``,
         up to ``timeout_s`` to finish. The upload threads are daemons, so a failure right after a checkpoint (an
         eval, a sample grid, the next steps) ended the process with them, and the checkpoint was lost."""
-        if self._uploader is None and self._finalizer is None:
+        if not any(t is not None and t.is_alive() for t in (self._uploader, self._finalizer)):
             return
         if self.rank == 0:
             print(f"[checkpoint] finishing the upload to {self.root} before the run ends (up to {timeout_s:.0f} s)",
                   flush=True)
-        deadline = time.monotonic() + timeout_s
+        if self._upload_failed:  # the failure is the upload's: latest cannot move to that checkpoint
+            self._stop.set()
+            if self._finalizer is not None:
+                self._finalizer.join()
+            return
+        start = time.monotonic()
+        deadline = start + timeout_s
         if self._uploader is not None:
             self._uploader.join(max(0.0, deadline - time.monotonic()))
-        if self._finalizer is not None:  # a rank that died never marks its upload done: latest stays where it was
-            self._finalizer.join(max(0.0, deadline - time.monotonic()))
+        if self._finalizer is not None:
+            # the other ranks upload alike checkpoints at the same time, and a failed upload leaves a marker that
+            # ends the finalizer; a rank that died leaves neither, so its wait is bounded by what this one took
+            grace = max(60.0, 2 * (time.monotonic() - start))
+            self._finalizer.join(max(0.0, min(deadline, time.monotonic() + grace) - time.monotonic()))
             self._stop.set()
             self._finalizer.join()
 
