@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Hashable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -201,23 +200,32 @@ def default_run_dir(name: str) -> str:
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML keeps the last of two equal keys: a second `trainer:` section dropped the first one's settings."""
+    """PyYAML keeps the last of two equal keys: a second `trainer:` section dropped the first one's settings.
+    Checked on the document as written, before merges (`<<: *base`) bring in keys that may be set again."""
 
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue  # `<<: *base`: the keys it brings may be set again here
-            key = self.construct_object(key_node, deep=deep)
-            line = key_node.start_mark.line + 1
-            if not isinstance(key, Hashable):
-                continue  # SafeLoader names an unhashable key itself
-            if key in seen:
-                raise yaml.constructor.ConstructorError(
-                    None, None, f"key {key!r} appears twice (lines {seen[key]} and {line}): the first would be "
-                    "dropped; merge the two", key_node.start_mark)
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+    def construct_document(self, node: yaml.Node) -> Any:
+        _refuse_repeated_keys(node, set())
+        return super().construct_document(node)
+
+
+def _refuse_repeated_keys(node: yaml.Node, seen: set[int]) -> None:
+    if id(node) in seen:  # an alias: the anchored node is checked once
+        return
+    seen.add(id(node))
+    if isinstance(node, yaml.MappingNode):
+        lines: dict[tuple[str, str], int] = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != "tag:yaml.org,2002:merge":
+                key, line = (key_node.tag, key_node.value), key_node.start_mark.line + 1
+                if key in lines:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"key {key_node.value!r} appears twice (lines {lines[key]} and {line}): the first "
+                        "would be dropped; merge the two", key_node.start_mark)
+                lines[key] = line
+            _refuse_repeated_keys(value_node, seen)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _refuse_repeated_keys(item, seen)
 
 
 def read_yaml(path: str, overrides: list[str] | None = None) -> dict[str, Any]:

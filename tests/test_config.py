@@ -156,6 +156,11 @@ def test_a_key_given_twice_is_refused_by_line(tmp_path):
     assert read_yaml(str(config))["trainer"] == {"steps": 600, "log_every": 5}
     config.write_text("base: &b {steps: 600, log_every: 5}\ntrainer:\n  <<: *b\n  steps: 10\n")
     assert read_yaml(str(config))["trainer"] == {"steps": 10, "log_every": 5}
+    # an anchored mapping that overrides its own merge, merged again below: flattened before a check of
+    # constructed mappings saw it, which took the override for a repeat
+    config.write_text("trainer:\n  optim: &o\n    <<: {lr: 0.001, weight_decay: 0.1}\n    lr: 0.0003\n"
+                      "zero: {<<: *o}\n")
+    assert read_yaml(str(config))["zero"] == {"lr": 0.0003, "weight_decay": 0.1}
 
 
 def test_no_float_setting_takes_nan():
