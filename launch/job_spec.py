@@ -89,7 +89,7 @@ def training_job_spec(config_path: str, overrides: Iterable[str], project_dir: s
         prelude = f"python -c {shlex.quote(writer)} {shlex.quote(config_in_job)} && "
     run_dir = job_run_dir(config, overrides, job_id)
     if run_dir:
-        overrides = [*overrides, f"run_dir={run_dir}"]
+        overrides = [*overrides, string_override("run_dir", run_dir)]
     return JobSpec(entrypoint=prelude + training_entrypoint(config_in_job, overrides),
                    runtime_env=project_runtime_env(root, env_vars=env), metadata={"dgm.config": str(config)})
 
@@ -108,6 +108,16 @@ def job_run_dir(config: Path, overrides: Iterable[str], job_id: str) -> str | No
     if Path(run_dir).is_absolute():
         return None
     return (Path(".dgm_jobs") / job_id / run_dir).as_posix()
+
+
+def string_override(key: str, text: str) -> str:
+    """``key=text`` that the job's `dgm train` reads back as this very string: overrides are YAML, where a name
+    such as "ablation: lr=3e-4" would be a mapping and " #" start a comment, so those go JSON-quoted."""
+    from launch.config import set_dotted
+
+    probe: dict[str, Any] = {}
+    set_dotted(probe, f"{key}={text}")
+    return f"{key}={text}" if probe.get(key) == text else f"{key}={json.dumps(text)}"
 
 
 def excluded_from_upload(root: Path, path: Path) -> bool:

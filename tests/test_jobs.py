@@ -442,6 +442,13 @@ def test_each_job_trains_in_its_own_run_dir(tmp_path: Path) -> None:
     config.write_text("name: demo\nrun_dir: out/r1\n")
     named = job_spec.training_job_spec(str(config), ["name=other"], str(project), "job-c")
     assert named.entrypoint.endswith("name=other run_dir=.dgm_jobs/job-c/out/r1")
+    named = project / "configs" / "named.yaml"
+    named.write_text('name: "ablation: lr=3e-4 #2"\n')
+    odd = job_spec.training_job_spec(str(named), [], str(project), "j-e")
+    assert odd.entrypoint.endswith("""'run_dir=".dgm_jobs/j-e/runs/ablation: lr=3e-4 #2"'""")  # YAML would cut it
+    cfg, _ = load_config(str(Path(__file__).resolve().parents[1] / "configs" / "demo.yaml"),
+                         [shlex.split(odd.entrypoint)[-1]])
+    assert cfg.run_dir == ".dgm_jobs/j-e/runs/ablation: lr=3e-4 #2"
     shared = job_spec.training_job_spec(str(config), [f"run_dir={tmp_path}/nfs/r1"], str(project), "job-d")
     assert "run_dir=.dgm_jobs" not in shared.entrypoint  # an absolute run_dir may be a filesystem every node mounts
     # the appended override is the one the job's `dgm train` applies
