@@ -58,12 +58,9 @@ def int_list(text: str) -> list[int]:
     return values
 
 
-MAX_SEED = 2**63 - 1  # torch.Generator.manual_seed overflows past a signed 64-bit integer
-
-
 def seed(text: str) -> int:
-    """A random seed torch takes: an integer in 0..2**63-1."""
+    """A random seed torch takes: a signed 64-bit integer (torch.Generator.manual_seed overflows past it)."""
     value = _number(int, text)
-    if not 0 <= value <= MAX_SEED:
-        raise argparse.ArgumentTypeError(f"{value} is outside 0..2**63-1")
+    if not -(2**63) <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is outside -2**63..2**63-1")
     return value

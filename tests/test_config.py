@@ -211,12 +211,13 @@ def test_prepare_checks_every_split_before_writing_any(tmp_path, capsys, overrid
 @pytest.mark.parametrize("override, message", [
     ("=x", r"override '=x': '' is not a key path"), (".steps=1", r"override '.steps=1': '.steps' is not a key path"),
     ("trainer..steps=1", "'trainer..steps' is not a key path"),
-    ("trainer.seed=18446744073709551616", r"trainer.seed must be in 0..2\*\*62-1"),
+    ("trainer.seed=18446744073709551616", r"trainer.seed must be in -2\*\*62..2\*\*62-1"),
 ])
 def test_overrides_without_a_key_path_and_seeds_torch_cannot_take_are_named(override, message):
     """An empty key said ": unknown key"; a seed of 2**64 passed the config and overflowed in the workers."""
     with pytest.raises(ConfigError, match=message):
         load_config(DIGITS, [override])
+    assert load_config(DIGITS, ["trainer.seed=-3"])[0].trainer.seed == -3  # torch takes negative seeds
 
 
 @pytest.mark.parametrize("train, held_out", [("same", "same/"), ("same", "./same"), ("s3://b/x/", "s3://b/x")])

@@ -85,8 +85,8 @@ class TrainerConfig:
                      "checkpoint_every", "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"trainer.{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.seed < 2**62:  # torch's generators take signed 64 bits, and the loop adds steps to it
-            raise ValueError(f"trainer.seed must be in 0..2**62-1, got {self.seed}")
+        if not -(2**62) <= self.seed < 2**62:  # torch's generators take signed 64 bits; the loop adds steps to it
+            raise ValueError(f"trainer.seed must be in -2**62..2**62-1, got {self.seed}")
         if self.on_data_change not in ("error", "next_epoch"):
             raise ValueError(f"trainer.on_data_change must be 'error' or 'next_epoch', got {self.on_data_change!r}")
         if self.on_model_change not in ("error", "warn"):
