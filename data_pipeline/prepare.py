@@ -99,14 +99,18 @@ def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str]
                  say=say or (lambda line: print(line, flush=True)))
 
 
+def check_codec_settings_apply(config: PrepareConfig) -> None:
+    """A codec setting the source makes void is refused rather than ignored."""
+    if config.source == "image_folder" and config.codec_settings.get("alpha") == "drop":
+        raise ValueError("alpha: drop would do nothing for source 'image_folder', whose files are composited on "
+                         "white as they are read (their alpha never reaches the codec); leave alpha at white")
+
+
 def check_codec_fits(config: PrepareConfig, source: Any, codec: Any) -> list[int]:
     """Encode the first sample (a codec given a source it cannot read fails here, named, not in a shard task) and
     return the image shape every sample will be stored with; a source of several shapes is refused for a codec
     that stores images as they are (the image models batch one shape)."""
-    if config.source == "image_folder" and config.codec_settings.get("alpha") == "drop":
-        raise ValueError("codec_settings.alpha: drop would do nothing for source 'image_folder', whose files are "
-                         "composited on white as they are read (their alpha never reaches the codec); leave alpha "
-                         "at white")
+    check_codec_settings_apply(config)
     try:
         first = source.sample(0)
         codec.encode(first)

@@ -44,6 +44,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from data_pipeline.prepare import (
         PrepareConfig,
         check_codec_fits,
+        check_codec_settings_apply,
         check_prepare_output,
         check_shard_count,
         prepare_dataset,
@@ -71,6 +72,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
             source = build_source(spec.source, settings)
             where = "data.prepare.codec" if spec.codec not in CODECS else "data.prepare.codec_settings"
             codec = build_codec(spec.codec, spec.codec_settings)
+            check_codec_settings_apply(pc)
             where = f"data.prepare.splits.{split}"
             check_codec_fits(pc, source, codec)
             check_shard_count(pc, len(source))

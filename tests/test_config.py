@@ -232,6 +232,17 @@ def test_prepare_refuses_two_splits_in_one_place(tmp_path, capsys, train, held_o
     assert not os.listdir(tmp_path)
 
 
+def test_a_codec_setting_the_source_makes_void_is_named_by_its_key(tmp_path, capsys):
+    config = tmp_path / "folder.yaml"
+    config.write_text(f"name: a\ndata:\n  train: {tmp_path}/out\n  prepare:\n    source: image_folder\n"
+                      "    codec: dct\n    codec_settings: {resolution: 32, alpha: drop}\n"
+                      "    splits: {train: {path: 'builtin:samples'}}\n")
+    assert main(["prepare", str(config), "--no-ray"]) == 2
+    assert f"{config}: data.prepare.codec_settings: alpha: drop would do nothing for source 'image_folder'" in \
+        capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_a_source_smaller_than_the_codec_is_pointed_at_its_own_size_setting(tmp_path, capsys):
     config = tmp_path / "digits_dct.yaml"
     config.write_text(f"""name: d

@@ -414,7 +414,7 @@ def test_prepare_takes_jpeg_folders_coefficients_without_a_decode(photos: dict[s
     assert not np.array_equal(requant[1], pixels[1])
     assert all(np.array_equal(a, b) for a, b in zip(requant[2:], pixels[2:], strict=True))
     assert all(np.array_equal(a, b) for a, b in zip(tokens("pixels"), pixels, strict=True))
-    with pytest.raises(ValueError, match="codec_settings.alpha: drop would do nothing for source 'image_folder'"):
+    with pytest.raises(ValueError, match="alpha: drop would do nothing for source 'image_folder'"):
         prepare_dataset(PrepareConfig(output=str(tmp_path / "drop"), source="image_folder", codec="dct",
                                       source_settings={"path": str(folder)},
                                       codec_settings={"resolution": 64, "alpha": "drop"}, parallel=False))
