@@ -182,8 +182,9 @@ def _say_slow_endpoint(caught_exception: BaseException | None = None, **_: Any) 
         if where not in _said_slow:
             _said_slow.add(where)
             s = _settings
+            wait = s.connect_timeout if isinstance(caught_exception, ConnectTimeoutError) else s.read_timeout
             print(f"[s3] {where} did not answer in time ({type(caught_exception).__name__}); retrying, up to "
-                  f"{s.max_attempts} tries of {s.read_timeout:g} s each", file=sys.stderr, flush=True)
+                  f"{s.max_attempts} tries of {wait:g} s each", file=sys.stderr, flush=True)
 
 
 def describe_endpoint() -> str:

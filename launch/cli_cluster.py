@@ -40,8 +40,9 @@ def check_submittable(config_path: str, overrides: list[str]) -> None:
             raise ClusterError(f"{key}={url}: a local path the job will not find on the cluster (the upload leaves "
                                "out runs/ and ignored folders); give the data set's s3:// URL")
     if "://" not in cfg.checkpoints and not os.path.isabs(cfg.checkpoints):
-        print(f"[submit] warning: checkpoints go to {cfg.checkpoints}, inside the job's own folder on the "
-              "head node, where no later job finds them; set checkpoint_root to an s3:// URL to keep them", file=sys.stderr)
+        print(f"[submit] warning: checkpoints go to {cfg.checkpoints} under the job's own folder on the head "
+              "node (.dgm_jobs/<job id>/), where no later job finds them; set checkpoint_root to an s3:// URL to "
+              "keep them", file=sys.stderr)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:

@@ -426,7 +426,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
         step, state = meta.step, StreamState.from_dict(meta.stream_state)
         apply_schedule(engines)
         optim_changes = config_changes((meta.config.get("trainer") or {}).get("optim"), spec.trainer.optim,
-                                       "trainer.optim")
+                                       "trainer.optim") if meta.config else []  # {}: no config was recorded
         if rank == 0 and optim_changes:
             print(f"[train] the optimizer settings differ from the checkpoint's ({'; '.join(optim_changes)}): the "
                   "run goes on with this config's", flush=True)
@@ -459,7 +459,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     first_step_at: float | None = None
     first_step_wall = 0.0
     last_step_at = started = time.monotonic()
-    done_here = 0
+    done_here = non_finite = 0
     losses: list[float] = []
     try:
         if tag is not None:
@@ -480,7 +480,10 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
             batch = {k: v.to(device) for k, v in family.collate(samples).items()}
             ctx = StepContext(step=step, rank=rank, world_size=world, device=device, dtype=dtype, seed=cfg.seed)
             metrics = _mean_across_ranks(family.train_step(engines, batch, ctx), device)
-            if not math.isfinite(metrics["loss"]):  # every rank holds the same mean: every rank stops here
+            # every rank holds the same mean, so every rank stops at the same step; under fp16 DeepSpeed's loss
+            # scaler skips an overflowing step by itself, so a few in a row are its business
+            non_finite = 0 if math.isfinite(metrics["loss"]) else non_finite + 1
+            if non_finite >= (3 if spec.zero.precision == "fp16" else 1):
                 raise DivergedError(
                     f"training diverged: the loss at step {step + 1} is {metrics['loss']} (nothing from this step "
                     "on is checkpointed); lower trainer.optim.lr, lengthen trainer.schedule.warmup_steps or set "
