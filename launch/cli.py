@@ -234,6 +234,14 @@ def _default_out(export: str) -> str:
     return "samples.png" if "://" in export else os.path.join(export, "samples.png")
 
 
+def _tag(text: str) -> str:
+    """--tag names a checkpoint: an empty one (a shell variable that was not set) is not taken for "latest"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty tag; give one such as step-00000200, or leave --tag out for the "
+                                         "latest checkpoint")
+    return text
+
+
 def _image_files(path: str) -> list:
     """The files of ``--images``: one JPEG/PNG file, or every one below a folder (sorted by relative path)."""
     from pathlib import Path
@@ -356,7 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog=EPILOG)
     _add_config_args(p)
     p.add_argument("--out", default="", help="export folder (default: <run_dir>/export)")
-    p.add_argument("--tag", default=None, help="checkpoint tag such as step-00000200 (default: latest)")
+    p.add_argument("--tag", default=None, type=_tag, help="checkpoint tag such as step-00000200 (default: latest)")
     commands["export"] = cmd_export
 
     p = sub.add_parser("sample", help="draw samples from an export into a PNG grid (no DeepSpeed or Ray)",

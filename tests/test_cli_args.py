@@ -68,3 +68,9 @@ def test_overrides_may_follow_flags(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit):
         parse_args(build_parser(), ["sample", "export", "--n", "2", "key=value"])  # sample takes no overrides
     assert "unrecognized arguments: key=value" in capsys.readouterr().err
+
+
+def test_an_empty_export_tag_is_not_taken_for_latest(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["export", "c.yaml", "--tag", ""])
+    assert "argument --tag: an empty tag" in capsys.readouterr().err
