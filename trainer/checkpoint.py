@@ -318,14 +318,14 @@ class CheckpointStore:
         eval, a sample grid, the next steps) ended the process with them, and the checkpoint was lost."""
         if not any(t is not None and t.is_alive() for t in (self._uploader, self._finalizer)):
             return
-        if self.rank == 0:
-            print(f"[checkpoint] finishing the upload to {self.root} before the run ends (up to {timeout_s:.0f} s)",
-                  flush=True)
         if self._upload_failed:  # the failure is the upload's: latest cannot move to that checkpoint
             self._stop.set()
             if self._finalizer is not None:
                 self._finalizer.join()
             return
+        if self.rank == 0:
+            print(f"[checkpoint] finishing the upload to {self.root} before the run ends (up to {timeout_s:.0f} s)",
+                  flush=True)
         start = time.monotonic()
         deadline = start + timeout_s
         if self._uploader is not None:
@@ -350,7 +350,7 @@ class CheckpointStore:
         cut is removed, not counted (it took a complete checkpoint's place and stayed for good). Tags after
         ``newest`` (an upload in flight, an orphan of an interrupted run) are not this save's to judge."""
         old = [t for t in self.all_tags() if t < newest]
-        cut = [t for t in old if self._proven_incomplete(t)]
+        cut = [t for t in old if self.remote and self._proven_incomplete(t)]  # a local save is renamed whole
         whole = [t for t in old if t not in cut]
         for tag in cut + whole[: max(0, len(whole) - (self.keep - 1))]:
             if self.remote:
@@ -362,7 +362,7 @@ class CheckpointStore:
         """Whether ``tag`` is known to be cut short (unreadable metadata proves nothing: it is left alone)."""
         try:
             return not self.is_complete(tag)
-        except CheckpointError:
+        except (CheckpointError, storage.StorageError):
             return False
 
     def local_copy(self, tag: str) -> str:

@@ -515,7 +515,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                 break
         store.wait()
     except Exception:
-        store.finish_after_failure()  # a checkpoint still uploading is not lost with the failing process
+        with contextlib.suppress(Exception):  # never in place of the failure itself
+            store.finish_after_failure()  # a checkpoint still uploading is not lost with the failing process
         raise
     finally:
         reporter.close()
