@@ -170,9 +170,11 @@ def resolve_address(address: str | None) -> str:
                            "(for a cloud cluster, run `ray dashboard CLUSTER.yaml` and use the forwarded port)")
     if "://" not in address:
         address = "http://" + address
-    if not re.fullmatch(r"https?://[^/:\s]+(:\d+)?(/.*)?", address):
-        raise ClusterError(f"address {address!r} is not a valid http(s)://host:port URL")
-    if re.fullmatch(r"http://[^/:]+", address):
+    host = r"(\[[0-9A-Fa-f:.]+\]|[^/:\s\[\]]+)"  # a name, an IPv4 address or a bracketed IPv6 one
+    if not re.fullmatch(rf"https?://{host}(:\d+)?(/.*)?", address):
+        raise ClusterError(f"address {address!r} is not a valid http(s)://host:port URL (an IPv6 host goes in "
+                           "brackets: http://[::1]:8265)")
+    if re.fullmatch(rf"http://{host}", address):
         address += ":8265"
     return address
 

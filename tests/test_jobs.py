@@ -60,7 +60,9 @@ def test_resolve_address() -> None:
     assert jobs.resolve_address("10.0.0.1:9000") == "http://10.0.0.1:9000"
     assert jobs.resolve_address("head.example") == "http://head.example:8265"
     assert jobs.resolve_address("https://ray.example.com") == "https://ray.example.com"  # a proxy on 443
-    for bad in ("ray://head:10001", "auto", "http://bad host:1"):
+    assert jobs.resolve_address("http://[::1]:8265") == "http://[::1]:8265"  # IPv6, refused as "not a URL" before
+    assert jobs.resolve_address("[fd00::5]") == "http://[fd00::5]:8265"
+    for bad in ("ray://head:10001", "auto", "http://bad host:1", "::1:8265"):
         with pytest.raises(ClusterError):
             jobs.resolve_address(bad)
 
