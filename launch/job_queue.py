@@ -551,7 +551,8 @@ class QueueRunner:
             self.log(f"{job.job_id}: {job.reason}")
             return
         except ClusterError as e:
-            if "already exists" not in str(e) or not self._on_cluster(client, job.job_id):
+            holder = self._holder(client, job) if "already exists" in str(e) else "absent"
+            if holder == "absent":
                 now = time.time()
                 job.submit_failures, job.submit_error = job.submit_failures + 1, str(e)
                 if e.refused:
@@ -567,11 +568,10 @@ class QueueRunner:
                                   f"will retry in {wait:g} s: {e}")
                 self.log(f"{job.job_id}: {job.reason}")
                 return
-            ours = self._ours(client, job)
-            if ours is None:
+            if holder == "unknown":
                 job.reason = "a job with this id exists on the cluster; checking whether it is this one next round"
                 return
-            if not ours:
+            if holder == "other":
                 job.state, job.finished_at = FAILED, time.time()
                 job.reason = (f"the cluster at {self.address} already has another job with id {job.job_id} "
                               "(not submitted by this queue); queue this one under a new id")
@@ -581,28 +581,20 @@ class QueueRunner:
         job.pinned_ip = pin_ip
         self.log(f"{job.job_id}: started ({job.resources}, priority {job.priority})")
 
-    @staticmethod
-    def _on_cluster(client: JobsClient, job_id: str) -> bool:
-        """Whether an "already exists" refusal was about this id: the words could also come from elsewhere (a
-        runtime env's package step), and such a failure would be checked "next round" for good."""
-        try:
-            client.info(job_id)
-        except JobNotFoundError:
-            return False
-        except ClusterError:
-            return True  # cannot be told now: _ours says so, and the next round asks again
-        return True
-
-    def _ours(self, client: JobsClient, job: QueuedJob) -> bool | None:
-        """Whether the cluster's job with this id is this queue entry, submitted by a runner that died before
-        saving (adopt it), rather than another job that happens to share the id; None when it cannot be told."""
+    def _holder(self, client: JobsClient, job: QueuedJob) -> str:
+        """Who has the id an "already exists" refusal was about: "ours" (this entry, submitted by a runner that died
+        before saving: adopt it), "other" (another job that happens to share the id), "absent" (no job: the words
+        came from elsewhere, such as a runtime env's package step, and count as a failed submission) or "unknown"
+        (cannot be told now)."""
         try:
             info = client.info(job.job_id)
+        except JobNotFoundError:
+            return "absent"
         except ClusterError:
-            return None
+            return "unknown"
         queue = info.metadata.get("dgm.queue", "")
         same_queue = bool(queue) and Path(queue).resolve() == self.queue.path.resolve()
-        return same_queue and info.entrypoint == job.entrypoint
+        return "ours" if same_queue and info.entrypoint == job.entrypoint else "other"
 
 
 _RUNNER_FIELDS = ("state", "reason", "submitted_at", "finished_at", "submit_failures", "retry_at", "submit_error",

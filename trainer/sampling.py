@@ -43,7 +43,7 @@ def sample_logits(
     """One token per row of ``logits`` ([..., vocab]); temperature 0 means greedy, and so does one below 1e-6 (dividing
     by it would overflow the logits to inf)."""
     check_draw(temperature, top_k, top_p)
-    if torch.isnan(logits).any() or torch.isposinf(logits).any():  # -inf is a masked token; these are not
+    if (torch.isnan(logits) | torch.isposinf(logits)).any():  # -inf is a masked token; these are not (one sync)
         raise ValueError("the model gives non-finite outputs (NaN or +inf logits): its weights are broken, e.g. "
                          "exported from a run whose training diverged")
     if temperature < 1e-6:
