@@ -79,6 +79,53 @@ def test_hard_negatives_only_add_to_the_image_to_text_loss():
     assert torch.allclose(hard, (i2t + t2i) / 2)
 
 
+def _gathered_grads(rank: int, init_file: str, out_dir: str) -> None:
+    """One rank of two: the global batch's loss over gathered embeddings, gradients averaged as DeepSpeed does."""
+    import torch.distributed as dist
+
+    from trainer.families.base import StepContext
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        image_enc, text_enc, scale, images, texts = _gather_problem()
+        ctx = StepContext(step=0, rank=rank, world_size=2, device=torch.device("cpu"), dtype=torch.float32)
+        mine = slice(4 * rank, 4 * rank + 4)
+        image_emb = ContrastiveFamily._gather(F.normalize(image_enc(images[mine]), dim=-1), ctx)
+        text_emb = ContrastiveFamily._gather(F.normalize(text_enc(texts[mine]), dim=-1), ctx)
+        contrastive_loss(image_emb, text_emb, scale.exp()).backward()
+        grads = [image_enc.weight.grad, text_enc.weight.grad, scale.grad]
+        for g in grads:
+            dist.all_reduce(g)
+            g /= 2
+        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _gather_problem() -> tuple[torch.nn.Linear, torch.nn.Linear, torch.nn.Parameter, torch.Tensor, torch.Tensor]:
+    torch.manual_seed(0)
+    image_enc, text_enc = torch.nn.Linear(6, 4), torch.nn.Linear(5, 4)
+    g = torch.Generator().manual_seed(1)
+    return image_enc, text_enc, torch.nn.Parameter(torch.tensor(2.0)), torch.randn(8, 6, generator=g), \
+        torch.randn(8, 5, generator=g)
+
+
+def test_gathered_loss_gives_every_parameter_the_one_rank_gradient(tmp_path):
+    """gather_across_ranks on 2 ranks must train like 1 rank on the same global batch: the encoders too, not only
+    the logit scale (a detached gather gives the encoders half)."""
+    import torch.multiprocessing as mp
+
+    image_enc, text_enc, scale, images, texts = _gather_problem()
+    contrastive_loss(F.normalize(image_enc(images), dim=-1), F.normalize(text_enc(texts), dim=-1),
+                     scale.exp()).backward()
+    mp.start_processes(_gathered_grads, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    for rank in range(2):
+        got = torch.load(tmp_path / f"rank{rank}.pt")
+        for g, want in zip(got, [image_enc.weight.grad, text_enc.weight.grad, scale.grad], strict=True):
+            torch.testing.assert_close(g, want, rtol=1e-5, atol=1e-7)
+
+
 def test_retrieval_accuracy_counts_a_same_caption_hit_as_right():
     sim = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.2, 0.0], [0.0, 0.1, 0.5]])
     assert retrieval_accuracy(sim, torch.tensor([1, 2, 3])) == pytest.approx((2 / 3, 1.0))  # row 1 picks text 0
@@ -208,6 +255,41 @@ def test_score_shape_range_and_agreement_with_the_similarity_matrix(scenes, one_
         family.score(modules, batch["images"][:, :, :16], captions)
     picture = family.sample_images(modules, 4, torch.Generator())
     assert picture.shape == (1, 3, 64, 64) and 0 <= picture.min() <= picture.max() <= 1
+
+
+def _evaluate_half(rank: int, init_file: str, url: str, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.set_num_threads(1)
+        family, modules, samples = _eval_problem(url)
+        metrics = family.evaluate(modules, family.collate(samples[4 * rank:4 * rank + 4]))
+        torch.save(metrics, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _eval_problem(url: str) -> tuple[ContrastiveFamily, dict, list]:
+    torch.manual_seed(0)
+    family = family_for(url)
+    return family, {k: m.eval() for k, m in family.build_modules().items()}, held_out_samples(url, 8)
+
+
+def test_held_out_metrics_do_not_depend_on_the_world_size(scenes, one_thread, tmp_path):
+    """Two ranks evaluating half a batch each report what one rank reports for the whole batch: the retrieval
+    ranks every caption of the global batch, not only this rank's."""
+    import torch.multiprocessing as mp
+
+    family, modules, samples = _eval_problem(scenes["train"])
+    want = family.evaluate(modules, family.collate(samples))
+    mp.start_processes(_evaluate_half, args=(str(tmp_path / "init"), scenes["train"], str(tmp_path)), nprocs=2,
+                       start_method="spawn")
+    halves = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for key in ("loss", "image_to_text_acc", "text_to_image_acc"):
+        assert halves[0][key] == pytest.approx(want[key], abs=1e-5) == halves[1][key], key
+    assert (halves[0]["hard_negative_acc"] + halves[1]["hard_negative_acc"]) / 2 == pytest.approx(
+        want["hard_negative_acc"])
 
 
 def test_a_tokenizer_other_than_the_trained_one_is_refused(scenes, tmp_path):

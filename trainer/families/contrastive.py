@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 from torch import nn
 
 from data_pipeline import storage
@@ -151,12 +152,15 @@ class ContrastiveFamily(Family):
 
     @staticmethod
     def _gather(t: torch.Tensor, ctx: StepContext) -> torch.Tensor:
-        """Every rank's ``t`` concatenated in rank order; only this rank's part carries gradients (as in
-        open_clip without gather_with_grad: each rank's loss covers the global batch, DeepSpeed averages)."""
-        parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
-        dist.all_gather(parts, t.detach().contiguous())
-        parts[ctx.rank] = t
-        return torch.cat(parts)
+        """Every rank's ``t`` concatenated in rank order, differentiable: the backward sums each rank's gradient on
+        this rank's part (as open_clip's gather_with_grad), so that once DeepSpeed averages the ranks' gradients
+        every parameter gets the global batch's gradient whatever the world size. (Gathering detached copies gives
+        the encoders 1/world of it and the logit scale all of it.)"""
+        if not t.requires_grad:
+            parts = [torch.empty_like(t) for _ in range(ctx.world_size)]
+            dist.all_gather(parts, t.contiguous())
+            return torch.cat(parts)
+        return torch.cat(dist_nn.all_gather(t))
 
     def _loss(self, model: nn.Module, batch: Mapping[str, torch.Tensor], ctx: StepContext | None,
               with_negatives: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -192,8 +196,14 @@ class ContrastiveFamily(Family):
 
     @torch.no_grad()
     def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """In-batch metrics over this rank's held-out micro-batch, and the hard-negative share."""
-        loss, sim, keys, margin = self._loss(modules["model"], batch, None, with_negatives=True)
+        """In-batch metrics over the held-out batch of every rank when training gathers across ranks (so the
+        candidates per retrieval, and the metrics, do not depend on the world size; the loop evaluates every batch
+        on every rank), else over this rank's micro-batch; and the hard-negative share."""
+        ctx = None
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            ctx = StepContext(step=0, rank=dist.get_rank(), world_size=dist.get_world_size(),
+                              device=batch["images"].device, dtype=batch["images"].dtype)
+        loss, sim, keys, margin = self._loss(modules["model"], batch, ctx, with_negatives=True)
         i2t, t2i = retrieval_accuracy(sim, keys)
         hard = float((margin > 0).float().mean()) if margin.numel() else 0.0
         return {"loss": float(loss), "image_to_text_acc": i2t, "text_to_image_acc": t2i, "hard_negative_acc": hard}
