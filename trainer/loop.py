@@ -16,6 +16,7 @@ import logging
 import math
 import os
 import time
+import zlib
 from collections.abc import Iterator, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -209,8 +210,17 @@ def _init_distributed() -> tuple[int, int, torch.device]:
 
 
 def _mean_across_ranks(values: dict[str, float], device: torch.device | str = "cpu") -> dict[str, float]:
-    """The mean over ranks of each value, reduced on ``device`` (NCCL reduces GPU tensors only)."""
+    """The mean over ranks of each value, reduced on ``device`` (NCCL reduces GPU tensors only). Every rank must
+    report the same metric names (values are paired by position): a tiny collective checks that first, so a family
+    whose metrics differ across ranks fails on every rank by name instead of averaging one metric into another."""
     keys = sorted(values)
+    if dist.get_world_size() > 1:
+        names = float(zlib.crc32("\0".join(keys).encode()))
+        check = torch.tensor([names, -names], dtype=torch.float64, device=device)
+        dist.all_reduce(check, op=dist.ReduceOp.MAX)
+        if float(check[0]) != -float(check[1]):
+            raise RuntimeError(f"the family's train_step returned other metric names on another rank (this rank: "
+                               f"{keys}); every rank must return the same keys, every step")
     t = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     t /= dist.get_world_size()

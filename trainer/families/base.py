@@ -126,7 +126,9 @@ class Family(ABC):
 
     @abstractmethod
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
-        """Forward, backward and step every engine; returns scalar metrics (loss first)."""
+        """Forward, backward and step every engine; returns scalar metrics (loss first), the same names on every
+        rank and every step (the loop averages them over ranks by position). Weight the loss by the batch's
+        ``valid`` samples and by ``ctx.batch_share``, or padding trains and the result depends on the world size."""
 
     @abstractmethod
     def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]
