@@ -69,8 +69,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
                 pass
         if isinstance(number, bool) or not isinstance(number, int | float):
             raise ConfigError(f"{path}: expected float, got {type(value).__name__} {value!r}")
-        if math.isnan(number):  # YAML's .nan: no setting means "not a number", and every comparison with it passes
+        # YAML's .nan and .inf: no setting means "not a number" (every comparison with it passes) or infinity (a
+        # weight of .inf turns the loss into inf * 0 = nan at step 0; 1 / .inf passes a temperature's range check)
+        if math.isnan(number):
             raise ConfigError(f"{path}: expected a number, got {value!r}")
+        if math.isinf(number):
+            raise ConfigError(f"{path}: expected a finite number, got {value!r}")
         return float(number)
     if tp is str:
         if not isinstance(value, str):
