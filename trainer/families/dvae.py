@@ -59,7 +59,6 @@ class DVAEFamily(Family):
         if h % f or w % f:
             raise ValueError(f"model.n_pools={config.n_pools}: image size {h}x{w} is not divisible by {f}")
         self.height, self.width = h, w
-        self.last_step = 0  # the latest training update seen, for the schedules' values in held-out metrics
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -120,7 +119,6 @@ class DVAEFamily(Family):
 
     def train_step(self, engines: Mapping[str, Engine], batch: dict[str, torch.Tensor], ctx: StepContext) -> dict[str, float]:
         engine = engines["dvae"]
-        self.last_step = ctx.step
         tau, beta = tau_at(ctx.step, self.config), beta_at(ctx.step, self.config)
         images, valid = batch["images"], batch["valid"]
         logits, decoded = engine(images.to(ctx.dtype), tau)
@@ -145,7 +143,9 @@ class DVAEFamily(Family):
     @torch.no_grad()
     def evaluate(self, modules: Mapping[str, nn.Module], batch: dict[str, torch.Tensor]) -> dict[str, float]:
         """Held-out ELB with one hard code grid drawn from q (fixed seed, so repeatable), loss = -ELB per dimension
-        in nats; PSNR and codebook statistics of the argmax codes."""
+        in nats; PSNR and codebook statistics of the argmax codes. None of it depends on the beta and tau schedules
+        (the train metrics carry their values): a family instance holds no step, which a resumed run's first eval
+        would report as 0."""
         model = modules["dvae"]
         dtype = next(model.parameters()).dtype
         images, valid = batch["images"], batch["valid"]
@@ -162,8 +162,6 @@ class DVAEFamily(Family):
             "psnr_db": self._masked_mean(psnr_db(recon, images), valid),
             **code_stats(tokens[valid], self.num_codes),
             "kl_nats_per_code": self._masked_mean(kl, valid) / (self.grid[0] * self.grid[1]),
-            "beta": beta_at(self.last_step, self.config),
-            "tau": tau_at(self.last_step, self.config),
         }
 
     @torch.no_grad()
