@@ -383,3 +383,18 @@ def test_the_recorded_config_names_the_data_by_absolute_urls(tmp_path, monkeypat
     assert spec.config["data"]["train"] == "s3://b/train" and raw["data"]["eval"] == "runs/x/eval"
     assert spec.config["model"] == raw["model"]
     assert load_monitor_config(None, ["run_dir=r", "eval_data=held"]).eval_data == str(tmp_path / "held")
+
+
+def test_training_past_the_schedule_is_said_before_it_starts():
+    """trainer.steps and trainer.schedule.total_steps are separate: raising only the first trained the extra steps
+    at the schedule's floor rate without a word."""
+    from trainer.loop import schedule_notice
+
+    cfg = load_config(DIGITS, ["trainer.steps=3000"])[0].trainer
+    assert schedule_notice(cfg, 0) == (
+        "trainer.steps (3000) runs past trainer.schedule.total_steps (1500): steps 1501..3000 train at the "
+        "schedule's floor, 0.1 x the peak rate; set trainer.schedule.total_steps with trainer.steps to decay over "
+        "the whole run")
+    assert "steps 2001..3000" in schedule_notice(cfg, 2000)  # a resume past the schedule's end
+    assert schedule_notice(cfg, 3000) == ""  # nothing left to train
+    assert schedule_notice(load_config(DIGITS)[0].trainer, 0) == ""

@@ -371,6 +371,18 @@ def _weighted_mean_across_ranks(sums: dict[str, float], weights: dict[str, float
     return {k: float(t[i, 0] / t[i, 1]) for i, k in enumerate(ordered) if t[i, 1] > 0}
 
 
+def schedule_notice(cfg: TrainerConfig, step: int) -> str:
+    """What a run about to train past its learning-rate schedule should hear (trainer.steps and
+    trainer.schedule.total_steps are separate settings; raising only the first, as a finished run's message
+    suggests, trains the extra steps at the schedule's floor rate), or ''."""
+    end = cfg.schedule.total_steps
+    if cfg.steps <= end or step >= cfg.steps:
+        return ""
+    return (f"trainer.steps ({cfg.steps}) runs past trainer.schedule.total_steps ({end}): steps "
+            f"{max(end, step) + 1}..{cfg.steps} train at the schedule's floor, {cfg.schedule.min_ratio:g} x the peak "
+            "rate; set trainer.schedule.total_steps with trainer.steps to decay over the whole run")
+
+
 def eval_due(step: int, cfg: TrainerConfig) -> bool:
     return step % cfg.eval_every == 0 or step == cfg.steps
 
@@ -452,6 +464,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
     if rank == 0 and step == 0:
         print(f"[train] {manifest.total} samples, {stream.batches_per_epoch} global batches of "
               f"{spec.stream.global_batch} per epoch, {world} ranks", flush=True)
+    if rank == 0 and (notice := schedule_notice(cfg, step)):
+        print(f"[train] {notice}", flush=True)
     reporter = Reporter(spec.run_dir, cfg.steps, spec.stream.global_batch, rank == 0, step)
 
     def evaluate_and_report(at: int) -> None:
@@ -539,7 +553,7 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                "torch_threads": torch.get_num_threads()}
     if rank == 0 and done_here == 0 and os.path.exists(os.path.join(spec.run_dir, SUMMARY)):
         print(f"[train] the run is already at step {step} of trainer.steps={cfg.steps}: nothing to train "
-              f"(raise trainer.steps to go on); {SUMMARY} keeps the run's figures", flush=True)
+              f"(raise trainer.steps, and trainer.schedule.total_steps with it, to go on); {SUMMARY} keeps the run's figures", flush=True)
     elif rank == 0:
         with open(os.path.join(spec.run_dir, SUMMARY), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1)
