@@ -112,6 +112,11 @@ class ExperimentConfig:
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
     def __post_init__(self) -> None:
+        parts = self.name.replace("\\", "/").split("/")
+        if not self.name.strip() or self.name.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            # the run folder is runs/<name> when run_dir is not set: an empty name made runs/ itself the run folder
+            raise ValueError(f"name must be a relative folder path under runs/ with no empty, '.' or '..' part, "
+                             f"got {self.name!r}")
         if "://" in self.run_dir:
             raise ValueError(f"run_dir={self.run_dir}: a local folder (logs, metrics, sample grids, Ray's run "
                              "storage); checkpoints go to S3 through checkpoint_root=s3://...")

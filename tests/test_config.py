@@ -398,3 +398,14 @@ def test_training_past_the_schedule_is_said_before_it_starts():
     assert "steps 2001..3000" in schedule_notice(cfg, 2000)  # a resume past the schedule's end
     assert schedule_notice(cfg, 3000) == ""  # nothing left to train
     assert schedule_notice(load_config(DIGITS)[0].trainer, 0) == ""
+
+
+@pytest.mark.parametrize("name", ["", ".", "..", "a/../b", "/abs", "a//b"])
+def test_a_run_name_that_is_no_folder_under_runs_is_refused(name):
+    """The run folder is runs/<name>: name= made runs/ itself the run folder, and '..' left it."""
+    with pytest.raises(ConfigError, match=r"^name must be a relative folder path under runs/ .*got "):
+        load_config(DIGITS, [f"name={name!r}" if name else "name=''"])
+
+
+def test_a_run_name_may_hold_folders():
+    assert load_config(DIGITS, ["name=ablations/lr3", "run_dir=''"])[0].run_dir == os.path.join("runs", "ablations", "lr3")

@@ -109,6 +109,6 @@ def _located(message: str, path: str, names: set[str]) -> str:
     if path and (message.startswith(path + ".") or message.startswith(path + ":")):
         return message
     one_key = re.match(r"(\w+)(?: \([^)]*\))? must ", message)  # "n_head must ...", "d_model (30) must ..."
-    if path and one_key and one_key.group(1) in names:
-        return f"{path}.{message}"
+    if one_key and one_key.group(1) in names:
+        return f"{path}.{message}" if path else message
     return f"{path or '<config>'}: {message}"
