@@ -83,7 +83,10 @@ class ShardOpener:
     def __init__(self, manifest: Manifest, config: StreamConfig) -> None:
         self.manifest = manifest
         self.config = config
-        self.verified: set[int] = set()
+        self.verified: dict[int, tuple[int, int, int]] = {}
+        """Shard -> the (inode, size, mtime) its local file had when its bytes matched the manifest's sha256: a file
+        replaced or rewritten while the run goes on (a `dgm prepare --overwrite` into a live run's folder) is
+        hashed again when next opened instead of read against the manifest's counts and offsets."""
         self.reported: set[int] = set()
         self._cache: storage.ShardCache | None = None
 
@@ -104,7 +107,6 @@ class ShardOpener:
                 raise DatasetError(f"shard {url}: {e.problem}{_REPAIR}") from e
             except storage.StorageError as e:
                 raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
-            self.verified.add(i)
             return f
         try:
             path = storage.local_path(url)
@@ -112,19 +114,34 @@ class ShardOpener:
             raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
         if not os.path.exists(path):
             raise DatasetError(f"shard {url}: missing (listed in the manifest, not on disk)")
-        if self.config.verify_sha256 and i not in self.verified:
-            try:
-                actual = storage.sha256_of(path)
-            except storage.StorageError as e:
-                raise ShardUnavailableError(f"shard {url}: cannot be read: {e.problem}") from e
-            if actual != info.sha256:
-                raise DatasetError(f"shard {url}: sha256 mismatch (manifest {info.sha256[:12]}..., file "
-                                   f"{actual[:12]}...){_REPAIR}")
-            self.verified.add(i)
         try:
-            return open(path, "rb")
+            f = open(path, "rb")
+            if self.config.verify_sha256:
+                self._check_local(i, f)
+            return f
         except OSError as e:
             raise ShardUnavailableError(f"shard {url}: cannot be read: {e.strerror or e}") from e
+
+    def _check_local(self, i: int, f: BinaryIO) -> None:
+        """Hash the open file (so a file renamed over the path later is not what was checked) unless this very
+        version of it was checked before; closes ``f`` when it fails."""
+        info = self.manifest.shards[i]
+        try:
+            stat = os.fstat(f.fileno())
+            version = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            if self.verified.get(i) == version:
+                return
+            actual = hashlib.file_digest(f, "sha256").hexdigest()
+            f.seek(0)
+        except BaseException:
+            f.close()
+            raise
+        if actual != info.sha256:
+            f.close()
+            changed = " (changed since this run first read it)" if i in self.verified else ""
+            raise DatasetError(f"shard {self.manifest.shard_url(i)}: sha256 mismatch{changed} (manifest "
+                               f"{info.sha256[:12]}..., file {actual[:12]}...){_REPAIR}")
+        self.verified[i] = version
 
     def samples(self, i: int, offset: int) -> Iterator[dict[str, Any]]:
         """Raw samples of shard ``i`` from member group ``offset`` on; a short or broken shard is a DatasetError."""
@@ -140,10 +157,19 @@ class ShardOpener:
         try:
             with f:
                 f.seek(start)
-                for sample in group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f)):
+                groups = group_by_keys({**m, "__url__": url} for m in tar_file_iterator(f))
+                for sample in groups:
+                    # the reader stops asking after the manifest's last sample: look past it here, or a manifest
+                    # that counts too few (or an offset that points at an earlier sample) drops samples silently
+                    if seen == expected - 1 and (extra := next(groups, None)) is not None:
+                        raise DatasetError(f"shard {url}: holds more samples than the manifest's {expected} "
+                                           f"({extra['__key__']} follows its last; or an index offset points at "
+                                           "the wrong sample)")
                     if seen >= offset:
                         yield sample
                     seen += 1
+        except DatasetError:
+            raise
         except OSError as e:
             if e.errno is not None:  # the system's own read failure (EIO from a failing disk): not the shard's bytes
                 raise ShardUnavailableError(f"shard {url}: cannot be read at sample {seen} of {expected} "

@@ -23,7 +23,7 @@ from data_pipeline.shard_cache import ChecksumMismatchError, ShardCache
 from data_pipeline.storage import StorageError, StorageNotFoundError, configure_s3
 from data_pipeline.stream import RankStream, ShardOpener, ShardUnavailableError, StreamConfig
 from tests.fixtures_s3 import FlakyS3Proxy
-from tests.test_stream import _prepare, stream_cfg
+from tests.test_stream import _prepare, rank_batches, stream_cfg
 
 
 @pytest.fixture(scope="module")
@@ -264,3 +264,48 @@ def test_a_disk_read_error_is_not_taken_for_a_corrupt_shard(digits, monkeypatch)
     with pytest.raises(ShardUnavailableError, match=r"shard-000000.tar: cannot be read at sample \d+ of 257 "
                                                      r"\(Input/output error\)"):
         list(opener.samples(0, 0))
+
+
+def test_a_local_shard_replaced_during_the_run_is_checked_again(digits, tmp_path, monkeypatch):
+    """The sha256 of a local shard was checked at its first open only: a shard rewritten while the run went on (a
+    `dgm prepare --overwrite` into its folder) was read against the manifest's counts, duplicating or dropping
+    samples without a word. An unchanged file is not hashed again."""
+    import hashlib as hashlib_module
+    import shutil
+
+    data = str(tmp_path / "digits")
+    shutil.copytree(digits, data)
+    opener = ShardOpener(load_manifest(data), StreamConfig())
+    hashed = []
+    digest = hashlib_module.file_digest
+    monkeypatch.setattr(hashlib_module, "file_digest", lambda f, name: hashed.append(name) or digest(f, name))
+    first = [s["__key__"] for s in opener.samples(1, 0)]
+    assert [s["__key__"] for s in opener.samples(1, 0)] == first and len(hashed) == 1
+    for replace in (shutil.copyfile, lambda a, b: (shutil.copyfile(a, b + ".new"), os.replace(b + ".new", b))):
+        replace(os.path.join(data, "shard-000002.tar"), os.path.join(data, "shard-000001.tar"))
+        with pytest.raises(DatasetError, match=r"shard-000001.tar: sha256 mismatch \(changed since this run first "
+                                               r"read it\)"):
+            next(opener.samples(1, 0))
+        shutil.copyfile(os.path.join(digits, "shard-000001.tar"), os.path.join(data, "shard-000001.tar"))
+        assert [s["__key__"] for s in opener.samples(1, 0)] == first  # put back: read again
+
+
+def test_a_shard_holding_more_samples_than_its_manifest_says_is_refused(digits, tmp_path):
+    """The reader stops after the manifest's count, so a count too small (or an index offset pointing at an
+    earlier sample) dropped samples silently; the check meant for it ran only when the count was too large."""
+    import shutil
+
+    data = str(tmp_path / "digits")
+    shutil.copytree(digits, data)
+    url = os.path.join(data, "manifest.json")
+    manifest = json.loads(open(url).read())
+    last = manifest["shards"][-1]
+    held = last["count"]
+    last["count"] -= 1
+    open(url, "w").write(json.dumps(manifest))
+    opener = ShardOpener(load_manifest(data), StreamConfig())
+    with pytest.raises(DatasetError, match=rf"{last['name']}: holds more samples than the manifest's {held - 1} "
+                                           r"\(\S+ follows its last"):
+        list(opener.samples(len(manifest["shards"]) - 1, 0))
+    with pytest.raises(DatasetError, match=r"holds more samples than the manifest's"):
+        rank_batches(data, stream_cfg(), 0, 1)
