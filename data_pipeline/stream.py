@@ -56,6 +56,8 @@ class StreamConfig:
             raise ValueError(f"data.stream.on_corrupt must be 'error' or 'skip', got {self.on_corrupt!r}")
         if self.num_workers < 0:
             raise ValueError(f"data.stream.num_workers must be >= 0, got {self.num_workers}")
+        if not 0 <= self.seed < 2**32:  # the order's generators take 32 bits: seeds 2**32 apart were one order
+            raise ValueError(f"data.stream.seed must be in 0..2**32-1, got {self.seed}")
         if self.cache_max_bytes < 1:
             raise ValueError(f"data.stream.cache_max_bytes must be >= 1 (the shard cache's size in bytes), got "
                              f"{self.cache_max_bytes}")
@@ -300,9 +302,17 @@ class _WorkerShares(IterableDataset):
         self.manifest, self.config, self.decode = manifest, config, decode
         self.start, self.max_epochs, self.owned = start, max_epochs, owned
 
-    def __iter__(self) -> Iterator[Share]:
+    def __iter__(self) -> Iterator[Share | _WorkerFailure]:
         info = torch.utils.data.get_worker_info()
-        workers, worker = (info.num_workers, info.id) if info is not None else (1, 0)
+        if info is None:
+            yield from self._shares(1, 0)
+            return
+        try:
+            yield from self._shares(info.num_workers, info.id)
+        except DatasetError as e:  # handed to the main process whole: a loader would wrap it in its traceback
+            yield _WorkerFailure(e)
+
+    def _shares(self, workers: int, worker: int) -> Iterator[Share]:
         opener = ShardOpener(self.manifest, self.config)
         epoch, first = self.start.epoch, self.start.batch
         while self.max_epochs is None or epoch < self.start.epoch + self.max_epochs:
@@ -320,6 +330,14 @@ class _WorkerShares(IterableDataset):
                     r.newly_skipped.clear()
                 yield epoch, b, samples, skipped
             epoch, first = epoch + 1, 0
+
+
+@dataclass
+class _WorkerFailure:
+    """A loader worker's data error, raised again as it is by the rank's stream (the loader would raise its own
+    exception holding the worker's whole traceback as text: one named line is what the user should read)."""
+
+    error: DatasetError
 
 
 def _loader_seed(seed: int, state: StreamState) -> int:
@@ -364,6 +382,8 @@ class RankStream:
                             generator=torch.Generator().manual_seed(_loader_seed(self.config.seed, self.state)))
         pending: list[Share] = []
         for item in loader:
+            if isinstance(item, _WorkerFailure):
+                raise item.error
             pending.append(item)
             if len(pending) == workers:
                 if any(p[:2] != pending[0][:2] for p in pending):

@@ -409,3 +409,10 @@ def test_a_run_name_that_is_no_folder_under_runs_is_refused(name):
 
 def test_a_run_name_may_hold_folders():
     assert load_config(DIGITS, ["name=ablations/lr3", "run_dir=''"])[0].run_dir == os.path.join("runs", "ablations", "lr3")
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_a_stream_seed_outside_32_bits_is_refused(seed):
+    """The sample order's generators take 32 bits: seeds 2**32 apart gave the same order, -1 that of 2**32-1."""
+    with pytest.raises(ConfigError, match=rf"^data.stream.seed must be in 0..2\*\*32-1, got {seed}"):
+        load_config(DIGITS, [f"data.stream.seed={seed}"])

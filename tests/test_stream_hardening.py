@@ -309,3 +309,16 @@ def test_a_shard_holding_more_samples_than_its_manifest_says_is_refused(digits, 
         list(opener.samples(len(manifest["shards"]) - 1, 0))
     with pytest.raises(DatasetError, match=r"holds more samples than the manifest's"):
         rank_batches(data, stream_cfg(), 0, 1)
+
+
+def test_a_loader_workers_data_error_reaches_the_rank_as_itself(digits, tmp_path):
+    """With data.stream.num_workers > 0 the user read torch's 'Caught DatasetError in DataLoader worker process 1'
+    and 30 lines of the worker's traceback instead of the one line a loader without workers gives."""
+    import shutil
+
+    data = str(tmp_path / "digits")
+    shutil.copytree(digits, data)
+    os.remove(os.path.join(data, "shard-000004.tar"))
+    with pytest.raises(DatasetError) as caught:
+        rank_batches(data, stream_cfg(num_workers=2), 0, 1)
+    assert str(caught.value) == f"shard {data}/shard-000004.tar: missing (listed in the manifest, not on disk)"
