@@ -13,7 +13,7 @@ import torch
 
 from data_pipeline import storage
 from data_pipeline.scratch import scratch_dir
-from trainer.checkpoint import CheckpointError, CheckpointStore
+from trainer.checkpoint import CheckpointError, CheckpointStore, unreadable_file
 from trainer.export import (
     CONFIG,
     EXPORT_FORMAT,
@@ -24,6 +24,7 @@ from trainer.export import (
     write_export,
 )
 from trainer.families import family_class
+from trainer.families.base import Family, OptimConfig
 from trainer.typed_config import ConfigError, from_dict
 
 
@@ -32,10 +33,46 @@ def consolidated_state(checkpoint_dir: str, network: str) -> dict[str, torch.Ten
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
     path = os.path.join(checkpoint_dir, network)
+    check_whole(path)
     try:
         return get_fp32_state_dict_from_zero_checkpoint(path, tag="ds")
-    except (FileNotFoundError, ValueError, KeyError, RuntimeError) as e:
-        raise CheckpointError(f"checkpoint {path}: cannot consolidate the ZeRO state ({e})") from e
+    except Exception as e:  # a damaged file is named above; what is left is a checkpoint of another layout
+        raise CheckpointError(f"checkpoint {path}: cannot consolidate the ZeRO state ({type(e).__name__}: {e})") from e
+
+
+def check_whole(network_dir: str) -> None:
+    """Every byte of the network's DeepSpeed files read and CRC-checked: DeepSpeed's readers never check, so one
+    flipped byte in a master weight was exported as a weight of 1e36 (the export reads every byte anyway)."""
+    bad = unreadable_file(os.path.join(network_dir, "ds"))
+    if bad is not None:
+        raise CheckpointError(f"checkpoint file {bad[0]} is unreadable: truncated or corrupt ({bad[1]}); export an "
+                              "earlier checkpoint (--tag)")
+
+
+def stage0_state(checkpoint_dir: str, network: str, family: Family, optim: OptimConfig) -> dict[str, torch.Tensor]:
+    """Full weights of a network trained without ZeRO: the module state, with the fp32 master weights put back
+    where DeepSpeed's bf16/fp16 optimizer kept them (in the family's own param-group order)."""
+    path = os.path.join(checkpoint_dir, network)
+    check_whole(path)
+    file = os.path.join(path, "ds", "mp_rank_00_model_states.pt")
+    try:
+        saved = torch.load(file, map_location="cpu", weights_only=False)
+        state = dict(saved["module"])
+        masters = (saved.get("optimizer") or {}).get("fp32_groups")
+    except Exception as e:
+        raise CheckpointError(f"checkpoint file {file}: cannot read its module state ({type(e).__name__}: {e})") from e
+    if masters is None:  # fp32 training: the module's weights are the master weights
+        return state
+    modules = family.build_modules()
+    named = {id(p): n for n, p in modules[network].named_parameters()}
+    groups = family.build_optimizers(modules, optim)[network].param_groups
+    order = [named[id(p)] for g in groups for p in g["params"]]
+    flat = [t for group in masters for t in group]
+    if [tuple(t.shape) for t in flat] != [tuple(state[n].shape) for n in order]:
+        raise CheckpointError(f"checkpoint file {file}: its fp32 master weights do not follow the {network!r} "
+                              "network's parameter groups")
+    state.update({n: t.float() for n, t in zip(order, flat, strict=True)})
+    return state
 
 
 def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None, *, family: str | None = None,
@@ -72,8 +109,6 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
         meta = store.read_meta(tag)
         if family is not None:
             store.check(tag, meta, expect_family=family, model_config=model_config, on_model_change=on_model_change)
-        if meta.zero_stage == 0:
-            raise CheckpointError(f"{checkpoint_root}/{tag}: export reads ZeRO checkpoints (stage >= 1)")
         try:
             cls = family_class(meta.family)
             family = cls(from_dict(cls.config_cls, meta.config.get("model") or {}, "model"), meta.data_info)
@@ -81,7 +116,11 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
             raise CheckpointError(f"{checkpoint_root}/{tag}: its meta.json does not rebuild a {meta.family!r} "
                                   f"model ({e})") from e
         path = store.local_copy(tag)
-        states = {name: consolidated_state(path, name) for name in meta.engines}
+        if meta.zero_stage == 0:
+            optim = from_dict(OptimConfig, (meta.config.get("trainer") or {}).get("optim") or {}, "trainer.optim")
+            states = {name: stage0_state(path, name, family, optim) for name in meta.engines}
+        else:
+            states = {name: consolidated_state(path, name) for name in meta.engines}
         if remote_out:
             local_out = os.path.join(scratch, "export")
         write_export(local_out, family, states, {"step": meta.step, "checkpoint": f"{checkpoint_root}/{tag}"})

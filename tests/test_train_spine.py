@@ -150,10 +150,58 @@ def test_export_loads_with_torch_alone_and_matches_training(reference_run, digit
     assert got["heavy"] == []
     assert got["eval_loss"] == pytest.approx(losses(reference_run, "eval")[12], abs=1e-5)
     # The sampler runs from the export alone, through the CLI.
+    # The sampler runs from the export alone, through the CLI, and draws what the run's own grid at step 12 drew
+    # with the same seed (trainer.seed + step): the export holds the trained weights, not some others.
     png = str(tmp_path / "s.png")
-    subprocess.run([sys.executable, "-m", "launch.cli", "sample", out, "--out", png, "--n", "4"], cwd=ROOT,
-                   check=True, capture_output=True)
-    assert os.path.getsize(png) > 100
+    subprocess.run([sys.executable, "-m", "launch.cli", "sample", out, "--out", png, "--n", "4", "--seed", "12"],
+                   cwd=ROOT, check=True, capture_output=True)
+    with open(png, "rb") as a, open(os.path.join(reference_run, "samples", "step-00000012.png"), "rb") as b:
+        assert a.read() == b.read()
+
+
+def test_export_refuses_a_checkpoint_with_a_flipped_byte(reference_run, tmp_path):
+    """DeepSpeed's readers never check the archives' CRCs: one flipped byte in a master weight was exported as a
+    weight of ~1e36, and sampling then blamed diverged training."""
+    import zipfile
+
+    root = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(reference_run, "checkpoints"), root)
+    ds = os.path.join(root, "step-00000012", "model", "ds")
+    file = os.path.join(ds, sorted(n for n in os.listdir(ds) if n.endswith("optim_states.pt"))[0])
+    with zipfile.ZipFile(file) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)  # the flat fp32 master weights
+        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    with open(file, "r+b") as f:
+        f.seek(start + member.file_size // 2 + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x7F]))
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {file} is unreadable: truncated or corrupt "
+                                              rf"\(member {member.filename} fails its CRC check\)"):
+        export_checkpoint(root, str(tmp_path / "export"))
+    assert not os.path.exists(tmp_path / "export")
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_run_without_zero_exports_its_master_weights(ray_local, digits_data, tmp_path, precision):
+    """zero.stage=0 trains and checkpoints, but export refused it. Under bf16 the export holds DeepSpeed's fp32
+    master weights (each rounds to the module's bf16 weight), not the rounded copies."""
+    import torch
+    from safetensors.torch import load_file
+
+    run = str(tmp_path / "run")
+    train(run, digits_data, "zero.stage=0", f"zero.precision={precision}", "cluster.workers=1", steps=4)
+    out = str(tmp_path / "export")
+    export_checkpoint(os.path.join(run, "checkpoints"), out)
+    exported = load_file(os.path.join(out, "model.safetensors"))
+    saved = torch.load(os.path.join(run, "checkpoints", "step-00000004", "model", "ds",
+                                    "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)["module"]
+    assert {f"model.{k}" for k in saved} == set(exported)
+    for k, v in saved.items():
+        assert exported[f"model.{k}"].dtype == torch.float32
+        assert torch.equal(exported[f"model.{k}"].to(v.dtype), v)
+    if precision == "bf16":
+        assert any(not torch.equal(exported[f"model.{k}"], v.float()) for k, v in saved.items())
 
 
 def test_tampered_export_is_refused(reference_run, tmp_path):

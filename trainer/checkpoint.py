@@ -426,7 +426,7 @@ class CheckpointStore:
             try:
                 loaded, _ = engine.load_checkpoint(load_dir, tag=ds_tag, load_module_strict=True)
             except Exception as e:
-                bad = _unreadable_file(os.path.join(load_dir, ds_tag))
+                bad = unreadable_file(os.path.join(load_dir, ds_tag))
                 if bad is not None:
                     raise CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], path)} is unreadable: "
                                           f"truncated or corrupt ({bad[1]})") from e
@@ -500,7 +500,7 @@ def _remove_other_copies(folder: str, keep: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def _unreadable_file(folder: str) -> tuple[str, str] | None:
+def unreadable_file(folder: str) -> tuple[str, str] | None:
     """The first of DeepSpeed's files under ``folder`` that is not a whole torch archive, and why (every byte
     read and CRC-checked: only called once a load has failed, to tell a damaged file from a model that does
     not fit)."""
@@ -588,7 +588,7 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
                                                   num_merge_workers=1, keep_temp_folder=False, strict=True,
                                                   inject_missing_state=True))())
         except Exception as e:
-            bad = _unreadable_file(src)
+            bad = unreadable_file(src)
             if bad is not None:
                 raise CheckpointError(f"checkpoint file {bad[0]} is unreadable: truncated or corrupt ({bad[1]}); "
                                       "it cannot be converted to load at another world size") from e
