@@ -169,7 +169,7 @@ def cmd_sample(args: argparse.Namespace) -> int:
         kind = f"{family.name!r} export" + (f" ({family.variant})" if family.variant else "")
         raise ValueError(f"{args.export}: a {kind} does not take {flags} (it takes "
                          f"{takes or 'no sampling option'})")
-    if args.prompt or args.rerank:
+    if args.prompt is not None or args.rerank:
         if args.labels or args.images:
             raise ValueError("--labels and --images condition image exports; a --prompt draws from the caption")
         args.n = DEFAULT_SAMPLES if args.n is None else args.n
@@ -279,7 +279,7 @@ def _sample_prompt(args: argparse.Namespace, family, modules, options: dict) -> 
     from trainer.export import load_export_url
     from trainer.images import save_grid
 
-    if not args.prompt:
+    if args.prompt is None:
         raise ValueError("--rerank needs --prompt (reranking scores images against a caption)")
     if not family.takes_prompt:
         raise ValueError(f"{args.export}: a {family.name!r} export does not take --prompt (text-to-image 'dalle' "
@@ -389,7 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "and --value-top-p 1 the cut trims where coefficients go, not their values")
     p.add_argument("--labels", type=int_list, default=_SAMPLE_DEFAULTS["labels"],
                    help="comma-separated class labels, one sample each (class-conditional models)")
-    p.add_argument("--prompt", default="", help="caption for a text-to-image export; --n candidates are drawn")
+    p.add_argument("--prompt", default=None, help="caption for a text-to-image export; --n candidates are drawn")
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
     p.add_argument("--keep", type=at_least(0, int, "0 keeps all"), default=0,
                    help="keep only the best N candidates (default: all)")

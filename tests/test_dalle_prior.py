@@ -300,7 +300,7 @@ def test_collate_truncates_pads_and_refuses_wrong_grids(world):
         small(heads="both")
 
 
-def test_export_carries_tokenizer_and_dvae_and_samples_from_a_prompt(world, tmp_path):
+def test_export_carries_tokenizer_and_dvae_and_samples_from_a_prompt(world, tmp_path, capsys):
     fam, model = prior(world["info"])
     out = write_export(str(tmp_path / "export"), fam, {"model": model.state_dict()})
     assert os.path.exists(os.path.join(out, "tokenizer.model"))
@@ -317,6 +317,11 @@ def test_export_carries_tokenizer_and_dvae_and_samples_from_a_prompt(world, tmp_
     g1, g2 = torch.Generator().manual_seed(3), torch.Generator().manual_seed(3)
     torch.testing.assert_close(loaded.generate_tokens(modules, 2, g1, prompt=["a", "b"])[1],
                                fam.generate_tokens({"model": model}, 2, g2, prompt=["a", "b"])[1])
+    from launch.cli import main  # an empty --prompt was taken for no prompt: the model drew its own captions
+
+    assert main(["sample", out, "--prompt", "", "--n", "2", "--out", str(tmp_path / "s.png")]) == 2
+    err = capsys.readouterr().err
+    assert "prompt '' has no tokens" in err and not os.path.exists(tmp_path / "s.png"), err
 
 
 def test_an_export_that_would_not_load_back_never_replaces_a_good_one(world, tmp_path):
