@@ -3,6 +3,7 @@ or Ray."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -90,8 +91,10 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
         check_replaceable(out_dir)  # before the consolidation's minutes, not after
     local_out = out_dir
     parent = tempfile.gettempdir() if remote_out else os.path.dirname(os.path.abspath(out_dir))
+    made = _first_missing(parent)
     os.makedirs(parent, exist_ok=True)
     scratch = scratch_dir(".dgm-export-", parent)
+    published = False
     try:
         store = CheckpointStore(checkpoint_root, staging=scratch)
         tag = tag.strip("/") if tag else tag
@@ -126,9 +129,30 @@ def export_checkpoint(checkpoint_root: str, out_dir: str, tag: str | None = None
         write_export(local_out, family, states, {"step": meta.step, "checkpoint": f"{checkpoint_root}/{tag}"})
         if remote_out:
             publish_remote(local_out, out_dir)
+        published = True
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+        if not published and made:  # a failed export leaves no empty folders it made on the way
+            with contextlib.suppress(OSError):
+                _remove_empty_up_to(parent, made)
     return out_dir
+
+
+def _first_missing(folder: str) -> str:
+    """The outermost folder of ``folder``'s path that does not exist yet ('' when it exists)."""
+    missing = ""
+    while folder and not os.path.isdir(folder):
+        missing, folder = folder, os.path.dirname(folder)
+    return missing
+
+
+def _remove_empty_up_to(folder: str, top: str) -> None:
+    """Remove ``folder`` and its parents up to ``top`` included, while they are empty."""
+    while True:
+        os.rmdir(folder)
+        if folder == top:
+            return
+        folder = os.path.dirname(folder)
 
 
 PUBLISHING = ".dgm-publishing"  # beside an s3:// export while it is being uploaded

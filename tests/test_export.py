@@ -227,6 +227,9 @@ def test_export_names_the_checkpoints_there_for_a_wrong_tag(tmp_path):
     with pytest.raises(CheckpointError, match=r"no complete checkpoint to export \(is the run's checkpoint_root"):
         export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+    with pytest.raises(CheckpointError, match=r"no complete checkpoint to export"):  # leaves no folders it made
+        export_checkpoint(str(tmp_path / "empty"), str(tmp_path / "new" / "deeper" / "out"))
+    assert not (tmp_path / "new").exists()
     (root / "step-00000030.partial").mkdir()  # a local save cut before its rename
     (root / "step-00000030.partial" / "meta.json").write_text("{}")
     with pytest.raises(CheckpointError, match=r"step-00000030.partial: an incomplete checkpoint"):
@@ -304,3 +307,16 @@ def test_write_safetensors_takes_scalars_and_safetensors_reads_what_it_wrote(tmp
     back = load_file(str(tmp_path / "x.safetensors"))
     assert set(back) == set(tensors) and all(torch.equal(back[k], v) and back[k].shape == v.shape
                                              for k, v in tensors.items())
+
+
+def test_export_never_names_the_folder_it_stands_in(tmp_path, monkeypatch):
+    """An export replaces its folder by renaming it aside: --out . failed after the whole consolidation with
+    'Device or resource busy: . -> ..old-...' as a traceback."""
+    fam, states = tiny()
+    inner = tmp_path / "a" / "b"
+    inner.mkdir(parents=True)
+    monkeypatch.chdir(inner)
+    for out in (".", str(tmp_path / "a"), "./"):
+        with pytest.raises(ExportError, match=r"is the current folder or holds it; give --out a folder below it"):
+            write_export(out, fam, states)
+    assert write_export("export", fam, states) == "export" and load_export("export")

@@ -203,6 +203,10 @@ def _is_export(folder: str) -> bool:
 def check_replaceable(out_dir: str) -> None:
     """An export replaces only a missing or empty folder or an earlier export: never a folder of other files (a run
     directory, ``.``), which ``--out`` could otherwise name by mistake and lose."""
+    here = os.path.abspath(os.getcwd())
+    if os.path.commonpath([here, os.path.abspath(out_dir)]) == os.path.abspath(out_dir):
+        # an export replaces its folder by renaming: the folder this process stands in cannot be renamed away
+        raise ExportError(f"{out_dir}: is the current folder or holds it; give --out a folder below it")
     if not os.path.lexists(out_dir):
         return
     if not os.path.isdir(out_dir) or os.path.islink(out_dir):
