@@ -11,7 +11,7 @@ import shutil
 import pytest
 import torch
 
-from trainer.export import CONFIG, WEIGHTS, ExportError, load_export, write_export
+from trainer.export import CONFIG, WEIGHTS, ExportError, load_export, write_export, write_safetensors
 from trainer.families.image_gpt import ImageGPTConfig, ImageGPTFamily
 from trainer.transformer import TransformerConfig
 
@@ -165,11 +165,27 @@ def test_a_damaged_export_config_is_named(tmp_path):
         load_export(out)
 
 
-def test_weights_that_do_not_fit_the_config_are_summarised(tmp_path):
+def test_a_hand_edited_config_is_refused_and_weights_that_do_not_fit_it_are_summarised(tmp_path):
+    """config.json was the one file no checksum covered: an edit that kept the tensor shapes (another mode, codec
+    quality, image size) loaded and drew other images. The weights file records what they were exported with."""
     fam, states = tiny()
     out = write_export(str(tmp_path / "export"), fam, states)
+    for edit in (lambda c: {**c, "model": {**c["model"], "transformer": {**c["model"]["transformer"], "n_head": 4}}},
+                 lambda c: {**c, "data_info": {"image_shape": [4, 4, 1]}}):
+        original = open(os.path.join(out, CONFIG)).read()
+        edit_config(out, edit)
+        with pytest.raises(ExportError, match=rf"{CONFIG}: its family, model, data_info or networks were changed "
+                                              "after the export"):
+            load_export(out)
+        open(os.path.join(out, CONFIG), "w").write(original)
     edit_config(out, lambda c: {**c, "model": {**c["model"], "transformer": {**c["model"]["transformer"],
                                                                              "d_model": 32}}})
+    # an export written before the record (no metadata): its shapes are still checked, in one line
+    weights = os.path.join(out, WEIGHTS)
+    flat = {f"model.{k}": v for k, v in states["model"].items()}
+    write_safetensors(weights, flat.items(), {k: (v.dtype, tuple(v.shape)) for k, v in flat.items()})
+    edit_config(out, lambda c: {**c, "files": {**c["files"], WEIGHTS: hashlib.sha256(open(weights, "rb").read())
+                                               .hexdigest()}})
     with pytest.raises(ExportError) as info:
         load_export(out)
     message = str(info.value)
@@ -320,3 +336,11 @@ def test_export_never_names_the_folder_it_stands_in(tmp_path, monkeypatch):
         with pytest.raises(ExportError, match=r"is the current folder or holds it; give --out a folder below it"):
             write_export(out, fam, states)
     assert write_export("export", fam, states) == "export" and load_export("export")
+
+
+def test_weights_of_an_integer_type_where_the_model_has_floats_are_refused(tmp_path):
+    fam, states = tiny()
+    states = {"model": {**states["model"], "head.weight": states["model"]["head.weight"].round().long()}}
+    out = write_export(str(tmp_path / "export"), fam, states)
+    with pytest.raises(ExportError, match=r"tensor model.head.weight is torch.int64, the model's is torch.float32"):
+        load_export(out)

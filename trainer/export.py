@@ -42,6 +42,18 @@ class ExportError(RuntimeError):
     """An export folder that is missing, incomplete or whose files do not match their recorded checksums."""
 
 
+SETTINGS_KEY = "dgm.settings_sha256"
+"""The weights file's metadata entry holding ``settings_digest`` of the config.json it was exported with: the
+weights' sha256 is listed in config.json, but nothing covered config.json itself, so an edit that kept the tensor
+shapes (another mode, codec quality or image size) loaded and drew other images without a word."""
+
+
+def settings_digest(config: Mapping[str, Any]) -> str:
+    """sha256 of what rebuilds the model from config.json: family, model, data_info and networks."""
+    keys = ("family", "model", "data_info", "networks")
+    return hashlib.sha256(json.dumps({k: config.get(k) for k in keys}, sort_keys=True).encode()).hexdigest()
+
+
 def _sha256(path: str) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -50,9 +62,10 @@ def _sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple]) -> None:
+def write_safetensors(path: str, tensors: Iterable[tuple[str, torch.Tensor]], shapes: Mapping[str, tuple],
+                      metadata: Mapping[str, str] | None = None) -> None:
     """Stream named tensors into a safetensors file; ``shapes`` (name -> (dtype, shape)) fixes the header first."""
-    header: dict[str, Any] = {}
+    header: dict[str, Any] = {"__metadata__": dict(metadata)} if metadata else {}
     offset = 0
     for name, (dtype, shape) in shapes.items():
         n = int(torch.Size(shape).numel()) * torch.empty((), dtype=dtype).element_size()
@@ -86,8 +99,11 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's folder is private; the export is published with the usual mode
     try:
         shapes = {f"{m}.{k}": (v.dtype, tuple(v.shape)) for m, sd in state_dicts.items() for k, v in sd.items()}
+        settings = {"family": family.name, "model": dataclasses.asdict(family.config),
+                    "data_info": family.data_info, "networks": sorted(state_dicts)}
         write_safetensors(os.path.join(tmp, WEIGHTS),
-                          ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes)
+                          ((f"{m}.{k}", v) for m, sd in state_dicts.items() for k, v in sd.items()), shapes,
+                          {SETTINGS_KEY: settings_digest(settings)})
         files = {WEIGHTS: _sha256(os.path.join(tmp, WEIGHTS))}
         for name, data in family.export_files().items():
             os.makedirs(os.path.dirname(os.path.join(tmp, name)), exist_ok=True)  # names may hold a sub-folder
@@ -96,10 +112,7 @@ def write_export(out_dir: str, family: Family, state_dicts: Mapping[str, Mapping
             files[name] = _sha256(os.path.join(tmp, name))
         config = {
             "format": EXPORT_FORMAT,
-            "family": family.name,
-            "model": dataclasses.asdict(family.config),
-            "data_info": family.data_info,
-            "networks": sorted(state_dicts),
+            **settings,
             "files": files,
             **(extra or {}),
         }
@@ -280,12 +293,23 @@ def load_export(export_dir: str, device: str = "cpu") -> tuple[Family, dict[str,
     weights = os.path.join(export_dir, WEIGHTS)
     try:
         with safe_open(weights, framework="pt", device=device) as f:
+            recorded = (f.metadata() or {}).get(SETTINGS_KEY)  # exports written before it was recorded have none
             keys = set(f.keys())
             tensors = {name: {k[len(name) + 1:]: f.get_tensor(k) for k in keys if k.startswith(name + ".")}
                        for name in modules}
     except Exception as e:  # safetensors raises its own SafetensorError
         raise ExportError(f"{weights}: not a readable safetensors file ({type(e).__name__}: {e})") from e
+    if recorded is not None and recorded != settings_digest(config):
+        raise ExportError(f"{os.path.join(export_dir, CONFIG)}: its family, model, data_info or networks were changed "
+                          "after the export (they no longer match what its weights were exported with); export "
+                          "the checkpoint again rather than editing them")
     for name, module in modules.items():
+        state = module.state_dict()
+        cast = [k for k, t in tensors[name].items()
+                if k in state and state[k].is_floating_point() != t.is_floating_point()]
+        if cast:
+            raise ExportError(f"{weights}: tensor {name}.{cast[0]} is {tensors[name][cast[0]].dtype}, the model's is "
+                              f"{state[cast[0]].dtype} (loading would cast it)")
         try:
             module.load_state_dict(tensors[name], strict=True)
         except RuntimeError as e:
