@@ -207,13 +207,19 @@ def cmd_sample(args: argparse.Namespace) -> int:
 
 def _draw(family, modules, n: int, gen, **options):
     """``family.sample_images``, with torch's allocator failure for too large an ``--n`` said in one line."""
+    import torch
+
     try:
-        return family.sample_images(modules, n, gen, **options)
+        images = family.sample_images(modules, n, gen, **options)
     except RuntimeError as e:
         if "allocate" not in str(e):
             raise
         raise MemoryError(f"--n {n}: too many samples to draw at once in this machine's memory "
                           f"({str(e).splitlines()[0][:200]}); draw fewer per call") from None
+    if not torch.isfinite(images).all():  # a generator network draws NaN pixels where a sampler sees NaN logits
+        raise ValueError("the model draws non-finite pixels (NaN or inf): its weights are broken, e.g. exported "
+                         "from a run whose training diverged")
+    return images
 
 
 def _sample_out(args: argparse.Namespace) -> str:

@@ -408,3 +408,23 @@ def test_each_network_decays_over_the_whole_run_at_its_own_update_count() -> Non
     for step in (1, 10, 37, 100):  # D's update at the end of training step `step` runs at that step's rate
         assert d.ratio(5 * step) == pytest.approx(run.ratio(step), abs=0.02)
     assert d.ratio(5 * 50) > 0.5 and run.ratio(5 * 50) == pytest.approx(0.1)  # half-way for D, not at the floor
+
+
+def test_sampling_an_export_with_broken_generator_weights_is_an_error(tmp_path, capsys) -> None:
+    """A generator with NaN weights drew an all-black grid and exited 0; the samplers of the autoregressive
+    families already refuse NaN logits."""
+    from launch.cli import main
+    from trainer.export import write_export
+
+    digits = {"codec": {"name": "image"}, "image_shape": [8, 8, 1]}
+    family = SLSAGanFamily(SLSAGanConfig(latent_dim=16, hidden=32, num_clusters=10), digits)
+    states = {k: m.state_dict() for k, m in family.build_modules().items()}
+    good = write_export(str(tmp_path / "good"), family, states)
+    assert main(["sample", good, "--n", "4", "--out", str(tmp_path / "good.png")]) == 0
+    weight = next(k for k, v in states["generator"].items() if v.is_floating_point() and v.dim() == 2)
+    states["generator"][weight] = torch.full_like(states["generator"][weight], float("nan"))
+    broken = write_export(str(tmp_path / "broken"), family, states)
+    capsys.readouterr()
+    assert main(["sample", broken, "--n", "4", "--out", str(tmp_path / "broken.png")]) == 2
+    assert "the model draws non-finite pixels (NaN or inf)" in capsys.readouterr().err
+    assert not (tmp_path / "broken.png").exists()
