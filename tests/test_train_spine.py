@@ -159,25 +159,46 @@ def test_export_loads_with_torch_alone_and_matches_training(reference_run, digit
         assert a.read() == b.read()
 
 
-def test_export_refuses_a_checkpoint_with_a_flipped_byte(reference_run, tmp_path):
-    """DeepSpeed's readers never check the archives' CRCs: one flipped byte in a master weight was exported as a
-    weight of ~1e36, and sampling then blamed diverged training."""
+def flip_a_master_weight_byte(checkpoint: str, rank: int) -> tuple[str, str]:
+    """One byte changed in the middle of rank ``rank``'s fp32 master weights (its largest archive member), as a
+    failing disk or a bad copy does: (file, member)."""
     import zipfile
 
-    root = str(tmp_path / "checkpoints")
-    shutil.copytree(os.path.join(reference_run, "checkpoints"), root)
-    ds = os.path.join(root, "step-00000012", "model", "ds")
-    file = os.path.join(ds, sorted(n for n in os.listdir(ds) if n.endswith("optim_states.pt"))[0])
+    ds = os.path.join(checkpoint, "model", "ds")
+    file = os.path.join(ds, next(n for n in sorted(os.listdir(ds)) if n.startswith(f"zero_pp_rank_{rank}_")
+                                 and n.endswith("optim_states.pt")))
     with zipfile.ZipFile(file) as z:
-        member = max(z.infolist(), key=lambda i: i.file_size)  # the flat fp32 master weights
+        member = max(z.infolist(), key=lambda i: i.file_size)
         start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
     with open(file, "r+b") as f:
         f.seek(start + member.file_size // 2 + 3)
         byte = f.read(1)
         f.seek(-1, os.SEEK_CUR)
         f.write(bytes([byte[0] ^ 0x7F]))
+    return file, member.filename
+
+
+def test_resume_refuses_a_checkpoint_with_a_flipped_byte(reference_run, digits_data, tmp_path):
+    """DeepSpeed loaded a flipped master weight as it was (a weight of ~1e36): the run went on, to a NaN loss
+    blamed on the learning rate. The rank whose file it is names it, and the run stops before training."""
+    run = str(tmp_path / "run")
+    shutil.copytree(reference_run, run)
+    file, member = flip_a_master_weight_byte(os.path.join(run, "checkpoints", "step-00000012"), rank=1)
+    name = os.path.relpath(file, os.path.join(run, "checkpoints", "step-00000012"))
+    with pytest.raises(CheckpointError, match=rf"checkpoint file \S+/step-00000012/{name} is unreadable: "
+                                              rf"truncated or corrupt \(member {member} fails its CRC check\)"):
+        train(run, digits_data, steps=14)
+    assert sorted(losses(run)) == sorted(losses(reference_run))  # nothing trained on it
+
+
+def test_export_refuses_a_checkpoint_with_a_flipped_byte(reference_run, tmp_path):
+    """DeepSpeed's readers never check the archives' CRCs: one flipped byte in a master weight was exported as a
+    weight of ~1e36, and sampling then blamed diverged training."""
+    root = str(tmp_path / "checkpoints")
+    shutil.copytree(os.path.join(reference_run, "checkpoints"), root)
+    file, member = flip_a_master_weight_byte(os.path.join(root, "step-00000012"), rank=0)
     with pytest.raises(CheckpointError, match=rf"checkpoint file {file} is unreadable: truncated or corrupt "
-                                              rf"\(member {member.filename} fails its CRC check\)"):
+                                              rf"\(member {member} fails its CRC check\)"):
         export_checkpoint(root, str(tmp_path / "export"))
     assert not os.path.exists(tmp_path / "export")
 

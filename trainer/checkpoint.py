@@ -23,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -423,6 +424,12 @@ class CheckpointStore:
             load_dir = os.path.join(path, name)
             ds_tag = "ds_universal" if universal else "ds"
             settings = optimizer_settings(engine)
+            # this rank's own files CRC-checked first (read once more, from the page cache for DeepSpeed's read):
+            # a flipped byte in a master weight would otherwise load and train on, to a NaN loss blamed on the lr
+            bad = None if universal else unreadable_file(os.path.join(load_dir, ds_tag), self.rank)
+            if bad is not None:
+                raise CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], path)} is unreadable: "
+                                      f"truncated or corrupt ({bad[1]})")
             try:
                 loaded, _ = engine.load_checkpoint(load_dir, tag=ds_tag, load_module_strict=True)
             except Exception as e:
@@ -500,13 +507,12 @@ def _remove_other_copies(folder: str, keep: str) -> None:
             shutil.rmtree(os.path.join(folder, name), ignore_errors=True)
 
 
-def unreadable_file(folder: str) -> tuple[str, str] | None:
-    """The first of DeepSpeed's files under ``folder`` that is not a whole torch archive, and why (every byte
-    read and CRC-checked: only called once a load has failed, to tell a damaged file from a model that does
-    not fit)."""
+def unreadable_file(folder: str, rank: int | None = None) -> tuple[str, str] | None:
+    """The first of DeepSpeed's files under ``folder`` (only those rank ``rank`` loads, when given) that is not a
+    whole torch archive, and why: every byte read and CRC-checked, which DeepSpeed's readers never do."""
     for dirpath, _, files in sorted(os.walk(folder)):
         for name in sorted(files):
-            if not name.endswith(".pt"):
+            if not name.endswith(".pt") or (rank is not None and not _loaded_by(name, rank)):
                 continue
             file = os.path.join(dirpath, name)
             try:
@@ -517,6 +523,12 @@ def unreadable_file(folder: str) -> tuple[str, str] | None:
             except (OSError, zipfile.BadZipFile, EOFError, ValueError) as e:
                 return file, f"{type(e).__name__}: {e}"
     return None
+
+
+def _loaded_by(name: str, rank: int) -> bool:
+    """Whether a rank resuming at the same world size reads DeepSpeed file ``name``: the shared module state and
+    its own partitions."""
+    return name.startswith("mp_rank_") or re.match(rf"(bf16_)?zero_pp_rank_{rank}_mp_rank_", name) is not None
 
 
 def _stamp_of(folder: str, marker: str) -> str | None:
