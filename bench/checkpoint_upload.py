@@ -38,6 +38,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=30)
     args = ap.parse_args()
+    if args.steps < 1:
+        ap.error(f"--steps {args.steps}: the medians need at least one step on each side")
     port = free_port()
     # moto stands in for a remote S3: niced, so it does not take the training's 2 cores as a real remote would not.
     moto = subprocess.Popen(["nice", "-n", "19", os.path.join(os.path.dirname(sys.executable), "moto_server"), "-H", "127.0.0.1",

@@ -15,6 +15,8 @@ spent waiting for a core while other processes run, though not their effect on t
 Progress goes to stderr; the last stdout line is one JSON object with every figure and the ratios ours/libjpeg.
 
     .venv/bin/python bench/dct_codec.py [--sizes 64 256] [--images 256 48] [--quality 75] [--repeats 5]
+
+--images gives one batch size for every size, or one per size; without it, 256 images up to 64x64 and 48 above.
 """
 
 from __future__ import annotations
@@ -45,14 +47,19 @@ from data_pipeline.codecs.dct_sequence import (  # noqa: E402
 from data_pipeline.codecs.dct_transform import dct_image_to_rgb, rgb_to_dct_image, use_kernel  # noqa: E402
 
 
+def photos() -> list[np.ndarray]:
+    """Five real photos (scikit-image and scikit-learn sample images), 300 to 640 pixels a side."""
+    out = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
+    return out + [sklearn.datasets.load_sample_image(n) for n in ("china.jpg", "flower.jpg")]
+
+
 def photo_crops(size: int, count: int, seed: int = 0) -> np.ndarray:
-    """`count` random size x size crops of five real photos (scikit-image and scikit-learn sample images)."""
-    photos = [skimage.data.astronaut(), skimage.data.coffee(), skimage.data.chelsea()]
-    photos += [sklearn.datasets.load_sample_image(n) for n in ("china.jpg", "flower.jpg")]
+    """`count` random size x size crops of the five photos."""
+    photos_ = photos()
     rng = np.random.default_rng(seed)
     out = np.empty((count, size, size, 3), dtype=np.uint8)
     for i in range(count):
-        src = photos[i % len(photos)]
+        src = photos_[i % len(photos_)]
         y, x = rng.integers(0, src.shape[0] - size + 1), rng.integers(0, src.shape[1] - size + 1)
         out[i] = src[y : y + size, x : x + size]
     return out
@@ -152,11 +159,29 @@ def run(size: int, count: int, quality: int, repeats: int) -> dict[str, object]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sizes", type=int, nargs="+", default=[64, 256])
-    parser.add_argument("--images", type=int, nargs="+", default=[256, 48], help="batch size per image size")
+    parser.add_argument("--images", type=int, nargs="+",
+                        help="batch size: one for every size, or one per size (default: 256 up to 64x64, 48 above)")
     parser.add_argument("--quality", type=int, default=75)
     parser.add_argument("--repeats", type=int, default=5)
     args = parser.parse_args()
-    counts = args.images if len(args.images) == len(args.sizes) else [args.images[0]] * len(args.sizes)
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: each figure is the best of at least one round")
+    if not 1 <= args.quality <= 100:
+        parser.error(f"--quality {args.quality}: JPEG quality runs from 1 to 100")
+    largest = min(min(p.shape[:2]) for p in photos())
+    for size in args.sizes:
+        if size < 16 or size % 16 or size > largest:
+            parser.error(f"--sizes {size}: a size must be a multiple of 16 (a 4:2:0 macroblock) from 16 to "
+                         f"{largest - largest % 16} (the smallest photo is {largest} pixels a side)")
+    if args.images is None:
+        counts = [256 if size <= 64 else 48 for size in args.sizes]
+    elif len(args.images) in (1, len(args.sizes)):
+        counts = args.images * len(args.sizes) if len(args.images) == 1 else args.images
+    else:
+        parser.error(f"--images {' '.join(map(str, args.images))}: give one batch size for every size or one per "
+                     f"size ({len(args.sizes)} sizes)")
+    if min(counts) < 1:
+        parser.error(f"--images {' '.join(map(str, args.images))}: every batch needs at least one image")
     result: dict[str, object] = {
         "benchmark": "dct_codec",
         "quality": args.quality,

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dctransformer_quality import MODELS, scenes  # noqa: E402  (bench/, beside this script)
+from dctransformer_quality import MODELS, load_weights, scenes  # noqa: E402  (bench/, beside this script)
 
 from data_pipeline.codecs.dct_config import DCTCodecConfig  # noqa: E402
 from data_pipeline.codecs.dct_tables import CHANNEL_SLOT, CHANNEL_ZIGZAG, NUM_LUMA_SLOTS  # noqa: E402
@@ -57,6 +57,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval", type=int, default=256, help="held-out scenes (seed 1)")
 
 
+def check_model_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """``add_model_args``' counts and sizes, refused as one usage line before any scene or weight is read."""
+    for name in ("eval", "chunk", "d_model", "layers", "heads"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
+    if a.d_model % a.heads:
+        p.error(f"--d-model {a.d_model} --heads {a.heads}: the width must be a multiple of the heads")
+    if not 1 <= a.quality <= 100:
+        p.error(f"--quality {a.quality}: JPEG quality runs from 1 to 100")
+
+
 def load_model(a: argparse.Namespace) -> tuple[DCTCodecConfig, DCTransformerFamily, torch.nn.Module]:
     """The codec, family and trained network (eval mode, CPU) that ``add_model_args``' arguments name."""
     codec = DCTCodecConfig(resolution=32, quality=a.quality, value_range=256)
@@ -65,7 +76,7 @@ def load_model(a: argparse.Namespace) -> tuple[DCTCodecConfig, DCTransformerFami
                               decoders=DecoderSizes(a.layers, a.layers, a.layers), **MODELS["unconditional"])
     fam = DCTransformerFamily(cfg, {"codec": {"name": "dct", "settings": codec.to_dict()}})
     model = fam.build_modules()["model"]
-    model.load_state_dict(torch.load(a.weights, map_location="cpu"))
+    load_weights(model, a.weights, a)
     return codec, fam, model.eval()
 
 
@@ -77,6 +88,9 @@ def main() -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--value-top-p", type=float, default=None)
     a = p.parse_args()
+    check_model_args(p, a)
+    if a.samples < 1:
+        p.error(f"--samples {a.samples}: at least one draw")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     codec, fam, model = load_model(a)
     _, held = scenes(1, 0, a.eval, codec)

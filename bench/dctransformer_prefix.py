@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dctransformer_bands import add_model_args, load_model  # noqa: E402  (bench/, beside this script)
+from dctransformer_bands import add_model_args, check_model_args, load_model  # noqa: E402  (bench/)
 from dctransformer_quality import scene_stats, scenes, tv  # noqa: E402
 from scene_counter import load_or_train  # noqa: E402
 
@@ -41,6 +41,9 @@ def main() -> None:
     add_model_args(p)
     p.add_argument("--prefixes", type=int, nargs="+", default=[0, 32, 64, 128], help="given triples per scene")
     a = p.parse_args()
+    check_model_args(p, a)
+    if min(a.prefixes) < 0:
+        p.error(f"--prefixes {' '.join(map(str, a.prefixes))}: a prefix is a count of given triples, 0 or more")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     codec, fam, model = load_model(a)
     _, held = scenes(1, 0, a.eval, codec)

@@ -69,6 +69,39 @@ LUMA_WEIGHTS = np.array([0.299, 0.587, 0.114])
 OUT = os.path.join(ROOT, "runs", "dct_quality")
 
 
+def load_weights(model: torch.nn.Module, path: str, a: argparse.Namespace) -> None:
+    """``path``'s state dict into ``model``. A file of another network or kind stops the run with one line naming
+    the file and the network the arguments built (torch would dump every mismatched tensor)."""
+    built = f"--d-model {a.d_model} --layers {a.layers} --heads {a.heads} --chunk {a.chunk}"
+    try:
+        state = torch.load(path, map_location=next(model.parameters()).device)
+    except FileNotFoundError:
+        raise SystemExit(f"{path}: no such weights file") from None
+    except Exception as e:  # a pickle, zip or torch error: not a file torch.save wrote
+        said = (str(e).splitlines() or [""])[0].split(". ")[0]
+        raise SystemExit(f"{path}: not a torch state dict ({type(e).__name__}: {said})") from None
+    own = model.state_dict()
+    if not isinstance(state, dict):
+        raise SystemExit(f"{path}: holds a {type(state).__name__}, not a DCTransformer state dict")
+    unexpected = [k for k in state if k not in own]
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and getattr(state[k], "shape", None) != own[k].shape]
+    if unexpected or missing or wrong:
+        said = []
+        if wrong:
+            k = wrong[0]
+            said.append(f"{len(wrong)} tensors of another shape (e.g. {k}: {tuple(state[k].shape)} in the file, "
+                        f"{tuple(own[k].shape)} here)")
+        if missing:
+            said.append(f"{len(missing)} of the network's tensors missing")
+        if unexpected:
+            said.append(f"keys the network does not have ({', '.join(unexpected[:3])}"
+                        f"{', ...' if len(unexpected) > 3 else ''})")
+        raise SystemExit(f"{path}: not weights of the network these arguments build ({built}): {'; '.join(said)}. "
+                         "Give the sizes it was trained with (bench/README.md names each run's)")
+    model.load_state_dict(state)
+
+
 def one_cycle(progress: float) -> float:
     """Learning-rate factor at ``progress`` in [0, 1] of a wall-clock budget: linear warm-up over the first 5%,
     then cosine to zero (OneCycleLR's outline as a function of the fraction done; beta1 stays fixed)."""
@@ -251,10 +284,10 @@ class Experiment:
         model = fam.build_modules()["model"].to(self.device)
         path = os.path.join(OUT, f"{a.tag}{name}.pt")
         if a.eval_only:
-            model.load_state_dict(torch.load(path, map_location=self.device))
+            load_weights(model, path, a)
             return fam, model.eval()
         if a.init:
-            model.load_state_dict(torch.load(os.path.join(OUT, f"{a.init}{name}.pt"), map_location=self.device))
+            load_weights(model, os.path.join(OUT, f"{a.init}{name}.pt"), a)
             print(f"[quality] {name}: continuing from {a.init}{name}.pt (fresh optimiser and schedule)", flush=True)
         full = {k: v.to(self.device) for k, v in self.batches(fam, self.train_tok, self.train_rgb).items()}
         budget = a.minutes * 60
@@ -402,6 +435,26 @@ class Experiment:
         return out
 
 
+def check_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """Counts, sizes and model names checked before minutes of scene generation, as one usage line each."""
+    unknown = [m for m in a.models.split(",") if m not in MODELS]
+    if unknown:
+        p.error(f"--models {a.models}: unknown {', '.join(unknown)} (known: {', '.join(MODELS)})")
+    for name in ("steps", "batch", "chunk", "d_model", "layers", "heads", "train", "samples", "conditional",
+                 "cond_samples", "workers"):
+        if getattr(a, name) < 1:
+            p.error(f"--{name.replace('_', '-')} {getattr(a, name)}: must be at least 1")
+    if a.eval < 2:
+        p.error(f"--eval {a.eval}: at least 2 held-out scenes (its two halves give the noise floor)")
+    if a.d_model % a.heads:
+        p.error(f"--d-model {a.d_model} --heads {a.heads}: the width must be a multiple of the heads")
+    if not 1 <= a.quality <= 100:
+        p.error(f"--quality {a.quality}: JPEG quality runs from 1 to 100")
+    if not a.eval_only and a.batch > a.train:
+        p.error(f"--batch {a.batch} --train {a.train}: a batch is drawn from the training scenes without "
+                "replacement, so it cannot be larger than --train")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="unconditional,no_context,colourise,superres")
@@ -441,6 +494,7 @@ def main() -> None:
     p.add_argument("--init", default="", metavar="PREFIX",
                    help="continue training from runs/dct_quality/<PREFIX><model>.pt (the weights of an earlier run)")
     args = p.parse_args()
+    check_args(p, args)
     torch.set_num_threads(1)
     os.makedirs(OUT, exist_ok=True)
     exp = Experiment(args)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from dctransformer_bands import add_model_args, load_model  # noqa: E402  (bench/, beside this script)
+from dctransformer_bands import add_model_args, check_model_args, load_model  # noqa: E402  (bench/)
 from dctransformer_quality import counter_stats, scene_stats, scenes, tv  # noqa: E402
 from scene_counter import load_or_train  # noqa: E402
 
@@ -53,6 +53,7 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=2048, help="draws from the model (and resampled draws)")
     p.add_argument("--seed", type=int, default=0)
     a = p.parse_args()
+    check_model_args(p, a)
     if a.samples < 2:
         p.error(f"--samples must be >= 2, got {a.samples}")
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))

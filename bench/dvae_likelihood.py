@@ -15,19 +15,23 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
-import numpy as np
-import torch
-import yaml
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # this checkout's code, not whatever tree the venv's editable install names
 
-from data_pipeline.sources.shape_analysis import count_objects
-from data_pipeline.sources.shapes import ShapesConfig, ShapesSource
-from trainer.dalle.dvae import DVAEConfig, beta_at, tau_at
-from trainer.families.dvae import DVAEFamily, code_stats, psnr_db
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "t2i_dvae.yaml"
+from data_pipeline.sources.shape_analysis import count_objects  # noqa: E402
+from data_pipeline.sources.shapes import ShapesConfig, ShapesSource  # noqa: E402
+from trainer.dalle.dvae import DVAEConfig, beta_at, tau_at  # noqa: E402
+from trainer.families.dvae import DVAEFamily, code_stats, psnr_db  # noqa: E402
+
+CONFIG = ROOT / "configs" / "t2i_dvae.yaml"
 
 
 def scenes(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -84,6 +88,11 @@ def main() -> None:
     ap.add_argument("--every", type=int, default=150)
     ap.add_argument("--batch", type=int, default=32)
     args = ap.parse_args()
+    for name in ("every", "batch"):
+        if getattr(args, name) < 1:
+            ap.error(f"--{name} {getattr(args, name)}: must be at least 1")
+    if args.steps < 0:
+        ap.error(f"--steps {args.steps}: must be 0 (score the initial models only) or more")
     torch.set_num_threads(1)
     config = yaml.safe_load(CONFIG.read_text())
     model_cfg = {k: v for k, v in config["model"].items() if k not in ("likelihood",)}

@@ -12,17 +12,22 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import sys
 import time
 
-import numpy as np
-import torch
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)  # this checkout's code, not whatever tree the venv's editable install names
 
-from data_pipeline.codecs import build_codec
-from data_pipeline.manifest import load_manifest
-from data_pipeline.sources.shape_analysis import caption_matches
-from data_pipeline.stream import RankStream, StreamConfig
-from trainer.export import load_export
-from trainer.families.dvae import code_stats, psnr_db
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from data_pipeline.codecs import build_codec  # noqa: E402
+from data_pipeline.manifest import load_manifest  # noqa: E402
+from data_pipeline.sources.shape_analysis import caption_matches  # noqa: E402
+from data_pipeline.stream import RankStream, StreamConfig  # noqa: E402
+from trainer.export import load_export  # noqa: E402
+from trainer.families.dvae import code_stats, psnr_db  # noqa: E402
 
 
 def main() -> None:
@@ -32,6 +37,8 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="at most this many scenes (0: all)")
     ap.add_argument("--batch", type=int, default=64)
     args = ap.parse_args()
+    if args.batch < 1 or args.limit < 0:
+        ap.error(f"--batch {args.batch} --limit {args.limit}: the batch must be at least 1, the limit 0 (all) or more")
     torch.set_num_threads(1)
     family, modules, _ = load_export(args.export)
     manifest = load_manifest(args.data)

@@ -20,6 +20,8 @@ import sys
 import tempfile
 import time
 
+from ray_tree import use_checkout, workers_tree  # bench/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -62,38 +64,39 @@ def gap_vs_epoch(repeats: int) -> dict[str, float]:
             "gap_over_epoch": round(gap / epoch, 3)}
 
 
-def spine_rates(steps: int) -> dict[str, float]:
+def spine_rates(steps: int) -> dict[str, object]:
     from data_pipeline.prepare import PrepareConfig, prepare_dataset
     from launch.config import load_config
     from launch.train import ensure_ray, run_training
 
-    work = tempfile.mkdtemp(prefix="dgm-bench-gan-")
-    data = {}
-    for split, n in (("train", 20000), ("holdout", 2048)):
-        data[split] = os.path.join(work, split)
-        prepare_dataset(PrepareConfig(output=data[split], source="mixture", codec="points", samples_per_shard=1000,
-                                      source_settings={"num_samples": n, "split": split}, parallel=False),
-                        report=lambda _: None)
-    ensure_ray("", 200)
-    out: dict[str, float] = {}
-    for workers in (1, 2):
-        run = os.path.join(work, f"run{workers}")
-        cfg, raw = load_config(os.path.join(ROOT, "configs", "gan_ring.yaml"), [
-            f"run_dir={run}", f"data.train={data['train']}", f"data.eval={data['holdout']}", f"name=bench{workers}",
-            f"trainer.steps={steps}", f"trainer.schedule.total_steps={steps}", f"trainer.eval_every={steps}",
-            f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}", f"cluster.workers={workers}",
-            "trainer.log_every=20"])
-        run_training(cfg, raw)
-        times = {}
-        with open(os.path.join(run, "metrics.jsonl")) as f:
-            for line in f:
-                rec = json.loads(line)
-                if rec["split"] == "train":
-                    times[rec["step"]] = rec["time"]
-        rate = (steps - 10) / (times[steps] - times[10])
-        out[f"steps_per_s_{workers}rank"] = round(rate, 2)
-        out[f"samples_per_s_{workers}rank"] = round(rate * cfg.data.stream.global_batch, 1)
+    with tempfile.TemporaryDirectory(prefix="dgm-bench-gan-") as work:
+        data = {}
+        for split, n in (("train", 20000), ("holdout", 2048)):
+            data[split] = os.path.join(work, split)
+            prepare_dataset(PrepareConfig(output=data[split], source="mixture", codec="points", samples_per_shard=1000,
+                                          source_settings={"num_samples": n, "split": split}, parallel=False),
+                            report=lambda _: None)
+        ensure_ray("", 200)
+        out: dict[str, object] = {}
+        for workers in (1, 2):
+            run = os.path.join(work, f"run{workers}")
+            cfg, raw = load_config(os.path.join(ROOT, "configs", "gan_ring.yaml"), [
+                f"run_dir={run}", f"data.train={data['train']}", f"data.eval={data['holdout']}",
+                f"name=bench{workers}", f"trainer.steps={steps}", f"trainer.schedule.total_steps={steps}",
+                f"trainer.eval_every={steps}", f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}",
+                f"cluster.workers={workers}", "trainer.log_every=20"])
+            run_training(cfg, raw)
+            times = {}
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                for line in f:
+                    rec = json.loads(line)
+                    if rec["split"] == "train":
+                        times[rec["step"]] = rec["time"]
+            rate = (steps - 10) / (times[steps] - times[10])
+            out[f"steps_per_s_{workers}rank"] = round(rate, 2)
+            out[f"samples_per_s_{workers}rank"] = round(rate * cfg.data.stream.global_batch, 1)
     out["speedup_2_over_1"] = round(out["steps_per_s_2rank"] / out["steps_per_s_1rank"], 3)
+    out.update(workers_tree())
     return out
 
 
@@ -105,6 +108,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.steps <= 10 and not args.skip_spine:
         parser.error(f"--steps {args.steps}: the rate is timed from step 10 on, so it needs more than 10")
+    if args.repeats < 1:
+        parser.error(f"--repeats {args.repeats}: the best of at least one epoch and one gap evaluation")
+    use_checkout()
     result = {"load_avg_1min_start": round(os.getloadavg()[0], 2), **gap_vs_epoch(args.repeats)}
     print(f"[bench] one epoch {result['epoch_s']}s, one gap evaluation {result['gap_eval_s']}s", flush=True)
     if not args.skip_spine:

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from ray_tree import use_checkout, workers_tree  # bench/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -70,13 +72,20 @@ def reference(steps: int) -> float:
            "TORCH_EXTENSIONS_DIR": os.path.join(ROOT, ".cache", "torch_extensions")}
     with tempfile.NamedTemporaryFile("w", suffix=".py", delete=False) as f:
         f.write(REFERENCE)
-    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
-                          f.name, ROOT, str(steps)], capture_output=True, text=True, env=env, check=True)
-    os.unlink(f.name)
-    return json.loads([line for line in out.stdout.splitlines() if line.startswith("{")][-1])["steps_per_s"]
+    try:
+        out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc_per_node", "2",
+                              f.name, ROOT, str(steps)], capture_output=True, text=True, env=env)
+    finally:
+        os.unlink(f.name)
+    lines = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not lines:  # captured for the JSON line: show the child's own words, not just its status
+        sys.stderr.write(out.stderr[-6000:])
+        raise SystemExit(f"[spine_overhead] the reference loop failed (torchrun exit {out.returncode}); its stderr "
+                         "is above")
+    return json.loads(lines[-1])["steps_per_s"]
 
 
-def dgm(steps: int) -> tuple[float, float]:
+def dgm(steps: int) -> tuple[float, float, dict[str, object]]:
     from data_pipeline.prepare import PrepareConfig, prepare_dataset
     from launch.config import load_config
     from launch.train import run_training
@@ -91,23 +100,26 @@ def dgm(steps: int) -> tuple[float, float]:
             f"trainer.sample_every={steps}", f"trainer.checkpoint_every={steps}"])
         start = time.time()
         summary = run_training(cfg, raw)
-        return summary["steps_per_s"], summary["first_step_wall"] - start
+        return summary["steps_per_s"], summary["first_step_wall"] - start, workers_tree()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=60)
     args = ap.parse_args()
+    if args.steps < 2:
+        ap.error(f"--steps {args.steps}: both rates are timed from the first step to the last, so at least 2")
+    use_checkout()
     log(f"reference: plain torch + deepspeed under torchrun, {args.steps} steps")
     ref = reference(args.steps)
     log(f"reference {ref:.3f} steps/s; dgm train through Ray, {args.steps} steps")
-    ours, first = dgm(args.steps)
+    ours, first, tree = dgm(args.steps)
     log(f"dgm {ours:.3f} steps/s, first step after {first:.1f}s")
     if "ray" in sys.modules:  # Ray's workers print to this stdout asynchronously: stop it before the JSON line
         sys.modules["ray"].shutdown()
     print(json.dumps({"dgm_steps_per_s": round(ours, 3), "reference_steps_per_s": round(ref, 3),
                       "ratio": round(ours / ref, 3), "dgm_time_to_first_step_s": round(first, 1),
-                      "machine": f"{os.cpu_count()} CPU cores, no GPU", "ranks": 2, "zero_stage": 2}))
+                      "machine": f"{os.cpu_count()} CPU cores, no GPU", "ranks": 2, "zero_stage": 2, **tree}))
 
 
 if __name__ == "__main__":

@@ -18,6 +18,8 @@ import sys
 import tempfile
 import time
 
+from ray_tree import use_checkout, workers_tree  # bench/, beside this script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
@@ -77,6 +79,10 @@ def main() -> None:
     parser.add_argument("--vocab-size", type=int, default=0, help="caption tokenizer size (default: the config's)")
     parser.add_argument("--export", default="", help="a trained dVAE export (default: the config's, random init)")
     args = parser.parse_args()
+    for name in ("images", "shard", "batch_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} {getattr(args, name)}: must be at least 1")
+    use_checkout()
     torch.set_num_threads(1)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with open("/proc/loadavg") as f:
@@ -108,6 +114,7 @@ def main() -> None:
             result[f"ray_{workers}w_startup_s"] = ready[0] - start
             result[f"ray_{workers}w_images_per_s"] = args.images / (end - ready[0])
             result[f"ray_{workers}w_images_per_s_with_startup"] = args.images / (end - start)
+        result.update(workers_tree())
         ray.shutdown()
     result["scaling_2w_over_1w"] = result["ray_2w_images_per_s"] / result["ray_1w_images_per_s"]
     result["scaling_2w_over_1w_with_startup"] = (result["ray_2w_images_per_s_with_startup"]
