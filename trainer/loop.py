@@ -553,7 +553,8 @@ def train_worker(spec: RunSpec) -> dict[str, Any]:
                "torch_threads": torch.get_num_threads()}
     if rank == 0 and done_here == 0 and os.path.exists(os.path.join(spec.run_dir, SUMMARY)):
         print(f"[train] the run is already at step {step} of trainer.steps={cfg.steps}: nothing to train "
-              f"(raise trainer.steps, and trainer.schedule.total_steps with it, to go on); {SUMMARY} keeps the run's figures", flush=True)
+              f"(raise trainer.steps, and trainer.schedule.total_steps with it, to go on); {SUMMARY} keeps the "
+              "run's figures", flush=True)
     elif rank == 0:
         with open(os.path.join(spec.run_dir, SUMMARY), "w") as f:
             json.dump({k: v for k, v in summary.items() if k != "losses"}, f, indent=1)
