@@ -148,3 +148,18 @@ def test_a_resume_under_another_sample_order_is_refused_or_starts_the_next_epoch
                                               r"32 -> 64\)"):
         resume_position(saved, {**saved, "data": "90 samples, shards cd", "global_batch": 64}, state, "ckpt", "error")
     assert resume_position(saved, {**saved, "seed": 1}, state, "ckpt", "next_epoch") == StreamState(3, 0)
+
+
+def test_shards_are_read_in_a_seeded_order_that_changes_every_epoch():
+    """Every other order test is in epoch-sequence positions, which do not depend on the shard order: never
+    shuffling shards, or shuffling them the same way every epoch, passed them all."""
+    orders = [order(epoch=e).shard_order for e in range(4)]
+    assert all(sorted(o) == list(range(len(COUNTS))) for o in orders)
+    assert len({tuple(o) for o in orders}) == 4 and tuple(range(len(COUNTS))) not in {tuple(o) for o in orders}
+    assert order(epoch=2).shard_order == orders[2]  # reproducible
+    o = order(epoch=1)
+    first = o.shard_order[0]
+    assert o.locate(0) == (first, 0) and o.locate(COUNTS[first]) == (o.shard_order[1], 0)
+    assert o.shard_span(first) == (0, COUNTS[first])
+    plain = EpochOrder(COUNTS, seed=3, epoch=1, global_batch=24, partitions=12, shuffle_shards=False)
+    assert plain.shard_order == list(range(len(COUNTS))) and plain.locate(37) == (1, 0)
