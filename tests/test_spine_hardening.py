@@ -491,3 +491,60 @@ def test_a_restart_before_the_first_checkpoint_does_not_double_tensorboard(tmp_p
     events = EventAccumulator(str(tmp_path / "tensorboard"))
     events.Reload()
     assert [(e.step, e.value) for e in events.Scalars("train/loss")] == [(1, 21.0), (2, 22.0), (3, 23.0)]
+
+
+def _train_losses(run_dir: str) -> dict[int, float]:
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return {r["step"]: r["loss"] for r in records if r["split"] == "train"}
+
+
+def _resume_from(run: str, tag: str) -> None:
+    """Make ``run`` a run that stopped at checkpoint ``tag``: later checkpoints and the summary removed."""
+    root = os.path.join(run, "checkpoints")
+    for name in os.listdir(root):
+        if name.startswith("step-") and name > tag:
+            shutil.rmtree(os.path.join(root, name))
+    with open(os.path.join(root, "latest"), "w") as f:
+        f.write(tag)
+    os.remove(os.path.join(run, "summary.json"))
+
+
+def test_a_resume_with_dropout_repeats_the_losses(world1, digits_data, tmp_path):
+    """Every other resume test trains without dropout, so the global RNG the checkpoint restores was never
+    needed: not restoring it passed them all."""
+    extra = ("trainer.steps=4", "trainer.eval_every=4", "trainer.sample_every=4", "model.transformer.dropout=0.2")
+    ref = str(tmp_path / "ref")
+    train_worker(spec_of(ref, digits_data, *extra))
+    run = str(tmp_path / "run")
+    shutil.copytree(ref, run)
+    _resume_from(run, "step-00000002")
+    train_worker(spec_of(run, digits_data, *extra))
+    want, got = _train_losses(ref), _train_losses(run)
+    assert [got[s] for s in (3, 4)] == [want[s] for s in (3, 4)]
+
+
+def test_only_the_newest_local_checkpoints_are_kept(world1, digits_data, tmp_path):
+    run = str(tmp_path / "run")
+    train_worker(spec_of(run, digits_data, "trainer.steps=4", "trainer.checkpoint_every=1",
+                         "trainer.keep_checkpoints=2", "trainer.eval_every=4", "trainer.sample_every=4"))
+    assert sorted(os.listdir(os.path.join(run, "checkpoints"))) == ["latest", "step-00000003", "step-00000004"]
+
+
+def test_accumulation_steps_the_optimizer_once_per_accumulated_batches(world1, digits_data, tmp_path):
+    """zero.grad_accum was only checked as config: 4 micro-batch steps at accumulation 2 are 2 optimizer steps, and
+    a tiny zero.grad_clip shrinks the update (Adam's step is scale-free except for eps)."""
+    moved = {}
+    for name, extra in (("plain", ()), ("accum", ("zero.grad_accum=2",)), ("clip", ("zero.grad_clip=1e-12",))):
+        run = str(tmp_path / name)
+        spec = spec_of(run, digits_data, "trainer.steps=4", "trainer.checkpoint_every=4", "trainer.eval_every=4",
+                       "trainer.sample_every=4", *extra)
+        train_worker(spec)
+        saved = torch.load(os.path.join(run, "checkpoints", "step-00000004", "model", "ds",
+                                        "mp_rank_00_model_states.pt"), map_location="cpu", weights_only=False)
+        torch.manual_seed(spec.trainer.seed)
+        init = family_class(spec.family)(spec.model, data_info(load_manifest(spec.train_data))).build_modules()
+        moved[name] = (saved["global_steps"], max(float((saved["module"][k].float() - v.float()).abs().max())
+                                                  for k, v in init["model"].state_dict().items()))
+    assert moved["plain"][0] == 4 and moved["accum"][0] == 2 and moved["clip"][0] == 4
+    assert moved["clip"][1] < moved["plain"][1] / 100, moved
