@@ -104,3 +104,13 @@ def test_a_model_giving_nan_logits_is_named_not_a_torch_error():
 def test_a_tiny_temperature_is_greedy_not_nan():
     logits = torch.tensor([[1.0, 3.0, 2.0]])
     assert int(sample_logits(logits, 1e-40, generator=torch.Generator().manual_seed(0))) == 1
+
+
+@pytest.mark.parametrize("temperature", [0.5, 1.0, 2.0])
+def test_draws_follow_the_softmax_of_the_logits_over_the_temperature(temperature):
+    """Tests drew at temperature 0, 1e-40 or 1 only: ignoring the temperature passed them all."""
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0]]).expand(20000, 4)
+    draws = sample_logits(logits, temperature, generator=torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws.flatten(), minlength=4).float() / draws.numel()
+    want = torch.softmax(logits[0] / temperature, dim=-1)
+    assert torch.allclose(freq, want, atol=0.015), (freq, want)
