@@ -5,6 +5,7 @@ in-process (a file:// gloo group of world 1)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -548,3 +549,28 @@ def test_accumulation_steps_the_optimizer_once_per_accumulated_batches(world1, d
                                                   for k, v in init["model"].state_dict().items()))
     assert moved["plain"][0] == 4 and moved["accum"][0] == 2 and moved["clip"][0] == 4
     assert moved["clip"][1] < moved["plain"][1] / 100, moved
+
+
+def test_held_out_metrics_weigh_each_real_sample_once(digits_data, tmp_path):
+    """The last held-out batch is padded; counting its padding as samples (weighting each batch by its size)
+    over-weighted its real ones, and no test evaluated a padded batch."""
+    import types
+
+    from data_pipeline.codecs import build_codec
+    from data_pipeline.stream import RankStream
+    from trainer.loop import _eval
+
+    spec = spec_of(str(tmp_path / "run"), digits_data, "trainer.eval_batches=1000", "data.stream.global_batch=48")
+    manifest = load_manifest(spec.eval_data)
+    assert manifest.total % 48, "the held-out set must end in a padded batch"
+    torch.manual_seed(0)
+    family = family_class(spec.family)(spec.model, data_info(manifest))
+    modules = family.build_modules()
+    got = _eval(family, {k: types.SimpleNamespace(module=m) for k, m in modules.items()}, manifest, spec, 0, 1,
+                build_codec(manifest.codec["name"]).decode, torch.device("cpu"))
+    stream = RankStream(manifest, dataclasses.replace(spec.stream, drop_last=False), build_codec("image").decode, 0, 1)
+    real = [s for batch in stream.iterate(max_epochs=1) for s in batch if s.get("valid", True)]
+    assert len(real) == manifest.total
+    with torch.no_grad():
+        want = family.evaluate({k: m.eval() for k, m in modules.items()}, family.collate(real))["loss"]
+    assert got["loss"] == pytest.approx(want, rel=1e-5)
