@@ -115,7 +115,7 @@ def test_an_export_published_to_s3_loads_and_samples_from_there(tmp_path, s3_buc
             publish_remote(str(tmp_path / "export1"), url)
     finally:
         storage.upload_file = real_upload
-    with pytest.raises(ExportError):
+    with pytest.raises(ExportError, match=rf"{url}: not an export \(no {CONFIG}\)"):
         load_export_url(url)  # half published: never loads
     check_remote_replaceable(url)  # but it is ours: a retry may replace it
     publish_remote(str(tmp_path / "export1"), url)

@@ -74,6 +74,7 @@ def test_gan_trains_on_two_ranks_with_three_engines_resumes_exactly_and_exports(
     for s in range(5, 9):
         assert resumed[s]["d_loss"] == pytest.approx(train[s]["d_loss"], abs=1e-5)
         assert resumed[s]["g_loss"] == pytest.approx(train[s]["g_loss"], abs=1e-5)
+        assert resumed[s]["c_loss"] == pytest.approx(train[s]["c_loss"], abs=1e-5)  # the classifier's state too
 
     out = str(tmp_path / "export")
     export_checkpoint(os.path.join(run, "checkpoints"), out)
