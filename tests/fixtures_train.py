@@ -3,6 +3,7 @@ and a one-rank process group in the test process."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
@@ -86,3 +87,22 @@ def one_thread_module() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def flip_a_master_weight_byte(checkpoint: str, rank: int) -> tuple[str, str]:
+    """One byte changed in the middle of rank ``rank``'s fp32 master weights (its largest archive member), as a
+    failing disk or a bad copy does: (file, member)."""
+    import zipfile
+
+    ds = os.path.join(checkpoint, "model", "ds")
+    file = os.path.join(ds, next(n for n in sorted(os.listdir(ds)) if n.startswith(f"zero_pp_rank_{rank}_")
+                                 and n.endswith("optim_states.pt")))
+    with zipfile.ZipFile(file) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
+    with open(file, "r+b") as f:
+        f.seek(start + member.file_size // 2 + 3)
+        byte = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([byte[0] ^ 0x7F]))
+    return file, member.filename

@@ -315,6 +315,18 @@ def test_a_truncated_file_met_converting_for_another_world_size_is_named(damaged
     assert not os.path.exists(os.path.join(damaged, STEP2, "model", "ds_universal"))
 
 
+def test_a_flipped_byte_met_converting_for_another_world_size_is_named(damaged):
+    """The conversion read a flipped master-weight byte as it was: a resume on another world size trained on it."""
+    from tests.fixtures_train import flip_a_master_weight_byte
+    from trainer.checkpoint import to_universal
+
+    file, member = flip_a_master_weight_byte(os.path.join(damaged, STEP2), rank=0)
+    with pytest.raises(CheckpointError, match=rf"checkpoint file {file} is unreadable: truncated or corrupt "
+                                              rf"\(member {member} fails its CRC check\); it cannot be converted"):
+        to_universal(os.path.join(damaged, STEP2), "model")
+    assert not os.path.exists(os.path.join(damaged, STEP2, "model", "ds_universal"))
+
+
 CONVERT_SCRIPT = r"""
 import datetime, json, sys, torch.distributed as dist, torch.multiprocessing as mp
 from tests.test_spine_hardening import spec_of

@@ -13,6 +13,7 @@ import pytest
 from launch.config import load_config
 from launch.export import export_checkpoint
 from launch.train import run_training
+from tests.fixtures_train import flip_a_master_weight_byte
 from trainer.checkpoint import CheckpointError
 from trainer.export import ExportError, load_export
 
@@ -157,25 +158,6 @@ def test_export_loads_with_torch_alone_and_matches_training(reference_run, digit
                    cwd=ROOT, check=True, capture_output=True)
     with open(png, "rb") as a, open(os.path.join(reference_run, "samples", "step-00000012.png"), "rb") as b:
         assert a.read() == b.read()
-
-
-def flip_a_master_weight_byte(checkpoint: str, rank: int) -> tuple[str, str]:
-    """One byte changed in the middle of rank ``rank``'s fp32 master weights (its largest archive member), as a
-    failing disk or a bad copy does: (file, member)."""
-    import zipfile
-
-    ds = os.path.join(checkpoint, "model", "ds")
-    file = os.path.join(ds, next(n for n in sorted(os.listdir(ds)) if n.startswith(f"zero_pp_rank_{rank}_")
-                                 and n.endswith("optim_states.pt")))
-    with zipfile.ZipFile(file) as z:
-        member = max(z.infolist(), key=lambda i: i.file_size)
-        start = member.header_offset + 30 + len(member.filename.encode()) + len(member.extra)
-    with open(file, "r+b") as f:
-        f.seek(start + member.file_size // 2 + 3)
-        byte = f.read(1)
-        f.seek(-1, os.SEEK_CUR)
-        f.write(bytes([byte[0] ^ 0x7F]))
-    return file, member.filename
 
 
 def test_resume_refuses_a_checkpoint_with_a_flipped_byte(reference_run, digits_data, tmp_path):

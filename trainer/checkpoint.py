@@ -428,15 +428,13 @@ class CheckpointStore:
             # a flipped byte in a master weight would otherwise load and train on, to a NaN loss blamed on the lr
             bad = None if universal else unreadable_file(os.path.join(load_dir, ds_tag), self.rank)
             if bad is not None:
-                raise CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], path)} is unreadable: "
-                                      f"truncated or corrupt ({bad[1]})")
+                raise _damaged(where, path, bad)
             try:
                 loaded, _ = engine.load_checkpoint(load_dir, tag=ds_tag, load_module_strict=True)
             except Exception as e:
                 bad = unreadable_file(os.path.join(load_dir, ds_tag))
                 if bad is not None:
-                    raise CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], path)} is unreadable: "
-                                          f"truncated or corrupt ({bad[1]})") from e
+                    raise _damaged(where, path, bad) from e
                 if isinstance(e, FileNotFoundError):
                     raise CheckpointError(f"checkpoint {where}: network {name!r}: {e.filename} is missing (an "
                                           "incomplete checkpoint)") from e
@@ -525,6 +523,12 @@ def unreadable_file(folder: str, rank: int | None = None) -> tuple[str, str] | N
     return None
 
 
+def _damaged(where: str, local: str, bad: tuple[str, str]) -> CheckpointError:
+    """The error for ``unreadable_file``'s answer about checkpoint ``where`` (read from folder ``local``)."""
+    return CheckpointError(f"checkpoint file {where}/{os.path.relpath(bad[0], local)} is unreadable: truncated or "
+                           f"corrupt ({bad[1]})")
+
+
 def _loaded_by(name: str, rank: int) -> bool:
     """Whether a rank resuming at the same world size reads DeepSpeed file ``name``: the shared module state and
     its own partitions."""
@@ -595,16 +599,14 @@ def to_universal(checkpoint_dir: str, engine_name: str) -> None:
         return
 
     def convert(work: str) -> None:
-        try:
-            ds_to_universal(type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
-                                                  num_merge_workers=1, keep_temp_folder=False, strict=True,
-                                                  inject_missing_state=True))())
-        except Exception as e:
-            bad = unreadable_file(src)
-            if bad is not None:
-                raise CheckpointError(f"checkpoint file {bad[0]} is unreadable: truncated or corrupt ({bad[1]}); "
-                                      "it cannot be converted to load at another world size") from e
-            raise
+        # checked before, not after a failure: DeepSpeed converts a flipped byte in a master weight without a word
+        bad = unreadable_file(src)
+        if bad is not None:
+            raise CheckpointError(f"checkpoint file {bad[0]} is unreadable: truncated or corrupt ({bad[1]}); it "
+                                  "cannot be converted to load at another world size")
+        ds_to_universal(type("Args", (), dict(input_folder=src, output_folder=work, num_extract_workers=1,
+                                              num_merge_workers=1, keep_temp_folder=False, strict=True,
+                                              inject_missing_state=True))())
 
     _publish_dir(dst, CONVERTED, convert)
     with open(os.path.join(checkpoint_dir, engine_name, "latest_universal"), "w") as f:
