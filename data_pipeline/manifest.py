@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -32,6 +33,10 @@ class ShardInfo:
     """What the codec reported of this shard's encodes (codecs with ``encode_report``): counts such as values
     clipped or JPEG files read for their coefficients, and under ``examples`` the first reasons for anything the
     user may want to fix; empty for other codecs."""
+    labels: dict[str, int] = field(default_factory=dict)
+    """How many of the shard's samples carry each class label (keys are the labels as JSON strings): what lets a
+    run refuse labels its model has no class for before it starts, and sampling default to the classes the data
+    holds. Empty for unlabelled sources and for shards written by an older dgm."""
 
 
 @dataclass
@@ -70,6 +75,15 @@ class Manifest:
                     total[key] = total.get(key, 0) + value
         return total
 
+    @property
+    def label_counts(self) -> dict[str, int]:
+        """Samples per class label over all shards, in label order (``{}``: no shard records labels)."""
+        total: dict[str, int] = {}
+        for shard in self.shards:
+            for label, n in shard.labels.items():
+                total[label] = total.get(label, 0) + n
+        return dict(sorted(total.items(), key=lambda kv: int(kv[0])))
+
     def shard_url(self, i: int) -> str:
         return storage.join(self.url, self.shards[i].name)
 
@@ -85,8 +99,9 @@ class Manifest:
                 shard["lengths"] = f"@lengths-{i}@"
             else:
                 del shard["lengths"]
-            if not shard["encoding"]:
-                del shard["encoding"]
+            for key in ("encoding", "labels"):
+                if not shard[key]:
+                    del shard[key]
         text = json.dumps(data, indent=1, sort_keys=True)
         for placeholder, row in rows.items():
             text = text.replace(f'"{placeholder}"', row, 1)
@@ -146,6 +161,7 @@ def parse_manifest(text: str, url: str) -> Manifest:
         _require(all(type(n) is int and n >= 1 for n in info.lengths), url,
                  f"shards[{i}].lengths must be positive ints")
         _check_encoding(info.encoding, url, f"shards[{i}].encoding")
+        _check_labels(info, url, f"shards[{i}].labels")
         _check_offsets(info, stride, url, f"shards[{i}] ({info.name})")
         _require(info.first_index == before, url,
                  f"shards[{i}].first_index is {info.first_index}, but the shards before it hold {before} samples "
@@ -197,6 +213,16 @@ def _check_encoding(encoding: Any, url: str, where: str) -> None:
                      f"{where}.examples must be a list of strings")
         else:
             _require(type(value) is int and value >= 0, url, f"{where}.{key} must be a count (an int >= 0)")
+
+
+def _check_labels(info: ShardInfo, url: str, where: str) -> None:
+    labels = info.labels
+    _require(isinstance(labels, dict), url, f"{where} must be an object of label -> count")
+    for key, value in labels.items():
+        _require(re.fullmatch(r"0|[1-9][0-9]*", key) is not None, url, f"{where}: label {key!r} is not an integer >= 0")
+        _require(type(value) is int and value >= 1, url, f"{where}.{key} must be a count (an int >= 1)")
+    _require(sum(labels.values()) <= info.count, url,
+             f"{where} counts {sum(labels.values())} labelled samples, but the shard holds {info.count}")
 
 
 def load_manifest(dataset_url: str) -> Manifest:

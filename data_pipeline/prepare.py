@@ -181,7 +181,7 @@ def finished_info(output: str, plan: ShardPlan, verify: bool = False) -> ShardIn
         if not isinstance(data, dict) or data.get("fingerprint") != plan.fingerprint:
             return None
         info = ShardInfo(**data["shard"])
-        if storage.size(shard_url) != info.bytes:
+        if not isinstance(info.labels, dict) or storage.size(shard_url) != info.bytes:
             return None
         return info if not verify or storage.sha256_of(shard_url) == info.sha256 else None
     except (ValueError, TypeError, KeyError, storage.StorageError):
@@ -208,6 +208,7 @@ def write_shard(config: PrepareConfig, plan: ShardPlan, source: Any = None) -> S
     codec = build_codec(config.codec, config.codec_settings)
 
     length_of = getattr(codec, "sequence_length", None)  # codecs writing variable-length sequences have one
+    labels: dict[str, int] = {}
 
     def fill(writer: wds.TarWriter) -> list[int] | None:
         lengths = []
@@ -217,16 +218,20 @@ def write_shard(config: PrepareConfig, plan: ShardPlan, source: Any = None) -> S
             writer.write({"__key__": sample.key, **fields})
             if length_of is not None:
                 lengths.append(length_of(fields))
+            if sample.label is not None:
+                labels[str(sample.label)] = labels.get(str(sample.label), 0) + 1
         return lengths if length_of is not None else None
 
-    return publish_shard(config.output, plan, fill, getattr(codec, "encode_report", None))
+    return publish_shard(config.output, plan, fill, getattr(codec, "encode_report", None), labels)
 
 
 def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], list[int] | None],
-                  report: Callable[[], dict[str, Any]] | None = None) -> ShardInfo:
+                  report: Callable[[], dict[str, Any]] | None = None,
+                  labels: dict[str, int] | None = None) -> ShardInfo:
     """``fill`` writes the shard's samples into a local temporary tar (returning their sequence lengths, or None);
     it is then moved/uploaded whole to ``output`` and its info file (count, size, sha256, index, lengths, the
-    codec's ``report`` of the encodes, plan fingerprint) written beside it."""
+    codec's ``report`` of the encodes, the class ``labels`` that ``fill`` counted, plan fingerprint) written
+    beside it."""
     target = storage.join(output, plan.name)
     fd, tmp = scratch_file("dgm-shard-", ".tar")
     try:
@@ -239,7 +244,8 @@ def publish_shard(output: str, plan: ShardPlan, fill: Callable[[wds.TarWriter], 
         if lengths and len(lengths) != len(offsets):
             raise ValueError(f"shard {target}: {len(lengths)} sequence lengths for {len(offsets)} samples")
         info = ShardInfo(plan.name, len(offsets), os.path.getsize(tmp), digest, plan.first, offsets[::INDEX_STRIDE],
-                         lengths, report() if report is not None else {})
+                         lengths, report() if report is not None else {},
+                         dict(sorted((labels or {}).items(), key=lambda kv: int(kv[0]))))
         storage.upload_file(tmp, target)
     finally:
         if os.path.exists(tmp):
@@ -332,10 +338,12 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     plans = plan_shards(config, len(source), source)
     infos: dict[int, ShardInfo] = {}
     wants_lengths = hasattr(codec, "sequence_length")
+    labelled = source.sample(0).label is not None  # a source labels all its samples or none
     for plan in plans:
         info = finished_info(config.output, plan, config.verify)
-        # shards written without lengths (an older dgm) or with a damaged list are written again
-        if info is not None and (len(info.lengths) == info.count if wants_lengths else not info.lengths):
+        # shards written without lengths or labels (an older dgm) or with a damaged list are written again
+        if (info is not None and (len(info.lengths) == info.count if wants_lengths else not info.lengths)
+                and sum(info.labels.values()) == (info.count if labelled else 0)):
             infos[plan.index] = info
     todo = [p for p in plans if p.index not in infos]
     tokenizer = write_tokenizer(config, source)
@@ -390,6 +398,8 @@ def prepare_dataset(config: PrepareConfig, report: Callable[[str], None] | None 
     remove_leftovers(config.output, [p.name for p in plans], say)
     if "sequence_length" in manifest.extra:
         say(f"[prepare] sequence lengths (rows per sample): {manifest.extra['sequence_length']}")
+    if counts := manifest.label_counts:
+        say("[prepare] class labels (samples): " + ", ".join(f"{k} ({v})" for k, v in counts.items()))
     if encoding := manifest.encoding:
         say(f"[prepare] {describe_encoding(encoding, config.codec)}")
     return manifest

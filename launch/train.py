@@ -69,7 +69,9 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
         check_eval_size(eval_manifest, cfg.data.stream.global_batch, cfg.data.eval)
     # the model against its data (codec, image size, vocabularies), as every rank will check it: before Ray starts
     family = family_class(cfg.family)(cfg.model, data_info(manifest, eval_manifest))
+    family.check_labels(family.data_info, cfg.data.train)
     if eval_manifest is not None:
+        family.check_labels(data_info(eval_manifest), cfg.data.eval)
         family.check_eval_data(data_info(eval_manifest), cfg.data.eval)
     # every rank checks how the data splits over the world; checked here too, before a cluster starts for nothing
     try:

@@ -302,6 +302,7 @@ def test_a_shard_holding_more_samples_than_its_manifest_says_is_refused(digits, 
     last = manifest["shards"][-1]
     held = last["count"]
     last["count"] -= 1
+    del last["labels"]  # (the manifest's own check would find 1 labelled sample too many)
     open(url, "w").write(json.dumps(manifest))
     opener = ShardOpener(load_manifest(data), StreamConfig())
     with pytest.raises(DatasetError, match=rf"{last['name']}: holds more samples than the manifest's {held - 1} "

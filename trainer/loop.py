@@ -176,8 +176,11 @@ def rng_untouched() -> Iterator[None]:
 def data_info(manifest: Manifest, eval_manifest: Manifest | None = None) -> dict[str, Any]:
     """What a family may know of its data set: the manifest's extra facts, source and codec settings, and the
     folder the manifest lives in (for files written beside it, such as a caption tokenizer); and the held-out
-    set's source (``eval_source``), which conditional sampling draws its default conditions from."""
+    set's source (``eval_source``), which conditional sampling draws its default conditions from; and the samples
+    per class label (``label_counts``) where the shards record them."""
     info = {**manifest.extra, "source": manifest.source, "codec": manifest.codec, "dataset_url": manifest.url}
+    if counts := manifest.label_counts:
+        info["label_counts"] = counts
     if eval_manifest is not None:
         info["eval_source"] = eval_manifest.source
     return info

@@ -18,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from trainer.typed_config import ConfigError
+
 
 class Engine(Protocol):
     """The part of a DeepSpeed engine a family uses (a plain-torch stand-in satisfies it for export/eval)."""
@@ -150,6 +152,37 @@ class Family(ABC):
     def sample_classes(self) -> int:
         """How many class labels ``sample_images(labels=...)`` takes (0: none, not class-conditional)."""
         return 0
+
+    @property
+    def label_classes(self) -> int:
+        """How many classes the training data's labels are read as (0: the model does not read them as classes):
+        every label the data holds must be in 0..label_classes-1."""
+        return 0
+
+    @property
+    def label_classes_setting(self) -> str:
+        """The setting that says how many classes the model has (named when the data holds more)."""
+        return "model.num_classes"
+
+    def check_labels(self, info: Mapping[str, Any], url: str) -> None:
+        """Refuse, before training starts, a data set (``info``: its ``data_info``) holding a class label the
+        model has no class for: the shards record their labels, so this is not left to the first batch."""
+        k = self.label_classes
+        outside = [label for label in (info.get("label_counts") or {}) if k and not int(label) < k]
+        if outside:
+            counts = info["label_counts"]
+            raise ConfigError(f"data set {url} holds class labels {', '.join(outside)} "
+                              f"({sum(counts[x] for x in outside)} samples), but this {self.name} model has "
+                              f"{k} classes (0..{k - 1}): raise {self.label_classes_setting} to at least "
+                              f"{max(int(x) for x in outside) + 1}")
+
+    def default_labels(self, n: int) -> list[int]:
+        """The class labels of ``n`` draws when none are given: the classes the training data holds, in turn
+        (every class 0..k-1 when its shards record no labels), so a default grid shows no class never trained."""
+        k = self.sample_classes
+        seen = [int(label) for label in (self.data_info.get("label_counts") or {}) if int(label) < k]
+        classes = seen or list(range(k))
+        return [classes[i % len(classes)] for i in range(n)]
 
     def checked_labels(self, labels: Sequence[int] | None, n: int | None = None) -> list[int] | None:
         """``labels`` for ``sample_images`` (one per sample when ``n`` is given), refused by value when the model

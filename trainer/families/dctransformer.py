@@ -101,6 +101,10 @@ class DCTransformerFamily(Family):
         return self.config.num_classes
 
     @property
+    def label_classes(self) -> int:
+        return self.config.num_classes
+
+    @property
     def variant(self) -> str:
         classes = f"{self.config.num_classes} classes" if self.config.num_classes else "no classes"
         return f"mode {self.config.mode}, {classes}"
@@ -358,7 +362,7 @@ class DCTransformerFamily(Family):
         device = next(model.parameters()).device
         cond = Conditioning(use_context=self.config.use_context, allowed=self._allowed(torch.empty(0, device=device)))
         if self.config.num_classes:
-            labels = labels if labels is not None else [i % self.config.num_classes for i in range(n)]
+            labels = labels if labels is not None else self.default_labels(n)
             cond.labels = torch.as_tensor(labels, dtype=torch.long, device=device)
         if self.config.mode == "unconditional" and images is not None:
             raise ValueError("images: an unconditional model takes no images to condition on")

@@ -153,14 +153,17 @@ class ImageGPTFamily(Family):
     def sample_classes(self) -> int:
         return self.config.num_classes if self.config.class_conditional else 0
 
+    @property
+    def label_classes(self) -> int:
+        return self.sample_classes
+
     def sample_images(self, modules: Mapping[str, nn.Module], n: int, generator: torch.Generator,
                       **options: Any) -> torch.Tensor:
         model = modules["model"]
         device = next(model.parameters()).device
         labels = self.checked_labels(options.pop("labels", None), n)
         if labels is None:
-            labels = [i % self.config.num_classes if self.config.class_conditional else self.config.num_classes
-                      for i in range(n)]
+            labels = self.default_labels(n) if self.config.class_conditional else [self.config.num_classes] * n
         n = len(labels)
         start = torch.as_tensor(labels, dtype=torch.long, device=device)
         pixels = self.generate(model, start, generator, **options)

@@ -227,6 +227,14 @@ class SLSAGanFamily(Family):
         return real
 
     @property
+    def label_classes(self) -> int:
+        return self.config.classes if self.reads_labels else 0
+
+    @property
+    def label_classes_setting(self) -> str:
+        return "model.num_clusters" if self.config.mode == "conditional" else "model.num_classes"
+
+    @property
     def reads_labels(self) -> bool:
         """Whether training uses the data's labels (conditional; self-labelled with manual labels)."""
         c = self.config
