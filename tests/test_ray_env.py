@@ -95,3 +95,16 @@ def test_an_address_nobody_answers_or_a_dashboard_url_is_named_in_seconds() -> N
         listening.bind(("127.0.0.1", 0))
         listening.listen()
         ray_env.check_reachable(f"127.0.0.1:{listening.getsockname()[1]}")  # something answers: Ray takes it on
+
+
+def test_a_joined_cluster_keeps_its_own_extension_cache_unless_one_is_set(monkeypatch: pytest.MonkeyPatch) -> None:
+    """This checkout's cache path was sent to every node of a joined cluster (another machine, where it may not be
+    writable; in a job, a per-submission folder that compiled every op again)."""
+    from trainer.ray_env import PROJECT_ROOT, worker_env
+
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    assert "TORCH_EXTENSIONS_DIR" not in worker_env(shared=True)
+    assert worker_env(shared=False)["TORCH_EXTENSIONS_DIR"].startswith(PROJECT_ROOT)
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", "/shared/ext")
+    assert worker_env(shared=True)["TORCH_EXTENSIONS_DIR"] == worker_env(shared=False)["TORCH_EXTENSIONS_DIR"] \
+        == "/shared/ext"

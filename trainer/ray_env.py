@@ -87,17 +87,23 @@ def withheld_note(withheld: Iterable[str], where: str) -> str:
 
 def worker_env(use_gpu: bool = False, shared: bool | None = None) -> dict[str, str]:
     """Environment every Ray worker gets: DeepSpeed's accelerator (CUDA for a GPU run, else the CPU unless
-    DS_ACCELERATOR says otherwise), the project's extension cache, S3 access. ``shared`` (default: whether
-    ensure_ray joined an existing cluster) leaves the AWS secrets out, see ``forwarded_env``."""
+    DS_ACCELERATOR says otherwise), the extension cache, S3 access. ``shared`` (default: whether ensure_ray
+    joined an existing cluster) leaves the AWS secrets out, see ``forwarded_env``, and this checkout's extension
+    cache: its path means nothing on the cluster's nodes (another user's home, or a job's per-submission
+    working folder that compiled every op again), so they keep torch's own cache unless TORCH_EXTENSIONS_DIR is
+    set here."""
+    shared = _joined_cluster if shared is None else shared
     env = {
         "DS_ACCELERATOR": "cuda" if use_gpu else os.environ.get("DS_ACCELERATOR", "cpu"),
-        "TORCH_EXTENSIONS_DIR": os.environ.get("TORCH_EXTENSIONS_DIR",
-                                               os.path.join(PROJECT_ROOT, ".cache", "torch_extensions")),
         "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2"),
         # Ray Train would also route print() through its logger, so every progress line reached the console twice.
         "RAY_TRAIN_ENABLE_PRINT_PATCH": "0",
     }
-    env.update(forwarded_env(_joined_cluster if shared is None else shared)[0])
+    extensions = os.environ.get("TORCH_EXTENSIONS_DIR") or (
+        None if shared else os.path.join(PROJECT_ROOT, ".cache", "torch_extensions"))
+    if extensions:
+        env["TORCH_EXTENSIONS_DIR"] = extensions
+    env.update(forwarded_env(shared)[0])
     return env
 
 
