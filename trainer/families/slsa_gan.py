@@ -15,7 +15,7 @@ discriminator, hinge loss) and, when self-labelling, ``classifier`` C with its E
 
 A loop step is ``d_steps`` D updates (the rank's real micro-batch is split evenly between them), then
 ``g_steps`` G updates, then ``c_steps`` C updates each followed by the EMA update. Noise comes from a generator
-seeded by (seed, step, rank), so a resumed run draws exactly what an uninterrupted one would.
+seeded by (model.seed, trainer.seed, step, rank), so a resumed run draws exactly what an uninterrupted one would.
 
 Choices the paper's text does not fix are ``SLSAGanConfig`` fields; their defaults are documented there and in
 docs/gan.md.
@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -107,6 +107,9 @@ class SLSAGanConfig:
                               ("c_lr_scale", self.c_lr_scale))),
             (math.isfinite(self.c_real_weight) and self.c_real_weight >= 0,
              f"c_real_weight must be a finite number >= 0, got {self.c_real_weight}"),
+            (self.points_per_image >= 1, f"points_per_image must be >= 1, got {self.points_per_image}"),
+            (math.isfinite(self.image_extent) and self.image_extent >= 0,
+             f"image_extent must be a finite number >= 0 (0: from the data set's scale), got {self.image_extent}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -304,9 +307,23 @@ class SLSAGanFamily(Family):
         d_fake = d_fake.float()
         return -d_fake.mean() if self.config.loss == "hinge" else F.softplus(-d_fake).mean()
 
+    def classifier_loss(self, C: Callable[[torch.Tensor], torch.Tensor], fake: torch.Tensor, y_fake: torch.Tensor,
+                        known_x: torch.Tensor, known_y: torch.Tensor, known_share: torch.Tensor | None
+                        ) -> torch.Tensor:
+        """C's cross-entropy on G's samples and their cells, plus ``c_real_weight`` x that on this rank's reals
+        with an aligned manual label, weighted by its share of them (``StepContext.batch_share``): ranks hold
+        unequal numbers of labelled reals, and an unweighted mean halved a rank's term beside one with none."""
+        loss = F.cross_entropy(C(fake).float(), y_fake)
+        if len(known_y):
+            loss = loss + self.config.c_real_weight * known_share * F.cross_entropy(C(known_x).float(), known_y)
+        return loss
+
     def _rng(self, ctx: StepContext, what: int) -> torch.Generator:
+        """The noise of one (step, rank, use), from model.seed and trainer.seed (0 adds nothing: runs before
+        trainer.seed counted draw what they drew)."""
         return torch.Generator().manual_seed(
-            (self.config.seed * 1_000_003 + ctx.step * 7919 + ctx.rank * 104_729 + what) % (2**63))
+            (self.config.seed * 1_000_003 + ctx.seed * 15_485_863 + ctx.step * 7919 + ctx.rank * 104_729 + what)
+            % (2**63))
 
     def updates_per_step(self, name: str) -> int:
         c = self.config
@@ -345,17 +362,15 @@ class SLSAGanFamily(Family):
                "g_loss": float(np.mean(g_losses))}
         if C is not None:
             lab = real["labelled"]
+            target = classifier.align[real["label"][lab]]
+            known = target >= 0
+            # the labelled reals' mean loss, weighted by this rank's share of them (ranks hold unequal numbers)
+            known_share = ctx.batch_share(known.sum()) if c.label_fraction > 0 else None
             for _ in range(c.c_steps):
                 z, y_fake = self.noise(n_fake, gen, ctx.device, ctx.dtype)
                 with torch.no_grad():
                     fake = G(z, y_fake)
-                loss_c = F.cross_entropy(C(fake).float(), y_fake)
-                if lab.any():
-                    target = classifier.align[real["label"][lab]]
-                    known = target >= 0
-                    if known.any():
-                        loss_c = loss_c + c.c_real_weight * F.cross_entropy(C(real["x"][lab][known]).float(),
-                                                                            target[known])
+                loss_c = self.classifier_loss(C, fake, y_fake, real["x"][lab][known], target[known], known_share)
                 C.backward(loss_c)
                 C.step()
                 classifier.update_ema(c.ema_decay)
