@@ -50,12 +50,19 @@ from launch.jobs import (
 
 QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED = "queued", "running", "succeeded", "failed", "stopped"
 FINISHED = frozenset({SUCCEEDED, FAILED, STOPPED})
+STATES = (QUEUED, RUNNING, SUCCEEDED, FAILED, STOPPED)
 _RAY_TO_STATE = {"PENDING": RUNNING, "RUNNING": RUNNING, "SUCCEEDED": SUCCEEDED, "FAILED": FAILED,
                  "STOPPED": STOPPED}
 NEVER_STARTED = "JOB_SUPERVISOR_ACTOR_START_TIMEOUT"  # Ray's error_type for a job whose entrypoint never started
 FORMAT_VERSION = 3  # 2 added retry_at / submit_error, 3 pinned_ip: an older dgm refuses such a file by its version
 READABLE_VERSIONS = (1, 2, 3)  # older versions: read with the later fields at their defaults
 MAX_RETRY_WAIT_S = 3600.0
+REPORT_GRACE_S = 15.0
+"""Seconds after a submission in which Ray may not report a one-process job's resources as used yet (5.5 s
+measured on a local head): its booking is also taken off what Ray reports free (``planning_free``)."""
+WORKERS_GRACE_S = 60.0
+"""The same for a job whose Ray Train workers claim its resources: they start after its driver has imported
+torch, DeepSpeed and Ray Train."""
 
 
 @dataclass(frozen=True)
@@ -117,7 +124,12 @@ class QueuedJob:
                  for name, kind in _FIELD_KINDS.items() if name in d and not _is_kind(d[name], kind)]
         if wrong:  # else a hand-edited "priority": "5" crashed the runner's planning, not the reading
             raise ValueError(f"job {d.get('job_id', '?')!r}: {'; '.join(wrong)}")
-        d["resources"] = JobResources.from_dict(d["resources"])
+        if d.get("state", QUEUED) not in STATES:
+            raise ValueError(f"job {d['job_id']!r}: state {d['state']!r} is not one of {', '.join(STATES)}")
+        try:
+            d["resources"] = JobResources.from_dict(d["resources"])
+        except ValueError as e:
+            raise ValueError(f"job {d['job_id']!r}: {e}") from None
         return cls(**d)
 
 
@@ -153,15 +165,21 @@ def _shortfall(need: Mapping[str, float], free: Mapping[str, float]) -> str:
 
 
 def planning_free(total: Mapping[str, float], available: Mapping[str, float], booked: Mapping[str, float],
-                  max_total: Mapping[str, float] | None = None) -> dict[str, float]:
-    """What the queue may hand out this round. A fixed cluster: what its live nodes have free, less what the queue's
-    running jobs booked. An autoscaling one (``max_total`` from its cluster file): the cluster at full scale less the
-    bookings, since a submission the live nodes cannot hold waits PENDING, and a pending job is what makes the
-    autoscaler add the node (planned against the live nodes alone, a job for a node type not up never started)."""
-    if max_total:
-        capacity = {**total, **{k: max(v, total.get(k, 0.0)) for k, v in max_total.items()}}
-        return {k: v - booked.get(k, 0.0) for k, v in capacity.items()}
-    return {k: min(available.get(k, 0.0), v - booked.get(k, 0.0)) for k, v in total.items()}
+                  max_total: Mapping[str, float] | None = None,
+                  unreported: Mapping[str, float] | None = None) -> dict[str, float]:
+    """What the queue may hand out this round: the capacity less what is used, where used is the larger of what
+    the queue's running jobs booked and what Ray reports used (by anyone) plus the bookings Ray may not report
+    yet (``unreported``: jobs still PENDING or just submitted; Ray's report lags a submission by seconds, and in
+    that gap a stale report hid another user's jobs and the queue started more than fitted, leaving Ray, not the
+    priorities, to pick the order). The capacity of a fixed cluster is its live nodes; of an autoscaling one
+    (``max_total`` from its cluster file) the cluster at full scale, since a submission the live nodes cannot hold
+    waits PENDING, and a pending job is what makes the autoscaler add the node (planned against the live nodes
+    alone, a job for a node type not up never started)."""
+    unreported = unreported or {}
+    capacity = {**total, **{k: max(v, total.get(k, 0.0)) for k, v in (max_total or {}).items()}}
+    return {k: cap - max(booked.get(k, 0.0),
+                         total.get(k, 0.0) - available.get(k, total.get(k, 0.0)) + unreported.get(k, 0.0))
+            for k, cap in capacity.items()}
 
 
 def _node_shortfall(need: Mapping[str, float], nodes: Sequence[Mapping[str, float]]) -> str:
@@ -285,7 +303,12 @@ class JobQueue:
     def _flock(self, suffix: str) -> Iterator[None]:
         path = self.path.with_name(self.path.name + suffix)
         fresh = not path.exists()
-        with open(path, "a") as lock:
+        try:
+            lock = open(path, "a")
+        except OSError as e:
+            raise ClusterError(f"queue file {self.path}: cannot open its lock file {path} "
+                               f"({e.strerror or e}); the queue needs a folder it may write to") from None
+        with lock:
             if fresh and self.path.exists():  # a shared queue's lock files are as shared as the queue
                 with contextlib.suppress(OSError):
                     os.fchmod(lock.fileno(), self.path.stat().st_mode & 0o777)
@@ -311,7 +334,11 @@ class JobQueue:
 
     def _write(self, jobs: list[QueuedJob]) -> None:
         payload = json.dumps({"version": FORMAT_VERSION, "jobs": [j.to_dict() for j in jobs]}, indent=1)
-        fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        try:
+            fd, tmp = tempfile.mkstemp(dir=self.path.parent, prefix=self.path.name, suffix=".tmp")
+        except OSError as e:
+            raise ClusterError(f"queue file {self.path}: cannot write in {self.path.parent} ({e.strerror or e}); "
+                               "the file was left as it was") from None
         try:
             # mkstemp makes the file owner-only: keep the queue's own mode (a shared queue stays shared)
             umask = os.umask(0)
@@ -323,9 +350,12 @@ class JobQueue:
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, self.path)
-        except BaseException:
+        except BaseException as e:
             with contextlib.suppress(OSError):
                 os.unlink(tmp)
+            if isinstance(e, OSError):  # a full disk, a quota: the old file is whole (the rename never ran)
+                raise ClusterError(f"queue file {self.path}: cannot write it ({e.strerror or e}); the file was left "
+                                   "as it was") from None
             raise
 
     def enqueue(self, entrypoint: str, resources: JobResources, priority: int = 0, *, name: str = "",
@@ -396,15 +426,19 @@ class QueueRunner:
                 work = copy.deepcopy(jobs)
             before = {j.job_id: j.state for j in work}
             now = time.time()
-            for job in work:
-                if job.state == RUNNING:
-                    self._track(client, job, now, live_ips)
+            pending = {job.job_id for job in work if job.state == RUNNING
+                       and self._track(client, job, now, live_ips) == "PENDING"}
             booked: dict[str, float] = {}
+            unreported: dict[str, float] = {}
             for job in work:  # a job pinned to a node that left holds nothing while it waits for Ray to end it
                 if job.state == RUNNING and not job.node_left(live_ips):
+                    grace = REPORT_GRACE_S if job.reserve_in_ray else WORKERS_GRACE_S
+                    fresh = job.job_id in pending or now - (job.submitted_at or 0.0) < grace
                     for k, v in job.resources.request().items():
                         booked[k] = booked.get(k, 0.0) + v
-            free = planning_free(cluster.total, cluster.available, booked, self.max_total)
+                        if fresh:
+                            unreported[k] = unreported.get(k, 0.0) + v
+            free = planning_free(cluster.total, cluster.available, booked, self.max_total, unreported)
             self._remember(cluster.total, cluster.nodes)
             queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
             # an autoscaling cluster adds the node a pending job needs: no per-node limit there
@@ -412,6 +446,12 @@ class QueueRunner:
             pinned: dict[str, int] = {}
             start, reasons = plan(queued, free, now, self.policy, per_node,
                                   [n.total for n in cluster.nodes] if per_node else None, pinned)
+            ips = [n.ip for n in cluster.nodes]
+            for job in [j for j in start if j.job_id in pinned and ips.count(ips[pinned[j.job_id]]) > 1]:
+                start.remove(job)  # a `node:<ip>` pin shared by several nodes is no pin: Ray may pick the held one
+                reasons[job.job_id] = (f"waiting: a higher-ranked job holds a reservation on one node, and this "
+                                       f"job cannot be kept off it (several nodes have the IP {ips[pinned[job.job_id]]}"
+                                       ", and `node:<ip>` is Ray's only way to place a job's entrypoint)")
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
             try:
@@ -437,6 +477,8 @@ class QueueRunner:
                 if until_idle and all(j.state in FINISHED for j in jobs):
                     return
             except ClusterError as e:
+                if e.refused:  # a token the cluster rejects is rejected again: say so now, not after minutes
+                    raise
                 waited = time.monotonic() - started
                 if not self.reached and give_up_after_s and waited >= give_up_after_s:
                     raise ClusterError(f"cluster {self.address or '(default address)'} not reached in {waited:.0f} s "
@@ -490,7 +532,8 @@ class QueueRunner:
             self.log(f"{job.job_id}: {job.reason}")
         return problem is None
 
-    def _track(self, client: JobsClient, job: QueuedJob, now: float, live_ips: set[str]) -> None:
+    def _track(self, client: JobsClient, job: QueuedJob, now: float, live_ips: set[str]) -> str:
+        """Update a submitted job from Ray; returns Ray's status of it ("" when unknown this round)."""
         try:
             info = client.info(job.job_id)
             if job.stop_requested and not info.terminal:
@@ -498,18 +541,18 @@ class QueueRunner:
             elif (info.status == "FAILED" and info.error_type == NEVER_STARTED and job.node_left(live_ips)
                   and not job.stop_requested):
                 self._requeue(client, job)
-                return
+                return ""
         except JobNotFoundError:
             if job.node_left(live_ips) and not job.stop_requested:
                 self._requeue(None, job)  # a runner that deleted the record died before saving the queue
-                return
+                return ""
             job.state, job.finished_at = FAILED, now
             job.reason = f"no longer known to the cluster at {self.address} (was the cluster restarted?)"
-            return
+            return ""
         except ClusterError as e:  # one job's trouble must not stop the round for the others
             job.reason = f"state unknown this round: {e}"
             self.log(f"{job.job_id}: {job.reason}")
-            return
+            return ""
         job.state = _RAY_TO_STATE.get(info.status, RUNNING)
         if job.stop_requested and info.error_type == NEVER_STARTED:  # the stop Ray could not deliver, done
             job.state, job.finished_at, job.reason = STOPPED, now, "stopped before it started"
@@ -522,6 +565,7 @@ class QueueRunner:
                           "default 900 s) ends it")
         else:
             job.reason = "starting (Ray: PENDING)" if info.status == "PENDING" else "running"
+        return info.status
 
     def _requeue(self, client: JobsClient | None, job: QueuedJob) -> None:
         """A job pinned to a node that left the cluster before the job started waits in Ray until Ray's start

@@ -107,8 +107,25 @@ class JobResources:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> JobResources:
+        """Read back ``to_dict``; a hand-edited key or type is named (a typo such as "cpus" booked nothing)."""
+        if not isinstance(d, Mapping):
+            raise ValueError(f"resources must be an object, got {type(d).__name__} {d!r}")
+        known = ("num_cpus", "num_gpus", "memory", "custom")
+        unknown = sorted(set(d) - set(known))
+        if unknown:
+            raise ValueError(f"resources: unknown key {', '.join(unknown)} (known: {', '.join(known)})")
+        wrong = [f"{k} is {type(d[k]).__name__} {d[k]!r}, not a number" for k in known[:3]
+                 if k in d and (isinstance(d[k], bool) or not isinstance(d[k], (int, float)))]
+        if "memory" in d and isinstance(d["memory"], float) and not d["memory"].is_integer():
+            wrong.append(f"memory is {d['memory']!r}, not a whole number of bytes")
+        custom = d.get("custom", {})
+        if not isinstance(custom, Mapping) or any(isinstance(v, bool) or not isinstance(v, (int, float))
+                                                  for v in custom.values()):
+            wrong.append(f"custom is {custom!r}, not an object of resource name -> number")
+        if wrong:
+            raise ValueError(f"resources: {'; '.join(wrong)}")
         return cls(float(d.get("num_cpus", 0)), float(d.get("num_gpus", 0)), int(d.get("memory", 0)),
-                   dict(d.get("custom", {})))
+                   {str(k): float(v) for k, v in custom.items()})
 
     def __str__(self) -> str:
         return describe(self.request()) or "no resources"
@@ -244,7 +261,7 @@ class JobsClient:
             raise ClusterError(
                 f"the Ray cluster at {self.address} {problem} (Ray 2.60 clusters turn token authentication on "
                 "by default). Put the head's token (`ray get-auth-token` on the head) in ~/.ray/auth_token, or set "
-                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH")
+                "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH", refused=True)
         if r.status_code == 404:  # no such API there: another server on that port, or a proxy's page
             raise ClusterError(f"{self.address}{endpoint} answered HTTP 404: is {self.address} a Ray dashboard "
                                "(default port 8265)?")

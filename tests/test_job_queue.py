@@ -17,9 +17,11 @@ from launch.job_queue import (
     FAILED,
     FINISHED,
     QUEUED,
+    REPORT_GRACE_S,
     RUNNING,
     STOPPED,
     SUCCEEDED,
+    WORKERS_GRACE_S,
     JobQueue,
     QueuedJob,
     QueuePolicy,
@@ -237,12 +239,23 @@ def test_a_round_plans_one_process_jobs_per_node(tmp_path: Path, monkeypatch: py
     runner = QueueRunner(q, "http://head:8265", log=lambda _: None)
     jobs = {j.job_id: j for j in runner.run_once()}
     assert fake.submitted == ["train"] and jobs["solo"].state == QUEUED  # planned cluster-wide, solo took it
-    jobs = {j.job_id: j for j in runner.run_once()}  # train's workers are not reported yet: per node, as before
+    jobs = {j.job_id: j for j in runner.run_once()}  # others use 2 CPU, train's 2 are not reported yet: 0 free
     assert fake.submitted == ["train"]
-    assert jobs["solo"].reason == "waiting for 2 CPU on one node: at most 1 CPU free on any node"
-    fake.used = {"n1": 0.0, "n2": 2.0}  # Ray reports train's 2 CPU: the 2 CPU still free are on one node
+    assert jobs["solo"].reason == "waiting for 2 CPU, 0 free"
+    fake.used = {"n1": 0.0, "n2": 2.0}  # the others ended, Ray reports train's 2 CPU (on n2)
+    jobs = {j.job_id: j for j in runner.run_once()}  # but train is new: its booking may not be in the report yet
+    assert fake.submitted == ["train"] and jobs["solo"].reason == "waiting for 2 CPU, 0 free"
+    with q.locked() as queued:  # WORKERS_GRACE_S later: the report is trusted, the 2 CPU still free are on n1
+        next(j for j in queued if j.job_id == "train").submitted_at -= WORKERS_GRACE_S
     runner.run_once()
     assert fake.submitted == ["train", "solo"]
+    fake.used = {"n1": 1.0, "n2": 1.0}  # per node: 2 CPU free in all, but on no one node
+    q.enqueue("true", JobResources(num_cpus=2), priority=5, job_id="solo2")
+    with q.locked() as queued:
+        for job in queued:
+            job.state = SUCCEEDED if job.job_id != "solo2" else job.state
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert jobs["solo2"].reason == "waiting for 2 CPU on one node: at most 1 CPU free on any node"
 
 
 def test_a_round_pins_smaller_jobs_away_from_the_node_reserved_for_a_bigger_one(tmp_path: Path,
@@ -259,6 +272,57 @@ def test_a_round_pins_smaller_jobs_away_from_the_node_reserved_for_a_bigger_one(
     fake.used = {"a": 0.0, "b": 1.0}  # the job that held node a's CPU ended; small runs on b
     runner.run_once()
     assert fake.submitted == ["small", "big"] and fake.resources["big"].custom == {}
+
+
+def test_pins_are_not_trusted_when_nodes_share_an_ip(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two raylets on one host (every one-machine test cluster) carry the same `node:<ip>` resource: the pin that
+    should keep a small job off the node reserved for a big one let Ray put it there (3 of 3 on a real cluster)."""
+    fake = FakeCluster({"a": 1.0, "b": 0.0}, cpus={"a": 4.0, "b": 2.0})
+    fake.nodes[1] = NodeResources("b", fake.nodes[0].ip, False, {"CPU": 2.0})
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=4), priority=5, job_id="big")
+    q.enqueue("true", JobResources(num_cpus=1), priority=1, job_id="small")
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None, policy=QueuePolicy(reserve_after_s=0.0))
+    jobs = {j.job_id: j for j in runner.run_once()}
+    assert fake.submitted == [] and jobs["small"].state == QUEUED
+    assert "cannot be kept off it (several nodes have the IP 10.0.0.0" in jobs["small"].reason
+    fake.used = {"a": 0.0, "b": 0.0}
+    runner.run_once()
+    assert fake.submitted == ["big", "small"] and fake.resources["small"].custom == {}  # no reservation, no pin
+
+
+def test_a_stale_usage_report_does_not_start_more_than_fits(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray reports a submission's usage seconds later (5.5 s on a local head): in that gap the report, not the
+    bookings, hid another user's job, and the queue started B where there was no room; B then waited in Ray's
+    order, ahead of an urgent job queued after it."""
+    fake = FakeCluster({"n1": 1.0})  # 2 CPU, 1 used outside the queue
+    monkeypatch.setattr("launch.job_queue.JobsClient", fake)
+    q = JobQueue(tmp_path / "q.json")
+    q.enqueue("true", JobResources(num_cpus=1), priority=5, job_id="A")
+    q.enqueue("true", JobResources(num_cpus=1), priority=4, job_id="B")
+    runner = QueueRunner(q, "http://head:8265", log=lambda _: None)
+    runner.run_once()
+    jobs = {j.job_id: j for j in runner.run_once()}  # Ray still reports 1 CPU used: A's is not in it yet
+    assert fake.submitted == ["A"] and jobs["B"].reason == "waiting for 1 CPU, 0 free"
+    fake.used = {"n1": 2.0}  # reported now
+    assert {j.job_id: j.state for j in runner.run_once()}["B"] == QUEUED
+    fake.used = {"n1": 1.0}  # the outside job ended; REPORT_GRACE_S after A's submission the report is trusted
+    with q.locked() as queued:
+        next(j for j in queued if j.job_id == "A").submitted_at -= REPORT_GRACE_S
+    runner.run_once()
+    assert fake.submitted == ["A", "B"]
+
+
+def test_an_autoscaling_cluster_at_full_scale_counts_what_others_use() -> None:
+    """With --cluster-file the queue planned against full-scale capacity less its own bookings: on a cluster at
+    max_workers whose CPUs other users' jobs held, it submitted jobs that could only wait PENDING."""
+    full = {"CPU": 8.0}
+    assert planning_free(full, {"CPU": 0.0}, {}, max_total=full) == {"CPU": 0.0}
+    assert planning_free({"CPU": 4.0}, {"CPU": 1.0}, {}, max_total=full) == {"CPU": 5.0}  # 3 used, 4 to add
+    assert planning_free({"CPU": 4.0}, {"CPU": 4.0}, {"CPU": 2.0}, max_total=full) == {"CPU": 6.0}  # booked
+    assert planning_free({"CPU": 4.0}, {"CPU": 3.0}, {"CPU": 2.0}, max_total=full,
+                         unreported={"CPU": 2.0}) == {"CPU": 5.0}  # 1 used by others, 2 not reported yet
 
 
 def test_already_exists_in_an_error_about_something_else_counts_as_a_failed_submission(
@@ -414,6 +478,16 @@ def test_a_queue_path_that_is_a_folder_and_a_job_missing_fields_are_named(tmp_pa
     job.update(priority=5, reserve_in_ray=True)
     path.write_text(json.dumps({"version": 3, "jobs": [job]}))
     assert JobQueue(path).list_jobs()[0].submitted_at == 3  # an int where a float is expected is a float
+    # resources and state: a typo such as "cpus" booked nothing and started at once; "runing" was never tracked
+    for edit, said in [({"resources": {"cpus": 4}}, r"resources: unknown key cpus \(known: num_cpus, num_gpus, "
+                                                      r"memory, custom\)"),
+                       ({"resources": {"memory": "4GiB"}}, "resources: memory is str '4GiB', not a number"),
+                       ({"resources": "4 CPU"}, "resources must be an object, got str '4 CPU'"),
+                       ({"resources": {"custom": {"tpu": "1"}}}, "resources: custom is .*, not an object of resource"),
+                       ({"state": "runing"}, "state 'runing' is not one of queued, running, succeeded")]:
+        path.write_text(json.dumps({"version": 3, "jobs": [{**job, **edit}]}))
+        with pytest.raises(ClusterError, match=rf"unreadable \(job 'j6': {said}"):
+            JobQueue(path).list_jobs()
     with pytest.raises(ClusterError, match=rf"queue file {path}/q.json: cannot create its folder {path} \("):
         JobQueue(path / "q.json")  # a path below a file
 
@@ -591,6 +665,21 @@ def test_a_broken_queue_file_is_not_taken_for_an_unreachable_cluster(cluster: Lo
     assert path.read_text() == "{not json"
 
 
+@pytest.mark.slow
+def test_a_rejected_token_ends_the_runner_at_once(cluster: LocalRayCluster, tmp_path: Path) -> None:
+    """It was retried, one line every poll, until --give-up-after (600 s by default), and for ever by a runner
+    that had reached the cluster before: a token the head rejects is rejected again."""
+    said: list[str] = []
+    runner = QueueRunner(tmp_path / "q.json", cluster.address, token="wrong", log=said.append)
+    started = time.monotonic()
+    with pytest.raises(ClusterError, match="rejected the auth token"):
+        runner.run_forever(poll_s=0.2, give_up_after_s=30)
+    assert said == [] and time.monotonic() - started < 10
+    runner.reached = True  # a token rotated on the head under a runner that had reached it
+    with pytest.raises(ClusterError, match="rejected the auth token"):
+        runner.run_forever(poll_s=0.2, give_up_after_s=0)
+
+
 def _node(node_id: str, **total: float) -> NodeResources:
     return NodeResources(node_id, "10.0.0.1", False, dict(total))
 
@@ -641,6 +730,9 @@ def test_queue_file_problems_are_named(tmp_path: Path) -> None:
     path.write_text("[]")
     with pytest.raises(ClusterError, match="unreadable .*expected a JSON object, got list"):
         q.list_jobs()
+    # a folder it may not write to: named, not a PermissionError traceback (/proc refuses new files, even to root)
+    with pytest.raises(ClusterError, match=r"queue file /proc/q.json: cannot open its lock file /proc/q.json.lock"):
+        JobQueue("/proc/q.json").enqueue("echo", JobResources())
 
 
 @pytest.mark.slow
