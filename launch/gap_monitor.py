@@ -29,7 +29,7 @@ from typing import Any
 import torch
 
 from data_pipeline.codecs import build_codec
-from data_pipeline.manifest import load_manifest
+from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.storage import StorageError
 from data_pipeline.stream import RankStream, StreamConfig
 from launch.config import read_yaml, set_dotted
@@ -38,10 +38,13 @@ from launch.run_record import resolve_root
 from trainer.checkpoint import CheckpointError, CheckpointStore, step_of_tag
 from trainer.duality_gap import GapConfig, duality_gaps
 from trainer.families import family_class
+from trainer.loop import data_info
 from trainer.ray_env import absolute
 from trainer.typed_config import ConfigError, from_dict
 
 GAP_FILE = "gap.jsonl"
+SCALARS = ("proximal", "plain", "m1", "m2", "value_gap", "proximal_lb", "seconds")
+"""What TensorBoard shows of each checkpoint's gaps (all of it, with the lambda and step counts, is in gap.jsonl)."""
 TRANSIENT_TRIES = 3  # polls a checkpoint whose download or storage read fails is tried in
 
 
@@ -86,6 +89,11 @@ def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig
         raise ConfigError("run_dir: the training run to watch is required")
     cfg.run_dir = os.path.abspath(cfg.run_dir)
     cfg.eval_data = absolute(cfg.eval_data)
+    if cfg.eval_data:  # a mistyped path failed at every checkpoint, each consolidated first for nothing
+        try:
+            load_manifest(cfg.eval_data)
+        except DatasetError as e:
+            raise ConfigError(f"eval_data: {e}") from None
     # the run's own record (run.json) when the monitor is not told: a run resumed from s3:// without repeating
     # checkpoint_root keeps its checkpoints there, not in <run_dir>/checkpoints
     cfg.checkpoint_root = resolve_root(cfg.run_dir, cfg.checkpoint_root, os.path.join(cfg.run_dir, "checkpoints"))
@@ -95,6 +103,7 @@ def load_monitor_config(path: str | None, overrides: list[str]) -> MonitorConfig
 def held_out_batch(family: Any, url: str, limit: int) -> dict[str, torch.Tensor]:
     """Up to ``limit`` samples of a dataset in its fixed order, collated by the family (one batch)."""
     manifest = load_manifest(url)
+    family.check_eval_data(data_info(manifest), url)
     codec = build_codec(manifest.codec["name"], manifest.codec.get("settings", {}))
     cfg = StreamConfig(global_batch=min(limit, manifest.total), partitions=1, shuffle_shards=False,
                        drop_last=False, num_workers=0)
@@ -114,14 +123,15 @@ class GapMonitor:
         self.store = CheckpointStore(cfg.root, staging=os.path.join(cfg.run_dir, ".gap-staging"))
         self.stop_event = threading.Event()
         self.writer: Any = None
-        self.evaluated = 0
+        self.evaluated = self.failed = 0
         self.done, self.last_step = self._already_done()
         self.attempts: dict[str, int] = {}  # pending tags whose storage reads failed, and how often
         self._data: dict[str, dict[str, torch.Tensor]] = {}
 
     def _already_done(self) -> tuple[set[str], int]:
-        """Tags gap.jsonl already has an entry for, and the highest step among them (so a monitor restarted after
-        the run ended sees it finished instead of waiting out its idle timeout)."""
+        """Tags gap.jsonl already has values (or a skip) for, and the highest step among them (so a monitor
+        restarted after the run ended sees it finished instead of waiting out its idle timeout). A tag whose
+        entry is an error is evaluated again: the restart is how a user retries after fixing the cause."""
         path = os.path.join(self.cfg.run_dir, GAP_FILE)
         done: set[str] = set()
         last = 0
@@ -130,6 +140,8 @@ class GapMonitor:
                 for line in f:
                     try:
                         entry = json.loads(line)
+                        if "proximal" not in entry and "skipped" not in entry:
+                            continue
                         done.add(entry["tag"])
                         last = max(last, int(entry.get("step") or 0))
                     except (ValueError, KeyError, TypeError):
@@ -196,10 +208,12 @@ class GapMonitor:
                 break
             try:
                 entry = {"tag": tag, "time": round(time.time(), 3), **self.evaluate_tag(tag)}
-                self._scalars(entry["step"], {k: entry[k] for k in ("proximal", "plain", "m1", "m2", "seconds")})
+                # value_gap is NaN where V* is unknown (a self-labelled run before every held-out real is labelled)
+                self._scalars(entry["step"], {k: entry[k] for k in SCALARS if math.isfinite(entry[k])})
                 self.last_step = max(self.last_step, entry["step"])
                 self.evaluated += 1
-                print(f"[gap] {tag}: DG^lambda {entry['proximal']:.4f} DG {entry['plain']:.4f} "
+                value_gap = f" |V - V*| {entry['value_gap']:.4f}" if math.isfinite(entry["value_gap"]) else ""
+                print(f"[gap] {tag}: DG^lambda {entry['proximal']:.4f} DG {entry['plain']:.4f}{value_gap} "
                       f"({entry['seconds']:.1f}s)", flush=True)
             except (CheckpointError, ConfigError, OSError, ValueError, RuntimeError, KeyError) as e:
                 if tag not in self.store.all_tags():
@@ -211,6 +225,7 @@ class GapMonitor:
                               f"{TRANSIENT_TRIES}; retried at the next poll)", flush=True)
                         continue  # a download or storage failure may pass: not recorded as done
                     entry = {"tag": tag, "time": round(time.time(), 3), "error": f"{type(e).__name__}: {e}"}
+                    self.failed += 1
                     if (step := step_of_tag(tag)) is not None:  # a failed last checkpoint still ends the watch
                         entry["step"] = step
                         self.last_step = max(self.last_step, step)
@@ -231,13 +246,17 @@ class GapMonitor:
         """Poll until the run's last step is evaluated, ``idle_timeout_s`` passes without news, or stop()."""
         torch.set_num_threads(self.cfg.threads)
         last_news = time.monotonic()
-        reason = "stopped"
+        reason, waiting = "stopped", False
         try:
             while not self.stop_event.is_set():
                 try:
                     if self.poll_once():
                         last_news = time.monotonic()
                     target = self._target_step()
+                    if not target and not waiting:  # a mistyped run_dir waited out idle_timeout_s in silence
+                        waiting = True
+                        print(f"[gap] no checkpoint under {self.cfg.root} yet; waiting for one (stops after "
+                              f"{self.cfg.idle_timeout_s:g} s without a new checkpoint)", flush=True)
                 except (CheckpointError, OSError, StorageError) as e:
                     print(f"[gap] cannot read {self.cfg.root} yet: {e}", flush=True)
                     target = 0
@@ -253,7 +272,7 @@ class GapMonitor:
                 self.writer.close()
             if self.store.remote:  # the last checkpoint's download (optimizer states included) is not kept
                 shutil.rmtree(self.store.staging, ignore_errors=True)
-        return {"evaluated": self.evaluated, "last_step": self.last_step, "reason": reason}
+        return {"evaluated": self.evaluated, "failed": self.failed, "last_step": self.last_step, "reason": reason}
 
     def stop(self) -> None:
         self.stop_event.set()
@@ -314,8 +333,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"gap_monitor: error: {e}", file=sys.stderr)
         return 2
     if args.in_process:
-        print(json.dumps(GapMonitor(cfg).run()))
-        return 0
+        summary = GapMonitor(cfg).run()
+        print(json.dumps(summary))
+        return 1 if summary["failed"] else 0
     import ray
 
     from launch.train import ensure_ray
@@ -329,8 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.detach:
         print(f"[gap] monitor started (detached) for {cfg.run_dir}; values in {cfg.run_dir}/{GAP_FILE}")
         return 0
-    print(json.dumps(ray.get(ref)))
-    return 0
+    summary = ray.get(ref)
+    print(json.dumps(summary))
+    return 1 if summary["failed"] else 0
 
 
 if __name__ == "__main__":

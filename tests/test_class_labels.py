@@ -19,7 +19,6 @@ from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily
 from trainer.transformer import TransformerConfig
 from trainer.typed_config import ConfigError
 
-from .fixtures_train import digits_data  # noqa: F401
 from .test_dctransformer import INFO, small
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -82,7 +81,7 @@ def test_a_manifest_with_malformed_labels_is_refused_by_field(tmp_path, labels, 
         load_manifest(out)
 
 
-def test_training_data_with_more_classes_than_the_model_is_refused_before_ray(digits_data, tmp_path,  # noqa: F811
+def test_training_data_with_more_classes_than_the_model_is_refused_before_ray(digits_data, tmp_path,
                                                                              monkeypatch):
     """Label 9 of the digits met an 8-class model at the first batch that held one, inside a Ray worker."""
     import launch.train

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -85,13 +86,16 @@ def test_gan_trains_on_two_ranks_with_three_engines_resumes_exactly_and_exports(
     assert res.stdout.strip() == "['classifier', 'discriminator', 'generator'] (5, 2) []"
 
 
-def _checksums(root: str) -> dict[str, str]:
+def _checksums(root: str, prefix: str = "", only: set[str] | None = None) -> dict[str, str]:
+    """sha256 of every file under ``root`` by relative path (under ``prefix``); ``only``: those top folders."""
     out = {}
     for dirpath, _, files in os.walk(root):
         for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+            rel = os.path.relpath(os.path.join(dirpath, name), root)
+            if only is not None and rel.split(os.sep)[0] not in only:
+                continue
+            with open(os.path.join(root, rel), "rb") as f:
+                out[os.path.join(prefix, rel) if prefix else rel] = hashlib.sha256(f.read()).hexdigest()
     return out
 
 
@@ -107,27 +111,46 @@ def test_gap_monitor_runs_beside_training_survives_its_failure_and_never_touches
                                          "max_eval_samples=256", "gap.k=2", "gap.d_epochs=1", "gap.g_epochs=1",
                                          "gap.batch_size=64"])
     actor, done = start_monitor(mon_cfg)
-    # Shard 1 is the second one partition 0 reads (no shard shuffling): a bad checksum there fails the run at
-    # step 5, after the checkpoints of steps 2 and 4.
-    shard = os.path.join(data["train"], load_manifest(data["train"]).shards[1].name)
-    good = open(shard, "rb").read()
-    with open(shard, "r+b") as f:
-        f.seek(700)
-        f.write(b"\xff\xfe\xfd\xfc")
-    extra = ("data.stream.shuffle_shards=false", "trainer.checkpoint_every=2", "cluster.cpus_per_worker=0.75",
-             "trainer.keep_checkpoints=10")
-    cfg, raw = config(run, data, *extra)
-    with pytest.raises(Exception, match="sha256 mismatch"):
+    # each checkpoint's files are hashed when `latest` first names it (polled 6x as often as the monitor polls),
+    # before the monitor reads it
+    weights: dict[str, str] = {}
+    stop = threading.Event()
+
+    def hash_new_checkpoints() -> None:
+        latest = os.path.join(run, "checkpoints", "latest")
+        while not stop.wait(0.05):
+            tag = open(latest).read().strip() if os.path.exists(latest) else ""
+            if tag and not any(k.startswith(tag + "/") for k in weights):
+                weights.update(_checksums(os.path.join(run, "checkpoints", tag), tag))
+
+    hasher = threading.Thread(target=hash_new_checkpoints, daemon=True)
+    hasher.start()
+    try:
+        # Shard 1 is the second one partition 0 reads (no shard shuffling): a bad checksum there fails the run at
+        # step 5, after the checkpoints of steps 2 and 4.
+        shard = os.path.join(data["train"], load_manifest(data["train"]).shards[1].name)
+        good = open(shard, "rb").read()
+        with open(shard, "r+b") as f:
+            f.seek(700)
+            f.write(b"\xff\xfe\xfd\xfc")
+        extra = ("data.stream.shuffle_shards=false", "trainer.checkpoint_every=2", "cluster.cpus_per_worker=0.75",
+                 "trainer.keep_checkpoints=10")
+        cfg, raw = config(run, data, *extra)
+        with pytest.raises(Exception, match="sha256 mismatch"):
+            run_training(cfg, raw)
+        assert open(os.path.join(run, "checkpoints", "latest")).read() == "step-00000004"
+        assert ray.get(actor.status.remote(), timeout=30) is not None  # the monitor outlived the failed job
+        with open(shard, "wb") as f:
+            f.write(good)
         run_training(cfg, raw)
-    assert open(os.path.join(run, "checkpoints", "latest")).read() == "step-00000004"
-    assert ray.get(actor.status.remote(), timeout=30) is not None  # the monitor outlived the failed job
-    with open(shard, "wb") as f:
-        f.write(good)
-    run_training(cfg, raw)
-    weights = _checksums(os.path.join(run, "checkpoints"))
-    summary = ray.get(done, timeout=240)
-    assert summary == {"evaluated": 4, "last_step": 8, "reason": "finished"}
-    assert _checksums(os.path.join(run, "checkpoints")) == weights
+        summary = ray.get(done, timeout=240)
+        assert summary == {"evaluated": 4, "failed": 0, "last_step": 8, "reason": "finished"}
+        assert sorted({k.split("/")[0] for k in weights}) == [f"step-0000000{s}" for s in (2, 4, 6, 8)]
+        assert _checksums(os.path.join(run, "checkpoints"), "", {k.split("/")[0] for k in weights}) == weights
+    finally:  # the actor holds 0.5 CPU until its handle is collected: the next test's ranks would not fit
+        stop.set()
+        hasher.join()
+        ray.kill(actor)
     entries = [json.loads(line) for line in open(os.path.join(run, GAP_FILE))]
     assert [e["tag"] for e in entries] == [f"step-0000000{s}" for s in (2, 4, 6, 8)]
     assert all(math.isfinite(e["proximal"]) and math.isfinite(e["plain"]) for e in entries)
@@ -138,6 +161,7 @@ def test_gap_monitor_runs_beside_training_survives_its_failure_and_never_touches
     acc = EventAccumulator(gap_tb)
     acc.Reload()
     assert [s.step for s in acc.Scalars("gap/proximal")] == [2, 4, 6, 8]
+    assert [s.step for s in acc.Scalars("gap/proximal_lb")] == [2, 4, 6, 8]
 
 
 def test_gan_trains_evaluates_and_samples_in_bf16_with_spectral_norm(ray_local, ring_data, tmp_path):
@@ -209,6 +233,15 @@ def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tm
     with open(fresh / GAP_FILE) as f:
         entries = [json.loads(line) for line in f]
     assert len(entries) == 1 and entries[0]["step"] == 4 and "connection reset" in entries[0]["error"]
+    assert summary["failed"] == 1
+
+    # restarted (the cause fixed), the monitor evaluates the failed checkpoint again: an error entry was "done"
+    again = _monitor_on(fresh, stop_at_step=4)
+    monkeypatch.setattr(again, "evaluate_tag", lambda tag: {"step": 4, "proximal": 0.1, "plain": 0.2, "m1": 0.0,
+                                                            "m2": 0.0, "value_gap": float("nan"),
+                                                            "proximal_lb": 0.0, "seconds": 0.0})
+    assert again.run() == {"evaluated": 1, "failed": 0, "last_step": 4, "reason": "finished"}
+    assert _monitor_on(fresh, stop_at_step=4).run()["evaluated"] == 0  # and not a third time
 
     # a failing earlier checkpoint is not dropped because a later one reached the last step in the same poll
     both = tmp_path / "both"
@@ -219,7 +252,8 @@ def test_a_restarted_monitor_sees_a_finished_run_and_retries_storage_failures(tm
         if tag == "step-00000004" and tries[tag] < 2:
             tries[tag] += 1
             raise OSError("connection reset by peer")
-        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0, "seconds": 0.0}
+        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0,
+                "value_gap": 0.5, "proximal_lb": 0.0, "seconds": 0.0}
 
     monkeypatch.setattr(monitor, "evaluate_tag", first_fails_twice)
     assert monitor.run()["reason"] == "finished"
@@ -240,9 +274,31 @@ def test_the_monitor_skips_incomplete_checkpoints_and_a_torn_gap_line(tmp_path, 
 
     def evaluate(tag):
         evaluated.append(tag)
-        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0, "seconds": 0.0}
+        return {"step": int(tag.split("-")[1]), "proximal": 0.1, "plain": 0.2, "m1": 0.0, "m2": 0.0,
+                "value_gap": 0.5, "proximal_lb": 0.0, "seconds": 0.0}
 
     monkeypatch.setattr(monitor, "evaluate_tag", evaluate)
     assert monitor.run()["reason"] == "finished" and evaluated == ["step-00000004"]
     lines = (run / GAP_FILE).read_text().splitlines()
     assert lines[0] == '{"tag": "step-0000' and json.loads(lines[1])["tag"] == "step-00000004"
+
+
+def test_a_monitor_given_a_held_out_set_it_cannot_use_says_so(ring_data, digits_data, tmp_path, capsys):
+    """A mistyped eval_data failed at every checkpoint (each consolidated first) and the monitor exited 0; image
+    samples for a points model failed as a bare KeyError: 'point'. Both were recorded as done for good."""
+    from launch.gap_monitor import held_out_batch, main
+    from trainer.families.slsa_gan import SLSAGanConfig, SLSAGanFamily
+    from trainer.loop import data_info
+
+    with pytest.raises(ConfigError, match=r"eval_data: dataset .*holdoutut: cannot read its manifest"):
+        load_monitor_config(None, [f"run_dir={tmp_path}", f"eval_data={ring_data['holdout']}ut"])
+    family = SLSAGanFamily(SLSAGanConfig(hidden=8, latent_dim=4), data_info(load_manifest(ring_data["train"])))
+    with pytest.raises(ValueError, match=rf"data.eval {digits_data['holdout']}: holds image 8x8x1, but this model "
+                                         r"was built for its training data's points of dimension 2"):
+        held_out_batch(family, digits_data["holdout"], 16)
+    assert len(held_out_batch(family, ring_data["holdout"], 16)["x"]) == 16
+
+    run = tmp_path / "run"
+    _monitor_on(run, "step-00000004")  # a checkpoint folder without DeepSpeed's files: its evaluation fails
+    assert main([f"run_dir={run}", "stop_at_step=4", "poll_s=0.01", "idle_timeout_s=5", "--in-process"]) == 1
+    assert '"failed": 1' in capsys.readouterr().out

@@ -200,6 +200,20 @@ class SLSAGanFamily(Family):
         return out
 
     # ------------------------------------------------------------------ data
+    def check_eval_data(self, eval_info: Mapping[str, Any], url: str) -> None:
+        """Held-out samples of another kind (images for a points model, another image shape) failed at the first
+        evaluation (and in the gap monitor at every checkpoint) as a bare KeyError or a shape error."""
+        from data_pipeline.manifest import DatasetError
+
+        def kind(info: Mapping[str, Any]) -> str:
+            codec = (info.get("codec") or {}).get("name", "image")
+            shape = "x".join(str(int(s)) for s in info.get("image_shape", ()))
+            return f"{codec} {shape}" if codec != "points" else f"points of dimension {shape}"
+
+        if kind(eval_info) != kind(self.data_info):
+            raise DatasetError(f"data.eval {url}: holds {kind(eval_info)}, but this model was built for its "
+                               f"training data's {kind(self.data_info)}: give a held-out set of the same kind")
+
     def collate(self, samples: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
         if self.points:
             x = torch.from_numpy(np.stack([np.asarray(s["point"], dtype=np.float32) for s in samples]))
