@@ -9,9 +9,9 @@ The scheduling rule, applied on every round (`QueueRunner.run_once`):
    newer, higher-ranked job that does not fit either must not take it away): jobs ranked above it still start when
    they fit, those below it may only use what it does not need, so freed resources pile up until it fits. A big
    job therefore waits at most reserve_after_s plus the time the jobs running and those ranked above it take.
-Free resources = min(what Ray reports free, cluster total - what the queue's running jobs declared): the second
-term covers the seconds between a submission and Ray reporting its resources as used. A one-process job must also
-fit what one node has free. A submission that failed is retried after a wait that doubles with each failure, and
+Free resources = capacity - max(what the queue's running jobs declared, what Ray reports used + the declarations
+of queue jobs Ray may not report yet: PENDING, or submitted seconds ago). A one-process job must also fit what one
+node has free. A submission that failed is retried after a wait that doubles with each failure, and
 not at all when the cluster refused it (a bad runtime env, an HTTP 4xx): it would be refused again.
 
 A job's declared resources are held by its entrypoint in Ray (`reserve_in_ray=True`, right for one-process jobs),
