@@ -8,6 +8,7 @@ head, so tests exercise the same auth path as a real cluster.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -46,8 +47,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _wait_ready(address: str, token: str, proc: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    """Poll until the dashboard answers and the node has registered its resources."""
+def _wait_ready(address: str, token: str, proc: subprocess.Popen, log: Path, timeout_s: float,
+                nodes: int = 1) -> None:
+    """Poll until the dashboard answers and ``nodes`` nodes have registered their resources."""
     deadline = time.monotonic() + timeout_s
     headers = {"Authorization": f"Bearer {token}"}
     while time.monotonic() < deadline:
@@ -55,7 +57,7 @@ def _wait_ready(address: str, token: str, proc: subprocess.Popen, log: Path, tim
             raise RuntimeError(f"ray start exited with {proc.returncode}:\n{log.read_text()[-3000:]}")
         with contextlib.suppress(requests.RequestException, ValueError, KeyError):
             r = requests.get(f"{address}/api/v0/nodes", headers=headers, timeout=2)
-            if r.ok and r.json()["data"]["result"]["result"]:
+            if r.ok and len([n for n in r.json()["data"]["result"]["result"] if n.get("state") == "ALIVE"]) >= nodes:
                 return
         time.sleep(0.3)
     raise RuntimeError(f"Ray head at {address} not ready after {timeout_s}s:\n{log.read_text()[-3000:]}")
@@ -73,11 +75,22 @@ def _stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=5)
 
 
+@dataclass(frozen=True)
+class WorkerNode:
+    """A second raylet on this machine, joined to the head. Its own IP (127.0.0.x) gives it its own `node:<ip>`
+    resource: on the head's IP both nodes would carry the same one."""
+
+    num_cpus: int
+    ip: str
+    resources: dict[str, float]
+
+
 @contextlib.contextmanager
-def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0,
-                        env_extra: dict[str, str] | None = None) -> Iterator[LocalRayCluster]:
+def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0, env_extra: dict[str, str] | None = None,
+                        head_resources: dict[str, float] | None = None,
+                        workers: tuple[WorkerNode, ...] = ()) -> Iterator[LocalRayCluster]:
     """Start a head node on 127.0.0.1 with its own ports and temp dir (``env_extra``: the head's own settings,
-    such as RAY_JOB_START_TIMEOUT_SECONDS); stop it on exit."""
+    such as RAY_JOB_START_TIMEOUT_SECONDS), and ``workers`` joined to it (each ~3 s more); stop them on exit."""
     temp_dir = Path(tempfile.mkdtemp(prefix="dgmray", dir="/tmp"))  # short: Ray's socket paths are length-limited
     token = secrets.token_hex(16)
     dashboard_port, gcs_port = free_port(), free_port()
@@ -90,17 +103,31 @@ def start_local_cluster(num_cpus: int = 2, timeout_s: float = 60.0,
         f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
         f"--ray-client-server-port={free_port()}", f"--dashboard-agent-listen-port={free_port()}",
         "--object-store-memory=150000000", f"--temp-dir={temp_dir}",
+        *([f"--resources={json.dumps(head_resources)}"] if head_resources else []),
     ]
     log = temp_dir / "ray_start.log"
+    procs = []
     with open(log, "wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        procs.append(subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True))
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
-        _wait_ready(address, token, proc, log, timeout_s)
+        _wait_ready(address, token, procs[0], log, timeout_s)
+        for i, worker in enumerate(workers):
+            join = [str(RAY_BIN), "start", "--block", f"--address=127.0.0.1:{gcs_port}",
+                    f"--node-ip-address={worker.ip}", f"--num-cpus={worker.num_cpus}", "--num-gpus=0",
+                    f"--resources={json.dumps(worker.resources)}", "--object-store-memory=100000000",
+                    f"--dashboard-agent-listen-port={free_port()}", "--disable-usage-stats"]
+            with open(temp_dir / f"ray_worker{i}.log", "wb") as out:
+                procs.append(subprocess.Popen(join, env=env, stdout=out, stderr=subprocess.STDOUT,
+                                              start_new_session=True))
+        if workers:
+            _wait_ready(address, token, procs[-1], temp_dir / f"ray_worker{len(workers) - 1}.log", timeout_s,
+                        nodes=1 + len(workers))
         yield LocalRayCluster(address=address, token=token, temp_dir=temp_dir, num_cpus=num_cpus,
                               gcs=f"127.0.0.1:{gcs_port}")
     finally:
-        _stop(proc)
+        for proc in reversed(procs):
+            _stop(proc)
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 

@@ -666,6 +666,43 @@ def test_a_broken_queue_file_is_not_taken_for_an_unreachable_cluster(cluster: Lo
 
 
 @pytest.mark.slow
+def test_on_two_real_nodes_a_small_job_runs_on_the_node_the_reservation_left_it(tmp_path: Path) -> None:
+    """The multi-node rules on a real 2-raylet cluster, not a stand-in: the queue sees both nodes' free CPUs, holds
+    the node nearest to fitting the big job, and the small job it pins elsewhere runs there (Ray's driver node)."""
+    from tests.fixtures_ray_cluster import WorkerNode
+
+    worker = WorkerNode(num_cpus=4, ip="127.0.0.2", resources={"wnode": 1})
+    with start_local_cluster(num_cpus=4, head_resources={"hnode": 1}, workers=(worker,)) as cluster:
+        client = JobsClient(cluster.address, token=cluster.token)
+        # 2 CPU taken on the head, 3 on the worker: 2 and 1 free, the 3-CPU job fits neither
+        client.submit(sleeper(120), job_id="fill-head", resources=JobResources(num_cpus=2, custom={"hnode": 0.5}),
+                      check_resources=False)
+        client.submit(sleeper(120), job_id="fill-worker",
+                      resources=JobResources(num_cpus=3, custom={"wnode": 0.5}), check_resources=False)
+        deadline = time.monotonic() + 60
+        while sorted(f.get("CPU", 0.0) for f in client.cluster_resources().node_free or []) != [1.0, 2.0]:
+            assert time.monotonic() < deadline, "Ray never reported the fill jobs' CPUs"
+            time.sleep(0.5)
+        q = JobQueue(tmp_path / "q.json")
+        q.enqueue(sleeper(1), JobResources(num_cpus=3), priority=5, job_id="big")
+        q.enqueue(sleeper(60), JobResources(num_cpus=1), priority=1, job_id="small")
+        runner = QueueRunner(q, cluster.address, token=cluster.token, log=lambda _: None,
+                             policy=QueuePolicy(reserve_after_s=0.0))
+        jobs = {j.job_id: j for j in runner.run_once()}
+        assert jobs["big"].state == QUEUED and jobs["big"].reason.startswith("waiting for 3 CPU")
+        assert "holds a reservation" in jobs["big"].reason
+        assert jobs["small"].state == RUNNING and jobs["small"].pinned_ip == worker.ip  # the head is held for big
+        nodes = {n.node_id: n.ip for n in client.cluster_resources().nodes}
+        deadline = time.monotonic() + 60
+        while not (driver := client._client.get_job_info("small").driver_node_id):
+            assert time.monotonic() < deadline, "the small job's driver never started"
+            time.sleep(0.3)
+        assert nodes[driver] == worker.ip
+        for job_id in ("small", "fill-head", "fill-worker"):
+            client.stop(job_id, wait_s=10)
+
+
+@pytest.mark.slow
 def test_a_rejected_token_ends_the_runner_at_once(cluster: LocalRayCluster, tmp_path: Path) -> None:
     """It was retried, one line every poll, until --give-up-after (600 s by default), and for ever by a runner
     that had reached the cluster before: a token the head rejects is rejected again."""
