@@ -162,7 +162,8 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
 
     p = sub.add_parser("jobs", help="list the cluster's jobs (or the priority queue's, with --queue)")
     p.add_argument("--address", default="", help=ADDRESS_HELP)
-    p.add_argument("--queue", default="", help="a queue file: show queued jobs with their state and reason")
+    p.add_argument("--queue", nargs="?", const=default_queue, default="",
+                   help=f"a queue file: show queued jobs with their state and reason (no value: {default_queue})")
     commands["jobs"] = cmd_jobs
 
     for name, fn, helptext in (("status", cmd_status, "one job's state"), ("stop", cmd_stop, "stop a job"),
@@ -185,14 +186,14 @@ def add_cluster_commands(sub: argparse._SubParsersAction, commands: dict[str, Co
     q = qsub.add_parser("add", help="queue `dgm train CONFIG` with a priority and resources")
     q.add_argument("config")
     q.add_argument("overrides", nargs="*")
-    q.add_argument("--queue", default=default_queue)
+    q.add_argument("--queue", default=default_queue, help=f"the queue file (default {default_queue})")
     q.add_argument("--priority", type=int, default=0)
     _add_resources(q, queued=True)
     q = qsub.add_parser("stop", help="stop a queued job (at once) or a running one (on the runner's next round)")
     q.add_argument("job_id")
-    q.add_argument("--queue", default=default_queue)
+    q.add_argument("--queue", default=default_queue, help=f"the queue file (default {default_queue})")
     q = qsub.add_parser("run", help="run the queue against a cluster (survives restarts: state is in the file)")
-    q.add_argument("--queue", default=default_queue)
+    q.add_argument("--queue", default=default_queue, help=f"the queue file (default {default_queue})")
     q.add_argument("--address", default="", help=ADDRESS_HELP)
     q.add_argument("--cluster-file", default="", metavar="CLUSTER.yaml",
                    help="an autoscaling cluster's file: jobs that fit node types it may add wait for them instead "

@@ -32,6 +32,7 @@ from data_pipeline.codecs import build_codec
 from data_pipeline.manifest import DatasetError, load_manifest
 from data_pipeline.storage import StorageError
 from data_pipeline.stream import RankStream, StreamConfig
+from launch.cli import parse_args
 from launch.config import read_yaml, set_dotted
 from launch.export import consolidated_state
 from launch.run_record import resolve_root
@@ -323,7 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default="", help="Ray cluster to run on (default: an embedded local one)")
     parser.add_argument("--detach", action="store_true", help="start a detached actor and return at once")
     parser.add_argument("--in-process", action="store_true", help="no Ray: poll in this process")
-    args = parser.parse_args(argv)
+    args = parse_args(parser, argv)  # `key=value` after a flag is an override too, as for `dgm`
     if args.config and "=" in args.config:
         args.overrides.insert(0, args.config)
         args.config = None

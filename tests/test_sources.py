@@ -305,25 +305,28 @@ def test_image_folder_palette_16bit_and_exif(tmp_path: Path) -> None:
     assert src.sample(2).image.shape == (8, 4, 3)
 
 
-def test_image_folder_bad_files(tmp_path: Path) -> None:
+def test_image_folder_bad_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "good.jpg")
     (tmp_path / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
     with pytest.raises(BadImageError, match="corrupt.jpg"):
         build_source("image_folder", {"path": str(tmp_path)})
-    with pytest.warns(UserWarning, match="corrupt.jpg"):
-        src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
+    capsys.readouterr()
+    src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
     assert len(src) == 1 and src.skipped == ["corrupt.jpg"]
+    said = capsys.readouterr().err  # one plain line, not a UserWarning quoting an unrelated source line
+    assert said.startswith("[prepare] image_folder: skipping ") and "corrupt.jpg" in said and "Warning" not in said
 
     noise = np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
     Image.fromarray(noise).save(tmp_path / "full.jpg")
     (tmp_path / "truncated.jpg").write_bytes((tmp_path / "full.jpg").read_bytes()[:2000])
-    with pytest.warns(UserWarning, match="corrupt.jpg"):
-        src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True, "verify": "header"})
+    capsys.readouterr()
+    src = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True, "verify": "header"})
+    assert "[prepare] image_folder: skipping " in capsys.readouterr().err
     with pytest.raises(BadImageError, match="truncated.jpg"):
         src.sample(src.relative_paths.index("truncated.jpg"))
-    with pytest.warns(UserWarning) as record:  # skip_bad decodes every file by default: truncation is caught
-        decoded = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})
-    assert sorted(Path(str(w.message).split(": ")[1]).name for w in record) == ["corrupt.jpg", "truncated.jpg"]
+    decoded = build_source("image_folder", {"path": str(tmp_path), "skip_bad": True})  # decodes every file:
+    said = capsys.readouterr().err.splitlines()  # truncation is caught too, one plain line per file
+    assert sorted(Path(line.split(": ")[1]).name for line in said) == ["corrupt.jpg", "truncated.jpg"]
     assert sorted(decoded.skipped) == ["corrupt.jpg", "truncated.jpg"]
     with pytest.raises(FileNotFoundError, match="not a folder"):
         build_source("image_folder", {"path": str(tmp_path / "missing")})

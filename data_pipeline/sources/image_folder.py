@@ -26,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import os
-import warnings
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -225,7 +225,7 @@ class ImageFolderSource:
             except BadImageError as e:
                 if not cfg.skip_bad:
                     raise
-                warnings.warn(f"image_folder: skipping {e}", stacklevel=2)
+                print(f"[prepare] image_folder: skipping {e}", file=sys.stderr, flush=True)
                 self.skipped.append(rel)
                 listing.update(b"skip\0" + os.fsencode(rel) + b"\0")
                 continue
