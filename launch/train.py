@@ -14,7 +14,7 @@ from launch.run_record import checkpoint_root_of, record_checkpoint_root
 from sharding.sample_order import OrderError, check_batch_split, rank_partitions
 from trainer.checkpoint import CheckpointStore
 from trainer.families import family_class
-from trainer.loop import SUMMARY, RunSpec, check_eval_size, data_info, train_worker
+from trainer.loop import SUMMARY, RunSpec, check_eval_size, check_resume, data_info, train_worker
 from trainer.ray_env import PROJECT_ROOT, absolute, ensure_ray, env_flag, worker_env
 from trainer.typed_config import ConfigError
 
@@ -87,8 +87,9 @@ def run_training(cfg: ExperimentConfig, raw: dict[str, Any], stop_after: int = 0
     check_folder(cfg.run_dir, "run_dir")
     check_folder(cfg.checkpoint_root, "checkpoint_root")
     spec = run_spec(cfg, raw, stop_after, checkpoint_root_of(cfg))
-    # a missing bucket or a broken ``latest`` under the checkpoint root fails here, not in every worker
-    CheckpointStore(spec.checkpoint_root).latest()
+    # a missing bucket, a broken ``latest`` or a checkpoint this run cannot resume from (another model, ZeRO stage
+    # or sample order) fails here, not in every worker after the cluster started
+    check_resume(CheckpointStore(spec.checkpoint_root), spec, cfg.cluster.workers, manifest)
     if cfg.zero.precision == "fp16" and not cfg.cluster.use_gpu:
         raise ConfigError("zero.precision=fp16: DeepSpeed trains fp16 on GPUs only (cluster.use_gpu=true); on CPUs "
                           "use bf16 or fp32")

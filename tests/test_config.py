@@ -311,6 +311,50 @@ def test_train_checks_the_model_against_its_data_before_starting_ray(digits_data
         run_training(cfg, raw)
 
 
+def test_train_refuses_a_checkpoint_it_cannot_resume_before_starting_ray(digits_data, tmp_path, monkeypatch):
+    """Another model, ZeRO stage or sample order was refused by every rank after the worker group had started:
+    a traceback per rank, 49 lines and 20-60 s before the one line that mattered."""
+    import dataclasses
+    import json
+
+    import launch.train
+    from data_pipeline.manifest import load_manifest
+    from launch.train import run_spec, run_training
+    from trainer.checkpoint import CheckpointMeta
+    from trainer.loop import sample_order
+
+    def started(*args, **kwargs):
+        raise AssertionError("Ray was started before the checkpoint was checked")
+
+    monkeypatch.setattr(launch.train, "ensure_ray", started)
+    base = [f"data.train={digits_data['train']}", "data.eval=", f"run_dir={tmp_path}"]
+    cfg, raw = load_config(DIGITS, base)
+    spec = run_spec(cfg, raw)
+    order = sample_order(load_manifest(digits_data["train"]), spec.stream)
+    os.makedirs(os.path.join(spec.checkpoint_root, "step-00000004"))
+    meta = CheckpointMeta(step=4, stream_state={"epoch": 0, "batch": 4}, world_size=cfg.cluster.workers,
+                          family=spec.family, engines=["model"], zero_stage=spec.zero.stage, config=raw,
+                          data_info={}, order=order)
+    with open(os.path.join(spec.checkpoint_root, "step-00000004", "meta.json"), "w") as f:
+        json.dump(dataclasses.asdict(meta), f)
+    with open(os.path.join(spec.checkpoint_root, "latest"), "w") as f:
+        f.write("step-00000004")
+    for override, error, message in [
+        ("model.transformer.d_model=32", CheckpointError, r"trained with another model config \(model.transformer"
+                                                          r".d_model: 64 -> 32\)"),
+        ("zero.stage=3", CheckpointError, r"saved under ZeRO-\d, this run uses ZeRO-3: .* or train this stage in "
+                                          "another run_dir"),
+        ("data.stream.seed=99", CheckpointError, r"was trained on another sample order \(data.stream.seed: \d+ -> "
+                                                 r"99\)"),
+    ]:
+        cfg, raw = load_config(DIGITS, [*base, override])
+        with pytest.raises(error, match=message):
+            run_training(cfg, raw)
+    cfg, raw = load_config(DIGITS, [*base, "data.stream.seed=99", "trainer.on_data_change=next_epoch"])
+    with pytest.raises(AssertionError, match="Ray was started"):  # a change the run may go on with: it starts
+        run_training(cfg, raw)
+
+
 def test_train_checks_the_checkpoint_root_before_starting_ray(digits_data, tmp_path, monkeypatch, s3_server):
     """A mistyped bucket would otherwise look like "no checkpoint yet": the run would start over from step 0."""
     import launch.train
@@ -370,7 +414,7 @@ def test_a_failed_worker_group_names_the_rank_that_failed_on_its_own_first():
                         "(a consequence: its peer is gone)")
 
 
-def test_the_recorded_config_names_the_data_by_absolute_urls(tmp_path, monkeypatch):
+def test_the_recorded_config_names_the_data_by_absolute_urls(tmp_path, monkeypatch, digits_data):
     """A gap monitor (or export) started elsewhere reads data.eval from a checkpoint's config: a relative path
     there would be resolved against its own folder, not the training's."""
     from launch.gap_monitor import load_monitor_config
@@ -382,6 +426,7 @@ def test_the_recorded_config_names_the_data_by_absolute_urls(tmp_path, monkeypat
     assert spec.config["data"]["eval"] == str(tmp_path / "runs/x/eval") == spec.eval_data
     assert spec.config["data"]["train"] == "s3://b/train" and raw["data"]["eval"] == "runs/x/eval"
     assert spec.config["model"] == raw["model"]
+    os.symlink(digits_data["holdout"], tmp_path / "held")  # a data set there: the monitor checks it at the start
     assert load_monitor_config(None, ["run_dir=r", "eval_data=held"]).eval_data == str(tmp_path / "held")
 
 

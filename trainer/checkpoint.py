@@ -397,7 +397,8 @@ class CheckpointStore:
         if zero_stage is not None and not _stages_compatible(meta.zero_stage, zero_stage):
             raise CheckpointError(f"checkpoint {where} was saved under ZeRO-{meta.zero_stage}, this run uses "
                                   f"ZeRO-{zero_stage}: set zero.stage={meta.zero_stage} (DeepSpeed loads a checkpoint "
-                                  "into its own stage only; stages 1 and 2 load each other's)")
+                                  "into its own stage only; stages 1 and 2 load each other's), or train this stage "
+                                  "in another run_dir")
         if model_config is not None and meta.config:  # an empty config: none was recorded
             changed = config_changes(meta.config.get("model"), model_config, "model")
             if changed and on_model_change == "warn":

@@ -285,9 +285,12 @@ def _check_memory(family: Family, spec: RunSpec, world: int, rank: int, device: 
         print(warning, flush=True)
 
 
-def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) -> tuple[str | None, bool]:
-    """The tag to resume from, and whether it needs the universal format (saved at another world size). A
-    checkpoint of another model is refused here, before any conversion or engine."""
+def check_resume(store: CheckpointStore, spec: RunSpec, world: int,
+                 manifest: Manifest | None = None) -> tuple[str | None, CheckpointMeta | None]:
+    """The tag a run resumes from (None: a fresh start) and its meta, after every refusal its meta alone decides:
+    another model or ZeRO stage, a grad_accum that splits its step, a ZeRO-0 checkpoint on another world size,
+    and (given the ``manifest``) another sample order under trainer.on_data_change=error. The driver calls it
+    before Ray starts: each rank met these after the worker group had started, with a traceback per rank."""
     tag = store.latest()
     if tag is None:
         whole = [t for t in store.all_tags() if store.is_complete(t)]
@@ -295,7 +298,7 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
             raise CheckpointError(f"{store.root} holds complete checkpoints ({', '.join(whole[-3:])}) but no "
                                   f"'latest' naming one: write the tag to resume from into {store.root}/latest "
                                   "(e.g. its newest), or start over in another run_dir / checkpoint_root")
-        return None, False
+        return None, None
     meta = store.read_meta(tag)
     if meta.step % spec.zero.grad_accum:  # DeepSpeed restarts its micro-step count at 0 on load
         raise ConfigError(f"checkpoint {store.root}/{tag} is at step {meta.step}, not a multiple of zero.grad_accum="
@@ -305,10 +308,22 @@ def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) 
     refused = spec.trainer.on_model_change == "error"  # a tolerated change is warned about once, at the load
     store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage,
                 model_config=spec.model if refused else None)
+    if meta.world_size != world and meta.zero_stage == 0:
+        raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
+    if manifest is not None:
+        resume_position(meta.order, sample_order(manifest, spec.stream), StreamState.from_dict(meta.stream_state),
+                        f"{store.root}/{tag}", spec.trainer.on_data_change)
+    return tag, meta
+
+
+def _resume_point(store: CheckpointStore, world: int, rank: int, spec: RunSpec) -> tuple[str | None, bool]:
+    """The tag to resume from, and whether it needs the universal format (saved at another world size). A
+    checkpoint of another model is refused here, before any conversion or engine."""
+    tag, meta = check_resume(store, spec, world)
+    if tag is None:
+        return None, False
     universal = meta.world_size != world
     if universal:
-        if meta.zero_stage == 0:
-            raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
         # A local root is one folder every rank shares: rank 0 converts it. An s3:// checkpoint is downloaded
         # into each rank's own staging folder, so each rank converts its copy.
         def convert() -> None:
