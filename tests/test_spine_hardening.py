@@ -328,7 +328,7 @@ def test_a_flipped_byte_met_converting_for_another_world_size_is_named(damaged):
 
 
 CONVERT_SCRIPT = r"""
-import datetime, json, sys, torch.distributed as dist, torch.multiprocessing as mp
+import datetime, json, os, sys, torch.distributed as dist, torch.multiprocessing as mp
 from tests.test_spine_hardening import spec_of
 from trainer.checkpoint import CheckpointStore
 from trainer.loop import _resume_point
@@ -344,8 +344,8 @@ def worker(rank, port, run_dir, data):
         outcome = f"{type(e).__name__}: {e}"
     with open(f"{run_dir}/rank{rank}.txt", "w") as f:
         f.write(outcome)
-    dist.barrier()  # neither rank tears gloo down while the other still talks (a loaded machine saw a SIGABRT)
-    dist.destroy_process_group()
+    dist.barrier()  # neither rank tears gloo down while the other still talks
+    os._exit(0)  # no teardown at all: gloo's threads at exit aborted a loaded machine's run ("terminate called")
 
 if __name__ == "__main__":
     mp.spawn(worker, args=(int(sys.argv[1]), sys.argv[2], json.loads(sys.argv[3])), nprocs=2, join=True)
