@@ -350,6 +350,16 @@ def test_train_refuses_a_checkpoint_it_cannot_resume_before_starting_ray(digits_
         cfg, raw = load_config(DIGITS, [*base, override])
         with pytest.raises(error, match=message):
             run_training(cfg, raw)
+    zero0 = os.path.join(tmp_path, "zero0")
+    shutil.copytree(spec.checkpoint_root, zero0)
+    meta_file = os.path.join(zero0, "step-00000004", "meta.json")
+    with open(meta_file, "w") as f:
+        json.dump({**dataclasses.asdict(meta), "zero_stage": 0, "world_size": 1,
+                   "config": {**raw, "zero": {**raw.get("zero", {}), "stage": 0}}}, f)
+    cfg, raw0 = load_config(DIGITS, [*base, "zero.stage=0", f"checkpoint_root={zero0}"])
+    with pytest.raises(CheckpointError, match=rf"{zero0}/step-00000004 was saved by 1 ranks under ZeRO-0, .*set "
+                                              r"cluster.workers=1"):
+        run_training(cfg, raw0)
     cfg, raw = load_config(DIGITS, [*base, "data.stream.seed=99", "trainer.on_data_change=next_epoch"])
     with pytest.raises(AssertionError, match="Ray was started"):  # a change the run may go on with: it starts
         run_training(cfg, raw)

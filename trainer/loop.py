@@ -309,7 +309,9 @@ def check_resume(store: CheckpointStore, spec: RunSpec, world: int,
     store.check(tag, meta, expect_family=spec.family, zero_stage=spec.zero.stage,
                 model_config=spec.model if refused else None)
     if meta.world_size != world and meta.zero_stage == 0:
-        raise ValueError("resuming on a different world size needs a ZeRO stage >= 1 checkpoint")
+        raise CheckpointError(f"checkpoint {store.root}/{tag} was saved by {meta.world_size} ranks under ZeRO-0, "
+                              f"which loads on as many ranks only (the conversion to another world size reads "
+                              f"ZeRO-1/2/3 checkpoints): set cluster.workers={meta.world_size}")
     if manifest is not None:
         resume_position(meta.order, sample_order(manifest, spec.stream), StreamState.from_dict(meta.stream_state),
                         f"{store.root}/{tag}", spec.trainer.on_data_change)
