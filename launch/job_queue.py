@@ -177,8 +177,8 @@ def planning_free(total: Mapping[str, float], available: Mapping[str, float], bo
     alone, a job for a node type not up never started)."""
     unreported = unreported or {}
     capacity = {**total, **{k: max(v, total.get(k, 0.0)) for k, v in (max_total or {}).items()}}
-    return {k: cap - max(booked.get(k, 0.0),
-                         total.get(k, 0.0) - available.get(k, total.get(k, 0.0)) + unreported.get(k, 0.0))
+    return {k: max(0.0, cap - max(booked.get(k, 0.0),
+                                  total.get(k, 0.0) - available.get(k, total.get(k, 0.0)) + unreported.get(k, 0.0)))
             for k, cap in capacity.items()}
 
 
@@ -439,6 +439,8 @@ class QueueRunner:
                         if fresh:
                             unreported[k] = unreported.get(k, 0.0) + v
             free = planning_free(cluster.total, cluster.available, booked, self.max_total, unreported)
+            as_reported = planning_free(cluster.total, cluster.available, booked, self.max_total)
+            held_back = {k: as_reported[k] - v for k, v in free.items() if as_reported[k] - v > 1e-9}
             self._remember(cluster.total, cluster.nodes)
             queued = [j for j in work if j.state == QUEUED and self._feasible(j, now)]
             # an autoscaling cluster adds the node a pending job needs: no per-node limit there
@@ -454,6 +456,10 @@ class QueueRunner:
                                        ", and `node:<ip>` is Ray's only way to place a job's entrypoint)")
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
+                if held_back and job.job_id in reasons and not job.reason.startswith("waiting:"):
+                    job.reason += (f" (Ray reports {describe(held_back)} more free, held for jobs this queue "
+                                   "just started or Ray holds pending: Ray counts a job's usage seconds after it "
+                                   "starts)")
             try:
                 for job in start:
                     self._submit(client, job, cluster.nodes[pinned[job.job_id]].ip if job.job_id in pinned else "")
