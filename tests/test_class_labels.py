@@ -135,8 +135,16 @@ def test_each_family_says_which_labels_its_data_may_hold():
     for config in (SLSAGanConfig(mode="self_labelled", num_clusters=4, label_fraction=0.0),
                    SLSAGanConfig(mode="unconditional")):
         SLSAGanFamily(config, POINTS).check_labels(info, "ring")
-    with pytest.raises(ConfigError, match="raise model.num_classes to at least 6"):
-        SLSAGanFamily(SLSAGanConfig(mode="self_labelled", num_clusters=4, label_fraction=0.5),
-                      POINTS).check_labels(info, "ring")
+    # self-labelling with manual labels: the setting to raise is the one that bounds the classes (each advice was
+    # checked to be accepted: num_classes may not exceed num_clusters)
+    for clusters, classes, advice in ((4, 0, "model.num_clusters"), (8, 4, "model.num_classes"),
+                                      (4, 3, "model.num_classes and model.num_clusters")):
+        with pytest.raises(ConfigError, match=f"raise {advice} to at least 6"):
+            SLSAGanFamily(SLSAGanConfig(mode="self_labelled", num_clusters=clusters, num_classes=classes,
+                                        label_fraction=0.5), POINTS).check_labels(info, "ring")
+        fixed = {"num_clusters": max(clusters, 6) if "clusters" in advice else clusters,
+                 "num_classes": 6 if "classes" in advice else classes}
+        SLSAGanFamily(SLSAGanConfig(mode="self_labelled", label_fraction=0.5, **fixed), POINTS).check_labels(
+            info, "ring")
     ImageGPTFamily(ImageGPTConfig(num_classes=10, class_conditional=False), {}).check_labels(
         {"label_counts": {"12": 1}}, "digits")

@@ -159,10 +159,9 @@ class Family(ABC):
         every label the data holds must be in 0..label_classes-1."""
         return 0
 
-    @property
-    def label_classes_setting(self) -> str:
-        """The setting that says how many classes the model has (named when the data holds more)."""
-        return "model.num_classes"
+    def label_advice(self, needed: int) -> str:
+        """What to change so the model has ``needed`` classes (said when the data holds more than it has)."""
+        return f"raise model.num_classes to at least {needed}"
 
     def check_labels(self, info: Mapping[str, Any], url: str) -> None:
         """Refuse, before training starts, a data set (``info``: its ``data_info``) holding a class label the
@@ -173,8 +172,7 @@ class Family(ABC):
             counts = info["label_counts"]
             raise ConfigError(f"data set {url} holds class labels {', '.join(outside)} "
                               f"({sum(counts[x] for x in outside)} samples), but this {self.name} model has "
-                              f"{k} classes (0..{k - 1}): raise {self.label_classes_setting} to at least "
-                              f"{max(int(x) for x in outside) + 1}")
+                              f"{k} classes (0..{k - 1}): {self.label_advice(max(int(x) for x in outside) + 1)}")
 
     def default_labels(self, n: int) -> list[int]:
         """The class labels of ``n`` draws when none are given: the classes the training data holds, in turn

@@ -247,9 +247,14 @@ class SLSAGanFamily(Family):
     def label_classes(self) -> int:
         return self.config.classes if self.reads_labels else 0
 
-    @property
-    def label_classes_setting(self) -> str:
-        return "model.num_clusters" if self.config.mode == "conditional" else "model.num_classes"
+    def label_advice(self, needed: int) -> str:
+        c = self.config
+        if c.mode == "conditional" or not c.num_classes:  # the classes are the clusters
+            return f"raise model.num_clusters to at least {needed}"
+        if needed <= c.num_clusters:
+            return f"raise model.num_classes to at least {needed}"
+        return f"raise model.num_classes and model.num_clusters to at least {needed} (self-labelling needs " \
+               "num_classes <= num_clusters)"
 
     @property
     def reads_labels(self) -> bool:
