@@ -456,7 +456,8 @@ class QueueRunner:
                                        ", and `node:<ip>` is Ray's only way to place a job's entrypoint)")
             for job in queued:
                 job.reason = reasons.get(job.job_id, job.reason)
-                if held_back and job.job_id in reasons and not job.reason.startswith("waiting:"):
+                if held_back and job.job_id in reasons and job.reason.startswith("waiting for ") \
+                        and "on one node" not in job.reason:  # the shortfall of free resources, cluster-wide
                     job.reason += (f" (Ray reports {describe(held_back)} more free, held for jobs this queue "
                                    "just started or Ray holds pending: Ray counts a job's usage seconds after it "
                                    "starts)")
