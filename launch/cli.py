@@ -439,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
         said = str(e) or (f"{type(e).__name__}: out of this machine's memory" if isinstance(e, MemoryError)
                           else type(e).__name__)  # Python's own MemoryError() says nothing
         print(f"dgm {args.command}: error: {said}", file=sys.stderr)
+        for note in getattr(e, "__notes__", []):  # e.g. other ranks' errors beside the one said
+            print(f"dgm {args.command}: error: {note}", file=sys.stderr)
         return 2
 
 

@@ -222,9 +222,15 @@ def user_error_of(error: Exception, max_failures: int) -> Exception:
     from launch.errors import WORKER_ERRORS
 
     failures = {rank: own_error(f) for rank, f in (getattr(error, "worker_failures", {}) or {}).items()}
-    for failure in failures.values():
-        if isinstance(failure, WORKER_ERRORS):
-            return failure
+    user = sorted(((rank, f) for rank, f in failures.items() if isinstance(f, WORKER_ERRORS)), key=lambda kv: kv[0])
+    if user:  # ranks reading other shards can meet other problems: each is the user's to fix, so all are said
+        rank, first = user[0]
+        others = [(r, f) for r, f in user[1:] if str(f) != str(first)]
+        for r, f in others[:3]:
+            first.add_note(f"rank {r} met another: {type(f).__name__}: {_first_line(f)[:300]}")
+        if len(others) > 3:
+            first.add_note(f"and {len(others) - 3} more ranks met other errors")
+        return first
     if not failures:
         return error
 

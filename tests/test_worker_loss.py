@@ -109,6 +109,10 @@ def test_the_error_named_is_the_ranks_own_under_rays_wrappers():
     bad = DatasetError("shard s-0.tar: sha256 mismatch")
     wrapped = UserExceptionWithTraceback(bad, "Traceback (most recent call last):\n  ...\nDatasetError: shard")
     assert user_error_of(GroupError({0: gloo, 1: wrapped}), 2) is bad
+    # ranks that met other user errors (each reads its own shards): the lowest rank's is raised, the others said
+    same, other = DatasetError("shard s-0.tar: sha256 mismatch"), DatasetError("shard s-3.tar: truncated")
+    out = user_error_of(GroupError({2: other, 1: same, 0: UserExceptionWithTraceback(bad, "Traceback ...")}), 2)
+    assert out is bad and out.__notes__ == ["rank 2 met another: DatasetError: shard s-3.tar: truncated"]
     plain = user_error_of(GroupError({1: UserExceptionWithTraceback(ValueError("nan loss"), "Traceback ...")}), 2)
     assert str(plain).endswith("rank 1: ValueError: nan loss")
     node = RayActorError(error_msg=(
@@ -127,3 +131,19 @@ def test_ray_train_keeps_its_own_console_level_and_dgm_debug_raises_it(monkeypat
     assert ray_train_log_level() == "INFO"
     monkeypatch.setenv("DGM_DEBUG", "1")
     assert ray_train_log_level() == "DEBUG"
+
+
+def test_the_cli_says_the_other_ranks_errors_under_the_first(monkeypatch, capsys):
+    from data_pipeline.manifest import DatasetError
+    from launch import cli
+
+    def fail(args):
+        error = DatasetError("shard s-0.tar: sha256 mismatch")
+        error.add_note("rank 2 met another: DatasetError: shard s-3.tar: truncated")
+        raise error
+
+    monkeypatch.setattr(cli, "cmd_train", fail)
+    assert cli.main(["train", "configs/dct_shapes.yaml"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "dgm train: error: shard s-0.tar: sha256 mismatch",
+        "dgm train: error: rank 2 met another: DatasetError: shard s-3.tar: truncated"]
