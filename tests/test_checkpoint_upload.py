@@ -134,3 +134,52 @@ def test_an_upload_that_fails_on_one_rank_fails_the_save_on_every_rank(s3_bucket
     assert not storage.exists(f"{s3_bucket}/ckpt/latest")  # no checkpoint was complete on both ranks
     waits = [float((tmp_path / f"rank{r}.wait").read_text()) for r in (0, 1)]
     assert max(waits) < 20, waits  # rank 0's finalizer saw rank 1's failure marker (it waited out 600 s before)
+
+
+class _FileEngine:
+    """What CheckpointStore needs of a DeepSpeed engine to save: files under path/tag."""
+
+    def save_checkpoint(self, path: str, tag: str, save_latest: bool, client_state: dict) -> None:
+        os.makedirs(os.path.join(path, tag), exist_ok=True)
+        with open(os.path.join(path, tag, "w.pt"), "wb") as f:
+            f.write(b"x" * 100)
+
+
+@pytest.mark.parametrize("failures", [1, 100])
+def test_an_s3_error_moving_latest_is_retried_then_raised_by_wait(s3_bucket, tmp_path, monkeypatch, failures):
+    """Rank 0 moves latest in a background thread: an S3 error that outlasted boto3's retries killed it, and the
+    run ended as finished with latest naming the checkpoint before its last one."""
+    import threading
+
+    from trainer import checkpoint
+    from trainer.checkpoint import CheckpointError, CheckpointMeta, CheckpointStore
+
+    real, left = storage.list_prefix, {"n": 0}
+
+    def flaky_list(url: str) -> list[str]:
+        if "_uploaded" in url and left["n"] > 0 and threading.current_thread() is not threading.main_thread():
+            left["n"] -= 1
+            raise storage.StorageError(url, "cannot reach S3 endpoint (injected)")
+        return real(url)
+
+    monkeypatch.setattr(checkpoint.storage, "list_prefix", flaky_list)
+    monkeypatch.setattr(checkpoint, "FINALIZE_RETRY_S", (0.01, 0.02))
+    root = f"{s3_bucket}/ckpt"
+    store = CheckpointStore(root, staging=str(tmp_path / "staging"))
+
+    def meta(step: int) -> CheckpointMeta:
+        return CheckpointMeta(step=step, stream_state={"epoch": 0, "batch": step}, world_size=1, family="image_gpt",
+                              engines=["model"], zero_stage=1, config={}, data_info={})
+
+    store.save(10, {"model": _FileEngine()}, meta(10))
+    store.wait()
+    left["n"] = failures
+    store.save(20, {"model": _FileEngine()}, meta(20))
+    if failures == 1:
+        store.wait()
+        assert storage.read_bytes(f"{root}/latest") == b"step-00000020"
+    else:
+        with pytest.raises(CheckpointError, match=r"step-00000020: could not check its ranks' markers or move "
+                                                  r"'latest' to it \(3 tries"):
+            store.wait()
+        assert storage.read_bytes(f"{root}/latest") == b"step-00000010"

@@ -53,6 +53,7 @@ CONVERTED = ".converted"  # in an engine's ds_universal folder: DeepSpeed's conv
 DOWNLOADED = ".downloaded"  # in a local copy of an s3:// checkpoint: every file of it is there
 META = "meta.json"
 DONE = "_uploaded"
+FINALIZE_RETRY_S = (1.0, 2.0, 4.0, 8.0, 15.0)  # rank 0's waits between tries to move latest (30 s in all)
 FAILED = "_failed"  # (s3:// only) rank r's upload failed: the checkpoint will never be complete
 FORMAT = 1
 
@@ -134,6 +135,7 @@ class CheckpointStore:
         self._uploader: threading.Thread | None = None
         self._finalizer: threading.Thread | None = None
         self._upload_error: Exception | None = None
+        self._finalize_error: CheckpointError | None = None
         self._stop = threading.Event()
         self._upload_failed = False  # some rank's upload failed, as every rank learnt in save() or wait()
 
@@ -265,9 +267,30 @@ class CheckpointStore:
         return len(storage.list_prefix(storage.join(self.root, tag, FAILED) + "/"))
 
     def _finalize(self, tag: str, previous: threading.Thread | None) -> None:
-        """Rank 0: move ``latest`` to ``tag`` once every rank's marker exists; give up when ``wait`` says so."""
+        """Rank 0, in the background: ``_finalize_once``, retried through S3 errors that outlast boto3's own
+        retries (a few seconds' outage); one that outlasts these too is raised by ``wait`` (this thread died of it,
+        and the run ended "finished" with ``latest`` behind its last checkpoint)."""
         if previous is not None:
             previous.join()
+        for delay in (*FINALIZE_RETRY_S, None):
+            try:
+                self._finalize_once(tag)
+                self._finalize_error = None
+                return
+            except Exception as e:  # noqa: BLE001 - a dead thread would say nothing
+                if delay is None:
+                    self._finalize_error = CheckpointError(
+                        f"checkpoint {self.root}/{tag}: could not check its ranks' markers or move 'latest' to it "
+                        f"({len(FINALIZE_RETRY_S) + 1} tries over {sum(FINALIZE_RETRY_S):g} s): {e}; 'latest' "
+                        f"still names the checkpoint before it (once every rank's marker is under {tag}/{DONE}/, "
+                        f"write {tag} into {self.root}/{LATEST} to resume from it)")
+                    log.error("%s", self._finalize_error)
+                    return
+                log.warning("checkpoint %s/%s: moving latest failed (%s); retrying in %g s", self.root, tag, e, delay)
+                time.sleep(delay)
+
+    def _finalize_once(self, tag: str) -> None:
+        """Move ``latest`` to ``tag`` once every rank's marker exists; give up when ``wait`` says so."""
         while self._uploaded_ranks(tag) < self.world_size:
             if self._failed_ranks(tag):
                 log.error("checkpoint %s/%s: a rank's upload failed: latest stays where it was", self.root, tag)
@@ -302,6 +325,7 @@ class CheckpointStore:
             self._finalizer.join()
             self._finalizer = None
             self._stop.clear()
+            error, self._finalize_error = error or self._finalize_error, None
         self._fail_together_on_upload(error)
 
     def _fail_together_on_upload(self, error: Exception | None) -> None:
