@@ -88,7 +88,7 @@ def remove_leftovers(output: str, keep: Iterable[str], say: Callable[[str], None
     removed = []
     for item in storage.list_prefix(output):
         if not item.startswith(base + "/"):
-            continue  # spelled differently (S3:// listed as s3://): never guess which file it is
+            continue  # spelled differently (a local path listed another way): never guess which file it is
         name = item[len(base) + 1:]
         if _SHARD_FILE.match(name) and name not in wanted:
             storage.delete(item)

@@ -85,6 +85,8 @@ def _scheme(url: str) -> str:
     if scheme == "file":
         return "local"
     if scheme == "s3":
+        if m.group(1) != "s3":  # listings come back as s3://: the guards that read the output's listing saw none
+            raise StorageError(url, f"write the scheme in lower case, s3:// (not {m.group(1)}://)")
         return "s3"
     raise StorageError(url, f"unknown scheme {scheme!r}: expected a path, file:// or s3://")
 

@@ -65,6 +65,14 @@ def test_unknown_scheme_names_url() -> None:
             call("gs://bucket/key")
 
 
+def test_an_s3_scheme_not_in_lower_case_is_refused() -> None:
+    """Listings come back as s3://, so under S3:// the output checks saw an empty folder: a prepare wrote over
+    another tool's shards there."""
+    for call in (storage.exists, storage.list_prefix, lambda u: storage.write_bytes(u, b"x")):
+        with pytest.raises(StorageError, match=r"S3://bucket/key: write the scheme in lower case, s3:// \(not S3"):
+            call("S3://bucket/key")
+
+
 @pytest.mark.parametrize("url", ["s3:/bucket/ckpt", "S3:bucket", "file:/tmp/x"])
 def test_a_url_missing_a_slash_is_refused_not_taken_for_a_local_folder(url, tmp_path, monkeypatch) -> None:
     """`checkpoint_root=s3:/bucket/ckpt` used to train a whole run into a local folder named 's3:'."""
