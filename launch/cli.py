@@ -10,7 +10,7 @@ from collections.abc import Callable
 from launch.arg_types import at_least, int_list, positive, probability_mass, seed
 
 _SAMPLE_DEFAULTS = {"temperature": 1.0, "top_k": 0, "top_p": 1.0, "value_temperature": None, "value_top_p": None,
-                    "labels": None, "images": "", "mean_of": 1}  # as the sample parser sets them
+                    "labels": None, "images": None, "mean_of": 1}  # as the sample parser sets them
 EPILOG = ("Overrides: any config key as dotted.path=value (YAML value; a mapping merges into its section), e.g. "
           "trainer.optim.lr=3e-4 zero.stage=3")
 DEFAULT_SAMPLES = 16
@@ -248,6 +248,14 @@ def _tag(text: str) -> str:
     return text
 
 
+def _image_path(text: str) -> str:
+    """--images: an empty path (a shell variable that was not set) is not taken for "the default images"."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("an empty path; give an image file or folder, or leave --images out for "
+                                         "the export's held-out scenes")
+    return text
+
+
 def _image_files(path: str) -> list:
     """The files of ``--images``: one JPEG/PNG file, or every one below a folder (sorted by relative path)."""
     from pathlib import Path
@@ -399,7 +407,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rerank", default="", help="contrastive export that orders the candidates best first")
     p.add_argument("--keep", type=at_least(0, int, "0 keeps all"), default=0,
                    help="keep only the best N candidates (default: all)")
-    p.add_argument("--images", default=_SAMPLE_DEFAULTS["images"], metavar="PATH",
+    p.add_argument("--images", type=_image_path, default=_SAMPLE_DEFAULTS["images"], metavar="PATH",
                    help="colourisation / super-resolution DCTransformer exports: condition on this image file or "
                         "folder of them (default: the last scenes of the export's held-out source, the training "
                         "source if the run had none). Super-resolution takes images at half the model's size as "

@@ -74,3 +74,11 @@ def test_an_empty_export_tag_is_not_taken_for_latest(capsys: pytest.CaptureFixtu
     with pytest.raises(SystemExit):
         build_parser().parse_args(["export", "c.yaml", "--tag", ""])
     assert "argument --tag: an empty tag" in capsys.readouterr().err
+
+
+def test_an_empty_images_path_is_not_taken_for_the_default_images(capsys: pytest.CaptureFixture[str]) -> None:
+    """A colourisation export then conditioned on its held-out scenes, not the user's images, without a word."""
+    assert build_parser().parse_args(["sample", "export"]).images is None
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["sample", "export", "--images", " "])
+    assert "argument --images: an empty path" in capsys.readouterr().err
