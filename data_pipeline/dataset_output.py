@@ -37,11 +37,12 @@ def _fingerprint_of(manifest: Manifest, output: str) -> str | None:
 
 
 def check_output(output: str, fingerprint: str, *, overwrite: bool, say: Callable[[str], None],
-                 job: str = "prepare") -> None:
+                 job: str = "prepare", retire: bool = True) -> None:
     """Refuse ``output`` when it holds a complete data set of another plan, or a manifest this dgm cannot read
     (a newer format, damage: what it describes is unknown); with ``overwrite``, retire that data set first: its
     manifest, tokenizer and preview are removed, so it reads as incomplete while the new one is written. Storage
-    errors (access denied, an outage) propagate: they say nothing about what is there."""
+    errors (access denied, an outage) propagate: they say nothing about what is there. ``retire=False`` checks
+    only (a job writing several outputs checks them all before it retires any)."""
     url = manifest_url(output)
     if not storage.exists(url):
         foreign = _foreign_shards(output)
@@ -64,6 +65,8 @@ def check_output(output: str, fingerprint: str, *, overwrite: bool, say: Callabl
     if not overwrite:
         raise DatasetError(f"{output}: already holds {what}; writing this data set over it would break it. Choose "
                            "another output, delete that data set, or pass --overwrite to replace it")
+    if not retire:
+        return
     say(f"[{job}] --overwrite: replacing {what} at {output}")
     for name in (MANIFEST_NAME, TOKENIZER_FILE, PREVIEW_NAME):
         storage.delete(storage.join(output, name))

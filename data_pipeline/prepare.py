@@ -88,15 +88,16 @@ def _fingerprint(config: PrepareConfig, source: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str], None] | None = None) -> None:
-    """Refuse (or, with ``overwrite``, retire) a different complete data set at ``config.output``; run for every
-    split before any is written."""
+def check_prepare_output(config: PrepareConfig, source: Any, say: Callable[[str], None] | None = None,
+                         retire: bool = True) -> None:
+    """Refuse (or, with ``overwrite`` and ``retire``, retire) a different complete data set at ``config.output``;
+    run for every split with ``retire=False``, then with it, before any is written."""
     problem = storage.folder_problem(config.output)
     if problem:
         raise ValueError(f"prepare output {config.output}: {problem}, not a folder; give a folder or an s3:// URL")
     check_shard_count(config, len(source))
     check_output(config.output, _fingerprint(config, source), overwrite=config.overwrite,
-                 say=say or (lambda line: print(line, flush=True)))
+                 say=say or (lambda line: print(line, flush=True)), retire=retire)
 
 
 def check_codec_settings_apply(config: PrepareConfig) -> None:

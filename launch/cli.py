@@ -79,7 +79,9 @@ def cmd_prepare(args: argparse.Namespace) -> int:
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{args.config}: {where}: {e}") from e
         plans.append((pc, source))
-    for pc, source in plans:  # a split over a different data set is refused before any split is written
+    for pc, source in plans:  # a split over a different data set is refused before any split is written,
+        check_prepare_output(pc, source, retire=False)  # and before --overwrite retires any split's old one
+    for pc, source in plans:
         check_prepare_output(pc, source)
     for pc, source in plans:
         if pc.parallel:

@@ -471,3 +471,18 @@ def test_a_stream_seed_outside_32_bits_is_refused(seed):
     """The sample order's generators take 32 bits: seeds 2**32 apart gave the same order, -1 that of 2**32-1."""
     with pytest.raises(ConfigError, match=rf"^data.stream.seed must be in 0..2\*\*32-1, got {seed}"):
         load_config(DIGITS, [f"data.stream.seed={seed}"])
+
+
+def test_prepare_overwrite_retires_no_split_before_every_split_passed_its_checks(tmp_path, capsys):
+    """--overwrite removed the train split's manifest while it checked it, then the eval split's output failed
+    its check: nothing was written, and the train data set no longer loaded."""
+    small = ["data.prepare.samples_per_shard=16", "data.prepare.splits.train.num_samples=32",
+             "data.prepare.splits.eval.num_samples=16"]
+    args = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/eval", *small]
+    assert main(["prepare", "configs/demo.yaml", "--no-ray", *args]) == 0
+    (tmp_path / "not_a_folder").write_text("x")
+    changed = [f"data.train={tmp_path}/train", f"data.eval={tmp_path}/not_a_folder", *small,
+               "data.prepare.splits.train.seed=5"]
+    assert main(["prepare", "configs/demo.yaml", "--no-ray", "--overwrite", *changed]) == 2
+    assert "not_a_folder: " in capsys.readouterr().err
+    assert (tmp_path / "train" / "manifest.json").exists()
